@@ -1,0 +1,200 @@
+"""The `cai` command line. Every command has --help; `cai --help` lists them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from cai.constitution import ConstitutionError, bundled_constitutions, find_constitution, load_constitution
+
+app = typer.Typer(
+    help="cai: Constitutional AI and RLAIF. A constitution file in, an AI judge, synthetic data and a better model out.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+constitution_app = typer.Typer(help="Check and inspect constitution files.", no_args_is_help=True)
+models_app = typer.Typer(help="Resolve and prepare models (the embedded default, local folders, hub ids).", no_args_is_help=True)
+prompts_app = typer.Typer(help="Inspect prompt sources (built-in red-team and helpfulness sets, JSONL, datasets).", no_args_is_help=True)
+app.add_typer(constitution_app, name="constitution")
+app.add_typer(models_app, name="models")
+app.add_typer(prompts_app, name="prompts")
+
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False)],
+    )
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+# -- constitution -------------------------------------------------------------------
+
+
+@constitution_app.command("lint")
+def constitution_lint(
+    files: Annotated[list[Path], typer.Argument(help="Constitution YAML files (or shipped names such as harmless-helpful).")],
+) -> None:
+    """Validate constitution files; print every problem as FILE:LINE: FIELD: MESSAGE and exit 1 if any."""
+    bad = 0
+    for f in files:
+        try:
+            c = load_constitution(find_constitution(f))
+        except ConstitutionError as e:
+            bad += 1
+            for p in e.problems:
+                err_console.print(str(p), highlight=False, markup=False)
+            continue
+        console.print(f"{f}: ok ({c.name}, {len(c.principles)} principles, hash {c.short_hash})", highlight=False)
+    if bad:
+        err_console.print(f"{bad} of {len(files)} file(s) have problems", highlight=False)
+        raise typer.Exit(1)
+
+
+@constitution_app.command("show")
+def constitution_show(
+    file: Annotated[Path, typer.Argument(help="Constitution YAML file or shipped name.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the validated constitution as JSON.")] = False,
+) -> None:
+    """Show a constitution: name, hash and its principles."""
+    try:
+        c = load_constitution(find_constitution(file))
+    except ConstitutionError as e:
+        _fail(str(e))
+    if as_json:
+        console.print_json(json.dumps({"hash": c.hash, **c.model_dump(mode="json")}))
+        return
+    console.print(f"[bold]{c.name}[/]  hash {c.hash}\n{c.description}\n")
+    table = Table("id", "weight", "comparison question", show_lines=True)
+    for p in c.principles:
+        table.add_row(p.id, f"{p.weight:g}", p.comparison)
+    console.print(table)
+    console.print(f"{len(c.examples)} few-shot example(s)")
+
+
+@constitution_app.command("list")
+def constitution_list() -> None:
+    """List the constitutions shipped with cai."""
+    for name, path in bundled_constitutions().items():
+        try:
+            c = load_constitution(path)
+            console.print(f"{name:24s} {len(c.principles):3d} principles  {c.short_hash}  {path}", highlight=False)
+        except ConstitutionError as e:
+            console.print(f"{name:24s} INVALID: {e.problems[0]}", highlight=False)
+
+
+# -- models -------------------------------------------------------------------------
+
+
+@models_app.command("convert")
+def models_convert(
+    name: Annotated[str, typer.Argument(help="Embedded model name.")] = "smollm2-135m-instruct",
+    force: Annotated[bool, typer.Option(help="Convert again even if cached.")] = False,
+) -> None:
+    """Convert an embedded GGUF model into the cache once (later calls return at once)."""
+    from cai.models import EMBEDDED, ModelResolutionError, embedded_model_path
+
+    if name not in EMBEDDED:
+        _fail(f"{name!r} is not an embedded model; embedded: {', '.join(EMBEDDED)}")
+    try:
+        path = embedded_model_path(name, force=force)
+    except ModelResolutionError as e:
+        _fail(str(e))
+    console.print(str(path), highlight=False)
+
+
+@models_app.command("resolve")
+def models_resolve(name: Annotated[str, typer.Argument(help="Folder, hub id or embedded name.")]) -> None:
+    """Print where a model name resolves to, and from which source."""
+    from cai.models import ModelResolutionError, resolve_model
+
+    try:
+        m = resolve_model(name)
+    except ModelResolutionError as e:
+        _fail(str(e))
+    console.print(json.dumps({"name": m.name, "path": m.path, "source": m.source}), highlight=False)
+
+
+@models_app.command("tiny")
+def models_tiny(
+    folder: Annotated[Path, typer.Argument(help="Where to write the tiny random model.")],
+    seed: Annotated[int, typer.Option(help="Weight initialisation seed.")] = 0,
+) -> None:
+    """Build a tiny random-weight model with a chat tokenizer (for tests and quick trials)."""
+    from cai.tiny import build_tiny_model
+
+    console.print(str(build_tiny_model(folder, seed=seed)), highlight=False)
+
+
+# -- prompts ------------------------------------------------------------------------
+
+
+@prompts_app.command("list")
+def prompts_list() -> None:
+    """List the built-in prompt sets with their licences."""
+    from cai.prompts import BUILTIN_SETS
+
+    table = Table("name", "package", "licence", "description")
+    for name, info in BUILTIN_SETS.items():
+        table.add_row(name, f"{info.package}=={info.version}", info.licence, info.description)
+    console.print(table)
+
+
+@prompts_app.command("show")
+def prompts_show(
+    spec: Annotated[str, typer.Argument(help="Built-in set name, a .jsonl/.json file, a datasets folder; join with '+'.")],
+    limit: Annotated[int, typer.Option(help="How many to show.")] = 5,
+    seed: Annotated[int, typer.Option(help="Shuffle seed (with --shuffle).")] = 0,
+    shuffle: Annotated[bool, typer.Option(help="Seeded shuffle before the limit.")] = False,
+) -> None:
+    """Load a prompt source and print a few prompts with their stable ids."""
+    from cai.prompts import PromptSourceError, load_prompts
+
+    try:
+        all_prompts = load_prompts(spec, seed=seed, shuffle=shuffle)
+    except PromptSourceError as e:
+        _fail(str(e))
+    console.print(f"{len(all_prompts)} prompts from {spec}", highlight=False)
+    for p in all_prompts[:limit]:
+        console.print(f"[dim]{p.id}[/] [cyan]{p.category or ''}[/] {p.text}", highlight=False)
+
+
+# -- demo ---------------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo(
+    model: Annotated[str, typer.Option(help="Model for the judge and policy.")] = "smollm2-135m-instruct",
+    constitution: Annotated[str, typer.Option(help="Constitution file or shipped name.")] = "harmless-helpful",
+    prompts: Annotated[str, typer.Option(help="Prompt source.")] = "donotanswer+mtbench",
+    n: Annotated[int, typer.Option(help="How many prompts.")] = 3,
+    out: Annotated[Optional[Path], typer.Option(help="Where to write the demo's output.")] = Path("runs/demo"),
+) -> None:
+    """Run the pipeline stages that exist so far on the embedded default model."""
+    from cai.demo import run_demo
+
+    try:
+        report = run_demo(model=model, constitution=constitution, prompts=prompts, n=n, out=out)
+    except (ConstitutionError, ValueError) as e:
+        _fail(str(e))
+    console.print(f"demo output: {report}", highlight=False)
+
+
+if __name__ == "__main__":
+    app()

