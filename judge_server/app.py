@@ -1,0 +1,241 @@
+"""The judge's HTTP layer: a thin FastAPI router over `JudgeService`.
+
+`build_app(settings)` is the factory (tests and `cai judge serve` both call it); the vLLM engine
+starts in `lifespan` and lives on `app.state`. Every error is an `ErrorResponse` JSON body with
+a type and a message - never a stack trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from cai.constitution import UnknownPrincipleError
+from judge_server import protocol as P
+from judge_server.constitutions import ConstitutionStore, UnknownConstitutionError
+from judge_server.engine import JudgeEngine, PromptTooLongError
+from judge_server.service import JudgeService, OverloadedError
+from judge_server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+R = TypeVar("R")
+OPEN_PATHS = {"/health", "/docs", "/openapi.json"}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("judge_requests_total", "HTTP requests", ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("judge_request_seconds", "Request latency", ["endpoint"], registry=self.registry,
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        self.items = Counter("judge_items_total", "Work items judged (a batch counts each item)", ["endpoint"], registry=self.registry)
+        self.queue = Gauge("judge_queue_depth", "Admitted work items not yet answered", registry=self.registry)
+        self.tokens = Gauge("judge_tokens_total", "Tokens through the engine", ["kind"], registry=self.registry)
+
+
+def _error(status: int, kind: str, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
+    body = P.ErrorResponse(error=P.ErrorBody(type=kind, message=message, field=field))
+    return JSONResponse(status_code=status, content=body.model_dump(exclude_none=True), headers=headers)
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the limit, whether declared by Content-Length or streamed chunked."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = _error(413, "too_large", f"request body exceeds {self.max_bytes} bytes")
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await too_large(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await too_large(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def build_app(settings: ServerSettings, engine_factory: Callable[[ServerSettings], JudgeEngine] = JudgeEngine.start) -> FastAPI:
+    store = ConstitutionStore(settings.constitution)  # a bad file fails here, before the engine starts
+    metrics = Metrics()
+    api_key = settings.api_key.get_secret_value() if settings.api_key else None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine = engine_factory(settings)
+        app.state.service = JudgeService(engine, store, settings.max_queue)
+        # The first request through a fresh CPU engine is many times slower: pay it before serving.
+        await app.state.service.compare(P.CompareRequest(prompt="Hi", response_a="Hello!", response_b="Hey."))
+        logger.info("judge ready: %s, constitution %s", settings.model, store.current().short_hash)
+        try:
+            yield
+        finally:
+            engine.shutdown()
+
+    app = FastAPI(title="cai judge", version="1", lifespan=lifespan,
+                  responses={code: {"model": P.ErrorResponse} for code in (401, 409, 413, 422, 429, 500)})
+    app.state.settings = settings
+    app.state.store = store
+    app.state.metrics = metrics
+
+    @app.middleware("http")
+    async def auth_and_metrics(request: Request, call_next):
+        started = time.perf_counter()
+        endpoint = request.url.path
+        if api_key is not None and endpoint not in OPEN_PATHS:
+            given = request.headers.get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
+                metrics.requests.labels(endpoint, "401").inc()
+                return _error(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                              headers={"WWW-Authenticate": "Bearer"})
+        try:
+            response = await call_next(request)
+        except Exception:  # noqa: BLE001 - the last line of defence: log it, answer typed JSON
+            logger.exception("unhandled error on %s", endpoint)
+            response = _error(500, "internal", "internal error in the judge; the server log has details")
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            detail = (first.get("ctx") or {}).get("error", "")
+            return _error(422, "invalid_request", f"body is not valid JSON: {detail}".rstrip(": "))
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+        return _error(422, "invalid_request", f"{'.'.join(loc) or 'body'}: {first['msg']}{more}", field=".".join(loc) or None)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        kinds = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+        message = "could not parse the request body as UTF-8 JSON" if exc.status_code == 400 else str(exc.detail)
+        return _error(exc.status_code, kinds.get(exc.status_code, "invalid_request"), message)
+
+    async def run(request: Request, endpoint: str, items: int, work: Awaitable[R]) -> R:
+        """Admission, then the typed-error mapping every judging route shares."""
+        service: JudgeService = request.app.state.service
+        try:
+            with service.admit(items):
+                metrics.queue.set(service.pending)
+                result = await work
+        except OverloadedError as e:
+            work.close()
+            raise _Answer(_error(429, "overloaded", str(e), headers={"Retry-After": "1"})) from None
+        except UnknownPrincipleError as e:
+            raise _Answer(_error(422, "invalid_request", str(e), field="principle_id")) from None
+        except UnknownConstitutionError as e:
+            raise _Answer(_error(409, "conflict", str(e), field="constitution_hash")) from None
+        except PromptTooLongError as e:
+            raise _Answer(_error(422, "invalid_request", str(e))) from None
+        finally:
+            metrics.queue.set(service.pending)
+        metrics.items.labels(endpoint).inc(items)
+        eng = service.engine
+        metrics.tokens.labels("prompt").set(eng.prompt_tokens_total)
+        metrics.tokens.labels("completion").set(eng.completion_tokens_total)
+        return result
+
+    @app.exception_handler(_Answer)
+    async def _answer(request: Request, exc: _Answer):
+        return exc.response
+
+    def svc(request: Request) -> JudgeService:
+        return request.app.state.service
+
+    @app.post("/v1/critique", response_model=P.CritiqueResult)
+    async def critique(req: P.CritiqueRequest, request: Request):
+        return await run(request, "critique", 1, svc(request).critique(req))
+
+    @app.post("/v1/critique/batch", response_model=P.CritiqueBatchResult)
+    async def critique_batch(req: P.CritiqueBatch, request: Request):
+        s = svc(request)
+        return P.CritiqueBatchResult(results=await run(request, "critique", len(req.items), _all(s.critique, req.items)))
+
+    @app.post("/v1/revise", response_model=P.ReviseResult)
+    async def revise(req: P.ReviseRequest, request: Request):
+        return await run(request, "revise", 1, svc(request).revise(req))
+
+    @app.post("/v1/revise/batch", response_model=P.ReviseBatchResult)
+    async def revise_batch(req: P.ReviseBatch, request: Request):
+        s = svc(request)
+        return P.ReviseBatchResult(results=await run(request, "revise", len(req.items), _all(s.revise, req.items)))
+
+    @app.post("/v1/compare", response_model=P.CompareResult)
+    async def compare(req: P.CompareRequest, request: Request):
+        return await run(request, "compare", 1, svc(request).compare(req))
+
+    @app.post("/v1/compare/batch", response_model=P.CompareBatchResult)
+    async def compare_batch(req: P.CompareBatch, request: Request):
+        s = svc(request)
+        return P.CompareBatchResult(results=await run(request, "compare", len(req.items), _all(s.compare, req.items)))
+
+    @app.post("/v1/score", response_model=P.ScoreResult)
+    async def score(req: P.ScoreRequest, request: Request):
+        return await run(request, "score", 1, svc(request).score(req))
+
+    @app.post("/v1/score/batch", response_model=P.ScoreBatchResult)
+    async def score_batch(req: P.ScoreBatch, request: Request):
+        s = svc(request)
+        return P.ScoreBatchResult(results=await run(request, "score", len(req.items), _all(s.score, req.items)))
+
+    @app.get("/health", response_model=P.Health)
+    async def health(request: Request):
+        s = svc(request)
+        return P.Health(status="ok", model=settings.model, constitution_hash=store.current().hash,
+                        queue_depth=s.pending, max_queue=s.max_queue)
+
+    @app.get("/v1/constitution", response_model=P.ConstitutionInfo)
+    async def constitution():
+        c = store.current()
+        return P.ConstitutionInfo(name=c.name, hash=c.hash, path=str(store.path), reload_error=store.reload_error,
+                                  principles=[P.PrincipleInfo(**p.model_dump()) for p in c.principles])
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    return app
+
+
+class _Answer(Exception):
+    """Carries a ready error response out of `run` to the exception handler."""
+
+    def __init__(self, response: JSONResponse):
+        self.response = response
+
+
+async def _all(fn, items):
+    return list(await asyncio.gather(*(fn(item) for item in items)))

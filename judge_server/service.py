@@ -1,0 +1,173 @@
+"""What the judge does: critique, revise, compare and score, for a principle of the constitution.
+
+Compare judges both orders - (A)=response_a then (A)=response_b - and averages P(response_a
+better), so a judge that prefers a position cancels out; each order's probability is returned
+so that bias stays visible. Labels come from the option tokens' probabilities renormalised over
+the options; `option_mass` says how much probability the judge put on the options at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+from contextlib import contextmanager
+from functools import cached_property
+
+from cai.constitution import Constitution, Principle
+from judge_server import protocol as P
+from judge_server import templates
+from judge_server.constitutions import ConstitutionStore
+from judge_server.engine import JudgeEngine, PromptTooLongError
+
+
+class OverloadedError(RuntimeError):
+    def __init__(self, depth: int, asked: int, limit: int):
+        super().__init__(f"judge queue is full ({depth} in flight + {asked} asked > {limit}); retry after a short wait")
+
+
+class JudgeService:
+    def __init__(self, engine: JudgeEngine, store: ConstitutionStore, max_queue: int):
+        self.engine = engine
+        self.store = store
+        self.max_queue = max_queue
+        self.pending = 0  # admitted work items not yet answered
+
+    @contextmanager
+    def admit(self, n_items: int):
+        """Refuse (429) rather than queue without bound: a full judge answers fast that it is full."""
+        if self.pending + n_items > self.max_queue:
+            raise OverloadedError(self.pending, n_items, self.max_queue)
+        self.pending += n_items
+        try:
+            yield
+        finally:
+            self.pending -= n_items
+
+    # -- token ids of the answer options (looked up once) ---------------------------------
+    @cached_property
+    def _option_ids(self) -> tuple[list[int], list[int]]:
+        a, b = self.engine.token_ids("A"), self.engine.token_ids("B")
+        if not a or not b:
+            raise RuntimeError(f"tokenizer of {self.engine.model_name} has no single token for 'A'/'B'")
+        return a, b
+
+    @cached_property
+    def _rating_ids(self) -> tuple[list[list[int]], list[int] | None]:
+        """Ids for ratings 1..10; when "10" is not one token, rating 10 is read as "1" then "0"."""
+        ids = [self.engine.token_ids(str(r)) for r in range(1, 11)]
+        if any(not t for t in ids[:9]):
+            raise RuntimeError(f"tokenizer of {self.engine.model_name} has no single tokens for the digits 1-9")
+        zero = self.engine.token_ids("0") if not ids[9] else None
+        return ids, zero
+
+    # -- endpoints ------------------------------------------------------------------------
+    async def critique(self, req: P.CritiqueRequest) -> P.CritiqueResult:
+        c = self.store.get(req.constitution_hash)
+        principle = self._pick(c, req.principle_id, req.seed, req.prompt, req.response)
+        ids = self._encode_with_examples(lambda k: templates.critique_messages(c, principle, req.prompt, req.response, k), "critique")
+        gen = await self.engine.generate(ids, max_tokens=req.generation.max_tokens, temperature=req.generation.temperature, seed=req.seed)
+        return P.CritiqueResult(critique=gen.text, principle_id=principle.id, constitution_hash=c.hash, model=self.engine.model_name,
+                                prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
+
+    async def revise(self, req: P.ReviseRequest) -> P.ReviseResult:
+        c = self.store.get(req.constitution_hash)
+        principle = c.principle(req.principle_id)
+        ids = self._encode_with_examples(
+            lambda k: templates.revision_messages(c, principle, req.prompt, req.response, req.critique, k), "revision")
+        gen = await self.engine.generate(ids, max_tokens=req.generation.max_tokens, temperature=req.generation.temperature, seed=req.seed)
+        return P.ReviseResult(revision=gen.text, principle_id=principle.id, constitution_hash=c.hash, model=self.engine.model_name,
+                              prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
+
+    async def compare(self, req: P.CompareRequest) -> P.CompareResult:
+        c = self.store.get(req.constitution_hash)
+        if req.principle_ids:
+            principles = [c.principle(pid) for pid in dict.fromkeys(req.principle_ids)]
+        else:
+            # Seeded by the unordered pair, so (a, b) and (b, a) are judged on the same principles.
+            key = _content_key(req.seed, req.prompt, *sorted([req.response_a, req.response_b]))
+            principles = c.sample_principles(min(req.n_principles, len(c.principles)), seed=key)
+        votes = await asyncio.gather(*(self._vote(p, req) for p in principles))
+        p_a = sum(v.p_a for v in votes) / len(votes)
+        if (clamp := req.effective_clamp()) is not None:
+            p_a = min(max(p_a, clamp[0]), clamp[1])
+        first = sum(v.p_a_shown_first for v in votes) / len(votes)
+        second = sum(v.p_a_shown_second for v in votes) / len(votes)
+        return P.CompareResult(
+            p_a=p_a, p_a_shown_first=first, p_a_shown_second=second, same_position=(first > 0.5) != (second > 0.5),
+            votes=list(votes), principle_ids=[p.id for p in principles], constitution_hash=c.hash, model=self.engine.model_name,
+        )
+
+    async def score(self, req: P.ScoreRequest) -> P.ScoreResult:
+        c = self.store.get(req.constitution_hash)
+        principle = self._pick(c, req.principle_id, req.seed, req.prompt, req.response)
+        ids = self.engine.encode(templates.score_messages(principle, req.prompt, req.response), templates.SCORE_PREFIX, what="score")
+        rating_ids, zero_ids = self._rating_ids
+        flat = [t for group in rating_ids for t in group]
+        lp = await self.engine.next_token_logprobs(ids, flat)
+        probs = [sum(math.exp(lp[t]) for t in group) for group in rating_ids]
+        mass = sum(probs)
+        if zero_ids is not None:
+            # "10" is "1" then "0": split P("1") by P("0" | "1").
+            one = rating_ids[0][0]
+            follow = await self.engine.next_token_logprobs(ids + [one], zero_ids)
+            p_zero = min(1.0, sum(math.exp(v) for v in follow.values()))
+            probs[9], probs[0] = probs[0] * p_zero, probs[0] * (1 - p_zero)
+        total = sum(probs)
+        norm = [p / total for p in probs] if total > 0 else [0.1] * 10
+        expected = sum((r + 1) * p for r, p in enumerate(norm))
+        return P.ScoreResult(score=(expected - 5.5) / 4.5, expected_rating=expected, rating_probs=norm, option_mass=min(mass, 1.0),
+                             principle_id=principle.id, constitution_hash=c.hash, model=self.engine.model_name)
+
+    # -- helpers --------------------------------------------------------------------------
+    def _pick(self, c: Constitution, principle_id: str | None, seed: int, *content: str) -> Principle:
+        if principle_id is not None:
+            return c.principle(principle_id)
+        return c.sample_principles(1, seed=_content_key(seed, *content))[0]
+
+    def _encode_with_examples(self, build, what: str, most: int = 2) -> list[int]:
+        """Few-shot examples are context, not content: drop them (last first) until the prompt fits."""
+        for k in range(most, 0, -1):
+            try:
+                return self.engine.encode(build(k), what=what)
+            except PromptTooLongError:
+                continue
+        return self.engine.encode(build(0), what=what)
+
+    async def _vote(self, principle: Principle, req: P.CompareRequest) -> P.PrincipleVote:
+        (pa1, mass1, why1), (pa2, mass2, why2) = await asyncio.gather(
+            self._p_first_option(principle, req, req.response_a, req.response_b),
+            self._p_first_option(principle, req, req.response_b, req.response_a),
+        )
+        shown_first, shown_second = pa1, 1.0 - pa2  # both: P(response_a is better)
+        return P.PrincipleVote(
+            principle_id=principle.id, p_a=(shown_first + shown_second) / 2, p_a_shown_first=shown_first,
+            p_a_shown_second=shown_second, option_mass=(mass1 + mass2) / 2, rationales=[why1, why2] if req.cot else None,
+        )
+
+    async def _p_first_option(self, principle: Principle, req: P.CompareRequest, first: str, second: str) -> tuple[float, float, str]:
+        """P(option A) renormalised over {A, B}, the raw mass on both, and the rationale (CoT)."""
+        messages = templates.compare_messages(principle, req.prompt, first, second, req.cot)
+        rationale = ""
+        prefix = templates.COMPARE_PREFIX
+        if req.cot:
+            ids = self.engine.encode(messages, templates.COT_PREFIX, what="comparison")
+            gen = await self.engine.generate(ids, max_tokens=req.cot_max_tokens, temperature=0.0, seed=req.seed)
+            rationale = gen.text
+            prefix = f"{templates.COT_PREFIX} {rationale}{templates.COT_ANSWER}"
+        ids = self.engine.encode(messages, prefix, what="comparison")
+        a_ids, b_ids = self._option_ids
+        lp = await self.engine.next_token_logprobs(ids, a_ids + b_ids)
+        pa = sum(math.exp(lp[t]) for t in a_ids)
+        pb = sum(math.exp(lp[t]) for t in b_ids)
+        if pa + pb == 0.0:
+            return 0.5, 0.0, rationale
+        return pa / (pa + pb), pa + pb, rationale
+
+
+def _content_key(seed: int, *parts: str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode("utf-8"))
+        h.update(b"\x00")
+    return f"{seed}:{h.hexdigest()[:16]}"

