@@ -192,7 +192,7 @@ def judge_serve(
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest judge prompt accepted (422 beyond).")] = 1536,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body (413 beyond).")] = 2_000_000,
     max_model_len: Annotated[int, typer.Option(help="vLLM context length.")] = 2048,
-    kv_cache_fraction: Annotated[Optional[float], typer.Option(help="vLLM gpu_memory_utilization (host RAM share on CPU; default 0.1 CPU, 0.85 GPU).")] = None,
+    kv_cache_gib: Annotated[Optional[float], typer.Option(help="KV cache size in GiB (default 1 on CPU; on GPU 85% of memory).")] = None,
     dtype: Annotated[str, typer.Option(help="auto: float32 on CPU, bfloat16 on GPU.")] = "auto",
 ) -> None:
     """Serve critique, revision, comparison and scoring over HTTP for one constitution.
@@ -206,7 +206,7 @@ def judge_serve(
         settings = ServerSettings(
             model=model, constitution=str(find_constitution(constitution)), host=host, port=port, api_key=api_key,
             max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
-            max_model_len=max_model_len, kv_cache_fraction=kv_cache_fraction, dtype=dtype,
+            max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype,
         )
         settings.check_bind()
         serve(settings)
@@ -229,10 +229,17 @@ def demo(
     from cai.demo import run_demo
 
     try:
-        report = run_demo(model=model, constitution=constitution, prompts=prompts, n=n, out=out)
+        path = run_demo(model=model, constitution=constitution, prompts=prompts, n=n, out=out)
     except (ConstitutionError, ValueError) as e:
         _fail(str(e))
-    console.print(f"demo output: {report}", highlight=False)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    for r in rows:
+        console.rule(f"[bold]{r['category'] or ''}[/] principle: {r['principle_id']}")
+        console.print(f"[bold]prompt:[/] {r['prompt']}\n[bold]policy:[/] {r['response']}\n[bold]critique:[/] {r['critique']}\n"
+                      f"[bold]revision:[/] {r['revision']}\n[bold]P(revision better)[/] = {r['p_revision_better']:.2f} "
+                      f"(shown first {r['p_shown_first']:.2f}, shown second {r['p_shown_second']:.2f})", highlight=False)
+    mean = sum(r["p_revision_better"] for r in rows) / len(rows)
+    console.print(f"\n{len(rows)} rows, mean P(revision better) {mean:.2f}; written to {path}", highlight=False)
 
 
 if __name__ == "__main__":

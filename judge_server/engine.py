@@ -54,12 +54,14 @@ class JudgeEngine:
         resolved = resolve_model(settings.model)
         on_gpu = torch.cuda.is_available()
         dtype = settings.dtype if settings.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-        fraction = settings.kv_cache_fraction or (0.85 if on_gpu else 0.1)
+        kv_gib = settings.kv_cache_gib if settings.kv_cache_gib is not None else (None if on_gpu else 1.0)
         args = AsyncEngineArgs(
             model=resolved.path,
             dtype=dtype,
             max_model_len=settings.max_model_len,
-            gpu_memory_utilization=fraction,
+            # On CPU a fixed size: vLLM's fraction-of-RAM rule counts this process's RSS against it.
+            kv_cache_memory_bytes=int(kv_gib * 2**30) if kv_gib is not None else None,
+            gpu_memory_utilization=0.85,
             enforce_eager=not on_gpu,  # CUDA graphs on GPU; on CPU compiling them took minutes
             seed=settings.seed,
         )

@@ -28,7 +28,8 @@ class ServerSettings(BaseModel):
     max_queue: int = Field(default=512, ge=1, description="Work items in flight before new requests get 429.")
     max_model_len: int = Field(default=2048, ge=64)
     dtype: str = Field(default="auto", description="auto: float32 on CPU, bfloat16 on GPU.")
-    kv_cache_fraction: float | None = Field(default=None, gt=0, le=1, description="vLLM gpu_memory_utilization (host RAM share on CPU).")
+    kv_cache_gib: float | None = Field(default=None, gt=0, le=1024,
+                                       description="KV cache size. Default: 1 GiB on CPU; on GPU, 85% of GPU memory minus the model.")
     seed: int = 0
 
     @model_validator(mode="after")

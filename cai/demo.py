@@ -1,0 +1,79 @@
+"""`cai demo`: the stages that exist so far, end to end, on the embedded default model.
+
+1. load and check the constitution, load real prompts (Do-Not-Answer + MT-Bench),
+2. the policy answers them (transformers, batched),
+3. a real judge server (vLLM) critiques each answer against a sampled principle and revises it,
+4. the judge compares the first answer with the revision in both orders (the soft label),
+5. everything is written to OUT/demo.jsonl with its provenance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+from cai.constitution import find_constitution, load_constitution
+from cai.judge_client import JudgeClient, LocalJudge
+from cai.models import resolve_model
+from cai.prompts import load_prompts
+from judge_server import protocol as P
+
+logger = logging.getLogger(__name__)
+
+
+def policy_answers(model_name: str, prompts: list[str], max_new_tokens: int = 96) -> list[str]:
+    """Greedy answers from the policy, left-padded into one batch."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(model_name).path
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    return [tok.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
+
+
+async def _judge_all(url: str, rows: list[dict], seed: int) -> None:
+    gen = P.GenerationOptions(max_tokens=96)
+    async with JudgeClient(url) as judge:
+        crits = await judge.critique_many([P.CritiqueRequest(prompt=r["prompt"], response=r["response"], seed=seed, generation=gen) for r in rows])
+        revs = await judge.revise_many([
+            P.ReviseRequest(prompt=r["prompt"], response=r["response"], critique=c.critique, principle_id=c.principle_id, seed=seed, generation=gen)
+            for r, c in zip(rows, crits)
+        ])
+        labels = await judge.compare_many([
+            P.CompareRequest(prompt=r["prompt"], response_a=v.revision or "(empty)", response_b=r["response"], seed=seed)
+            for r, v in zip(rows, revs)
+        ])
+    for row, c, v, lab in zip(rows, crits, revs, labels):
+        row.update(principle_id=c.principle_id, critique=c.critique, revision=v.revision, p_revision_better=lab.p_a,
+                   p_shown_first=lab.p_a_shown_first, p_shown_second=lab.p_a_shown_second, compare_principles=lab.principle_ids,
+                   constitution_hash=c.constitution_hash, judge_model=c.model)
+
+
+def run_demo(*, model: str, constitution: str, prompts: str, n: int, out: Path, seed: int = 0) -> Path:
+    const_path = find_constitution(constitution)
+    const = load_constitution(const_path)
+    chosen = load_prompts(prompts, limit=n, seed=seed, shuffle=True)
+    logger.info("constitution %s (%s), %d prompts from %s", const.name, const.short_hash, len(chosen), prompts)
+
+    logger.info("policy %s answers %d prompts", model, len(chosen))
+    answers = policy_answers(model, [p.text for p in chosen])
+    rows = [{"id": p.id, "prompt": p.text, "category": p.category, "response": a, "policy_model": model, "seed": seed}
+            for p, a in zip(chosen, answers)]
+
+    out.mkdir(parents=True, exist_ok=True)
+    logger.info("starting the judge server (vLLM, %s); the first start takes about a minute", model)
+    with LocalJudge(model, const_path, log_path=out / "judge.log") as server:
+        asyncio.run(_judge_all(server.url, rows, seed))
+
+    path = out / "demo.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
