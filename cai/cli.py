@@ -223,13 +223,14 @@ def demo(
     constitution: Annotated[str, typer.Option(help="Constitution file or shipped name.")] = "harmless-helpful",
     prompts: Annotated[str, typer.Option(help="Prompt source.")] = "donotanswer+mtbench",
     n: Annotated[int, typer.Option(help="How many prompts.")] = 3,
-    out: Annotated[Optional[Path], typer.Option(help="Where to write the demo's output.")] = Path("runs/demo"),
+    out: Annotated[Path, typer.Option(help="Where to write the demo's output.")] = Path("runs/demo"),
+    judge_url: Annotated[Optional[str], typer.Option(help="Use a running judge server instead of starting one.")] = None,
 ) -> None:
     """Run the pipeline stages that exist so far on the embedded default model."""
     from cai.demo import run_demo
 
     try:
-        path = run_demo(model=model, constitution=constitution, prompts=prompts, n=n, out=out)
+        path = run_demo(model=model, constitution=constitution, prompts=prompts, n=n, out=out, judge_url=judge_url)
     except (ConstitutionError, ValueError) as e:
         _fail(str(e))
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from cai.constitution import find_constitution, load_constitution
-from cai.judge_client import JudgeClient, LocalJudge
+from cai.judge_client import JudgeClient, judge_endpoint
 from cai.models import resolve_model
 from cai.prompts import load_prompts
 from judge_server import protocol as P
@@ -56,7 +56,7 @@ async def _judge_all(url: str, rows: list[dict], seed: int) -> None:
                    constitution_hash=c.constitution_hash, judge_model=c.model)
 
 
-def run_demo(*, model: str, constitution: str, prompts: str, n: int, out: Path, seed: int = 0) -> Path:
+def run_demo(*, model: str, constitution: str, prompts: str, n: int, out: Path, seed: int = 0, judge_url: str | None = None) -> Path:
     const_path = find_constitution(constitution)
     const = load_constitution(const_path)
     chosen = load_prompts(prompts, limit=n, seed=seed, shuffle=True)
@@ -68,9 +68,10 @@ def run_demo(*, model: str, constitution: str, prompts: str, n: int, out: Path, 
             for p, a in zip(chosen, answers)]
 
     out.mkdir(parents=True, exist_ok=True)
-    logger.info("starting the judge server (vLLM, %s); the first start takes about a minute", model)
-    with LocalJudge(model, const_path, log_path=out / "judge.log") as server:
-        asyncio.run(_judge_all(server.url, rows, seed))
+    if judge_url is None:
+        logger.info("starting the judge server (vLLM, %s); the first start takes about a minute", model)
+    with judge_endpoint(judge_url, model=model, constitution=const_path, log_path=out / "judge.log") as url:
+        asyncio.run(_judge_all(url, rows, seed))
 
     path = out / "demo.jsonl"
     with open(path, "w", encoding="utf-8") as f:

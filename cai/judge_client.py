@@ -20,7 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -215,3 +216,13 @@ class LocalJudge:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextmanager
+def judge_endpoint(url: str | None, *, model: str, constitution: str | Path, log_path: str | Path | None = None) -> Iterator[str]:
+    """The URL of a judge to use: `url` as given, or a `LocalJudge` started for `model` (stopped on exit)."""
+    if url:
+        yield url.rstrip("/")
+        return
+    with LocalJudge(model, constitution, log_path=log_path) as judge:
+        yield judge.url

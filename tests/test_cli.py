@@ -1,0 +1,47 @@
+"""The command line: --help everywhere, and the demo end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from cai.cli import app
+from tests.conftest import JUDGE_KEY
+
+
+def _command_paths(group: typer.Typer, prefix: tuple[str, ...] = ()):
+    for cmd in group.registered_commands:
+        yield prefix + (cmd.name or cmd.callback.__name__.replace("_", "-"),)
+    for sub in group.registered_groups:
+        yield prefix + (sub.name,)
+        yield from _command_paths(sub.typer_instance, prefix + (sub.name,))
+
+
+def test_every_command_has_help():
+    paths = list(_command_paths(app))
+    assert ("judge", "serve") in paths and ("constitution", "lint") in paths and ("demo",) in paths
+    runner = CliRunner()
+    for path in [()] + paths:
+        result = runner.invoke(app, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output)
+        assert "Usage" in result.output
+
+
+@pytest.mark.slow
+def test_demo_runs_on_the_tiny_model(tiny_model_dir, judge, tmp_path, monkeypatch):
+    # Against the session's judge server (the same tiny model) to save a second engine start.
+    monkeypatch.setenv("CAI_JUDGE_API_KEY", JUDGE_KEY)
+    result = CliRunner().invoke(app, ["demo", "--model", str(tiny_model_dir), "--n", "2", "--prompts", "mtbench",
+                                      "--out", str(tmp_path), "--judge-url", judge.url])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "demo.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["id"].startswith("mtbench:") and row["prompt"]
+        assert 0.0 <= row["p_revision_better"] <= 1.0
+        assert row["p_revision_better"] == pytest.approx((row["p_shown_first"] + row["p_shown_second"]) / 2, abs=1e-6)
+        assert len(row["constitution_hash"]) == 64 and row["judge_model"] == str(tiny_model_dir)
+    assert "mean P(revision better)" in result.output
