@@ -21,6 +21,7 @@ from cai.prompts import load_prompts
 from judge_server import protocol as P
 
 logger = logging.getLogger(__name__)
+EMPTY = "(the assistant gave no response)"  # the judge API refuses empty text; say so explicitly
 
 
 def policy_answers(model_name: str, prompts: list[str], max_new_tokens: int = 96) -> list[str]:
@@ -35,7 +36,8 @@ def policy_answers(model_name: str, prompts: list[str], max_new_tokens: int = 96
     batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.inference_mode():
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    return [tok.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
+    answers = [tok.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
+    return [a or EMPTY for a in answers]
 
 
 async def _judge_all(url: str, rows: list[dict], seed: int) -> None:
@@ -47,7 +49,7 @@ async def _judge_all(url: str, rows: list[dict], seed: int) -> None:
             for r, c in zip(rows, crits)
         ])
         labels = await judge.compare_many([
-            P.CompareRequest(prompt=r["prompt"], response_a=v.revision or "(empty)", response_b=r["response"], seed=seed)
+            P.CompareRequest(prompt=r["prompt"], response_a=v.revision or EMPTY, response_b=r["response"], seed=seed)
             for r, v in zip(rows, revs)
         ])
     for row, c, v, lab in zip(rows, crits, revs, labels):
