@@ -50,7 +50,7 @@ def load_hh_pairs(path: Path, n: int, seed: int) -> list[dict]:
             if not chosen or not rejected or chosen == rejected:
                 continue
             prompt = re.sub(r"^\s*Human:\s*", "", context.strip()).replace("\n\nHuman:", "\nUser:").replace("\n\nAssistant:", "\nAssistant:")
-            if len(prompt) + len(chosen) + len(rejected) > 2500:  # keep inside the judge's prompt budget
+            if len(prompt) + len(chosen) + len(rejected) > 1200:  # inside the prompt budget with the tiny tokenizer too
                 continue
             pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     rng = random.Random(seed)

@@ -47,6 +47,14 @@ class JudgeHTTPError(JudgeError):
         super().__init__(f"judge {path} answered {status} {kind}: {message}")
 
 
+class JudgeItemError(JudgeError):
+    """One item of a batch that the judge refused on its own (the rest were judged)."""
+
+    def __init__(self, index: int, kind: str, message: str, field: str | None = None):
+        self.index, self.kind, self.message, self.field = index, kind, message, field
+        super().__init__(f"item {index}: {kind}: {message}")
+
+
 class JudgeUnavailableError(JudgeError):
     """The judge could not be reached, or stayed overloaded, through every retry."""
 
@@ -103,10 +111,17 @@ class JudgeClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _batched(self, path: str, batch_model: type[BaseModel], result_model: type[BaseModel], items: Sequence[BaseModel],
-                       batch_size: int) -> list:
+                       batch_size: int, raise_on_error: bool) -> list:
         chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
         answers = await asyncio.gather(*(self._call("POST", path, result_model, batch_model(items=list(c))) for c in chunks))
-        return [r for a in answers for r in a.results]
+        out: list = []
+        for r in (r for a in answers for r in a.results):
+            if isinstance(r, P.ErrorResponse):
+                r = JudgeItemError(len(out), r.error.type, r.error.message, r.error.field)
+                if raise_on_error:
+                    raise r
+            out.append(r)
+        return out
 
     # -- API ------------------------------------------------------------------------------
     async def health(self) -> P.Health:
@@ -127,17 +142,25 @@ class JudgeClient:
     async def score(self, req: P.ScoreRequest) -> P.ScoreResult:
         return await self._call("POST", "/v1/score", P.ScoreResult, req)
 
-    async def critique_many(self, reqs: Sequence[P.CritiqueRequest], batch_size: int = 16) -> list[P.CritiqueResult]:
-        return await self._batched("/v1/critique/batch", P.CritiqueBatch, P.CritiqueBatchResult, reqs, batch_size)
+    async def critique_many(self, reqs: Sequence[P.CritiqueRequest], batch_size: int = 16,
+                          raise_on_error: bool = True) -> list[P.CritiqueResult | JudgeItemError]:
+        """Judge in batches of `batch_size`; with raise_on_error=False a refused item is a JudgeItemError in its place."""
+        return await self._batched("/v1/critique/batch", P.CritiqueBatch, P.CritiqueBatchResult, reqs, batch_size, raise_on_error)
 
-    async def revise_many(self, reqs: Sequence[P.ReviseRequest], batch_size: int = 16) -> list[P.ReviseResult]:
-        return await self._batched("/v1/revise/batch", P.ReviseBatch, P.ReviseBatchResult, reqs, batch_size)
+    async def revise_many(self, reqs: Sequence[P.ReviseRequest], batch_size: int = 16,
+                          raise_on_error: bool = True) -> list[P.ReviseResult | JudgeItemError]:
+        """Judge in batches of `batch_size`; with raise_on_error=False a refused item is a JudgeItemError in its place."""
+        return await self._batched("/v1/revise/batch", P.ReviseBatch, P.ReviseBatchResult, reqs, batch_size, raise_on_error)
 
-    async def compare_many(self, reqs: Sequence[P.CompareRequest], batch_size: int = 32) -> list[P.CompareResult]:
-        return await self._batched("/v1/compare/batch", P.CompareBatch, P.CompareBatchResult, reqs, batch_size)
+    async def compare_many(self, reqs: Sequence[P.CompareRequest], batch_size: int = 32,
+                          raise_on_error: bool = True) -> list[P.CompareResult | JudgeItemError]:
+        """Judge in batches of `batch_size`; with raise_on_error=False a refused item is a JudgeItemError in its place."""
+        return await self._batched("/v1/compare/batch", P.CompareBatch, P.CompareBatchResult, reqs, batch_size, raise_on_error)
 
-    async def score_many(self, reqs: Sequence[P.ScoreRequest], batch_size: int = 32) -> list[P.ScoreResult]:
-        return await self._batched("/v1/score/batch", P.ScoreBatch, P.ScoreBatchResult, reqs, batch_size)
+    async def score_many(self, reqs: Sequence[P.ScoreRequest], batch_size: int = 32,
+                          raise_on_error: bool = True) -> list[P.ScoreResult | JudgeItemError]:
+        """Judge in batches of `batch_size`; with raise_on_error=False a refused item is a JudgeItemError in its place."""
+        return await self._batched("/v1/score/batch", P.ScoreBatch, P.ScoreBatchResult, reqs, batch_size, raise_on_error)
 
 
 def _http_error(resp: httpx.Response, path: str) -> JudgeHTTPError:

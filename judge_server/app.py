@@ -153,12 +153,9 @@ def build_app(settings: ServerSettings, engine_factory: Callable[[ServerSettings
         except OverloadedError as e:
             work.close()
             raise _Answer(_error(429, "overloaded", str(e), headers={"Retry-After": "1"})) from None
-        except UnknownPrincipleError as e:
-            raise _Answer(_error(422, "invalid_request", str(e), field="principle_id")) from None
-        except UnknownConstitutionError as e:
-            raise _Answer(_error(409, "conflict", str(e), field="constitution_hash")) from None
-        except PromptTooLongError as e:
-            raise _Answer(_error(422, "invalid_request", str(e))) from None
+        except ITEM_ERRORS as e:
+            status, body = _item_error(e)
+            raise _Answer(_error(status, body.type, body.message, body.field)) from None
         finally:
             metrics.queue.set(service.pending)
         metrics.items.labels(endpoint).inc(items)
@@ -237,5 +234,27 @@ class _Answer(Exception):
         self.response = response
 
 
-async def _all(fn, items):
-    return list(await asyncio.gather(*(fn(item) for item in items)))
+ITEM_ERRORS = (UnknownPrincipleError, UnknownConstitutionError, PromptTooLongError)
+
+
+def _item_error(exc: Exception) -> tuple[int, P.ErrorBody]:
+    """HTTP status and typed body for the errors that belong to one request item."""
+    if isinstance(exc, UnknownPrincipleError):
+        return 422, P.ErrorBody(type="invalid_request", message=str(exc), field="principle_id")
+    if isinstance(exc, UnknownConstitutionError):
+        return 409, P.ErrorBody(type="conflict", message=str(exc), field="constitution_hash")
+    return 422, P.ErrorBody(type="invalid_request", message=str(exc))
+
+
+async def _all(fn, items) -> list:
+    """Judge every item; one item's own error (unknown principle, too long) doesn't sink the batch."""
+    outcomes = await asyncio.gather(*(fn(item) for item in items), return_exceptions=True)
+    results = []
+    for out in outcomes:
+        if isinstance(out, ITEM_ERRORS):
+            results.append(P.ErrorResponse(error=_item_error(out)[1]))
+        elif isinstance(out, BaseException):
+            raise out
+        else:
+            results.append(out)
+    return results

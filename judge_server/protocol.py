@@ -136,6 +136,16 @@ class ScoreResult(_Model):
     model: str
 
 
+class ErrorBody(_Model):
+    type: str = Field(description="Machine-readable kind: invalid_request, unauthorized, not_found, conflict, too_large, overloaded, internal.")
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(_Model):
+    error: ErrorBody
+
+
 # -- batches -------------------------------------------------------------------------
 
 
@@ -156,19 +166,19 @@ class ScoreBatch(_Model):
 
 
 class CritiqueBatchResult(_Model):
-    results: list[CritiqueResult]
+    results: list[CritiqueResult | ErrorResponse] = Field(description="In item order; an item that failed on its own holds its error.")
 
 
 class ReviseBatchResult(_Model):
-    results: list[ReviseResult]
+    results: list[ReviseResult | ErrorResponse] = Field(description="In item order; an item that failed on its own holds its error.")
 
 
 class CompareBatchResult(_Model):
-    results: list[CompareResult]
+    results: list[CompareResult | ErrorResponse] = Field(description="In item order; an item that failed on its own holds its error.")
 
 
 class ScoreBatchResult(_Model):
-    results: list[ScoreResult]
+    results: list[ScoreResult | ErrorResponse] = Field(description="In item order; an item that failed on its own holds its error.")
 
 
 # -- service -------------------------------------------------------------------------
@@ -196,13 +206,3 @@ class Health(_Model):
     constitution_hash: str
     queue_depth: int
     max_queue: int
-
-
-class ErrorBody(_Model):
-    type: str = Field(description="Machine-readable kind: invalid_request, unauthorized, not_found, conflict, too_large, overloaded, internal.")
-    message: str
-    field: str | None = None
-
-
-class ErrorResponse(_Model):
-    error: ErrorBody

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from cai.judge_client import JudgeClient, JudgeHTTPError, JudgeUnavailableError
+from cai.judge_client import JudgeClient, JudgeHTTPError, JudgeItemError, JudgeUnavailableError
 from judge_server import protocol as P
 from tests.conftest import JUDGE_KEY
 
@@ -254,3 +254,17 @@ def test_refuses_to_bind_beyond_loopback_without_key(tmp_path):
                        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
     assert r.returncode == 1
     assert "refusing to bind 0.0.0.0" in r.stderr and "API key" in r.stderr
+
+
+def test_one_bad_item_does_not_sink_its_batch(judge):
+    reqs = [
+        P.CompareRequest(prompt=Q, response_a=A, response_b=B, principle_ids=["harmful-content"]),
+        P.CompareRequest(prompt=Q, response_a=A, response_b=B, principle_ids=["no-such"]),
+        P.CompareRequest(prompt="word " * 3000, response_a=A, response_b=B, principle_ids=["harmful-content"]),
+    ]
+    results = call(judge, lambda c: c.compare_many(reqs, raise_on_error=False))
+    assert isinstance(results[0], P.CompareResult)
+    assert isinstance(results[1], JudgeItemError) and results[1].index == 1 and results[1].field == "principle_id"
+    assert isinstance(results[2], JudgeItemError) and "tokens; the limit is 1536" in results[2].message
+    with pytest.raises(JudgeItemError, match="item 1: invalid_request: unknown principle id 'no-such'"):
+        call(judge, lambda c: c.compare_many(reqs))
