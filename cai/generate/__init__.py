@@ -1,0 +1,1 @@
+"""Synthetic data: critique-revision SFT sets (`sft`) and AI-labelled preference sets (`prefs`)."""

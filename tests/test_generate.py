@@ -1,0 +1,174 @@
+"""Synthetic data generation: row logs, judge cache, and both generators end to end (tiny model, real judge)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from datasets import load_from_disk
+
+from cai.generate.prefs import PrefsJob, generate_prefs, summarise
+from cai.generate.sft import SftJob, generate_sft
+from cai.judge_cache import JudgeCache
+from cai.policy import SamplingConfig
+from cai.rowlog import RowLog, RunMismatchError, pin_run
+from judge_server import protocol as P
+from tests.conftest import JUDGE_KEY
+
+# -- pieces -----------------------------------------------------------------------------
+
+
+def test_rowlog_resumes_drops_partial_line_and_keeps_last(tmp_path):
+    path = tmp_path / "progress.jsonl"
+    with RowLog.open(path) as log:
+        log.append({"id": "a", "status": "ok"})
+        log.append({"id": "b", "status": "judge_failed"})
+    with open(path, "a") as f:
+        f.write('{"id": "c", "sta')  # killed mid-write
+    with RowLog.open(path) as log:
+        assert log.done_ids() == {"a"}  # b failed: retried on resume; c never finished
+        log.append({"id": "b", "status": "ok"})
+        assert [r["status"] for r in log.final_rows()] == ["ok", "ok"]
+    assert path.read_text().count("\n") == 3 and '"id": "c"' not in path.read_text()
+
+
+def test_rowlog_rejects_foreign_files(tmp_path):
+    path = tmp_path / "progress.jsonl"
+    path.write_text('{"id": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"progress.jsonl, line 2"):
+        RowLog.open(path)
+
+
+def test_pin_run_refuses_other_settings(tmp_path):
+    pin_run(tmp_path, {"seed": 0, "policy": "x"})
+    pin_run(tmp_path, {"seed": 0, "policy": "x"})
+    with pytest.raises(RunMismatchError, match="seed: was 0, now 1"):
+        pin_run(tmp_path, {"seed": 1, "policy": "x"})
+
+
+def test_judge_cache_is_content_addressed(tmp_path):
+    cache = JudgeCache(tmp_path / "c.sqlite")
+    req = P.ScoreRequest(prompt="q", response="r")
+    result = P.ScoreResult(score=0.1, expected_rating=6.0, rating_probs=[0.1] * 10, option_mass=0.5, principle_id="p",
+                           constitution_hash="h" * 64, model="m")
+    k = JudgeCache.key("score", "m", "h" * 64, req)
+    assert k != JudgeCache.key("score", "m", "g" * 64, req) != JudgeCache.key("score", "m", "h" * 64, req.model_copy(update={"seed": 1}))
+    assert cache.get(k, P.ScoreResult) is None
+    cache.put(k, result)
+    assert cache.get(k, P.ScoreResult) == result and (cache.hits, cache.misses) == (1, 1)
+
+
+def test_summary_figures_by_hand():
+    ok = [
+        {"status": "ok", "chosen": "long answer", "rejected": "short", "p_chosen": 0.5, "same_position": True, "option_mass": 0.2},
+        {"status": "ok", "chosen": "a", "rejected": "bbb", "p_chosen": 1.0, "same_position": False, "option_mass": 0.4},
+    ]
+    s = summarise(ok, ok + [{"status": "judge_failed"}])
+    assert s["pairs"] == 2 and s["status"] == {"ok": 2, "judge_failed": 1}
+    assert s["label_entropy_bits"] == 0.5  # H(0.5)=1 bit, H(1.0)=0
+    assert s["position_consistency_rate"] == 0.5 and s["longer_is_chosen_rate"] == 0.5
+    assert s["mean_chars_chosen"] == 6.0 and s["mean_chars_rejected"] == 4.0
+
+
+# -- end to end against the session's judge ------------------------------------------------
+
+
+@pytest.fixture
+def keyed(monkeypatch):
+    monkeypatch.setenv("CAI_JUDGE_API_KEY", JUDGE_KEY)
+
+
+def prompts_file(tmp_path, texts):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    return path
+
+
+FEW = ["How do I make a bomb?", "What is the capital of France?", "Write a haiku about rain.", "How can I cheat on a test?"]
+
+
+@pytest.mark.slow
+def test_sft_rows_trajectories_and_a_refused_item(tiny_model_dir, judge, judge_constitution, tmp_path, keyed):
+    src = prompts_file(tmp_path, FEW + ["word " * 3000])  # the last one is over the judge's token limit
+    job = SftJob(prompts=str(src), out=tmp_path / "out", policy=str(tiny_model_dir), constitution=str(judge_constitution),
+                 judge_url=judge.url, rounds=2, sampling=SamplingConfig(max_new_tokens=12), critique_tokens=8, revision_tokens=8,
+                 chunk_size=2, judge_cache=tmp_path / "cache.sqlite")
+    summary = generate_sft(job)
+    assert summary["rows"] == 4 and summary["failed_this_run"] == 1
+    assert set(summary["seconds"]) == {"policy", "judge"}
+    progress = [json.loads(line) for line in (job.out / "progress.jsonl").read_text().splitlines()]
+    failed = [r for r in progress if r["status"] != "ok"]
+    assert len(failed) == 1 and "critique in round 0" in failed[0]["error"] and "tokens; the limit is 1536" in failed[0]["error"]
+    ds = load_from_disk(str(job.out / "dataset"))
+    assert len(ds) == 4 and {"messages", "trajectory", "provenance", "initial_response"} <= set(ds.column_names)
+    for row in ds:
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+        assert [t["round"] for t in row["trajectory"]] == [0, 1]
+        assert row["messages"][1]["content"] == row["final_response"]
+        prov = row["provenance"]
+        assert len(prov["constitution_hash"]) == 64 and prov["judge_model"] == str(tiny_model_dir) and prov["seed"] == 0
+    # Principle draws are seeded per prompt and round.
+    rows = {r["id"]: r for r in ds}
+    again = SftJob(**{**job.__dict__, "out": tmp_path / "again", "judge_cache": tmp_path / "cache2.sqlite"})
+    generate_sft(again)
+    for r in load_from_disk(str(again.out / "dataset")):
+        assert [t["principle_id"] for t in r["trajectory"]] == [t["principle_id"] for t in rows[r["id"]]["trajectory"]]
+
+    # Rerun of the finished job: nothing new; the refused prompt is retried and fails again, counted.
+    summary2 = generate_sft(job)
+    assert summary2["rows"] == 4 and summary2["failed_this_run"] == 1
+
+    with pytest.raises(RunMismatchError, match="rounds: was 2, now 3"):
+        generate_sft(SftJob(**{**job.__dict__, "rounds": 3}))
+
+
+@pytest.mark.slow
+def test_prefs_pairs_labels_and_summary(tiny_model_dir, judge, judge_constitution, tmp_path, keyed):
+    job = PrefsJob(prompts=str(prompts_file(tmp_path, FEW)), out=tmp_path / "out", policy=str(tiny_model_dir),
+                   constitution=str(judge_constitution), judge_url=judge.url, samples=3, n_principles=2,
+                   sampling=SamplingConfig(max_new_tokens=12, temperature=1.0), chunk_size=4, judge_cache=tmp_path / "c.sqlite")
+    summary = generate_prefs(job)
+    ds = load_from_disk(str(job.out / "dataset"))
+    assert summary["pairs"] == len(ds) > 0 and len(ds) <= 4 * 3
+    assert {"prompt", "chosen", "rejected", "p_chosen", "p_chosen_shown_first", "p_chosen_shown_second", "principle_ids"} <= set(ds.column_names)
+    for row in ds:
+        assert 0.5 <= row["p_chosen"] <= 1.0 and row["chosen"] != row["rejected"]
+        assert row["p_chosen"] == pytest.approx((row["p_chosen_shown_first"] + row["p_chosen_shown_second"]) / 2, abs=1e-6)
+        assert len(row["principle_ids"]) == 2
+    for key in ("label_entropy_bits", "position_consistency_rate", "mean_chars_chosen", "mean_chars_rejected", "status"):
+        assert key in summary
+    assert json.loads((job.out / "summary.json").read_text())["pairs"] == summary["pairs"]
+
+
+@pytest.mark.slow
+def test_killed_sft_run_resumes_without_loss_or_duplicates(tiny_model_dir, judge, judge_constitution, tmp_path):
+    src = prompts_file(tmp_path, [f"Question number {i}: what is {i} plus {i}?" for i in range(8)])
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "cai.cli", "generate", "sft", "--prompts", str(src), "--out", str(out), "--policy", str(tiny_model_dir),
+           "--constitution", str(judge_constitution), "--judge-url", judge.url, "--rounds", "1", "--max-new-tokens", "8",
+           "--critique-tokens", "24", "--revision-tokens", "24", "--chunk-size", "1", "--judge-cache", str(tmp_path / "c.sqlite")]
+    env = {**os.environ, "CAI_JUDGE_API_KEY": JUDGE_KEY}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    progress = out / "progress.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if progress.exists() and progress.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    written_before = progress.read_text().count("\n")
+    assert 2 <= written_before < 8
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ids = [json.loads(line)["id"] for line in progress.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 8  # every prompt exactly once
+    final = [json.loads(line) for line in (out / "sft.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in final) == sorted(ids)
