@@ -227,6 +227,7 @@ JudgeModelOpt = Annotated[Optional[str], typer.Option(help="Judge model when sta
 LimitOpt = Annotated[Optional[int], typer.Option(help="Use only N prompts (after a seeded shuffle).")]
 SeedOpt = Annotated[int, typer.Option(help="Seeds prompt order, principle draws and sampling.")]
 CacheOpt = Annotated[Optional[Path], typer.Option(help="Judge answer cache (default ~/.cache/cai/judge-cache.sqlite).")]
+BackendOpt = Annotated[str, typer.Option(help="Policy sampling: vllm, transformers, or auto (vLLM when installed).")]
 
 
 def _run_job(fn, job) -> None:
@@ -253,6 +254,7 @@ def generate_sft_cmd(
     critique_tokens: Annotated[int, typer.Option(help="Longest critique.")] = 160,
     revision_tokens: Annotated[int, typer.Option(help="Longest revision.")] = 192,
     chunk_size: Annotated[int, typer.Option(help="Prompts per policy batch.")] = 8,
+    policy_backend: BackendOpt = "auto",
     judge_cache: CacheOpt = None,
 ) -> None:
     """Critique -> revision SFT data: OUT/sft.jsonl and OUT/dataset with a `messages` column, trajectories and provenance.
@@ -265,7 +267,8 @@ def generate_sft_cmd(
     _run_job(generate_sft, SftJob(
         prompts=prompts, out=out, policy=policy, constitution=constitution, judge_url=judge_url, judge_model=judge_model,
         rounds=rounds, limit=limit, seed=seed, sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature),
-        critique_tokens=critique_tokens, revision_tokens=revision_tokens, chunk_size=chunk_size, judge_cache=judge_cache))
+        critique_tokens=critique_tokens, revision_tokens=revision_tokens, chunk_size=chunk_size, policy_backend=policy_backend,
+        judge_cache=judge_cache))
 
 
 @generate_app.command("prefs")
@@ -279,6 +282,7 @@ def generate_prefs_cmd(
     max_new_tokens: Annotated[int, typer.Option(help="Policy answer length.")] = 128,
     temperature: Annotated[float, typer.Option(help="Policy sampling temperature.")] = 1.0,
     chunk_size: Annotated[int, typer.Option(help="Prompts per policy batch.")] = 8,
+    policy_backend: BackendOpt = "auto",
     judge_cache: CacheOpt = None,
 ) -> None:
     """AI-labelled preference pairs: OUT/prefs.jsonl and OUT/dataset with prompt, chosen, rejected, p_chosen and provenance.
@@ -292,7 +296,7 @@ def generate_prefs_cmd(
         prompts=prompts, out=out, policy=policy, constitution=constitution, judge_url=judge_url, judge_model=judge_model,
         samples=samples, n_principles=n_principles, cot=cot, limit=limit, seed=seed,
         sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature), chunk_size=chunk_size,
-        judge_cache=judge_cache))
+        policy_backend=policy_backend, judge_cache=judge_cache))
 
 
 # -- demo ---------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def test_sft_rows_trajectories_and_a_refused_item(tiny_model_dir, judge, judge_c
     src = prompts_file(tmp_path, FEW + ["word " * 3000])  # the last one is over the judge's token limit
     job = SftJob(prompts=str(src), out=tmp_path / "out", policy=str(tiny_model_dir), constitution=str(judge_constitution),
                  judge_url=judge.url, rounds=2, sampling=SamplingConfig(max_new_tokens=12), critique_tokens=8, revision_tokens=8,
-                 chunk_size=2, judge_cache=tmp_path / "cache.sqlite")
+                 chunk_size=2, policy_backend="transformers", judge_cache=tmp_path / "cache.sqlite")
     summary = generate_sft(job)
     assert summary["rows"] == 4 and summary["failed_this_run"] == 1
     assert set(summary["seconds"]) == {"policy", "judge"}
@@ -131,7 +131,8 @@ def test_sft_rows_trajectories_and_a_refused_item(tiny_model_dir, judge, judge_c
 def test_prefs_pairs_labels_and_summary(tiny_model_dir, judge, judge_constitution, tmp_path, keyed):
     job = PrefsJob(prompts=str(prompts_file(tmp_path, FEW)), out=tmp_path / "out", policy=str(tiny_model_dir),
                    constitution=str(judge_constitution), judge_url=judge.url, samples=3, n_principles=2,
-                   sampling=SamplingConfig(max_new_tokens=12, temperature=1.0), chunk_size=4, judge_cache=tmp_path / "c.sqlite")
+                   sampling=SamplingConfig(max_new_tokens=12, temperature=1.0), chunk_size=4, judge_cache=tmp_path / "c.sqlite",
+                   policy_backend="vllm")  # vLLM's offline engine, n=3 samples per prompt
     summary = generate_prefs(job)
     ds = load_from_disk(str(job.out / "dataset"))
     assert summary["pairs"] == len(ds) > 0 and len(ds) <= 4 * 3
@@ -151,7 +152,7 @@ def test_killed_sft_run_resumes_without_loss_or_duplicates(tiny_model_dir, judge
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "cai.cli", "generate", "sft", "--prompts", str(src), "--out", str(out), "--policy", str(tiny_model_dir),
            "--constitution", str(judge_constitution), "--judge-url", judge.url, "--rounds", "1", "--max-new-tokens", "8",
-           "--critique-tokens", "24", "--revision-tokens", "24", "--chunk-size", "1", "--judge-cache", str(tmp_path / "c.sqlite")]
+           "--critique-tokens", "24", "--revision-tokens", "24", "--chunk-size", "1", "--policy-backend", "transformers", "--judge-cache", str(tmp_path / "c.sqlite")]
     env = {**os.environ, "CAI_JUDGE_API_KEY": JUDGE_KEY}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     progress = out / "progress.jsonl"

@@ -22,7 +22,7 @@ from cai.generate.common import CachedJudge, Timers, describe_error, progress_ba
 from cai.judge_cache import JudgeCache
 from cai.judge_client import JudgeClient, JudgeError, judge_endpoint
 from cai.models import cache_dir
-from cai.policy import Policy, SamplingConfig
+from cai.policy import SamplingConfig, load_policy
 from cai.prompts import load_prompts
 from cai.rowlog import RowLog, pin_run
 from judge_server import protocol as P
@@ -52,11 +52,14 @@ class PrefsJob:
     seed: int = 0
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0))
     chunk_size: int = 8
+    """Prompts per policy batch (rows are written per chunk)."""
+    policy_backend: str = "auto"
+    """vllm, transformers, or auto (vLLM when installed: faster here, see benchmarks/policy_generation.py)."""
     judge_cache: Path | None = None
 
     def pinned(self) -> dict:
         d = asdict(self)
-        for transient in ("out", "judge_url", "judge_cache", "chunk_size"):
+        for transient in ("out", "judge_url", "judge_cache", "chunk_size", "policy_backend"):
             d.pop(transient)
         return d
 
@@ -77,10 +80,13 @@ def generate_prefs(job: PrefsJob) -> dict:
         logger.info("%d prompts, %d already done, %d to go", len(prompts), len(prompts) - len(todo), len(todo))
         failures = 0
         if todo:
-            policy = Policy(job.policy, batch_size=job.chunk_size)
-            with judge_endpoint(job.judge_url, model=job.judge_model or job.policy, constitution=constitution_path,
-                                log_path=job.out / "judge.log") as url:
-                failures = asyncio.run(_run(job, constitution, todo, policy, url, log, timers))
+            policy = load_policy(job.policy, backend=job.policy_backend, batch_size=job.chunk_size)
+            try:
+                with judge_endpoint(job.judge_url, model=job.judge_model or job.policy, constitution=constitution_path,
+                                    log_path=job.out / "judge.log") as url:
+                    failures = asyncio.run(_run(job, constitution, todo, policy, url, log, timers))
+            finally:
+                policy.close()
         path, n_ok = write_outputs(log, job.out, "prefs")
         summary = summarise([r for r in log.final_rows() if r.get("status") == "ok"], log.final_rows())
     summary.update(output=str(path), prompts=len(prompts), failed_this_run=failures,
@@ -89,7 +95,7 @@ def generate_prefs(job: PrefsJob) -> dict:
     return summary
 
 
-async def _run(job: PrefsJob, constitution, todo, policy: Policy, url: str, log: RowLog, timers: Timers) -> int:
+async def _run(job: PrefsJob, constitution, todo, policy, url: str, log: RowLog, timers: Timers) -> int:
     cache = JudgeCache(job.judge_cache or cache_dir() / "judge-cache.sqlite")
     failures = 0
     async with JudgeClient(url) as client:
