@@ -227,6 +227,7 @@ JudgeModelOpt = Annotated[Optional[str], typer.Option(help="Judge model when sta
 LimitOpt = Annotated[Optional[int], typer.Option(help="Use only N prompts (after a seeded shuffle).")]
 SeedOpt = Annotated[int, typer.Option(help="Seeds prompt order, principle draws and sampling.")]
 CacheOpt = Annotated[Optional[Path], typer.Option(help="Judge answer cache (default ~/.cache/cai/judge-cache.sqlite).")]
+RetriesOpt = Annotated[int, typer.Option(help="Tries per judge call on transport errors, 429, 503 (back-off with jitter).")]
 BackendOpt = Annotated[str, typer.Option(help="Policy sampling: vllm, transformers, or auto (vLLM when installed).")]
 
 
@@ -256,6 +257,7 @@ def generate_sft_cmd(
     chunk_size: Annotated[int, typer.Option(help="Prompts per policy batch.")] = 8,
     policy_backend: BackendOpt = "auto",
     judge_cache: CacheOpt = None,
+    judge_retries: RetriesOpt = 6,
 ) -> None:
     """Critique -> revision SFT data: OUT/sft.jsonl and OUT/dataset with a `messages` column, trajectories and provenance.
 
@@ -268,7 +270,7 @@ def generate_sft_cmd(
         prompts=prompts, out=out, policy=policy, constitution=constitution, judge_url=judge_url, judge_model=judge_model,
         rounds=rounds, limit=limit, seed=seed, sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature),
         critique_tokens=critique_tokens, revision_tokens=revision_tokens, chunk_size=chunk_size, policy_backend=policy_backend,
-        judge_cache=judge_cache))
+        judge_cache=judge_cache, judge_retries=judge_retries))
 
 
 @generate_app.command("prefs")
@@ -284,6 +286,7 @@ def generate_prefs_cmd(
     chunk_size: Annotated[int, typer.Option(help="Prompts per policy batch.")] = 8,
     policy_backend: BackendOpt = "auto",
     judge_cache: CacheOpt = None,
+    judge_retries: RetriesOpt = 6,
 ) -> None:
     """AI-labelled preference pairs: OUT/prefs.jsonl and OUT/dataset with prompt, chosen, rejected, p_chosen and provenance.
 
@@ -296,7 +299,7 @@ def generate_prefs_cmd(
         prompts=prompts, out=out, policy=policy, constitution=constitution, judge_url=judge_url, judge_model=judge_model,
         samples=samples, n_principles=n_principles, cot=cot, limit=limit, seed=seed,
         sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature), chunk_size=chunk_size,
-        policy_backend=policy_backend, judge_cache=judge_cache))
+        policy_backend=policy_backend, judge_cache=judge_cache, judge_retries=judge_retries))
 
 
 # -- demo ---------------------------------------------------------------------------

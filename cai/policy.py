@@ -54,6 +54,8 @@ class VllmPolicy:
     def __init__(self, model_name: str, kv_cache_gib: float = 1.0):
         import os
 
+        # vLLM logs its whole configuration at INFO; in a data job that buries the progress bar.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         import torch
         from vllm import LLM
 

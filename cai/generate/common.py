@@ -1,26 +1,134 @@
-"""What `cai generate sft` and `cai generate prefs` share: the judge (cached), progress, outputs."""
+"""What `cai generate sft` and `cai generate prefs` share: settings, the resumable chunk loop,
+the judge behind its cache, progress and outputs. Each command supplies which prompts are still
+to do and what to do with a chunk of them.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cai import __version__
-from cai.constitution import Constitution
+from cai.constitution import Constitution, find_constitution, load_constitution
 from cai.judge_cache import JudgeCache
-from cai.judge_client import JudgeClient, JudgeError, JudgeItemError
-from cai.rowlog import RowLog
+from cai.judge_client import JudgeClient, JudgeError, JudgeItemError, judge_endpoint
+from cai.models import DEFAULT_MODEL, cache_dir
+from cai.policy import SamplingConfig, load_policy
+from cai.prompts import Prompt, load_prompts
+from cai.rowlog import RowLog, pin_run
 from judge_server import protocol as P
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationJob:
+    """Settings both generators share (each adds its own); pinned in OUT/run.json but for the transient ones."""
+
+    prompts: str
+    """Prompt source spec (see `cai prompts list`)."""
+    out: Path
+    """Output folder: progress.jsonl (the resumable log), NAME.jsonl, dataset/, summary.json, run.json."""
+    policy: str = DEFAULT_MODEL
+    """Model that writes the responses."""
+    constitution: str = "harmless-helpful"
+    """Constitution file or shipped name; a judge given by URL must serve the same one."""
+    judge_url: str | None = None
+    """A running judge; None starts one for `judge_model` on loopback."""
+    judge_model: str | None = None
+    """Model for a judge started here (default: the policy)."""
+    limit: int | None = None
+    """Use only N prompts (after the seeded shuffle)."""
+    seed: int = 0
+    """Seeds prompt order, principle draws and sampling."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Policy sampling."""
+    chunk_size: int = 8
+    """Prompts per policy batch; rows are written per chunk."""
+    policy_backend: str = "auto"
+    """vllm, transformers, or auto (vLLM when installed: faster here, see benchmarks/policy_generation.py)."""
+    judge_cache: Path | None = None
+    """SQLite cache of judge answers (default ~/.cache/cai/judge-cache.sqlite); reruns don't ask twice."""
+    judge_retries: int = 6
+    """Tries per judge call on transport errors, 429 and 503 (exponential back-off, jitter, 20 s cap);
+    raise it to ride out a judge restart within one run."""
+
+    TRANSIENT = ("out", "judge_url", "judge_cache", "chunk_size", "policy_backend", "judge_retries")
+
+    def pinned(self) -> dict:
+        d = asdict(self)
+        for key in self.TRANSIENT:
+            d.pop(key)
+        return d
+
+
+@dataclass
+class Chunk:
+    """What a generator's chunk step gets: the chunk, and the run's shared parts."""
+
+    prompts: list[Prompt]
+    job: GenerationJob
+    constitution: Constitution
+    judge: CachedJudge
+    policy: Any
+    log: RowLog
+    timers: Timers
+
+
+def run_generation(job: GenerationJob, name: str, *, pending: Callable[[RowLog, list[Prompt]], list[Prompt]],
+                   step: Callable[[Chunk], Awaitable[int]]) -> tuple[dict, list[dict]]:
+    """Load, resume, loop over chunks (`step` appends rows, returns its failures), write outputs.
+
+    Returns the summary and every row of the log (the last per id).
+    """
+    constitution_path = find_constitution(job.constitution)
+    constitution = load_constitution(constitution_path)
+    prompts = load_prompts(job.prompts, limit=job.limit, seed=job.seed, shuffle=True)
+    pin_run(job.out, {**job.pinned(), "constitution_hash": constitution.hash})
+    timers = Timers()
+    with RowLog.open(job.out / "progress.jsonl") as log:
+        todo = pending(log, prompts)
+        logger.info("%s: %d prompts, %d already done, %d to go", name, len(prompts), len(prompts) - len(todo), len(todo))
+        failures = 0
+        if todo:
+            policy = load_policy(job.policy, backend=job.policy_backend, batch_size=job.chunk_size)
+            try:
+                with judge_endpoint(job.judge_url, model=job.judge_model or job.policy, constitution=constitution_path,
+                                    log_path=job.out / "judge.log") as url:
+                    failures = asyncio.run(_loop(job, name, url, constitution, todo, policy, log, timers, step))
+            finally:
+                policy.close()
+        path, n_ok = write_outputs(log, job.out, name)
+        rows = log.final_rows()
+    summary = {"rows": n_ok, "prompts": len(prompts), "failed_this_run": failures, "output": str(path),
+               "seconds": {k: round(v, 1) for k, v in timers.seconds.items()}}
+    return summary, rows
+
+
+async def _loop(job, name, url, constitution, todo, policy, log, timers, step) -> int:
+    cache = JudgeCache(job.judge_cache or cache_dir() / "judge-cache.sqlite")
+    failures = 0
+    try:
+        async with JudgeClient(url, max_retries=job.judge_retries) as client:
+            judge = await CachedJudge.connect(client, cache, constitution)
+            with progress_bar() as bar:
+                task = bar.add_task(f"{name}: prompts", total=len(todo))
+                for start in range(0, len(todo), job.chunk_size):
+                    chunk = todo[start:start + job.chunk_size]
+                    failures += await step(Chunk(chunk, job, constitution, judge, policy, log, timers))
+                    bar.update(task, advance=len(chunk))
+    finally:
+        cache.close()
+    return failures
 
 
 class ConstitutionMismatchError(ValueError):
@@ -95,7 +203,19 @@ def describe_error(err: JudgeError) -> str:
 
 def progress_bar() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+                    _RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+
+
+class _RateColumn(TextColumn):
+    """Prompts per minute (the bar's own speed estimate)."""
+
+    def __init__(self) -> None:
+        super().__init__("")
+
+    def render(self, task):
+        from rich.text import Text
+
+        return Text(f"{task.speed * 60:.1f}/min" if task.speed else "-/min")
 
 
 def provenance(constitution: Constitution, judge: CachedJudge, **extra) -> dict:

@@ -9,130 +9,85 @@ judge would leave behind: label entropy, position consistency, chosen vs rejecte
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
-from cai.constitution import find_constitution, load_constitution
-from cai.generate.common import CachedJudge, Timers, describe_error, progress_bar, provenance, write_outputs
-from cai.judge_cache import JudgeCache
-from cai.judge_client import JudgeClient, JudgeError, judge_endpoint
-from cai.models import cache_dir
-from cai.policy import SamplingConfig, load_policy
-from cai.prompts import load_prompts
-from cai.rowlog import RowLog, pin_run
+from cai.generate.common import Chunk, GenerationJob, describe_error, provenance, run_generation
+from cai.judge_client import JudgeError
+from cai.policy import SamplingConfig
+from cai.prompts import Prompt
+from cai.rowlog import RowLog
 from judge_server import protocol as P
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class PrefsJob:
-    """Settings of one `cai generate prefs` run (pinned in OUT/run.json)."""
+class PrefsJob(GenerationJob):
+    """Settings of one `cai generate prefs` run."""
 
-    prompts: str
-    """Prompt source spec (see `cai prompts list`)."""
-    out: Path
-    """Output folder: progress.jsonl, prefs.jsonl, dataset/, summary.json."""
-    policy: str = "smollm2-135m-instruct"
-    constitution: str = "harmless-helpful"
-    judge_url: str | None = None
-    judge_model: str | None = None
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0))
+    """Policy sampling (diverse samples make informative pairs)."""
     samples: int = 2
     """K responses per prompt; every distinct pair is labelled."""
     n_principles: int = 1
     """Principles ensembled per comparison (sampled per pair, seeded)."""
     cot: bool = False
     """Chain-of-thought comparisons (labels clamped to [0.4, 0.6])."""
-    limit: int | None = None
-    seed: int = 0
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0))
-    chunk_size: int = 8
-    """Prompts per policy batch (rows are written per chunk)."""
-    policy_backend: str = "auto"
-    """vllm, transformers, or auto (vLLM when installed: faster here, see benchmarks/policy_generation.py)."""
-    judge_cache: Path | None = None
-
-    def pinned(self) -> dict:
-        d = asdict(self)
-        for transient in ("out", "judge_url", "judge_cache", "chunk_size", "policy_backend"):
-            d.pop(transient)
-        return d
 
 
 def generate_prefs(job: PrefsJob) -> dict:
     if job.samples < 2:
         raise ValueError(f"samples must be >= 2 to make pairs, got {job.samples}")
-    constitution_path = find_constitution(job.constitution)
-    constitution = load_constitution(constitution_path)
-    prompts = load_prompts(job.prompts, limit=job.limit, seed=job.seed, shuffle=True)
-    pin_run(job.out, {**job.pinned(), "constitution_hash": constitution.hash})
-    timers = Timers()
-    with RowLog.open(job.out / "progress.jsonl") as log:
-        # A prompt is done when a row exists for it (pairs of a prompt are written together).
-        done_prompts = {r["prompt_id"] for r in log.final_rows() if r.get("status") in ("ok", "no_pair")} - {
-            r["prompt_id"] for r in log.final_rows() if r.get("status") == "judge_failed"}
-        todo = [p for p in prompts if p.id not in done_prompts]
-        logger.info("%d prompts, %d already done, %d to go", len(prompts), len(prompts) - len(todo), len(todo))
-        failures = 0
-        if todo:
-            policy = load_policy(job.policy, backend=job.policy_backend, batch_size=job.chunk_size)
-            try:
-                with judge_endpoint(job.judge_url, model=job.judge_model or job.policy, constitution=constitution_path,
-                                    log_path=job.out / "judge.log") as url:
-                    failures = asyncio.run(_run(job, constitution, todo, policy, url, log, timers))
-            finally:
-                policy.close()
-        path, n_ok = write_outputs(log, job.out, "prefs")
-        summary = summarise([r for r in log.final_rows() if r.get("status") == "ok"], log.final_rows())
-    summary.update(output=str(path), prompts=len(prompts), failed_this_run=failures,
-                   seconds={k: round(v, 1) for k, v in timers.seconds.items()})
+    summary, rows = run_generation(job, "prefs", pending=_pending, step=_step)
+    summary.update(summarise([r for r in rows if r.get("status") == "ok"], rows))
     (job.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-async def _run(job: PrefsJob, constitution, todo, policy, url: str, log: RowLog, timers: Timers) -> int:
-    cache = JudgeCache(job.judge_cache or cache_dir() / "judge-cache.sqlite")
-    failures = 0
-    async with JudgeClient(url) as client:
-        judge = await CachedJudge.connect(client, cache, constitution)
-        with progress_bar() as bar:
-            task = bar.add_task("prompts", total=len(todo), rate="")
-            for start in range(0, len(todo), job.chunk_size):
-                chunk = todo[start:start + job.chunk_size]
-                with timers.phase("policy"):
-                    samples = policy.sample([p.text for p in chunk], n=job.samples, config=job.sampling, seed=f"{job.seed}:prefs")
-                pairs, empty = [], []
-                for prompt, group in zip(chunk, samples):
-                    distinct = list(dict.fromkeys(s.text for s in group if s.text))
-                    found = list(itertools.combinations(range(len(distinct)), 2))
-                    if not found:
-                        empty.append(prompt)
-                    pairs += [(prompt, i, j, distinct[i], distinct[j]) for i, j in found]
-                with timers.phase("judge"):
-                    labels = await judge.compare_many([
-                        P.CompareRequest(prompt=prompt.text, response_a=a, response_b=b, n_principles=job.n_principles, cot=job.cot,
-                                         seed=job.seed) for prompt, _, _, a, b in pairs])
-                for (prompt, i, j, a, b), label in zip(pairs, labels):
-                    row = _row(job, prompt, i, j, a, b, label, judge, constitution)
-                    failures += row["status"] != "ok"
-                    log.append(row)
-                for prompt in empty:  # all samples empty or identical: recorded, not silently dropped
-                    log.append({"id": f"{prompt.id}:none", "prompt_id": prompt.id, "prompt": prompt.text, "status": "no_pair",
-                                "error": "the policy's samples were empty or identical"})
-                bar.update(task, advance=len(chunk), rate=f"{len(pairs)} pairs in last chunk")
-    cache.close()
+def _pending(log: RowLog, prompts: list[Prompt]) -> list[Prompt]:
+    """A prompt is done when all its pair rows were written (each row says how many) and none failed."""
+    written: dict[str, list[dict]] = {}
+    for r in log.final_rows():
+        written.setdefault(r["prompt_id"], []).append(r)
+    done = {pid for pid, rs in written.items()
+            if all(r["status"] in ("ok", "no_pair") for r in rs) and len(rs) >= rs[0].get("pairs_for_prompt", 1)}
+    return [p for p in prompts if p.id not in done]
+
+
+async def _step(c: Chunk) -> int:
+    job: PrefsJob = c.job
+    with c.timers.phase("policy"):
+        samples = c.policy.sample([p.text for p in c.prompts], n=job.samples, config=job.sampling, seed=f"{job.seed}:prefs")
+    pairs, failures = [], 0
+    for prompt, group in zip(c.prompts, samples):
+        distinct = list(dict.fromkeys(s.text for s in group if s.text))
+        found = list(itertools.combinations(range(len(distinct)), 2))
+        if not found:  # all samples empty or identical: recorded, not silently dropped
+            c.log.append({"id": f"{prompt.id}:none", "prompt_id": prompt.id, "prompt": prompt.text, "status": "no_pair",
+                          "error": "the policy's samples were empty or identical", "pairs_for_prompt": 1})
+        pairs += [(prompt, i, j, distinct[i], distinct[j], len(found)) for i, j in found]
+    with c.timers.phase("judge"):
+        labels = await c.judge.compare_many([
+            P.CompareRequest(prompt=prompt.text, response_a=a, response_b=b, n_principles=job.n_principles, cot=job.cot, seed=job.seed)
+            for prompt, _, _, a, b, _ in pairs])
+    for pair, label in zip(pairs, labels):
+        row = _row(c, pair, label)
+        failures += row["status"] != "ok"
+        c.log.append(row)
     return failures
 
 
-def _row(job: PrefsJob, prompt, i, j, a, b, label, judge: CachedJudge, constitution) -> dict:
+def _row(c: Chunk, pair: tuple, label) -> dict:
+    job: PrefsJob = c.job
+    prompt, i, j, a, b, n_pairs = pair
     row = {"id": f"{prompt.id}:{i}-{j}", "prompt_id": prompt.id, "prompt": prompt.text, "category": prompt.category,
-           "provenance": provenance(constitution, judge, policy_model=job.policy, sampling=job.sampling.as_dict(), seed=job.seed,
-                                    samples=job.samples, prompt_source=prompt.source)}
+           "pairs_for_prompt": n_pairs,
+           "provenance": provenance(c.constitution, c.judge, policy_model=job.policy, sampling=job.sampling.as_dict(), seed=job.seed,
+                                    samples=job.samples, n_principles=job.n_principles, cot=job.cot, prompt_source=prompt.source)}
     if isinstance(label, JudgeError):
         return {**row, "status": "judge_failed", "error": describe_error(label), "chosen": None, "rejected": None}
     a_wins = label.p_a >= 0.5
