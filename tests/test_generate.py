@@ -12,7 +12,8 @@ import time
 import pytest
 from datasets import load_from_disk
 
-from cai.generate.prefs import PrefsJob, generate_prefs, summarise
+from cai.generate.prefs import PrefsJob, _pending, generate_prefs, summarise
+from cai.prompts import Prompt
 from cai.generate.sft import SftJob, generate_sft
 from cai.judge_cache import JudgeCache
 from cai.policy import SamplingConfig
@@ -61,6 +62,18 @@ def test_judge_cache_is_content_addressed(tmp_path):
     assert cache.get(k, P.ScoreResult) is None
     cache.put(k, result)
     assert cache.get(k, P.ScoreResult) == result and (cache.hits, cache.misses) == (1, 1)
+
+
+def test_prefs_resume_redoes_a_prompt_whose_pairs_were_cut_short(tmp_path):
+    prompts = [Prompt.from_text(t, "t") for t in ("p0", "p1", "p2", "p3", "p4")]
+    with RowLog.open(tmp_path / "progress.jsonl") as log:
+        pid = [p.id for p in prompts]
+        log.append({"id": f"{pid[0]}:0-1", "prompt_id": pid[0], "status": "ok", "pairs_for_prompt": 3})  # killed after 1 of 3
+        for pair in ("0-1", "0-2", "1-2"):
+            log.append({"id": f"{pid[1]}:{pair}", "prompt_id": pid[1], "status": "ok", "pairs_for_prompt": 3})
+        log.append({"id": f"{pid[2]}:0-1", "prompt_id": pid[2], "status": "judge_failed", "pairs_for_prompt": 1})
+        log.append({"id": f"{pid[3]}:none", "prompt_id": pid[3], "status": "no_pair", "pairs_for_prompt": 1})
+        assert [p.text for p in _pending(log, prompts)] == ["p0", "p2", "p4"]
 
 
 def test_summary_figures_by_hand():

@@ -155,6 +155,7 @@ def test_unknown_principle_is_422_naming_it(judge):
         ({"prompt": Q, "response_a": A}, "response_b", "Field required"),
         ({"prompt": Q, "response_a": A, "response_b": B, "temprature": 1}, "temprature", "Extra inputs"),
         ({"prompt": "", "response_a": A, "response_b": B}, "prompt", "at least 1"),
+        ({"prompt": Q, "response_a": A, "response_b": ""}, "response_b", "at least 1"),
         ({"prompt": Q, "response_a": A, "response_b": B, "clamp": [0.7, 0.2]}, None, "clamp must satisfy"),
     ],
 )
