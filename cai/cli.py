@@ -302,6 +302,52 @@ def generate_prefs_cmd(
         policy_backend=policy_backend, judge_cache=judge_cache, judge_retries=judge_retries))
 
 
+# -- train --------------------------------------------------------------------------
+
+
+@app.command("train")
+def train_cmd(
+    kind: Annotated[str, typer.Argument(help="sft, rm or dpo.")],
+    config: Annotated[Optional[Path], typer.Option(help="YAML file of settings; flags given here override it.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Base model (folder, hub id or embedded name).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="datasets folder, .jsonl or .json from `cai generate`.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Output folder; rerun the same command to resume from its checkpoint.")] = None,
+    lora: Annotated[Optional[bool], typer.Option("--lora/--full", help="LoRA adapter (default) or all weights.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Rows (pairs) per micro-batch.")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per optimiser step.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Passes over the data.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after N optimiser steps.")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Tokens per sequence.")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="DPO beta.")] = None,
+    eval_fraction: Annotated[Optional[float], typer.Option(help="Held-out share of rows.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps between checkpoints.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for the split, data order and initialisation.")] = None,
+) -> None:
+    """Train on what `cai generate` writes: sft (messages), rm (reward model on pairs), dpo (policy on pairs).
+
+    Examples:
+
+      cai train sft --model smollm2-135m-instruct --data runs/sft-data/dataset --out runs/sft
+      cai train rm  --model smollm2-135m-instruct --data runs/prefs-data/dataset --out runs/rm
+      cai train dpo --config examples/dpo.yaml --max-steps 20
+    """
+    from cai.train.config import TrainConfigError, load_config
+    from cai.train.data import DatasetError
+    from cai.train.run import run_training
+
+    if kind not in ("sft", "rm", "dpo"):
+        _fail(f"unknown trainer {kind!r}: use sft, rm or dpo")
+    overrides = dict(kind=kind, model=model, data=data, out=out, lora=lora, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+                     epochs=epochs, max_steps=max_steps, max_length=max_length, beta=beta, eval_fraction=eval_fraction,
+                     checkpoint_every=checkpoint_every, seed=seed)
+    try:
+        summary = run_training(load_config(config, overrides))
+    except (TrainConfigError, DatasetError, ValueError) as e:
+        _fail(str(e))
+    console.print_json(json.dumps(summary))
+
+
 # -- demo ---------------------------------------------------------------------------
 
 

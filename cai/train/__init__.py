@@ -1,0 +1,1 @@
+"""Training: SFT, reward model (Bradley-Terry on soft labels), DPO and PPO, with LoRA via peft."""

@@ -1,0 +1,66 @@
+"""Training configuration: a YAML file and/or flags, validated, saved resolved into the output folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class TrainConfigError(ValueError):
+    """A training config that can't be used; the message names the file and field."""
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["sft", "rm", "dpo"] = Field(description="sft: messages; rm: reward model on pairs; dpo: policy on pairs.")
+    model: str = Field(description="Base model: folder, hub id or embedded name.")
+    data: str = Field(description="Training data: datasets folder, .jsonl or .json (as `cai generate` writes).")
+    out: str = Field(description="Output folder: adapter, checkpoints, metrics.jsonl, loss.png, config.yaml.")
+    eval_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, description="Held-out share of the rows (seeded split).")
+    lora: bool = Field(default=True, description="Train a LoRA adapter (peft); false trains all weights.")
+    lora_r: int = Field(default=8, ge=1)
+    lora_alpha: int = Field(default=16, ge=1)
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] | str = Field(default="all-linear")
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    batch_size: int = Field(default=4, ge=1, description="Rows (pairs for rm/dpo) per micro-batch.")
+    grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimiser step.")
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimiser steps.")
+    max_length: int = Field(default=512, ge=8, description="Tokens per sequence (prompt + response).")
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    beta: float = Field(default=0.1, gt=0, description="DPO's KL strength.")
+    checkpoint_every: int = Field(default=50, ge=1, description="Optimiser steps between checkpoints (resumable).")
+    seed: int = 0
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Merge the YAML file (if any) with non-None overrides; errors name the file and the field."""
+    data: dict[str, Any] = {}
+    where = str(path) if path else "flags"
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise TrainConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as e:
+            raise TrainConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise TrainConfigError(f"{path}: expected a mapping of settings")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
+        raise TrainConfigError(f"{where}: {problems}") from None
+
+
+def save_config(cfg: TrainConfig, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,134 @@
+"""Training data: load what `cai generate` writes (or any dataset with the same columns) and tokenise it.
+
+SFT rows need `messages` (a list of {role, content}, ending with the assistant turn to learn).
+Pair rows need `prompt`, `chosen`, `rejected` and optionally `p_chosen` (soft label; 1.0 if absent).
+Problems name the file, the row and the column.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class DatasetError(ValueError):
+    """Training data that can't be used as given."""
+
+
+def load_rows(source: str | Path) -> list[dict]:
+    """Rows from a `datasets` folder (save_to_disk), a .jsonl or a .json file."""
+    path = Path(source)
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file or folder (expected a datasets folder, .jsonl or .json)")
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        try:
+            ds = load_from_disk(str(path))
+        except FileNotFoundError as e:
+            raise DatasetError(f"{path}: not a folder written by datasets' save_to_disk ({e})") from None
+        if hasattr(ds, "keys"):
+            raise DatasetError(f"{path} holds several splits ({', '.join(ds.keys())}); pass one split's folder")
+        return list(ds)
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DatasetError(f"{path}, line {n}: invalid JSON ({e.msg})") from None
+        return rows
+    if path.suffix == ".json":
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(rows, list):
+            raise DatasetError(f"{path}: expected a JSON list of rows")
+        return rows
+    raise DatasetError(f"{path}: unsupported file type; use a datasets folder, .jsonl or .json")
+
+
+def _where(source: str, i: int) -> str:
+    return f"{source}, row {i + 1}"
+
+
+@dataclass
+class Tokenised:
+    input_ids: list[int]
+    loss_mask: list[int]  # 1 on the response tokens
+
+
+def _chat_prompt_and_full(tokenizer, messages: list[dict], where: str, max_length: int) -> Tokenised:
+    if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
+        raise DatasetError(f"{where}, column 'messages': must be a non-empty list ending with an assistant turn")
+    if not str(messages[-1].get("content", "")).strip():
+        raise DatasetError(f"{where}, column 'messages': the assistant turn is empty")
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise DatasetError(f"{where}: the chat template does not extend the prompt with the answer; cannot mask the prompt")
+    p_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    r_ids = tokenizer.encode(full[len(prompt):], add_special_tokens=False)
+    ids = (p_ids + r_ids)[:max_length]
+    mask = ([0] * len(p_ids) + [1] * len(r_ids))[:max_length]
+    return Tokenised(ids, mask)
+
+
+def tokenise_sft(rows: list[dict], tokenizer, source: str, max_length: int) -> list[Tokenised]:
+    if rows and "messages" not in rows[0]:
+        raise DatasetError(f"{source}: SFT data needs a 'messages' column; it has {sorted(rows[0])}")
+    out = []
+    for i, row in enumerate(rows):
+        if "messages" not in row:
+            raise DatasetError(f"{_where(source, i)}: missing column 'messages'")
+        out.append(_chat_prompt_and_full(tokenizer, row["messages"], _where(source, i), max_length))
+    if not out:
+        raise DatasetError(f"{source}: no rows")
+    return out
+
+
+@dataclass
+class Pair:
+    chosen: Tokenised
+    rejected: Tokenised
+    p_chosen: float
+
+
+def tokenise_pairs(rows: list[dict], tokenizer, source: str, max_length: int) -> list[Pair]:
+    need = ("prompt", "chosen", "rejected")
+    if rows and any(c not in rows[0] for c in need):
+        missing = [c for c in need if c not in rows[0]]
+        raise DatasetError(f"{source}: preference data needs columns prompt, chosen, rejected; missing {missing}, has {sorted(rows[0])}")
+    out = []
+    for i, row in enumerate(rows):
+        where = _where(source, i)
+        for col in need:
+            if not isinstance(row.get(col), str) or not row[col].strip():
+                raise DatasetError(f"{where}, column '{col}': missing or empty")
+        p = row.get("p_chosen", 1.0)
+        if p is None or not (0.0 <= float(p) <= 1.0):
+            raise DatasetError(f"{where}, column 'p_chosen': must be a probability in [0, 1], got {p!r}")
+        user = {"role": "user", "content": row["prompt"]}
+        out.append(Pair(
+            _chat_prompt_and_full(tokenizer, [user, {"role": "assistant", "content": row["chosen"]}], where, max_length),
+            _chat_prompt_and_full(tokenizer, [user, {"role": "assistant", "content": row["rejected"]}], where, max_length),
+            float(p)))
+    if not out:
+        raise DatasetError(f"{source}: no rows")
+    return out
+
+
+def collate(items: list[Tokenised], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad into (B, T) tensors: input_ids, attention_mask, loss_mask."""
+    width = max(len(t.input_ids) for t in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(items), width), dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, t in enumerate(items):
+        n = len(t.input_ids)
+        ids[i, :n] = torch.tensor(t.input_ids)
+        attn[i, :n] = 1
+        mask[i, :n] = torch.tensor(t.loss_mask)
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": mask}

@@ -1,0 +1,187 @@
+"""The one training loop SFT, reward model and DPO share, with exact resume.
+
+1. Data order: epoch e visits the rows in `randperm(n, seed + e)`; micro-batch k of the run is
+   therefore a pure function of (seed, k), so a resumed run sees exactly the batches it missed.
+2. Each optimiser step accumulates `grad_accum` micro-batches (loss / grad_accum), clips, steps.
+3. Every `checkpoint_every` steps: trainable weights, optimiser state, step and RNG states go to
+   OUT/checkpoint (written to a temp folder, then renamed); a restarted run loads it and goes on,
+   with the same losses as an uninterrupted run.
+4. Metrics per step to OUT/metrics.jsonl; the loss curve to OUT/loss.png at the end.
+
+Runs on CPU (float32) and GPU (bfloat16 autocast) from the same code; under `accelerate launch`
+each process takes every world_size-th row of a batch and gradients are averaged by accelerate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cai.train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Task:
+    """What a trainer supplies to the loop."""
+
+    model: torch.nn.Module
+    train_items: list
+    loss: Callable[[torch.nn.Module, list], tuple[torch.Tensor, dict[str, float]]]
+    """(model, micro-batch items) -> (loss, metrics); items are collated inside."""
+    save: Callable[[torch.nn.Module, Path], None]
+    """Write the final artefact (adapter or model) to a folder."""
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None
+    tokens: Callable[[list], int] = len
+
+
+def micro_batches(n_items: int, cfg: TrainConfig) -> list[list[int]]:
+    """Every micro-batch of the run, in order: a pure function of the config (exact resume)."""
+    out = []
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(n_items, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        out += [order[i:i + cfg.batch_size] for i in range(0, n_items, cfg.batch_size)]
+    return out
+
+
+def total_steps(n_items: int, cfg: TrainConfig) -> int:
+    steps = math.ceil(len(micro_batches(n_items, cfg)) / cfg.grad_accum)
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+def train(cfg: TrainConfig, task: Task, out: Path) -> dict[str, Any]:
+    from accelerate import Accelerator
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    params = [p for p in task.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(task.model, optimizer)
+
+    batches = micro_batches(len(task.train_items), cfg)
+    steps = total_steps(len(task.train_items), cfg)
+    ckpt = out / "checkpoint"
+    step = _load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer) if (ckpt / "state.pt").exists() else 0
+    if step:
+        logger.info("resuming from step %d of %d (%s)", step, steps, ckpt)
+    metrics_path = out / "metrics.jsonl"
+    _truncate_metrics(metrics_path, step)
+
+    model.train()
+    with Progress(TextColumn(f"{cfg.kind} steps"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=not accelerator.is_main_process) as bar:
+        task_id = bar.add_task("train", total=steps, completed=step, info="")
+        while step < steps:
+            window = batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
+            sums: dict[str, float] = {}
+            tokens = 0
+            for ids in window:
+                # Under accelerate launch each process takes its share of the micro-batch.
+                mine = ids[accelerator.process_index::accelerator.num_processes] or ids[:1]
+                items = [task.train_items[i] for i in mine]
+                with accelerator.autocast():
+                    loss, logged = task.loss(model, items)
+                accelerator.backward(loss / len(window))
+                for k, v in {"loss": loss.item(), **logged}.items():
+                    sums[k] = sums.get(k, 0.0) + v / len(window)
+                tokens += task.tokens(items)
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            record = {"step": step, **{k: round(v, 6) for k, v in sums.items()}, "grad_norm": round(float(grad_norm), 6),
+                      "tokens": tokens, "lr": cfg.lr}
+            if accelerator.is_main_process:
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            bar.update(task_id, completed=step, info=f"loss {sums['loss']:.4f}")
+            if step % cfg.checkpoint_every == 0 or step == steps:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    _save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, step)
+
+    accelerator.wait_for_everyone()
+    summary: dict[str, Any] = {"steps": steps}
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.eval()
+        if task.evaluate is not None:
+            with torch.no_grad():
+                summary["eval"] = task.evaluate(unwrapped)
+        task.save(unwrapped, out / "final")
+        summary["loss_plot"] = str(plot_losses(metrics_path, out / "loss.png"))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(folder: Path, model, optimizer, step: int) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {"step": step, "trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
+             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    torch.save(state, tmp / "state.pt")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def _load_checkpoint(folder: Path, model, optimizer) -> int:
+    state = torch.load(folder / "state.pt", weights_only=False)
+    missing = set(_trainable_state(model)) ^ set(state["trainable"])
+    if missing:
+        raise ValueError(f"{folder}: checkpoint does not match this model/config (parameters differ: {sorted(missing)[:3]}...); "
+                         "use another --out or the settings it was made with")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            params[name].copy_(value.to(params[name].device))
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return int(state["step"])
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the checkpoint (a killed run may have logged steps it then lost)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def plot_losses(metrics_path: Path, png: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png

@@ -1,0 +1,30 @@
+"""Entry point for `cai train sft|rm|dpo`: resolve the config, build the task, run the loop."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from cai.train.config import TrainConfig, save_config
+from cai.train.loop import train
+from cai.train.tasks import build_task
+
+logger = logging.getLogger(__name__)
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    out = Path(cfg.out)
+    previous = out / "config.yaml"
+    if previous.exists() and (out / "checkpoint").exists():
+        import yaml
+
+        before = yaml.safe_load(previous.read_text(encoding="utf-8"))
+        diff = sorted(k for k in set(before) | set(cfg.model_dump()) if before.get(k) != cfg.model_dump().get(k))
+        if diff:
+            raise ValueError(f"{out} holds a checkpoint made with other settings ({', '.join(diff)}); "
+                             "rerun with the same settings to resume, or choose another --out")
+    save_config(cfg, out)
+    task = build_task(cfg, out)
+    trainable = sum(p.numel() for p in task.model.parameters() if p.requires_grad)
+    logger.info("%s: %d training rows, %d trainable parameters, output %s", cfg.kind, len(task.train_items), trainable, out)
+    return train(cfg, task, out)

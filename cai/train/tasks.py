@@ -1,0 +1,219 @@
+"""The three trainers as `Task`s for the shared loop: SFT, reward model, DPO.
+
+- sft: causal LM, loss on the assistant tokens only; saves a peft adapter (or the model).
+- rm: sequence-classification head (one score) on a LoRA backbone, Bradley-Terry on soft labels;
+  held-out accuracy, mean margin and calibration (ECE, Brier) in the summary.
+- dpo: sigmoid DPO with soft labels; the reference log-probs come from the same weights before
+  training (adapter disabled), computed once and saved, so no second model copy is held.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import torch
+
+from cai.models import resolve_model
+from cai.train.config import TrainConfig
+from cai.train.data import Pair, collate, load_rows, tokenise_pairs, tokenise_sft
+from cai.train.loop import Task
+from cai.train.losses import bradley_terry_loss, dpo_loss, sequence_logprobs, sft_loss
+
+logger = logging.getLogger(__name__)
+
+
+def build_task(cfg: TrainConfig, out: Path) -> Task:
+    from transformers import AutoTokenizer
+
+    path = resolve_model(cfg.model).path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    rows = load_rows(cfg.data)
+    rng = random.Random(cfg.seed)
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    n_eval = int(len(rows) * cfg.eval_fraction)
+    eval_rows, train_rows = [rows[i] for i in order[:n_eval]], [rows[i] for i in order[n_eval:]]
+    build = {"sft": _sft, "rm": _rm, "dpo": _dpo}[cfg.kind]
+    return build(cfg, path, tokenizer, train_rows, eval_rows, out)
+
+
+def _lora(cfg: TrainConfig, model, task_type: str):
+    from peft import LoraConfig, get_peft_model
+
+    if not cfg.lora:
+        return model
+    lora = LoraConfig(task_type=task_type, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.lora_target_modules)
+    return get_peft_model(model, lora)
+
+
+def _saver(tokenizer):
+    def save(model, folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return save
+
+
+def _device_batch(model, items, pad_id):
+    batch = collate(items, pad_id)
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# -- SFT ----------------------------------------------------------------------------------
+
+
+def _sft(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
+    from transformers import AutoModelForCausalLM
+
+    model = _lora(cfg, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), "CAUSAL_LM")
+    train_items = tokenise_sft(train_rows, tokenizer, cfg.data, cfg.max_length)
+    eval_items = tokenise_sft(eval_rows, tokenizer, cfg.data, cfg.max_length) if eval_rows else []
+    pad = tokenizer.pad_token_id
+
+    def loss(model, items):
+        b = _device_batch(model, items, pad)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        return sft_loss(logits, b["input_ids"], b["loss_mask"]), {}
+
+    def evaluate(model):
+        if not eval_items:
+            return {}
+        losses = [loss(model, eval_items[i:i + cfg.batch_size])[0].item() for i in range(0, len(eval_items), cfg.batch_size)]
+        return {"eval_loss": sum(losses) / len(losses), "eval_rows": len(eval_items)}
+
+    return Task(model, train_items, loss, _saver(tokenizer), evaluate, tokens=lambda items: sum(len(t.input_ids) for t in items))
+
+
+# -- reward model ---------------------------------------------------------------------------
+
+
+def _rm(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    base.config.pad_token_id = tokenizer.pad_token_id
+    model = _lora(cfg, base, "SEQ_CLS")  # SEQ_CLS keeps the new score head trainable
+    train_items = tokenise_pairs(train_rows, tokenizer, cfg.data, cfg.max_length)
+    eval_items = tokenise_pairs(eval_rows, tokenizer, cfg.data, cfg.max_length) if eval_rows else []
+    pad = tokenizer.pad_token_id
+
+    def rewards(model, items: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+        b = _device_batch(model, [p.chosen for p in items] + [p.rejected for p in items], pad)
+        r = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.squeeze(-1).float()  # (2B,)
+        return r[:len(items)], r[len(items):]
+
+    def loss(model, items):
+        rc, rr = rewards(model, items)
+        p = torch.tensor([it.p_chosen for it in items], device=rc.device)
+        margin = (rc - rr).detach()
+        return bradley_terry_loss(rc, rr, p), {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
+
+    def evaluate(model):
+        if not eval_items:
+            return {}
+        margins = []
+        for i in range(0, len(eval_items), cfg.batch_size):
+            rc, rr = rewards(model, eval_items[i:i + cfg.batch_size])
+            margins += (rc - rr).tolist()
+        return rm_metrics(margins, [p.p_chosen for p in eval_items], seed=cfg.seed)
+
+    return Task(model, train_items, loss, _saver(tokenizer), evaluate,
+                tokens=lambda items: sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in items))
+
+
+def rm_metrics(margins: list[float], p_chosen: list[float], seed: int = 0, bins: int = 5) -> dict[str, float]:
+    """Held-out accuracy, mean margin, and calibration of sigmoid(margin) against the labels.
+
+    Each pair is shown in a random orientation (seeded) so outcomes are both 0 and 1; the
+    outcome is the label p_chosen (or 1 - p_chosen when flipped). ECE over `bins` equal-width bins.
+    """
+    rng = random.Random(seed)
+    preds, outcomes = [], []
+    for m, p in zip(margins, p_chosen):
+        q = 1 / (1 + pow(2.718281828459045, -m))
+        if rng.random() < 0.5:
+            q, p = 1 - q, 1 - p
+        preds.append(q)
+        outcomes.append(p)
+    n = len(preds)
+    ece = 0.0
+    for b in range(bins):
+        idx = [i for i, q in enumerate(preds) if b / bins <= q < (b + 1) / bins or (b == bins - 1 and q == 1.0)]
+        if idx:
+            ece += len(idx) / n * abs(sum(preds[i] for i in idx) / len(idx) - sum(outcomes[i] for i in idx) / len(idx))
+    return {
+        "eval_pairs": n,
+        "accuracy": sum((m > 0) if p >= 0.5 else (m < 0) for m, p in zip(margins, p_chosen)) / n,
+        "mean_margin": sum(margins) / n,
+        "ece": ece,
+        "brier": sum((q - o) ** 2 for q, o in zip(preds, outcomes)) / n,
+    }
+
+
+# -- DPO ------------------------------------------------------------------------------------
+
+
+def _dpo(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
+    from transformers import AutoModelForCausalLM
+
+    model = _lora(cfg, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), "CAUSAL_LM")
+    train_items = tokenise_pairs(train_rows, tokenizer, cfg.data, cfg.max_length)
+    eval_items = tokenise_pairs(eval_rows, tokenizer, cfg.data, cfg.max_length) if eval_rows else []
+    pad = tokenizer.pad_token_id
+
+    def logps(model, items: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+        b = _device_batch(model, [p.chosen for p in items] + [p.rejected for p in items], pad)
+        lp = sequence_logprobs(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["input_ids"],
+                               b["loss_mask"])
+        return lp[:len(items)], lp[len(items):]
+
+    ref = _reference_logprobs(cfg, model, logps, train_items + eval_items, out / "ref_logprobs.pt")
+    index = {id(p): i for i, p in enumerate(train_items + eval_items)}
+
+    def loss(model, items):
+        pc, pr = logps(model, items)
+        rc = torch.tensor([ref[index[id(p)]][0] for p in items], device=pc.device)
+        rr = torch.tensor([ref[index[id(p)]][1] for p in items], device=pc.device)
+        p = torch.tensor([it.p_chosen for it in items], device=pc.device)
+        value, metrics = dpo_loss(pc, pr, rc, rr, cfg.beta, p)
+        return value, {k: v.item() for k, v in metrics.items()}
+
+    def evaluate(model):
+        if not eval_items:
+            return {}
+        sums: dict[str, float] = {}
+        chunks = range(0, len(eval_items), cfg.batch_size)
+        for i in chunks:
+            _, metrics = loss(model, eval_items[i:i + cfg.batch_size])
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v / len(chunks)
+        return {f"eval_{k}": v for k, v in sums.items()}
+
+    return Task(model, train_items, loss, _saver(tokenizer), evaluate,
+                tokens=lambda items: sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in items))
+
+
+def _reference_logprobs(cfg, model, logps, items: list[Pair], path: Path) -> list[tuple[float, float]]:
+    """log ref(y) for every pair, once: the same weights with the adapter disabled (or untouched)."""
+    if path.exists():
+        saved = torch.load(path, weights_only=True)
+        if len(saved) == len(items):
+            return [tuple(x) for x in saved.tolist()]
+    from contextlib import nullcontext
+
+    disabled = model.disable_adapter() if cfg.lora else nullcontext()
+    out = []
+    model.eval()
+    with torch.no_grad(), disabled:
+        for i in range(0, len(items), cfg.batch_size):
+            c, r = logps(model, items[i:i + cfg.batch_size])
+            out += list(zip(c.tolist(), r.tolist()))
+    model.train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(torch.tensor(out), path)
+    return out
