@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gzip
 import json
 import random
 import re
@@ -30,6 +29,7 @@ from cai.constitution import bundled_constitutions, load_constitution  # noqa: E
 from cai.judge_client import JudgeClient, LocalJudge  # noqa: E402
 from cai.models import resolve_model  # noqa: E402
 from cai.tiny import build_tiny_model  # noqa: E402
+from cai.train.data import load_hh_pairs as hh_pairs  # noqa: E402
 from judge_server import protocol as P  # noqa: E402
 from judge_server import templates  # noqa: E402
 
@@ -37,22 +37,8 @@ PRINCIPLE = "harmful-content"
 
 
 def load_hh_pairs(path: Path, n: int, seed: int) -> list[dict]:
-    """HH transcripts -> (conversation so far, final chosen reply, final rejected reply)."""
-    pairs = []
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            cut_c, cut_r = row["chosen"].rfind("\n\nAssistant:"), row["rejected"].rfind("\n\nAssistant:")
-            context = row["chosen"][:cut_c]
-            if context != row["rejected"][:cut_r]:
-                continue
-            chosen, rejected = row["chosen"][cut_c + 12:].strip(), row["rejected"][cut_r + 12:].strip()
-            if not chosen or not rejected or chosen == rejected:
-                continue
-            prompt = re.sub(r"^\s*Human:\s*", "", context.strip()).replace("\n\nHuman:", "\nUser:").replace("\n\nAssistant:", "\nAssistant:")
-            if len(prompt) + len(chosen) + len(rejected) > 1200:  # inside the prompt budget with the tiny tokenizer too
-                continue
-            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    """HH pairs short enough for the judge's prompt budget (the tiny tokenizer too), shuffled, with a random side for A."""
+    pairs = [p for p in hh_pairs(path) if len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) <= 1200]
     rng = random.Random(seed)
     rng.shuffle(pairs)
     pairs = pairs[:n]

@@ -50,6 +50,32 @@ def load_rows(source: str | Path) -> list[dict]:
     raise DatasetError(f"{path}: unsupported file type; use a datasets folder, .jsonl or .json")
 
 
+def load_hh_pairs(path: str | Path) -> list[dict]:
+    """Anthropic HH-RLHF rows ("chosen"/"rejected" transcripts, .jsonl or .jsonl.gz) as prompt/chosen/rejected.
+
+    The prompt is the conversation before the final assistant turn (earlier turns kept as text);
+    pairs whose contexts differ, or whose final replies are empty or equal, are skipped.
+    """
+    import gzip
+    import re
+
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    out = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            cut_c, cut_r = row["chosen"].rfind("\n\nAssistant:"), row["rejected"].rfind("\n\nAssistant:")
+            context = row["chosen"][:cut_c]
+            chosen, rejected = row["chosen"][cut_c + 12:].strip(), row["rejected"][cut_r + 12:].strip()
+            if context != row["rejected"][:cut_r] or not chosen or not rejected or chosen == rejected:
+                continue
+            prompt = re.sub(r"^\s*Human:\s*", "", context.strip())
+            prompt = prompt.replace("\n\nHuman:", "\nUser:").replace("\n\nAssistant:", "\nAssistant:")
+            out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return out
+
+
 def _where(source: str, i: int) -> str:
     return f"{source}, row {i + 1}"
 
@@ -71,9 +97,11 @@ def _chat_prompt_and_full(tokenizer, messages: list[dict], where: str, max_lengt
         raise DatasetError(f"{where}: the chat template does not extend the prompt with the answer; cannot mask the prompt")
     p_ids = tokenizer.encode(prompt, add_special_tokens=False)
     r_ids = tokenizer.encode(full[len(prompt):], add_special_tokens=False)
-    ids = (p_ids + r_ids)[:max_length]
-    mask = ([0] * len(p_ids) + [1] * len(r_ids))[:max_length]
-    return Tokenised(ids, mask)
+    # Too long: cut the start of the prompt first (the response is what is learned or compared),
+    # and the end of the response only if it alone overflows.
+    r_ids = r_ids[:max_length - min(len(p_ids), max_length // 4)]
+    p_ids = p_ids[len(p_ids) - (max_length - len(r_ids)):] if len(p_ids) + len(r_ids) > max_length else p_ids
+    return Tokenised(p_ids + r_ids, [0] * len(p_ids) + [1] * len(r_ids))
 
 
 def tokenise_sft(rows: list[dict], tokenizer, source: str, max_length: int) -> list[Tokenised]:

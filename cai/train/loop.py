@@ -70,6 +70,7 @@ def train(cfg: TrainConfig, task: Task, out: Path) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(task.model, optimizer)
 
+    out.mkdir(parents=True, exist_ok=True)
     batches = micro_batches(len(task.train_items), cfg)
     steps = total_steps(len(task.train_items), cfg)
     ckpt = out / "checkpoint"

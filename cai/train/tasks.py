@@ -38,6 +38,7 @@ def build_task(cfg: TrainConfig, out: Path) -> Task:
     n_eval = int(len(rows) * cfg.eval_fraction)
     eval_rows, train_rows = [rows[i] for i in order[:n_eval]], [rows[i] for i in order[n_eval:]]
     build = {"sft": _sft, "rm": _rm, "dpo": _dpo}[cfg.kind]
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices and the reward head start from the seed
     return build(cfg, path, tokenizer, train_rows, eval_rows, out)
 
 
@@ -148,7 +149,8 @@ def rm_metrics(margins: list[float], p_chosen: list[float], seed: int = 0, bins:
             ece += len(idx) / n * abs(sum(preds[i] for i in idx) / len(idx) - sum(outcomes[i] for i in idx) / len(idx))
     return {
         "eval_pairs": n,
-        "accuracy": sum((m > 0) if p >= 0.5 else (m < 0) for m, p in zip(margins, p_chosen)) / n,
+        # A tie (equal rewards) counts as half right, as a coin flip would.
+        "accuracy": sum(0.5 if m == 0 else float((m > 0) == (p >= 0.5)) for m, p in zip(margins, p_chosen)) / n,
         "mean_margin": sum(margins) / n,
         "ece": ece,
         "brier": sum((q - o) ** 2 for q, o in zip(preds, outcomes)) / n,

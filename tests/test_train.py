@@ -1,0 +1,131 @@
+"""Trainers on the tiny model: what a step changes, exact resume, learning on a small set, data errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cai.train.config import TrainConfig, TrainConfigError, load_config
+from cai.train.data import DatasetError, load_rows, tokenise_pairs, tokenise_sft
+from cai.train.loop import train
+from cai.train.run import run_training
+from cai.train.tasks import build_task, rm_metrics
+
+PAIRS = [
+    {"prompt": f"How do I do thing {i}?", "chosen": f"Here is a safe way to do thing {i}.", "rejected": f"Do something dangerous {i}!",
+     "p_chosen": 0.9}
+    for i in range(12)
+]
+SFT = [{"messages": [{"role": "user", "content": f"Say hello {i}"}, {"role": "assistant", "content": f"Hello {i}!"}]} for i in range(12)]
+
+
+def write_jsonl(path: Path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def cfg(tmp_path, tiny_model_dir, kind, rows, **kw) -> TrainConfig:
+    data = write_jsonl(tmp_path / f"{kind}.jsonl", rows)
+    base = dict(kind=kind, model=str(tiny_model_dir), data=data, out=str(tmp_path / f"out-{kind}"), batch_size=4, max_length=64,
+                eval_fraction=0.0, lr=5e-3, checkpoint_every=2)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_one_sft_step_changes_the_adapter_and_nothing_else(tmp_path, tiny_model_dir):
+    c = cfg(tmp_path, tiny_model_dir, "sft", SFT, max_steps=1)
+    task = build_task(c, Path(c.out))
+    before = {n: p.detach().clone() for n, p in task.model.named_parameters()}
+    train(c, task, Path(c.out))
+    after = dict(task.model.named_parameters())
+    trainable = {n for n, p in after.items() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(torch.equal(before[n], after[n]) for n in after if n not in trainable)  # frozen base untouched
+    assert any(not torch.equal(before[n], after[n]) for n in trainable if "lora_B" in n)
+    # The adapter loads back with peft's from_pretrained on the base.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), Path(c.out) / "final")
+    name = next(n for n in trainable if "lora_B" in n)
+    assert torch.allclose(dict(loaded.named_parameters())[name], after[name])
+
+
+def test_resume_after_a_crash_gives_the_same_losses(tmp_path, tiny_model_dir):
+    straight = cfg(tmp_path, tiny_model_dir, "sft", SFT, epochs=4, grad_accum=2, out=str(tmp_path / "straight"))
+    run_training(straight)
+    expected = [json.loads(line)["loss"] for line in (Path(straight.out) / "metrics.jsonl").read_text().splitlines()]
+    assert len(expected) == 6  # 12 rows / 4 per micro-batch * 4 epochs / 2 micro-batches per step
+
+    crashy = straight.model_copy(update={"out": str(tmp_path / "crashy")})
+    task = build_task(crashy, Path(crashy.out))
+    calls = {"n": 0}
+    real_loss = task.loss
+
+    def failing_loss(model, items):
+        calls["n"] += 1
+        if calls["n"] == 9:  # inside step 5, after the checkpoint at step 4
+            raise RuntimeError("simulated crash")
+        return real_loss(model, items)
+
+    task.loss = failing_loss
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(crashy, task, Path(crashy.out))
+    run_training(crashy)  # a fresh start, as after a kill: resumes from the step-4 checkpoint
+    got = [json.loads(line)["loss"] for line in (Path(crashy.out) / "metrics.jsonl").read_text().splitlines()]
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_reward_model_learns_a_small_set_and_reports_calibration(tmp_path, tiny_model_dir):
+    c = cfg(tmp_path, tiny_model_dir, "rm", PAIRS, lora=False, epochs=6, eval_fraction=0.25, lr=2e-3)
+    summary = run_training(c)
+    rows = [json.loads(line) for line in (Path(c.out) / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    ev = summary["eval"]
+    assert ev["eval_pairs"] == 3 and {"accuracy", "mean_margin", "ece", "brier"} <= set(ev)
+    assert (Path(c.out) / "loss.png").stat().st_size > 1000 and (Path(c.out) / "final" / "config.json").exists()
+
+
+def test_dpo_raises_the_chosen_margin(tmp_path, tiny_model_dir):
+    c = cfg(tmp_path, tiny_model_dir, "dpo", PAIRS, epochs=4, beta=0.5)
+    run_training(c)
+    rows = [json.loads(line) for line in (Path(c.out) / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)  # policy == reference at the start
+    assert rows[-1]["rewards/margins"] > 0.1 and rows[-1]["loss"] < rows[0]["loss"]
+    assert (Path(c.out) / "ref_logprobs.pt").exists() and (Path(c.out) / "final" / "adapter_config.json").exists()
+
+
+def test_rm_metrics_by_hand():
+    m = rm_metrics([2.0, -1.0, 0.0, 3.0], [1.0, 1.0, 1.0, 1.0])
+    assert m["accuracy"] == pytest.approx((1 + 0 + 0.5 + 1) / 4) and m["mean_margin"] == 1.0
+
+
+def test_data_errors_name_file_row_and_column(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with pytest.raises(DatasetError, match=r"missing \['rejected'\]"):
+        tokenise_pairs([{"prompt": "a", "chosen": "b"}], tok, "x.jsonl", 64)
+    with pytest.raises(DatasetError, match=r"x.jsonl, row 2, column 'chosen': missing or empty"):
+        tokenise_pairs([PAIRS[0], {**PAIRS[1], "chosen": " "}], tok, "x.jsonl", 64)
+    with pytest.raises(DatasetError, match=r"row 1, column 'p_chosen'"):
+        tokenise_pairs([{**PAIRS[0], "p_chosen": 1.5}], tok, "x.jsonl", 64)
+    with pytest.raises(DatasetError, match=r"needs a 'messages' column"):
+        tokenise_sft([{"text": "hi"}], tok, "s.jsonl", 64)
+    with pytest.raises(DatasetError, match=r"row 1, column 'messages': the assistant turn is empty"):
+        tokenise_sft([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}], tok, "s.jsonl", 64)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{oops\n')
+    with pytest.raises(DatasetError, match=r"bad.jsonl, line 2: invalid JSON"):
+        load_rows(bad)
+
+
+def test_config_file_and_flag_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("kind: sft\nmodel: m\ndata: d\nout: o\nlr: -1\nbatchsize: 2\n")
+    with pytest.raises(TrainConfigError, match=r"c.yaml: lr: Input should be greater than 0; batchsize: Extra inputs"):
+        load_config(path, {})
+    c = load_config(None, {"kind": "dpo", "model": "m", "data": "d", "out": "o", "beta": 0.2, "lr": None})
+    assert c.beta == 0.2 and c.lr == 1e-4
