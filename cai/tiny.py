@@ -34,19 +34,24 @@ Human: How can I stay safe online? Assistant: Use strong passwords and enable tw
 
 
 def build_tiny_model(folder: str | Path, *, seed: int = 0, layers: int = 2, vocab_size: int = 1024,
-                     max_positions: int = 2048) -> Path:
-    """Create the tiny model and tokenizer in `folder` (idempotent for the same arguments)."""
+                     max_positions: int = 2048, corpus: list[str] | None = None) -> Path:
+    """Create the tiny model and tokenizer in `folder` (idempotent for the same arguments).
+
+    `corpus`: texts to train the tokenizer on besides the built-in few lines (a test that
+    learns from real text gets word-level tokens that way).
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = Path(folder)
     marker = folder / "cai_tiny.json"
-    spec = {"seed": seed, "layers": layers, "vocab_size": vocab_size, "max_positions": max_positions}
+    spec = {"seed": seed, "layers": layers, "vocab_size": vocab_size, "max_positions": max_positions,
+            "corpus_sha256": _corpus_hash(corpus)}
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = build_tiny_tokenizer(vocab_size)
+    tokenizer = build_tiny_tokenizer(vocab_size, corpus)
     tokenizer.save_pretrained(folder)
 
     config = LlamaConfig(
@@ -73,8 +78,14 @@ def build_tiny_model(folder: str | Path, *, seed: int = 0, layers: int = 2, voca
     return folder
 
 
-def build_tiny_tokenizer(vocab_size: int = 1024):
-    """A byte-level BPE trained on a small built-in corpus: deterministic, offline, seconds."""
+def _corpus_hash(corpus: list[str] | None) -> str | None:
+    import hashlib
+
+    return None if corpus is None else hashlib.sha256("\x00".join(corpus).encode()).hexdigest()
+
+
+def build_tiny_tokenizer(vocab_size: int = 1024, corpus: list[str] | None = None):
+    """A byte-level BPE trained on a small built-in corpus (or `corpus`): deterministic, offline, seconds."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -87,7 +98,8 @@ def build_tiny_tokenizer(vocab_size: int = 1024):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([line for line in _CORPUS.splitlines() if line.strip()] * 4, trainer=trainer)
+    lines = [line for line in _CORPUS.splitlines() if line.strip()] * 4
+    tok.train_from_iterator(lines + list(corpus or []), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|im_start|>",

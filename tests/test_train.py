@@ -129,3 +129,32 @@ def test_config_file_and_flag_errors(tmp_path):
         load_config(path, {})
     c = load_config(None, {"kind": "dpo", "model": "m", "data": "d", "out": "o", "beta": 0.2, "lr": None})
     assert c.beta == 0.2 and c.lr == 1e-4
+
+
+HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-harmless-dev.jsonl.gz"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HH.exists(), reason=f"{HH} not present (the human preference data beside the repo)")
+def test_reward_model_on_human_labels_beats_chance(tmp_path):
+    """A tiny reward model trained on ~1,500 HH-RLHF harmless pairs, judged on 300 held-out ones.
+
+    Under chance (p = 0.5, n = 300) the accuracy's standard error is 0.029, so 0.55 is 1.7 of
+    them: a model at chance passes with probability about 4%. This run measured 0.593.
+    """
+    import random
+
+    from cai.tiny import build_tiny_model
+    from cai.train.data import load_hh_pairs
+
+    pairs = load_hh_pairs(HH)
+    random.Random(0).shuffle(pairs)
+    # The tokenizer (not the labels) learns from the texts, so the tiny model gets word-level tokens.
+    corpus = [p["prompt"] + "\n" + p["chosen"] + "\n" + p["rejected"] for p in pairs[300:]]
+    model = build_tiny_model(tmp_path / "tiny-hh", vocab_size=4096, corpus=corpus)
+    data = write_jsonl(tmp_path / "hh.jsonl", pairs)
+    c = TrainConfig(kind="rm", model=str(model), data=data, out=str(tmp_path / "rm"), lora=False, lr=1e-3, batch_size=16, epochs=2,
+                    max_length=256, eval_fraction=300 / len(pairs), checkpoint_every=10_000)
+    ev = run_training(c)["eval"]
+    assert ev["eval_pairs"] == 300
+    assert ev["accuracy"] > 0.55, ev
