@@ -19,6 +19,7 @@ import logging
 import math
 import random
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,7 @@ def train(cfg: TrainConfig, task: Task, out: Path) -> dict[str, Any]:
                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=not accelerator.is_main_process) as bar:
         task_id = bar.add_task("train", total=steps, completed=step, info="")
         while step < steps:
+            step_started = time.perf_counter()
             window = batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
             sums: dict[str, float] = {}
             tokens = 0
@@ -103,7 +105,7 @@ def train(cfg: TrainConfig, task: Task, out: Path) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             record = {"step": step, **{k: round(v, 6) for k, v in sums.items()}, "grad_norm": round(float(grad_norm), 6),
-                      "tokens": tokens, "lr": cfg.lr}
+                      "tokens": tokens, "seconds": round(time.perf_counter() - step_started, 4), "lr": cfg.lr}
             if accelerator.is_main_process:
                 with open(metrics_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")

@@ -174,15 +174,13 @@ def _dpo(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
                                b["loss_mask"])
         return lp[:len(items)], lp[len(items):]
 
-    ref = _reference_logprobs(cfg, model, logps, train_items + eval_items, out / "ref_logprobs.pt")
-    index = {id(p): i for i, p in enumerate(train_items + eval_items)}
+    reference = _Reference(cfg, logps, train_items + eval_items, out / "ref_logprobs.pt", model)
 
     def loss(model, items):
         pc, pr = logps(model, items)
-        rc = torch.tensor([ref[index[id(p)]][0] for p in items], device=pc.device)
-        rr = torch.tensor([ref[index[id(p)]][1] for p in items], device=pc.device)
+        rc, rr = reference(model, items)
         p = torch.tensor([it.p_chosen for it in items], device=pc.device)
-        value, metrics = dpo_loss(pc, pr, rc, rr, cfg.beta, p)
+        value, metrics = dpo_loss(pc, pr, rc.to(pc.device), rr.to(pc.device), cfg.beta, p)
         return value, {k: v.item() for k, v in metrics.items()}
 
     def evaluate(model):
@@ -200,22 +198,44 @@ def _dpo(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
                 tokens=lambda items: sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in items))
 
 
-def _reference_logprobs(cfg, model, logps, items: list[Pair], path: Path) -> list[tuple[float, float]]:
-    """log ref(y) for every pair, once: the same weights with the adapter disabled (or untouched)."""
-    if path.exists():
-        saved = torch.load(path, weights_only=True)
-        if len(saved) == len(items):
-            return [tuple(x) for x in saved.tolist()]
-    from contextlib import nullcontext
+class _Reference:
+    """log ref(y) per pair: the same weights before any training, without a second model copy.
 
-    disabled = model.disable_adapter() if cfg.lora else nullcontext()
-    out = []
-    model.eval()
-    with torch.no_grad(), disabled:
-        for i in range(0, len(items), cfg.batch_size):
-            c, r = logps(model, items[i:i + cfg.batch_size])
-            out += list(zip(c.tolist(), r.tolist()))
-    model.train()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(torch.tensor(out), path)
-    return out
+    With LoRA the reference is the base with the adapter disabled, which training never changes,
+    so it is computed lazily for the pairs a batch needs. Training all weights changes the
+    reference's own weights, so then every pair is computed up front and saved to `path` (a
+    resumed run reads it back rather than recomputing from trained weights).
+    """
+
+    def __init__(self, cfg, logps, items: list[Pair], path: Path, model):
+        self.cfg, self.logps = cfg, logps
+        self.index = {id(p): i for i, p in enumerate(items)}
+        self.values: dict[int, tuple[float, float]] = {}
+        if not cfg.lora:
+            if path.exists() and len(saved := torch.load(path, weights_only=True)) == len(items):
+                self.values = {i: tuple(v) for i, v in enumerate(saved.tolist())}
+            else:
+                self._compute(model, items)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(torch.tensor([self.values[i] for i in range(len(items))]), path)
+
+    def _compute(self, model, items: list[Pair]) -> None:
+        from contextlib import nullcontext
+
+        base = getattr(model, "module", model)  # unwrap DDP under accelerate launch
+        was_training = base.training
+        base.eval()
+        with torch.no_grad(), (base.disable_adapter() if self.cfg.lora else nullcontext()):
+            for i in range(0, len(items), self.cfg.batch_size):
+                chunk = items[i:i + self.cfg.batch_size]
+                c, r = self.logps(base, chunk)
+                for p, a, b in zip(chunk, c.tolist(), r.tolist()):
+                    self.values[self.index[id(p)]] = (a, b)
+        base.train(was_training)
+
+    def __call__(self, model, items: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = [p for p in items if self.index[id(p)] not in self.values]
+        if missing:
+            self._compute(model, missing)
+        pairs = [self.values[self.index[id(p)]] for p in items]
+        return torch.tensor([a for a, _ in pairs]), torch.tensor([b for _, b in pairs])
