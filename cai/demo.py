@@ -16,28 +16,12 @@ from pathlib import Path
 
 from cai.constitution import find_constitution, load_constitution
 from cai.judge_client import JudgeClient, judge_endpoint
-from cai.models import resolve_model
+from cai.generate.common import EMPTY_RESPONSE as EMPTY
+from cai.policy import Policy, SamplingConfig
 from cai.prompts import load_prompts
 from judge_server import protocol as P
 
 logger = logging.getLogger(__name__)
-EMPTY = "(the assistant gave no response)"  # the judge API refuses empty text; say so explicitly
-
-
-def policy_answers(model_name: str, prompts: list[str], max_new_tokens: int = 96) -> list[str]:
-    """Greedy answers from the policy, left-padded into one batch."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = resolve_model(model_name).path
-    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
-    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    with torch.inference_mode():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    answers = [tok.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True).strip() for row in out]
-    return [a or EMPTY for a in answers]
 
 
 async def _judge_all(url: str, rows: list[dict], seed: int) -> None:
@@ -65,7 +49,11 @@ def run_demo(*, model: str, constitution: str, prompts: str, n: int, out: Path, 
     logger.info("constitution %s (%s), %d prompts from %s", const.name, const.short_hash, len(chosen), prompts)
 
     logger.info("policy %s answers %d prompts", model, len(chosen))
-    answers = policy_answers(model, [p.text for p in chosen])
+    # transformers here: for a handful of prompts vLLM's 30 s engine start costs more than it saves.
+    policy = Policy(model)
+    samples = policy.sample([p.text for p in chosen], n=1, config=SamplingConfig(max_new_tokens=96, temperature=0.0), seed=seed)
+    answers = [s[0].text or EMPTY for s in samples]
+    policy.close()
     rows = [{"id": p.id, "prompt": p.text, "category": p.category, "response": a, "policy_model": model, "seed": seed}
             for p, a in zip(chosen, answers)]
 

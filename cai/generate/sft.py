@@ -13,6 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 
+from cai.generate.common import EMPTY_RESPONSE as EMPTY
 from cai.generate.common import Chunk, GenerationJob, describe_error, provenance, run_generation
 from cai.judge_client import JudgeError
 from cai.prompts import Prompt
@@ -20,7 +21,6 @@ from cai.rowlog import RowLog
 from judge_server import protocol as P
 
 logger = logging.getLogger(__name__)
-EMPTY = "(the assistant gave no response)"  # the judge API refuses empty text; say so explicitly
 
 
 @dataclass
