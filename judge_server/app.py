@@ -109,8 +109,10 @@ def build_app(settings: ServerSettings, engine_factory: Callable[[ServerSettings
     @app.middleware("http")
     async def auth_and_metrics(request: Request, call_next):
         started = time.perf_counter()
-        endpoint = request.url.path
-        if api_key is not None and endpoint not in OPEN_PATHS:
+        path = request.url.path
+        # Label metrics by route, not raw path: unknown paths would grow the label set without bound.
+        endpoint = path if path in {getattr(r, "path", None) for r in app.routes} else "other"
+        if api_key is not None and path not in OPEN_PATHS:
             given = request.headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
@@ -120,7 +122,7 @@ def build_app(settings: ServerSettings, engine_factory: Callable[[ServerSettings
         try:
             response = await call_next(request)
         except Exception:  # noqa: BLE001 - the last line of defence: log it, answer typed JSON
-            logger.exception("unhandled error on %s", endpoint)
+            logger.exception("unhandled error on %s", path)
             response = _error(500, "internal", "internal error in the judge; the server log has details")
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - started)

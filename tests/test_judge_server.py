@@ -218,7 +218,9 @@ def test_unknown_constitution_hash_is_409(judge):
 
 def test_metrics_count_requests(judge):
     call(judge, lambda c: c.health())
+    assert raw(judge, "GET", "/no-such-path-123").status_code == 404
     text = raw(judge, "GET", "/metrics").text
+    assert "no-such-path-123" not in text and 'endpoint="other",status="404"' in text  # bounded label set
     assert 'judge_requests_total{endpoint="/v1/compare",status="200"}' in text
     assert "judge_queue_depth" in text and 'judge_tokens_total{kind="prompt"}' in text
 
