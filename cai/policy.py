@@ -59,12 +59,12 @@ class VllmPolicy:
         import torch
         from vllm import LLM
 
-        from cai.models import resolve_model
+        from cai.models import resolve_model, use_all_cpu_cores_for_vllm
 
         self.name = model_name
         on_gpu = torch.cuda.is_available()
-        if not on_gpu and (os.cpu_count() or 1) <= 4:
-            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        if not on_gpu:
+            use_all_cpu_cores_for_vllm()
         self.llm = LLM(model=resolve_model(model_name).path, dtype="bfloat16" if on_gpu else "float32", max_model_len=2048,
                        enforce_eager=not on_gpu, seed=0, gpu_memory_utilization=0.4 if on_gpu else 0.9,
                        kv_cache_memory_bytes=None if on_gpu else int(kv_cache_gib * 2**30))

