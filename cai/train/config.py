@@ -39,8 +39,8 @@ class TrainConfig(BaseModel):
     seed: int = 0
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConfig:
-    """Merge the YAML file (if any) with non-None overrides; errors name the file and the field."""
+def load_config(path: str | Path | None, overrides: dict[str, Any], schema: type[BaseModel] = TrainConfig) -> Any:
+    """Merge the YAML file (if any) with non-None overrides into `schema`; errors name the file and the field."""
     data: dict[str, Any] = {}
     where = str(path) if path else "flags"
     if path:
@@ -55,12 +55,12 @@ def load_config(path: str | Path | None, overrides: dict[str, Any]) -> TrainConf
         data.update(loaded)
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return TrainConfig.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
         raise TrainConfigError(f"{where}: {problems}") from None
 
 
-def save_config(cfg: TrainConfig, folder: Path) -> None:
+def save_config(cfg: BaseModel, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), encoding="utf-8")

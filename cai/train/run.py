@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from cai.train.config import TrainConfig, save_config
 from cai.train.loop import train
 from cai.train.tasks import build_task
@@ -12,17 +14,23 @@ from cai.train.tasks import build_task
 logger = logging.getLogger(__name__)
 
 
-def run_training(cfg: TrainConfig) -> dict:
-    out = Path(cfg.out)
+def refuse_changed_settings(cfg: BaseModel, out: Path) -> None:
+    """A checkpoint in `out` resumes only under the settings it was made with (else the run would mix two)."""
     previous = out / "config.yaml"
     if previous.exists() and (out / "checkpoint").exists():
         import yaml
 
         before = yaml.safe_load(previous.read_text(encoding="utf-8"))
-        diff = sorted(k for k in set(before) | set(cfg.model_dump()) if before.get(k) != cfg.model_dump().get(k))
+        now = cfg.model_dump()
+        diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if diff:
             raise ValueError(f"{out} holds a checkpoint made with other settings ({', '.join(diff)}); "
                              "rerun with the same settings to resume, or choose another --out")
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    out = Path(cfg.out)
+    refuse_changed_settings(cfg, out)
     save_config(cfg, out)
     task = build_task(cfg, out)
     trainable = sum(p.numel() for p in task.model.parameters() if p.requires_grad)

@@ -1,0 +1,390 @@
+"""PPO with a KL penalty against the reference policy: `cai train ppo`.
+
+The policy is the starting model (usually the SFT model) plus a fresh LoRA adapter; the reference
+is the same weights with the adapter disabled, so no second copy is held. A value head (one linear
+layer) reads the policy's last hidden state, so the critic shares the policy's forward pass.
+
+Each iteration, in this order (the numbered phases in `ppo_iteration`):
+1. rollout: sample `batch_size` responses with transformers' generate; cut each at its first EOS;
+2. score: decode and score with the reward model, the judge or a rule; responses with no EOS
+   lose `missing_eos_penalty`;
+3. evaluate the samples: log-probs and values (adapter on), reference log-probs (adapter off);
+4. rewards: per-token -kl_coef * KL (k1 or k3), plus the score on the last token;
+5. advantages: GAE, then whitened over the batch's response tokens;
+6. `ppo_epochs` passes over `mini_batches` shuffled minibatches: clipped policy loss, clipped
+   value loss, optional entropy bonus;
+7. the KL controller (fixed or adaptive) sees the batch's KL.
+
+Exact resume: iteration i's prompts, sampling seed and minibatch order are pure functions of
+(seed, i); a checkpoint holds the trainable weights, optimiser, KL controller and RNG states.
+
+    cai train ppo --model runs/demo/sft/merged --reward runs/demo/rm/final --prompts donotanswer --out runs/ppo
+    # on a GPU node the same command runs in bfloat16 autocast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cai.train.losses import masked_mean, token_logprobs
+from cai.train.ppo_math import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_penalised_rewards,
+                                kl_per_token, masked_whiten, policy_loss, value_loss)
+
+logger = logging.getLogger(__name__)
+
+
+class PPOConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="Starting policy (usually the merged SFT model): folder, hub id or embedded name.")
+    reward: str = Field(description="Reward-model folder (cai train rm), 'judge', 'rule:length' or 'rule:share=TEXT'.")
+    prompts: str = Field(description="Prompt set: built-in name or file (as `cai prompts` reads).")
+    out: str = Field(description="Output folder: adapter, value head, checkpoints, metrics.jsonl, samples.jsonl.")
+    judge_url: str | None = Field(default=None, description="Judge server for reward 'judge' and for gold_judge_every.")
+    gold_judge_every: int = Field(default=0, ge=0, description="Every N iterations also score the samples with the judge "
+                                  "(eval/judge_score) to watch for reward hacking; 0 = never.")
+    max_prompts: int | None = Field(default=None, ge=1, description="Use at most this many prompts.")
+    max_prompt_length: int = Field(default=256, ge=8, description="Prompt tokens kept (the end of longer prompts).")
+    iterations: int = Field(default=100, ge=1, description="PPO iterations (rollout + updates).")
+    batch_size: int = Field(default=8, ge=1, description="Rollouts per iteration.")
+    mini_batches: int = Field(default=2, ge=1, description="Minibatches per PPO epoch; must divide batch_size.")
+    ppo_epochs: int = Field(default=1, ge=1, description="Passes over each batch of rollouts.")
+    response_length: int = Field(default=64, ge=1, description="Most tokens per response.")
+    temperature: float = Field(default=1.0, gt=0, description="Sampling temperature (log-probs use the same).")
+    kl_coef: float = Field(default=0.05, ge=0, description="Initial KL penalty coefficient.")
+    kl_estimator: Literal["k1", "k3"] = Field(default="k1", description="Per-token KL estimator folded into the rewards.")
+    adaptive_kl: bool = Field(default=False, description="Adapt kl_coef towards kl_target (Ziegler et al.).")
+    kl_target: float = Field(default=6.0, gt=0, description="Target KL per sequence (nats) for adaptive_kl.")
+    kl_horizon: int = Field(default=10000, ge=1, description="Adaptive controller's horizon in samples.")
+    gamma: float = Field(default=1.0, ge=0, le=1)
+    lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda.")
+    cliprange: float = Field(default=0.2, gt=0)
+    cliprange_value: float = Field(default=0.2, gt=0)
+    vf_coef: float = Field(default=0.1, ge=0, description="Weight of the value loss.")
+    ent_coef: float = Field(default=0.0, ge=0, description="Weight of the entropy bonus.")
+    whiten_rewards: bool = Field(default=False, description="Whiten per-token rewards before GAE.")
+    missing_eos_penalty: float | None = Field(default=1.0, description="Subtracted from the score of responses cut at "
+                                              "response_length without EOS; null = no penalty.")
+    lr: float = Field(default=5e-5, gt=0)
+    lora_r: int = Field(default=8, ge=1)
+    lora_alpha: int = Field(default=16, ge=1)
+    lora_target_modules: list[str] | str = Field(default="all-linear")
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    checkpoint_every: int = Field(default=10, ge=1, description="Iterations between checkpoints (resumable).")
+    log_samples_every: int = Field(default=10, ge=1, description="Iterations between sample rows in samples.jsonl and the log.")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PPOConfig:
+        if self.batch_size % self.mini_batches:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by mini_batches ({self.mini_batches})")
+        if (self.reward == "judge" or self.gold_judge_every) and not self.judge_url:
+            raise ValueError("judge_url is needed when reward is 'judge' or gold_judge_every > 0")
+        return self
+
+
+class PolicyWithValue(torch.nn.Module):
+    """A causal LM (with its LoRA adapter) and a value head on its last hidden state."""
+
+    def __init__(self, lm: torch.nn.Module, hidden_size: int):
+        super().__init__()
+        self.lm = lm
+        self.value_head = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.normal_(self.value_head.weight, std=1 / math.sqrt(hidden_size + 1))
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) -> logits (B, T, V), values (B, T)."""
+        # Queries are left-padded: positions count real tokens only, as in generation.
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True)
+        return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1).float()
+
+
+class PPOTrainer:
+    def __init__(self, cfg: PPOConfig, scorer=None, gold_scorer=None):
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from cai.models import resolve_model
+        from cai.prompts import load_prompts
+        from cai.train.rewards import JudgeScorer, load_scorer
+
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        path = resolve_model(cfg.model).path
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.eos_id = self.tokenizer.eos_token_id
+        torch.manual_seed(cfg.seed)  # LoRA's A matrices and the value head start from the seed
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        lm.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules)
+        self.model = PolicyWithValue(get_peft_model(lm, lora), lm.config.hidden_size).to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, eps=1e-5)
+        self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+                       else FixedKLController(cfg.kl_coef))
+        import os
+
+        api_key = os.environ.get("CAI_JUDGE_API_KEY")
+        self.scorer = scorer or load_scorer(cfg.reward, judge_url=cfg.judge_url, api_key=api_key, device=str(self.device))
+        self.gold_scorer = gold_scorer or (JudgeScorer(cfg.judge_url, api_key=api_key) if cfg.gold_judge_every else None)
+        self.prompts = [p.text for p in load_prompts(cfg.prompts, limit=cfg.max_prompts)]
+        if not self.prompts:
+            raise ValueError(f"prompts {cfg.prompts!r}: no prompts to train on")
+        self.queries = [self._encode_query(p) for p in self.prompts]
+
+    def _encode_query(self, prompt: str) -> list[int]:
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)[-self.cfg.max_prompt_length:]
+
+    def prompt_indices(self, iteration: int) -> list[int]:
+        """The prompts of iteration `iteration` (0-based): epochs of seeded permutations, read in order."""
+        n, b = len(self.prompts), self.cfg.batch_size
+        out = []
+        for k in range(iteration * b, (iteration + 1) * b):
+            epoch, pos = divmod(k, n)
+            out.append(torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))[pos].item())
+        return out
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    # -- one iteration ---------------------------------------------------------------------
+    def ppo_iteration(self, iteration: int) -> tuple[dict[str, float], list[dict]]:
+        cfg, tok = self.cfg, self.tokenizer
+        started = time.perf_counter()
+        idx = self.prompt_indices(iteration)
+        pad = tok.pad_token_id
+
+        # 1. rollout: left-padded queries (B, Tq); responses (B, R) cut after their first EOS.
+        width = max(len(self.queries[i]) for i in idx)
+        query = torch.full((len(idx), width), pad, dtype=torch.long)
+        query_mask = torch.zeros_like(query)
+        for row, i in enumerate(idx):
+            q = self.queries[i]
+            query[row, width - len(q):] = torch.tensor(q)
+            query_mask[row, width - len(q):] = 1
+        query, query_mask = query.to(self.device), query_mask.to(self.device)
+        self.model.eval()
+        torch.manual_seed(cfg.seed * 1_000_003 + iteration)  # sampling is a function of (seed, iteration)
+        with torch.no_grad(), self._autocast():
+            seqs = self.model.lm.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=cfg.response_length,
+                                          do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
+                                          eos_token_id=self.eos_id, pad_token_id=pad)
+        responses = torch.full((len(idx), cfg.response_length), pad, dtype=torch.long, device=self.device)
+        generated = seqs[:, width:]
+        responses[:, :generated.shape[1]] = generated
+        is_eos = responses == self.eos_id
+        has_eos = is_eos.any(1)
+        first_eos = torch.where(has_eos, is_eos.int().argmax(1), cfg.response_length)  # (B,), R when there is none
+        positions = torch.arange(cfg.response_length, device=self.device).unsqueeze(0)
+        mask = (positions <= first_eos.unsqueeze(1)).long()  # (B, R): 1 up to and including EOS
+        responses = torch.where(mask.bool(), responses, torch.full_like(responses, pad))
+        rollout_s = time.perf_counter() - started
+
+        # 2. score the decoded responses (text, so the reward model may use another tokenizer).
+        texts = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True).strip() for r, m in zip(responses, mask)]
+        prompts = [self.prompts[i] for i in idx]
+        raw_scores = torch.tensor(self.scorer(prompts, texts), dtype=torch.float32, device=self.device)
+        scores = raw_scores.clone()
+        if cfg.missing_eos_penalty is not None:
+            scores = scores - cfg.missing_eos_penalty * (~has_eos).float()
+        gold = None
+        if self.gold_scorer is not None and iteration % cfg.gold_judge_every == 0:
+            gold = sum(self.gold_scorer(prompts, texts)) / len(texts)
+        score_s = time.perf_counter() - started - rollout_s
+
+        # 3. log-probs and values of the samples under the policy (adapter on) and the reference (off).
+        full = torch.cat([query, responses], 1)
+        full_mask = torch.cat([query_mask, mask], 1)
+        with torch.no_grad(), self._autocast():
+            logprobs, values, ref_logprobs = [], [], []
+            for mb in self._minibatches(iteration, epoch=-1, shuffle=False):
+                logits, v = self.model(full[mb], full_mask[mb])
+                logprobs.append(self._response_logprobs(logits, responses[mb], width))
+                values.append(v[:, width - 1:-1])
+                with self.model.lm.disable_adapter():
+                    ref_logits, _ = self.model(full[mb], full_mask[mb])
+                ref_logprobs.append(self._response_logprobs(ref_logits, responses[mb], width))
+            logprobs, values, ref_logprobs = torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs)
+        maskf = mask.float()
+
+        # 4. per-token rewards: KL penalty on every token, the score on the last.
+        kl = kl_per_token(logprobs, ref_logprobs, cfg.kl_estimator) * maskf  # (B, R)
+        kl_coef = self.kl_ctl.value
+        rewards = kl_penalised_rewards(scores, kl, maskf, kl_coef)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, maskf, shift_mean=False)
+
+        # 5. advantages: GAE over each response, whitened over the batch's tokens.
+        advantages, returns = gae(rewards, values, maskf, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, maskf)
+
+        # 6. PPO epochs over shuffled minibatches.
+        self.model.train()
+        stats: dict[str, list[float]] = {}
+        for epoch in range(cfg.ppo_epochs):
+            for mb in self._minibatches(iteration, epoch, shuffle=True):
+                with self._autocast():
+                    logits, vpred = self.model(full[mb], full_mask[mb])
+                    resp_logits = logits[:, width - 1:-1].float() / cfg.temperature
+                    new_logprobs = token_logprobs(resp_logits, responses[mb])
+                    vpred = vpred[:, width - 1:-1]
+                    pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[mb], advantages[mb], maskf[mb], cfg.cliprange)
+                    vf_loss, vf_stats = value_loss(vpred, values[mb], returns[mb], maskf[mb], cfg.cliprange_value)
+                    entropy = masked_mean(entropy_from_logits(resp_logits), maskf[mb])
+                    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                for k, v in {"ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss, "ppo/loss/total": loss,
+                             "ppo/policy/entropy": entropy, "ppo/policy/clipfrac": pg_stats["clipfrac"],
+                             "ppo/policy/approxkl": pg_stats["approxkl"], "ppo/val/clipfrac": vf_stats["clipfrac"],
+                             "ppo/val/error": vf_stats["error"], "ppo/val/vpred": masked_mean(vpred, maskf[mb])}.items():
+                    stats.setdefault(k, []).append(float(v.detach()))
+
+        # 7. the KL controller sees this batch's mean KL per sequence.
+        seq_kl = kl.sum(1)
+        self.kl_ctl.update(seq_kl.mean().item(), cfg.batch_size)
+
+        non_score = (-kl_coef * kl).sum(1)
+        tokens = int(query_mask.sum() + mask.sum())
+        record: dict[str, Any] = {
+            "step": iteration + 1,
+            "objective/kl": seq_kl.mean().item(),
+            "objective/kl_coef": kl_coef,
+            "objective/entropy": (-logprobs * maskf).sum(1).mean().item(),
+            "objective/non_score_reward": non_score.mean().item(),
+            "objective/scores": raw_scores.mean().item(),
+            "objective/scores_penalised": scores.mean().item(),
+            "objective/rlhf_reward": (scores + non_score).mean().item(),
+            **{k: sum(v) / len(v) for k, v in stats.items()},
+            "ppo/returns/mean": masked_mean(returns, maskf).item(),
+            "ppo/val/mean": masked_mean(values, maskf).item(),
+            "response/length_mean": maskf.sum(1).mean().item(),
+            "response/eos_rate": has_eos.float().mean().item(),
+            "tokens": tokens,
+            "time/rollout_s": round(rollout_s, 4),
+            "time/score_s": round(score_s, 4),
+            "seconds": round(time.perf_counter() - started, 4),
+        }
+        if gold is not None:
+            record["eval/judge_score"] = gold
+            record["eval/proxy_score"] = raw_scores.mean().item()
+        samples = [{"step": iteration + 1, "prompt": p, "response": t, "score": s, "kl": k}
+                   for p, t, s, k in zip(prompts, texts, raw_scores.tolist(), seq_kl.tolist())]
+        return record, samples
+
+    def _response_logprobs(self, logits: torch.Tensor, responses: torch.Tensor, width: int) -> torch.Tensor:
+        """log pi(response_t | query, response_<t) at the sampling temperature. -> (B, R)"""
+        return token_logprobs(logits[:, width - 1:-1].float() / self.cfg.temperature, responses)
+
+    def _minibatches(self, iteration: int, epoch: int, shuffle: bool) -> list[torch.Tensor]:
+        b, size = self.cfg.batch_size, self.cfg.batch_size // self.cfg.mini_batches
+        order = (torch.randperm(b, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + iteration * 131 + epoch))
+                 if shuffle else torch.arange(b))
+        return [order[i:i + size].to(self.device) for i in range(0, b, size)]
+
+    # -- the run -----------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        from cai.train.loop import _truncate_metrics, plot_losses
+
+        cfg, out = self.cfg, self.out
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt = out / "checkpoint"
+        start = self._load_checkpoint(ckpt) if (ckpt / "state.pt").exists() else 0
+        if start:
+            logger.info("resuming PPO from iteration %d of %d (%s)", start, cfg.iterations, ckpt)
+        metrics_path, samples_path = out / "metrics.jsonl", out / "samples.jsonl"
+        _truncate_metrics(metrics_path, start)
+        _truncate_metrics(samples_path, start)
+        with Progress(TextColumn("ppo iterations"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                      TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()) as bar:
+            task = bar.add_task("ppo", total=cfg.iterations, completed=start, info="")
+            for iteration in range(start, cfg.iterations):
+                record, samples = self.ppo_iteration(iteration)
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}) + "\n")
+                if (iteration + 1) % cfg.log_samples_every == 0 or iteration == 0:
+                    with open(samples_path, "a", encoding="utf-8") as f:
+                        for s in samples[:4]:
+                            f.write(json.dumps(s, ensure_ascii=False) + "\n")
+                    for s in samples[:2]:
+                        logger.info("iteration %d  score %.3f  kl %.3f\n  prompt: %s\n  response: %s", s["step"], s["score"], s["kl"],
+                                    s["prompt"][:200], s["response"][:300])
+                bar.update(task, completed=iteration + 1,
+                           info=f"score {record['objective/scores']:.3f} kl {record['objective/kl']:.3f}")
+                if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations:
+                    self._save_checkpoint(ckpt, iteration + 1)
+        self.save(out / "final")
+        plot_losses(metrics_path, out / "loss.png", keys=("objective/scores", "objective/kl", "ppo/loss/policy"))
+        rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        summary = {"iterations": cfg.iterations, "first": rows[0] if rows else None, "last": rows[-1] if rows else None}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def save(self, folder: Path) -> None:
+        self.model.lm.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        torch.save(self.model.value_head.state_dict(), folder / "value_head.pt")
+
+    def _trainable(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _save_checkpoint(self, folder: Path, iteration: int) -> None:
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        state = {"step": iteration, "trainable": self._trainable(), "optimizer": self.optimizer.state_dict(),
+                 "kl_ctl": self.kl_ctl.state_dict(),
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+        torch.save(state, tmp / "state.pt")
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+
+    def _load_checkpoint(self, folder: Path) -> int:
+        state = torch.load(folder / "state.pt", weights_only=False)
+        params = dict(self.model.named_parameters())
+        if set(state["trainable"]) != {n for n, p in params.items() if p.requires_grad}:
+            raise ValueError(f"{folder}: checkpoint does not match this model/config; use another --out or the settings it was made with")
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value.to(params[name].device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        return int(state["step"])
+
+
+def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
+    from cai.train.config import save_config
+    from cai.train.run import refuse_changed_settings
+
+    out = Path(cfg.out)
+    refuse_changed_settings(cfg, out)
+    save_config(cfg, out)
+    trainer = PPOTrainer(cfg)
+    logger.info("ppo: %d prompts, %d trainable parameters, output %s", len(trainer.prompts),
+                sum(p.numel() for p in trainer.params), out)
+    return trainer.train()

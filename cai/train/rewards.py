@@ -1,0 +1,120 @@
+"""What scores PPO's responses: a trained reward model, the judge's /v1/score, or a rule (for checks).
+
+Every scorer takes the prompts and the decoded responses as text, so the reward model's tokenizer
+can differ from the policy's. Specs, as `cai train ppo --reward` takes them:
+
+- a folder written by `cai train rm` (its `final/` adapter, or a full sequence-classification model)
+- `judge`: the judge server at `judge_url` scores each response under the constitution (direct RLAIF)
+- `rule:length`: pays 1 per 100 characters (a reward that is easy to hack: shows verbosity drift)
+- `rule:share=TEXT`: the share of the response's characters that are occurrences of TEXT
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class RewardSpecError(ValueError):
+    """A --reward value that names no scorer."""
+
+
+class Scorer(Protocol):
+    name: str
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]: ...
+
+
+def load_scorer(spec: str, *, judge_url: str | None = None, api_key: str | None = None, device: str = "cpu",
+                max_length: int = 1024) -> Scorer:
+    if spec.startswith("rule:"):
+        return RuleScorer(spec)
+    if spec == "judge":
+        if not judge_url:
+            raise RewardSpecError("reward 'judge' needs judge_url (the judge server's address, e.g. http://127.0.0.1:8000)")
+        return JudgeScorer(judge_url, api_key=api_key)
+    path = Path(spec)
+    if path.is_dir():
+        return RewardModelScorer(path, device=device, max_length=max_length)
+    raise RewardSpecError(f"reward {spec!r}: not a reward-model folder, 'judge', 'rule:length' or 'rule:share=TEXT'")
+
+
+class RuleScorer:
+    def __init__(self, spec: str):
+        self.name = spec
+        if spec == "rule:length":
+            self.rule, self.text = "length", ""
+        elif spec.startswith("rule:share=") and len(spec) > len("rule:share="):
+            self.rule, self.text = "share", spec[len("rule:share="):]
+        else:
+            raise RewardSpecError(f"unknown rule {spec!r}; use rule:length or rule:share=TEXT")
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        if self.rule == "length":
+            return [len(r) / 100.0 for r in responses]
+        return [r.count(self.text) * len(self.text) / max(1, len(r)) for r in responses]
+
+
+class RewardModelScorer:
+    """A reward model from `cai train rm`: the prompt and response go through its own chat template."""
+
+    def __init__(self, path: Path, *, device: str = "cpu", max_length: int = 1024, batch_size: int = 8):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.name = str(path)
+        self.device, self.max_length, self.batch_size = device, max_length, batch_size
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if (path / "adapter_config.json").exists():
+            from peft import PeftModel
+
+            base_path = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+            base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=torch.float32)
+            base.config.pad_token_id = self.tokenizer.pad_token_id
+            model = PeftModel.from_pretrained(base, path).merge_and_unload()
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+        model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model = model.to(device).eval()
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        from cai.train.data import _chat_prompt_and_full, collate
+
+        items = [_chat_prompt_and_full(self.tokenizer, [{"role": "user", "content": p},
+                                                       {"role": "assistant", "content": r or " "}], "ppo response", self.max_length)
+                 for p, r in zip(prompts, responses)]
+        scores: list[float] = []
+        for i in range(0, len(items), self.batch_size):
+            b = collate(items[i:i + self.batch_size], self.tokenizer.pad_token_id)
+            out = self.model(input_ids=b["input_ids"].to(self.device), attention_mask=b["attention_mask"].to(self.device))
+            scores += out.logits.squeeze(-1).float().tolist()
+        return scores
+
+
+class JudgeScorer:
+    """The judge server's /v1/score (expected 1-10 rating rescaled to [-1, 1]) for each response."""
+
+    def __init__(self, url: str, *, api_key: str | None = None):
+        self.name, self.url, self.api_key = f"judge:{url}", url, api_key
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+        return asyncio.run(self._score(prompts, responses))
+
+    async def _score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        from cai.judge_client import JudgeClient
+        from judge_server.protocol import ScoreRequest
+
+        # An empty response can't be sent (the API refuses it); it scores as the judge's floor.
+        reqs = [ScoreRequest(prompt=p, response=r if r.strip() else "(no answer)", seed=i) for i, (p, r) in enumerate(zip(prompts, responses))]
+        async with JudgeClient(self.url, api_key=self.api_key) as client:
+            results = await client.score_many(reqs)
+        return [r.score for r in results]

@@ -1,0 +1,236 @@
+"""PPO: the arithmetic against hand-computed values and plain loops, then real runs on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cai.train.config import TrainConfigError, load_config
+from cai.train.ppo import PPOConfig, PPOTrainer, run_ppo
+from cai.train.ppo_math import (AdaptiveKLController, FixedKLController, gae, kl_penalised_rewards, kl_per_token, masked_whiten,
+                                policy_loss, value_loss)
+
+# -- arithmetic ---------------------------------------------------------------------------
+
+
+def test_gae_matches_a_plain_loop_per_sequence():
+    g = torch.Generator().manual_seed(0)
+    rewards, values = torch.randn(5, 9, generator=g), torch.randn(5, 9, generator=g)
+    lengths = [9, 1, 4, 7, 3]
+    mask = torch.tensor([[1.0] * n + [0.0] * (9 - n) for n in lengths])
+    gamma, lam = 0.97, 0.9
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    for b, n in enumerate(lengths):
+        running = 0.0
+        for t in reversed(range(n)):
+            next_value = values[b, t + 1].item() if t + 1 < n else 0.0
+            delta = rewards[b, t].item() + gamma * next_value - values[b, t].item()
+            running = delta + gamma * lam * running
+            assert advantages[b, t].item() == pytest.approx(running, abs=1e-5)
+            assert returns[b, t].item() == pytest.approx(running + values[b, t].item(), abs=1e-5)
+        assert advantages[b, n:].abs().sum() == 0 and returns[b, n:].abs().sum() == 0
+
+
+def test_kl_penalised_rewards_by_hand():
+    scores = torch.tensor([1.0, -2.0])
+    kl = torch.tensor([[0.5, 0.1, 0.2], [0.3, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    rewards = kl_penalised_rewards(scores, kl, mask, kl_coef=0.1)
+    expected = torch.tensor([[-0.05, -0.01, -0.02 + 1.0], [-0.03 - 2.0, 0.0, 0.0]])
+    assert torch.allclose(rewards, expected, atol=1e-6)
+
+
+def test_kl_estimators_by_hand():
+    logp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
+    assert torch.allclose(kl_per_token(logp, ref, "k1"), torch.tensor([[0.5, -1.0]]))
+    # k3 = (r - 1) - log r, r = q/p = exp(ref - logp)
+    k3 = [(math.exp(-0.5) - 1) + 0.5, (math.exp(1.0) - 1) - 1.0]
+    assert torch.allclose(kl_per_token(logp, ref, "k3"), torch.tensor([k3]), atol=1e-6)
+    assert (kl_per_token(logp, ref, "k3") >= 0).all()
+    with pytest.raises(ValueError, match="k2"):
+        kl_per_token(logp, ref, "k2")
+
+
+def test_kl_controllers():
+    fixed = FixedKLController(0.1)
+    fixed.update(100.0, 64)
+    assert fixed.value == 0.1
+    adaptive = AdaptiveKLController(0.1, target=6.0, horizon=1000)
+    adaptive.update(12.0, 100)  # error clipped to +0.2: 0.1 * (1 + 0.2 * 100 / 1000)
+    assert adaptive.value == pytest.approx(0.102)
+    adaptive.update(3.0, 100)  # error -0.5 clipped to -0.2
+    assert adaptive.value == pytest.approx(0.102 * 0.98)
+    restored = AdaptiveKLController(0.5, 6.0, 1000)
+    restored.load_state_dict(adaptive.state_dict())
+    assert restored.value == adaptive.value
+
+
+def test_clipped_losses_by_hand():
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    old = torch.zeros(1, 3)
+    new = torch.tensor([[math.log(1.5), math.log(0.5), 5.0]])  # ratios 1.5 and 0.5; the third is masked
+    adv = torch.tensor([[1.0, -1.0, 100.0]])
+    loss, stats = policy_loss(new, old, adv, mask, cliprange=0.2)
+    # token 1: max(-1.5, -1.2) = -1.2 (clipped); token 2: max(0.5, 0.8) = 0.8 (clipped)
+    assert loss.item() == pytest.approx((-1.2 + 0.8) / 2)
+    assert stats["clipfrac"].item() == pytest.approx(1.0)
+    v_loss, v_stats = value_loss(torch.tensor([[1.0, 0.0, 0.0]]), torch.zeros(1, 3), torch.tensor([[0.0, 0.1, 0.0]]), mask, 0.2)
+    # token 1: max((1-0)^2, (0.2-0)^2) = 1; token 2: 0.01 both ways
+    assert v_loss.item() == pytest.approx(0.5 * (1.0 + 0.01) / 2)
+    assert v_stats["clipfrac"].item() == 0.0
+
+
+def test_masked_whiten_ignores_padding():
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    w = masked_whiten(values, mask)
+    assert torch.allclose(w, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-4)
+
+
+# -- config --------------------------------------------------------------------------------
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    base = dict(model="m", reward="rule:length", prompts="p", out="o")
+    with pytest.raises(TrainConfigError, match=r"batch_size \(8\) must be divisible by mini_batches \(3\)"):
+        load_config(None, {**base, "batch_size": 8, "mini_batches": 3}, schema=PPOConfig)
+    with pytest.raises(TrainConfigError, match="judge_url is needed"):
+        load_config(None, {**base, "reward": "judge"}, schema=PPOConfig)
+    bad = tmp_path / "ppo.yaml"
+    bad.write_text("model: m\nreward: rule:length\nprompts: p\nout: o\nkl_coeff: 0.1\n")
+    with pytest.raises(TrainConfigError, match=r"ppo.yaml: kl_coeff: Extra inputs"):
+        load_config(bad, {}, schema=PPOConfig)
+
+
+# -- real runs on the tiny model -------------------------------------------------------------
+
+PROMPTS = [f"Tell me about thing {i}." for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("ppo-prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return str(path)
+
+
+def ppo_cfg(tiny_model_dir, prompt_file, out, **kw) -> PPOConfig:
+    settings = dict(model=str(tiny_model_dir), reward="rule:share=e", prompts=prompt_file, out=str(out), batch_size=16, mini_batches=2,
+                    ppo_epochs=4, response_length=8, lr=5e-3, kl_coef=0.01, missing_eos_penalty=None,
+                    lora_target_modules=["lm_head", "q_proj", "v_proj"], seed=1)
+    return PPOConfig(**{**settings, **kw})
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_score_rises_while_kl_stays_bounded(tmp_path, tiny_model_dir, prompt_file):
+    # Reward: the share of the response's characters that are "e". The random tiny model starts
+    # near 0.1; seeds 1 and 2 reached 0.23-0.26 over the last 10 of 50 iterations when this test
+    # was written, with KL at 11-20 nats per 8-token response.
+    out = tmp_path / "ppo"
+    run_ppo(ppo_cfg(tiny_model_dir, prompt_file, out, iterations=50))
+    rows = metrics(out)
+    first = sum(r["objective/scores"] for r in rows[:10]) / 10
+    last = sum(r["objective/scores"] for r in rows[-10:]) / 10
+    assert last > first + 0.05, (first, last)
+    assert max(r["objective/kl"] for r in rows) < 40.0
+    assert {"objective/kl", "objective/entropy", "ppo/policy/clipfrac", "ppo/val/vpred", "response/length_mean",
+            "objective/rlhf_reward"} <= set(rows[-1])
+    # The adapter, the value head and the tokenizer are saved and load back through peft.
+    from peft import AutoPeftModelForCausalLM
+
+    AutoPeftModelForCausalLM.from_pretrained(out / "final")
+    assert (out / "final" / "value_head.pt").exists() and (out / "loss.png").exists()
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"prompt", "response", "score", "kl", "step"} <= set(samples[0])
+
+
+@pytest.mark.slow
+def test_adaptive_controller_raises_the_coefficient_when_kl_overshoots(tmp_path, tiny_model_dir, prompt_file):
+    out = tmp_path / "ppo"
+    run_ppo(ppo_cfg(tiny_model_dir, prompt_file, out, iterations=12, adaptive_kl=True, kl_target=0.5, kl_horizon=50))
+    coefs = [r["objective/kl_coef"] for r in metrics(out)]
+    assert coefs[0] == pytest.approx(0.01) and coefs[-1] > coefs[0] * 1.3  # at most 1.064x per iteration
+
+
+@pytest.mark.slow
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, prompt_file):
+    straight = ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "straight", iterations=5, checkpoint_every=2, adaptive_kl=True,
+                       kl_target=1.0, kl_horizon=100)
+    run_ppo(straight)
+    crashy = straight.model_copy(update={"out": str(tmp_path / "crashy")})
+    from cai.train.config import save_config
+    from cai.train.rewards import RuleScorer
+
+    rule, calls = RuleScorer("rule:share=e"), {"n": 0}
+
+    def crashing(prompts, responses):
+        calls["n"] += 1
+        if calls["n"] == 4:  # iteration 4, after the checkpoint at iteration 2
+            raise RuntimeError("simulated crash")
+        return rule(prompts, responses)
+
+    save_config(crashy, Path(crashy.out))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        PPOTrainer(crashy, scorer=crashing).train()
+    assert len(metrics(Path(crashy.out))) == 3  # iteration 3 was logged, then lost with the crash
+    run_ppo(crashy)  # a fresh process would do the same: resumes from the iteration-2 checkpoint
+    timing = ("seconds", "time/rollout_s", "time/score_s")
+    strip = [{k: v for k, v in r.items() if k not in timing} for r in metrics(Path(straight.out))]
+    got = [{k: v for k, v in r.items() if k not in timing} for r in metrics(Path(crashy.out))]
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
+    for a, b in zip(strip, got):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+
+
+@pytest.mark.slow
+def test_changed_settings_refuse_to_resume(tmp_path, tiny_model_dir, prompt_file):
+    c = ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "ppo", iterations=1)
+    run_ppo(c)
+    with pytest.raises(ValueError, match="other settings \\(lr\\)"):
+        run_ppo(c.model_copy(update={"lr": 1e-3}))
+
+
+@pytest.mark.slow
+def test_reward_model_from_cai_train_rm_scores_the_rollouts(tmp_path, tiny_model_dir, prompt_file):
+    from cai.train.config import TrainConfig
+    from cai.train.run import run_training
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": p, "chosen": "Sure, here is a calm answer.", "rejected": "No."}) + "\n"
+                             for p in PROMPTS))
+    run_training(TrainConfig(kind="rm", model=str(tiny_model_dir), data=str(pairs), out=str(tmp_path / "rm"), max_steps=2,
+                             eval_fraction=0.0, batch_size=4))
+    out = tmp_path / "ppo"
+    run_ppo(ppo_cfg(tiny_model_dir, prompt_file, out, reward=str(tmp_path / "rm" / "final"), iterations=2, batch_size=4))
+    rows = metrics(out)
+    assert len(rows) == 2 and all(math.isfinite(r["objective/scores"]) for r in rows)
+    # Same texts through the scorer again give the logged scores (the reward model is deterministic).
+    from cai.train.rewards import load_scorer
+
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    again = load_scorer(str(tmp_path / "rm" / "final"))([s["prompt"] for s in samples], [s["response"] for s in samples])
+    assert again == pytest.approx([s["score"] for s in samples], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_judge_as_reward_and_gold_score_over_http(tmp_path, tiny_model_dir, prompt_file, judge, monkeypatch):
+    from tests.conftest import JUDGE_KEY
+
+    monkeypatch.setenv("CAI_JUDGE_API_KEY", JUDGE_KEY)
+    out = tmp_path / "ppo"
+    run_ppo(ppo_cfg(tiny_model_dir, prompt_file, out, reward="judge", judge_url=judge.url, gold_judge_every=1, iterations=2,
+                    batch_size=4))
+    rows = metrics(out)
+    for r in rows:
+        assert -1.0 <= r["objective/scores"] <= 1.0
+        assert r["eval/judge_score"] == pytest.approx(r["objective/scores"], abs=1e-6)  # same judge, same samples
