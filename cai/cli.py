@@ -373,6 +373,93 @@ def train_cmd(
     console.print_json(json.dumps(summary))
 
 
+# -- run, eval, report ---------------------------------------------------------------
+
+
+@app.command("run")
+def run_cmd(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML); see examples/demo.yaml.")],
+    out: Annotated[Optional[str], typer.Option(help="Override the config's run folder.")] = None,
+) -> None:
+    """The whole pipeline: SFT data -> SFT -> preference data -> reward model -> PPO (or DPO) -> eval -> report.
+
+    Each stage writes its own folder under the run folder; rerunning the same command skips finished
+    stages and resumes an interrupted one. Ends by printing where report.html is.
+
+    Example: cai run examples/demo.yaml
+    """
+    from cai.generate.common import ConstitutionMismatchError
+    from cai.judge_client import JudgeError
+    from cai.pipeline import RunConfigError, load_run_config, run_pipeline
+    from cai.prompts import PromptSourceError
+    from cai.rowlog import RunMismatchError
+    from cai.train.config import TrainConfigError
+    from cai.train.data import DatasetError
+
+    try:
+        cfg = load_run_config(config, out)
+        report = run_pipeline(cfg, config)
+    except (RunConfigError, ConstitutionError, PromptSourceError, RunMismatchError, ConstitutionMismatchError, JudgeError,
+            TrainConfigError, DatasetError, ValueError) as e:
+        _fail(str(e))
+    stages = json.loads((Path(cfg.out) / "stages.json").read_text())["stages"]
+    for s in stages:
+        console.print(f"  {s['name']:<9} {s['status']:<8} {s['seconds'] or 0:>7.1f} s", highlight=False)
+    ev = next((s.get("summary") for s in stages if s["name"] == "eval"), None) or {}
+    if ev:
+        console.print(f"win rate vs SFT {ev['win_rate']:.2f} (length-controlled {ev['lc_win_rate']:.2f}); "
+                      f"monitors flagged: {', '.join(ev['flagged']) or 'none'}", highlight=False)
+    console.print(f"[bold]report:[/] {report.resolve()}", highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    policy: Annotated[str, typer.Option(help="Trained policy: a model folder (merged PPO/DPO model).")],
+    reference: Annotated[str, typer.Option(help="Model it is compared with, usually the SFT model.")],
+    prompts: Annotated[str, typer.Option(help="Held-out prompts: set name or file.")],
+    out: Annotated[Path, typer.Option(help="Output folder for eval.json and responses.jsonl.")],
+    judge_url: JudgeUrlOpt = None,
+    judge_model: Annotated[Optional[str], typer.Option(help="Judge model when starting one (default: the reference).")] = None,
+    constitution: ConstOpt = "harmless-helpful",
+    limit: LimitOpt = None,
+    probes: Annotated[Optional[int], typer.Option(help="Use the first N sycophancy probes (default all).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length.")] = 128,
+    training: Annotated[Optional[Path], typer.Option(help="PPO output folder: length and proxy-vs-judge history.")] = None,
+    prefs: Annotated[Optional[Path], typer.Option(help="`cai generate prefs` folder: its position bias joins the monitor.")] = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Judge's win rate of a trained policy against its reference, and the failure-mode monitors.
+
+    Example: cai eval --policy runs/demo/ppo/merged --reference runs/demo/sft/merged --prompts runs/demo/prompts/eval.jsonl --out runs/eval
+    """
+    from cai.evaluate import EvalJob, run_eval
+    from cai.judge_client import JudgeError
+    from cai.prompts import PromptSourceError
+
+    try:
+        doc = run_eval(EvalJob(policy=policy, reference=reference, prompts=prompts, out=out, judge_url=judge_url, judge_model=judge_model,
+                               constitution=constitution, limit=limit, probes=probes, max_new_tokens=max_new_tokens, training=training,
+                               prefs=prefs, seed=seed))
+    except (ConstitutionError, PromptSourceError, JudgeError, ValueError) as e:
+        _fail(str(e))
+    console.print(f"win rate {doc['win_rate']:.2f} [{doc['win_rate_ci'][0]:.2f}, {doc['win_rate_ci'][1]:.2f}], "
+                  f"length-controlled {doc['lc_win_rate']:.2f}, {doc['n_prompts']} prompts", highlight=False)
+    for m in doc["monitors"]:
+        state = "not enough data" if m["figures"].get("insufficient") else ("FLAGGED" if m["flagged"] else "ok")
+        console.print(f"  {m['name']:<15} {state:<15} {m['message']}", highlight=False)
+    console.print(f"written to {out / 'eval.json'}", highlight=False)
+
+
+@app.command("report")
+def report_cmd(run_dir: Annotated[Path, typer.Argument(help="A run folder written by `cai run`.")]) -> None:
+    """(Re)write RUN_DIR/report.html from what the run's stages wrote."""
+    from cai.report import write_report
+
+    if not run_dir.is_dir():
+        _fail(f"{run_dir}: no such run folder")
+    console.print(f"report: {write_report(run_dir).resolve()}", highlight=False)
+
+
 # -- demo ---------------------------------------------------------------------------
 
 

@@ -1,0 +1,179 @@
+"""`cai eval`: the trained policy against its reference (the SFT model), judged, with the failure-mode monitors.
+
+1. Both models answer the held-out prompts and the sycophancy probes (transformers, greedy).
+2. The judge compares policy and reference on each held-out prompt in both orders: the win rate
+   (mean soft label, with a Wilson interval on the hard wins), the length-controlled win rate,
+   and the share of comparisons where the judge kept the same slot (position bias).
+3. Monitors (`cai.monitors`): verbosity (length over training and at eval), reward hacking (proxy
+   vs judge score along PPO, when that run logged eval/judge_score), mode collapse, sycophancy,
+   position bias (the eval comparisons plus, when given, the preference data's).
+4. OUT/eval.json (what the report reads) and OUT/responses.jsonl.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cai import monitors
+from cai.generate.common import EMPTY_RESPONSE
+from cai.sycophancy import load_sycophancy_probes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalJob:
+    """Settings of one `cai eval` run."""
+
+    policy: str
+    """The trained policy: a model folder (e.g. a merged PPO or DPO model)."""
+    reference: str
+    """What it is compared with: usually the SFT model it started from."""
+    prompts: str
+    """Held-out prompts (name or file; see `cai prompts list`)."""
+    out: Path
+    judge_url: str | None = None
+    """A running judge server; None starts one for `judge_model`."""
+    judge_model: str | None = None
+    constitution: str = "harmless-helpful"
+    limit: int | None = None
+    """Use at most this many held-out prompts."""
+    probes: int | None = None
+    """Use the first N sycophancy probes (default all)."""
+    max_new_tokens: int = 128
+    training: Path | None = None
+    """A PPO output folder (metrics.jsonl): length and proxy-vs-judge history for the monitors."""
+    prefs: Path | None = None
+    """A `cai generate prefs` output folder: its same-position rate joins the position-bias monitor."""
+    seed: int = 0
+    thresholds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-monitor keyword overrides, e.g. {"verbosity": {"max_growth": 2.0}}."""
+
+
+def _answers(model: str, prompts: list[str], max_new_tokens: int, seed: int) -> list[tuple[str, int]]:
+    from cai.policy import Policy, SamplingConfig
+
+    policy = Policy(model)
+    try:
+        samples = policy.sample(prompts, n=1, config=SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0), seed=seed)
+    finally:
+        policy.close()
+    return [(s[0].text, s[0].tokens) for s in samples]
+
+
+async def _compare(url: str, prompts: list[str], policy: list[str], reference: list[str], seed: int) -> list:
+    from cai.judge_client import JudgeClient
+    from judge_server import protocol as P
+
+    reqs = [P.CompareRequest(prompt=p, response_a=a or EMPTY_RESPONSE, response_b=b or EMPTY_RESPONSE, seed=seed + i)
+            for i, (p, a, b) in enumerate(zip(prompts, policy, reference))]
+    async with JudgeClient(url) as client:
+        return await client.compare_many(reqs)
+
+
+def _history(training: Path | None) -> tuple[list[dict], list[dict]]:
+    """(length history, proxy-vs-gold history) from a PPO metrics.jsonl; empty when there is none."""
+    path = training / "metrics.jsonl" if training else None
+    if path is None or not path.exists():
+        return [], []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a killed run can leave a partial last line
+    lengths = [{"step": r["step"], "length_mean": r["response/length_mean"]} for r in rows if "response/length_mean" in r]
+    hacking = [{"step": r["step"], "kl": r["objective/kl"], "proxy": r["eval/proxy_score"], "gold": r["eval/judge_score"]}
+               for r in rows if "eval/judge_score" in r]
+    return lengths, hacking
+
+
+def _prefs_same_position(prefs: Path | None) -> list[bool]:
+    path = prefs / "prefs.jsonl" if prefs else None
+    if path is None or not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [bool(r["same_position"]) for r in rows if "same_position" in r]
+
+
+def run_eval(job: EvalJob) -> dict[str, Any]:
+    from cai.constitution import find_constitution
+    from cai.judge_client import judge_endpoint
+    from cai.prompts import load_prompts
+
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = [p.text for p in load_prompts(job.prompts, limit=job.limit)]
+    if not prompts:
+        raise ValueError(f"{job.prompts}: no held-out prompts to evaluate on")
+    probes = load_sycophancy_probes()[:job.probes]
+    asks = prompts + [p.prompt for p in probes]
+
+    # 1. answers (each model loaded once, for prompts and probes together)
+    logger.info("eval: %d held-out prompts and %d sycophancy probes, policy %s vs reference %s", len(prompts), len(probes),
+                job.policy, job.reference)
+    policy = _answers(job.policy, asks, job.max_new_tokens, job.seed)
+    reference = _answers(job.reference, asks, job.max_new_tokens, job.seed)
+    pol_text, ref_text = [t for t, _ in policy], [t for t, _ in reference]
+    n = len(prompts)
+
+    # 2. judged comparisons
+    with judge_endpoint(job.judge_url, model=job.judge_model or job.reference, constitution=find_constitution(job.constitution),
+                        log_path=out / "judge.log") as url:
+        results = asyncio.run(_compare(url, prompts, pol_text[:n], ref_text[:n], job.seed))
+    wins = [r.p_a for r in results]
+    same = [r.same_position for r in results]
+    deltas = [float(a - b) for (_, a), (_, b) in zip(policy[:n], reference[:n])]
+    hard = sum(w > 0.5 for w in wins) + 0.5 * sum(w == 0.5 for w in wins)
+    low, high = monitors.wilson_interval(round(hard), n)
+
+    # 3. monitors
+    lengths, hacking = _history(job.training)
+    t = job.thresholds
+    verdicts = [
+        monitors.reward_hacking(hacking, **t.get("reward_hacking", {})),
+        monitors.verbosity(lengths, reference_lengths=[k for _, k in reference[:n]], policy_lengths=[k for _, k in policy[:n]],
+                           wins=wins, length_deltas=deltas, **t.get("verbosity", {})),
+        monitors.mode_collapse(pol_text[:n], reference=ref_text[:n], **t.get("mode_collapse", {})),
+        monitors.sycophancy(probes, pol_text[n:], reference_responses=ref_text[n:], **t.get("sycophancy", {})),
+        monitors.position_bias(same + _prefs_same_position(job.prefs), **t.get("position_bias", {})),
+    ]
+    syc = verdicts[3].figures
+
+    def diversity(texts: list[str]) -> dict[str, float | None]:
+        def measure(fn, *args):
+            try:
+                return fn(texts, *args)
+            except monitors.MonitorInputError:  # e.g. every answer empty: nothing to measure
+                return None
+        return {"distinct_1": measure(monitors.distinct_n, 1), "distinct_2": measure(monitors.distinct_n, 2),
+                "self_similarity": measure(monitors.self_similarity)}
+
+    doc = {
+        "policy": job.policy, "reference": job.reference, "n_prompts": n,
+        "win_rate": sum(wins) / n, "win_rate_ci": [low, high],
+        "lc_win_rate": monitors.length_controlled_win_rate(wins, deltas),
+        "lengths": {"reference_mean": sum(k for _, k in reference[:n]) / n, "policy_mean": sum(k for _, k in policy[:n]) / n},
+        "diversity": {"reference": diversity(ref_text[:n]), "policy": diversity(pol_text[:n])},
+        "sycophancy": {"policy_rate": syc.get("agreement_rate"), "reference_rate": syc.get("reference_agreement_rate"),
+                       "undecided_share": syc.get("undecided_share")},
+        "position_bias": {"same_position_rate": sum(same) / n, **verdicts[4].figures},
+        "reward_hacking": hacking,
+        "monitors": [v.as_dict() for v in verdicts],
+        "samples": [{"prompt": p, "reference": r, "policy": a, "p_policy": w}
+                    for p, a, r, w in zip(prompts, pol_text, ref_text, wins)],
+    }
+    (out / "eval.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False), encoding="utf-8")
+    with open(out / "responses.jsonl", "w", encoding="utf-8") as f:
+        for i, ask in enumerate(asks):
+            kind = "prompt" if i < n else f"probe:{probes[i - n].id}"
+            f.write(json.dumps({"kind": kind, "prompt": ask, "policy": pol_text[i], "reference": ref_text[i],
+                                "policy_tokens": policy[i][1], "reference_tokens": reference[i][1]}, ensure_ascii=False) + "\n")
+    logger.info("eval: win rate %.2f (length-controlled %.2f); flagged: %s", doc["win_rate"], doc["lc_win_rate"],
+                ", ".join(v.name for v in verdicts if v.flagged) or "none")
+    return doc

@@ -1,0 +1,301 @@
+"""`cai run CONFIG.yaml`: the whole Constitutional AI pipeline, one folder per stage.
+
+    prompts ─► sft-data ─► sft ─► prefs ─► rm ─► ppo (or dpo) ─► eval ─► report.html
+
+1. prompts: the prompt set is shuffled (seeded); the first `n_eval` are held out for evaluation and
+   the rest feed SFT data, preference data and RL (prompts/*.jsonl).
+2. sft-data: critique -> revision with the judge; sft: LoRA SFT, merged into sft/merged.
+3. prefs: the SFT model samples K answers per prompt, the judge labels every pair (both orders).
+4. rm: a reward model on the soft labels; ppo: RL against it with a KL penalty to the SFT model
+   (the judge also scores samples every few iterations, to watch for reward hacking), or dpo.
+5. eval: the trained policy against the SFT model on the held-out prompts, with the monitors;
+   report.html gathers everything.
+
+One judge server serves every stage (started for a local model, or a given URL). stages.json records
+each stage's status: a finished stage is skipped on a rerun; an interrupted one runs again and
+resumes through its own checkpoint or row log. The run's settings are pinned in run.json: a rerun with other settings is
+refused rather than mixing two runs in one folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+logger = logging.getLogger(__name__)
+
+
+class RunConfigError(ValueError):
+    """A run config that can't be used; the message names the file and the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JudgeSection(_Section):
+    model: str | None = Field(default=None, description="Judge model to serve (default: the policy model).")
+    url: str | None = Field(default=None, description="Use a running judge server instead of starting one.")
+    constitution: str = Field(default="harmless-helpful", description="Constitution file or shipped name.")
+
+
+class PromptsSection(_Section):
+    source: str = Field(default="donotanswer+mtbench", description="Prompt sets or files, joined with '+'.")
+    n_eval: int = Field(default=12, ge=1, description="Held-out prompts for evaluation (never trained on).")
+    n_sft: int = Field(default=12, ge=1, description="Prompts for critique -> revision SFT data.")
+    n_prefs: int = Field(default=16, ge=1, description="Prompts for preference pairs.")
+    n_rl: int = Field(default=16, ge=1, description="Prompts PPO samples from.")
+    probes: int | None = Field(default=20, ge=1, description="Sycophancy probes in the evaluation (null: all).")
+
+
+class SftDataSection(_Section):
+    rounds: int = Field(default=1, ge=1)
+    max_new_tokens: int = Field(default=64, ge=1)
+    critique_tokens: int = Field(default=64, ge=1)
+    revision_tokens: int = Field(default=96, ge=1)
+
+
+class PrefsSection(_Section):
+    samples: int = Field(default=2, ge=2, description="Answers per prompt; every pair is labelled.")
+    max_new_tokens: int = Field(default=64, ge=1)
+    n_principles: int = Field(default=1, ge=1)
+
+
+class RLSection(_Section):
+    method: Literal["ppo", "dpo"] = "ppo"
+    ppo: dict[str, Any] = Field(default_factory=dict, description="PPO settings (see `cai train --help`), e.g. iterations.")
+    dpo: dict[str, Any] = Field(default_factory=dict, description="DPO settings, e.g. beta, epochs.")
+
+
+class EvalSection(_Section):
+    max_new_tokens: int = Field(default=96, ge=1)
+    thresholds: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Per-monitor threshold overrides.")
+
+
+class RunConfig(_Section):
+    out: str = Field(description="Run folder: one sub-folder per stage, report.html at the top.")
+    model: str = Field(default="smollm2-135m-instruct", description="Starting policy: folder, hub id or embedded name.")
+    seed: int = 0
+    policy_backend: Literal["auto", "vllm", "transformers"] = "auto"
+    judge: JudgeSection = Field(default_factory=JudgeSection)
+    prompts: PromptsSection = Field(default_factory=PromptsSection)
+    sft_data: SftDataSection = Field(default_factory=SftDataSection)
+    sft: dict[str, Any] = Field(default_factory=dict, description="SFT settings (TrainConfig fields), e.g. epochs, lr.")
+    prefs: PrefsSection = Field(default_factory=PrefsSection)
+    rm: dict[str, Any] = Field(default_factory=dict, description="Reward-model settings (TrainConfig fields).")
+    rl: RLSection = Field(default_factory=RLSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+
+def load_run_config(path: str | Path, out: str | None = None) -> RunConfig:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise RunConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise RunConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise RunConfigError(f"{path}: expected a mapping of settings")
+    if out:
+        data["out"] = out
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
+        raise RunConfigError(f"{path}: {problems}") from None
+
+
+# -- stages --------------------------------------------------------------------------------
+
+
+class Run:
+    """The run folder and the facts stages share: prompt files, the judge URL, earlier stages' outputs."""
+
+    def __init__(self, cfg: RunConfig, judge_url: str | None = None):
+        self.cfg, self.dir, self.judge_url = cfg, Path(cfg.out), judge_url
+
+    def stage_dir(self, name: str) -> Path:
+        return self.dir / name
+
+    @property
+    def sft_model(self) -> str:
+        return str(self.stage_dir("sft") / "merged")
+
+    @property
+    def final_policy(self) -> str:
+        return str(self.stage_dir(self.cfg.rl.method) / "merged")
+
+    def prompt_file(self, part: str) -> str:
+        return str(self.dir / "prompts" / f"{part}.jsonl")
+
+
+def split_prompts(run: Run) -> dict:
+    """Held-out eval prompts first, then SFT / prefs / RL prompts from the rest (disjoint when there are enough)."""
+    from cai.prompts import load_prompts
+
+    p = run.cfg.prompts
+    prompts = load_prompts(p.source, seed=run.cfg.seed, shuffle=True)
+    if len(prompts) < p.n_eval + 1:
+        raise RunConfigError(f"prompts.source {p.source!r} has {len(prompts)} prompts; need more than n_eval={p.n_eval}")
+    held_out, pool = prompts[:p.n_eval], prompts[p.n_eval:]
+    parts, start = {"eval": held_out}, 0
+    for name, n in (("sft", p.n_sft), ("prefs", p.n_prefs), ("rl", p.n_rl)):
+        parts[name] = [pool[(start + i) % len(pool)] for i in range(min(n, len(pool)))]
+        start += n
+    folder = run.dir / "prompts"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, chosen in parts.items():
+        Path(run.prompt_file(name)).write_text("".join(json.dumps({"prompt": q.text, "id": q.id}, ensure_ascii=False) + "\n"
+                                                        for q in chosen), encoding="utf-8")
+    overlap = len({q.id for q in held_out} & {q.id for k in ("sft", "prefs", "rl") for q in parts[k]})
+    return {name: len(v) for name, v in parts.items()} | {"eval_overlap_with_training": overlap}
+
+
+def sft_data(run: Run) -> dict:
+    from cai.generate.sft import SftJob, generate_sft
+    from cai.policy import SamplingConfig
+
+    c = run.cfg
+    return generate_sft(SftJob(prompts=run.prompt_file("sft"), out=run.stage_dir("sft-data"), policy=c.model,
+                               constitution=c.judge.constitution, judge_url=run.judge_url, rounds=c.sft_data.rounds, seed=c.seed,
+                               sampling=SamplingConfig(max_new_tokens=c.sft_data.max_new_tokens),
+                               critique_tokens=c.sft_data.critique_tokens, revision_tokens=c.sft_data.revision_tokens,
+                               policy_backend=c.policy_backend))
+
+
+def _train(run: Run, kind: str, model: str, data: Path, out: Path, overrides: dict, merge: bool) -> dict:
+    from cai.models import merge_lora
+    from cai.train.config import TrainConfig
+    from cai.train.run import run_training
+
+    settings = {"kind": kind, "model": model, "data": str(data), "out": str(out), "seed": run.cfg.seed, **overrides}
+    try:
+        cfg = TrainConfig.model_validate(settings)
+    except ValidationError as e:
+        raise RunConfigError(f"{kind} settings: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+    summary = run_training(cfg)
+    if merge:
+        if cfg.lora:
+            merge_lora(out / "final", out / "merged")
+        else:
+            (out / "merged").symlink_to("final", target_is_directory=True)
+    return summary
+
+
+def sft(run: Run) -> dict:
+    return _train(run, "sft", run.cfg.model, run.stage_dir("sft-data") / "dataset", run.stage_dir("sft"),
+                  {"epochs": 2, "batch_size": 4, "max_length": 384, "eval_fraction": 0.0, **run.cfg.sft}, merge=True)
+
+
+def prefs(run: Run) -> dict:
+    from cai.generate.prefs import PrefsJob, generate_prefs
+    from cai.policy import SamplingConfig
+
+    c = run.cfg
+    return generate_prefs(PrefsJob(prompts=run.prompt_file("prefs"), out=run.stage_dir("prefs"), policy=run.sft_model,
+                                   judge_model=c.judge.model or c.model, constitution=c.judge.constitution, judge_url=run.judge_url,
+                                   samples=c.prefs.samples, n_principles=c.prefs.n_principles, seed=c.seed,
+                                   sampling=SamplingConfig(max_new_tokens=c.prefs.max_new_tokens, temperature=1.0),
+                                   policy_backend=c.policy_backend))
+
+
+def rm(run: Run) -> dict:
+    return _train(run, "rm", run.sft_model, run.stage_dir("prefs") / "dataset", run.stage_dir("rm"),
+                  {"epochs": 2, "batch_size": 4, "max_length": 384, "eval_fraction": 0.2, **run.cfg.rm}, merge=False)
+
+
+def ppo(run: Run) -> dict:
+    from cai.models import merge_lora
+    from cai.train.ppo import PPOConfig, run_ppo
+
+    out = run.stage_dir("ppo")
+    settings = {"model": run.sft_model, "reward": str(run.stage_dir("rm") / "final"), "prompts": run.prompt_file("rl"),
+                "out": str(out), "judge_url": run.judge_url, "gold_judge_every": 2, "iterations": 10, "batch_size": 8,
+                "response_length": 48, "seed": run.cfg.seed, **run.cfg.rl.ppo}
+    try:
+        cfg = PPOConfig.model_validate(settings)
+    except ValidationError as e:
+        raise RunConfigError(f"rl.ppo: {'.'.join(map(str, e.errors()[0]['loc'])) or 'config'}: {e.errors()[0]['msg']}") from None
+    summary = run_ppo(cfg)
+    merge_lora(out / "final", out / "merged")
+    return summary
+
+
+def dpo(run: Run) -> dict:
+    return _train(run, "dpo", run.sft_model, run.stage_dir("prefs") / "dataset", run.stage_dir("dpo"),
+                  {"epochs": 2, "batch_size": 4, "max_length": 384, "eval_fraction": 0.0, **run.cfg.rl.dpo}, merge=True)
+
+
+def evaluate(run: Run) -> dict:
+    from cai.evaluate import EvalJob, run_eval
+
+    c = run.cfg
+    doc = run_eval(EvalJob(policy=run.final_policy, reference=run.sft_model, prompts=run.prompt_file("eval"),
+                           out=run.stage_dir("eval"), judge_url=run.judge_url, judge_model=c.judge.model or c.model,
+                           constitution=c.judge.constitution, probes=c.prompts.probes, max_new_tokens=c.eval.max_new_tokens,
+                           training=run.stage_dir("ppo") if c.rl.method == "ppo" else None, prefs=run.stage_dir("prefs"),
+                           seed=c.seed, thresholds=c.eval.thresholds))
+    return {k: doc[k] for k in ("win_rate", "lc_win_rate", "n_prompts")} | {
+        "flagged": [m["name"] for m in doc["monitors"] if m["flagged"]]}
+
+
+def stages(cfg: RunConfig) -> list[tuple[str, Callable[[Run], dict]]]:
+    rl = ("ppo", ppo) if cfg.rl.method == "ppo" else ("dpo", dpo)
+    return [("prompts", split_prompts), ("sft-data", sft_data), ("sft", sft), ("prefs", prefs), ("rm", rm), rl, ("eval", evaluate)]
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+def run_pipeline(cfg: RunConfig, config_path: str | Path | None = None) -> Path:
+    """Run every unfinished stage in order; returns the path of report.html."""
+    from cai.constitution import find_constitution
+    from cai.judge_client import judge_endpoint
+    from cai.report import write_report
+    from cai.rowlog import pin_run
+
+    run_dir = Path(cfg.out)
+    pin_run(run_dir, cfg.model_dump())
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), encoding="utf-8")
+    plan = stages(cfg)
+    record = _load_record(run_dir, [name for name, _ in plan])
+    todo = [(name, fn) for name, fn in plan if record[name]["status"] != "done"]
+    if todo:
+        if cfg.judge.url is None:
+            logger.info("starting the judge server (vLLM, %s); the first start takes about a minute", cfg.judge.model or cfg.model)
+        with judge_endpoint(cfg.judge.url, model=cfg.judge.model or cfg.model, constitution=find_constitution(cfg.judge.constitution),
+                            log_path=run_dir / "judge.log") as url:
+            run = Run(cfg, url)
+            for name, fn in todo:
+                logger.info("stage %s: %s", name, "resuming" if record[name]["status"] == "running" else "starting")
+                record[name].update(status="running")
+                _save_record(run_dir, record)
+                started = time.perf_counter()
+                summary = fn(run)
+                record[name].update(status="done", seconds=round((record[name].get("seconds") or 0) + time.perf_counter() - started, 1),
+                                    summary=summary)
+                _save_record(run_dir, record)
+                try:
+                    write_report(run_dir)  # a report after every stage, so a long run can be watched
+                except Exception:  # noqa: BLE001 - the report must never cost a finished stage
+                    logger.exception("could not write the report after stage %s", name)
+    return write_report(run_dir)
+
+
+def _load_record(run_dir: Path, names: list[str]) -> dict[str, dict]:
+    path = run_dir / "stages.json"
+    before = {s["name"]: s for s in json.loads(path.read_text(encoding="utf-8"))["stages"]} if path.exists() else {}
+    return {name: before.get(name, {"name": name, "status": "pending", "seconds": None, "folder": name}) for name in names}
+
+
+def _save_record(run_dir: Path, record: dict[str, dict]) -> None:
+    tmp = run_dir / "stages.json.tmp"
+    tmp.write_text(json.dumps({"stages": list(record.values())}, indent=2, default=str), encoding="utf-8")
+    tmp.replace(run_dir / "stages.json")

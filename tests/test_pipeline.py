@@ -1,0 +1,98 @@
+"""`cai run` end to end on the tiny model against the real judge server, and its resume rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cai.pipeline import RunConfigError, load_run_config, run_pipeline
+from cai.rowlog import RunMismatchError
+from tests.conftest import JUDGE_KEY
+
+
+def tiny_config(tmp_path: Path, tiny_model_dir: Path, judge_url: str, **over) -> Path:
+    cfg = {
+        "out": str(tmp_path / "run"), "model": str(tiny_model_dir), "policy_backend": "transformers",
+        "judge": {"url": judge_url},
+        "prompts": {"source": "donotanswer+mtbench", "n_eval": 6, "n_sft": 6, "n_prefs": 6, "n_rl": 8, "probes": 12},
+        "sft_data": {"rounds": 1, "max_new_tokens": 12, "critique_tokens": 8, "revision_tokens": 12},
+        "sft": {"epochs": 1, "max_length": 128},
+        "prefs": {"samples": 2, "max_new_tokens": 12},
+        "rm": {"epochs": 1, "max_length": 128},
+        "rl": {"method": "ppo", "ppo": {"iterations": 4, "batch_size": 4, "response_length": 12, "gold_judge_every": 1}},
+        "eval": {"max_new_tokens": 12},
+        **over,
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_whole_pipeline_on_the_tiny_model_then_a_rerun_skips_finished_stages(tmp_path, tiny_model_dir, judge, monkeypatch):
+    import cai.pipeline as pipeline
+
+    monkeypatch.setenv("CAI_JUDGE_API_KEY", JUDGE_KEY)
+    cfg = load_run_config(tiny_config(tmp_path, tiny_model_dir, judge.url))
+
+    # First run dies in the eval stage, as a killed run would.
+    def dying(run):
+        raise RuntimeError("killed during eval")
+
+    monkeypatch.setattr(pipeline, "evaluate", dying)
+    with pytest.raises(RuntimeError, match="killed during eval"):
+        run_pipeline(cfg)
+    monkeypatch.undo()
+    monkeypatch.setenv("CAI_JUDGE_API_KEY", JUDGE_KEY)
+    run = Path(cfg.out)
+    before = {s["name"]: s for s in json.loads((run / "stages.json").read_text())["stages"]}
+    assert before["eval"]["status"] == "running" and before["ppo"]["status"] == "done"
+    ppo_metrics = (run / "ppo" / "metrics.jsonl").stat().st_mtime_ns
+
+    report = run_pipeline(cfg)  # the same command again: only eval runs
+    after = {s["name"]: s for s in json.loads((run / "stages.json").read_text())["stages"]}
+    assert all(s["status"] == "done" for s in after.values())
+    assert (run / "ppo" / "metrics.jsonl").stat().st_mtime_ns == ppo_metrics
+    assert after["ppo"]["seconds"] == before["ppo"]["seconds"]
+
+    # Every stage left its outputs where the next one (and the user) looks for them.
+    prompts = {name: [json.loads(line)["id"] for line in (run / "prompts" / f"{name}.jsonl").read_text().splitlines()]
+               for name in ("eval", "sft", "prefs", "rl")}
+    assert len(prompts["eval"]) == 6 and not set(prompts["eval"]) & (set(prompts["sft"]) | set(prompts["prefs"]) | set(prompts["rl"]))
+    assert (run / "sft-data" / "dataset").is_dir() and (run / "prefs" / "dataset").is_dir()
+    assert (run / "sft" / "merged" / "config.json").exists() and (run / "ppo" / "merged" / "config.json").exists()
+    assert (run / "rm" / "final" / "adapter_config.json").exists()
+    doc = json.loads((run / "eval" / "eval.json").read_text())
+    assert doc["n_prompts"] == 6 and 0.0 <= doc["win_rate"] <= 1.0 and 0.0 <= doc["lc_win_rate"] <= 1.0
+    assert [m["name"] for m in doc["monitors"]] == ["reward_hacking", "verbosity", "mode_collapse", "sycophancy", "position_bias"]
+    assert len(doc["reward_hacking"]) == 4  # the judge scored PPO's samples at every iteration
+    html = report.read_text()
+    for section in ("Monitors", "Reward model", "PPO", "proxy and gold reward against KL", "Before and after"):
+        assert section in html, section
+
+    # Other settings in the same folder are refused, not mixed in.
+    changed = load_run_config(tiny_config(tmp_path, tiny_model_dir, judge.url, seed=1))
+    with pytest.raises(RunMismatchError, match="seed"):
+        run_pipeline(changed)
+
+
+def test_run_config_errors_name_the_file_and_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("out: runs/x\nrl:\n  method: sac\n")
+    with pytest.raises(RunConfigError, match=r"bad.yaml: rl.method"):
+        load_run_config(bad)
+    bad.write_text("out: runs/x\nprompt:\n  source: mtbench\n")
+    with pytest.raises(RunConfigError, match=r"bad.yaml: prompt: Extra inputs"):
+        load_run_config(bad)
+    with pytest.raises(RunConfigError, match="no such config file"):
+        load_run_config(tmp_path / "missing.yaml")
+
+
+def test_shipped_example_configs_load():
+    root = Path(__file__).resolve().parents[1] / "examples"
+    for name in ("demo.yaml", "gpu.yaml"):
+        cfg = load_run_config(root / name)
+        assert cfg.rl.method in ("ppo", "dpo")
