@@ -5,7 +5,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/cai demo
+	.venv/bin/cai run examples/demo.yaml
 
 test: setup
 	.venv/bin/python -m pytest

@@ -234,3 +234,35 @@ def test_judge_as_reward_and_gold_score_over_http(tmp_path, tiny_model_dir, prom
     for r in rows:
         assert -1.0 <= r["objective/scores"] <= 1.0
         assert r["eval/judge_score"] == pytest.approx(r["objective/scores"], abs=1e-6)  # same judge, same samples
+
+
+@pytest.mark.slow
+def test_a_reward_that_pays_for_length_trips_the_verbosity_monitor(tmp_path, tiny_model_dir, prompt_file):
+    """A real run built to fail: SFT teaches the tiny model to stop after a few words, then PPO
+    with `rule:length` pays per character. The verbosity monitor reads the run's metrics.jsonl
+    (as `cai eval` does) and flags it; the same monitor on the `rule:share=e` run above, whose
+    responses already use the whole budget, does not."""
+    from cai.evaluate import _history
+    from cai.monitors import verbosity
+    from cai.models import merge_lora
+    from cai.train.config import TrainConfig
+    from cai.train.run import run_training
+
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "Ok, sure thing."}]}) + "\n"
+                             for p in PROMPTS))
+    run_training(TrainConfig(kind="sft", model=str(tiny_model_dir), data=str(short), out=str(tmp_path / "sft"), epochs=30, lr=1e-3,
+                             batch_size=8, eval_fraction=0.0, lora_target_modules=["lm_head", "q_proj", "v_proj"]))
+    sft_model = merge_lora(tmp_path / "sft" / "final", tmp_path / "sft" / "merged")
+    out = tmp_path / "ppo"
+    run_ppo(ppo_cfg(sft_model, prompt_file, out, reward="rule:length", response_length=32, iterations=20, kl_coef=0.01))
+    lengths, _ = _history(out)
+    assert lengths[0]["length_mean"] < 16, lengths[0]  # the SFT model stops early (12.6 of 24 tokens when written)
+    verdict = verbosity(lengths)
+    assert verdict.flagged, verdict.message
+    assert verdict.figures["growth"] > 1.5
+
+    clean = tmp_path / "clean"
+    run_ppo(ppo_cfg(tiny_model_dir, prompt_file, clean, iterations=10, response_length=8))
+    quiet = verbosity(_history(clean)[0])
+    assert not quiet.flagged and not quiet.figures["insufficient"], quiet.message

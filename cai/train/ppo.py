@@ -103,12 +103,18 @@ class PolicyWithValue(torch.nn.Module):
         torch.nn.init.normal_(self.value_head.weight, std=1 / math.sqrt(hidden_size + 1))
         torch.nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) -> logits (B, T, V), values (B, T)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """query + response (B, Tq + R) -> logits (B, R, V) and values (B, R) at the positions that predict the response.
+
+        Only those R positions go through the LM head: the query's logits would be thrown away,
+        and with a 49k vocabulary the head is a fifth of a small model's arithmetic per token.
+        """
         # Queries are left-padded: positions count real tokens only, as in generation.
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True)
-        return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1).float()
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True,
+                      logits_to_keep=response_length + 1)
+        hidden = out.hidden_states[-1][:, -(response_length + 1):-1]
+        return out.logits[:, :-1], self.value_head(hidden).squeeze(-1).float()
 
 
 class PPOTrainer:
@@ -214,12 +220,12 @@ class PPOTrainer:
         with torch.no_grad(), self._autocast():
             logprobs, values, ref_logprobs = [], [], []
             for mb in self._minibatches(iteration, epoch=-1, shuffle=False):
-                logits, v = self.model(full[mb], full_mask[mb])
-                logprobs.append(self._response_logprobs(logits, responses[mb], width))
-                values.append(v[:, width - 1:-1])
+                logits, v = self.model(full[mb], full_mask[mb], cfg.response_length)
+                logprobs.append(self._response_logprobs(logits, responses[mb]))
+                values.append(v)
                 with self.model.lm.disable_adapter():
-                    ref_logits, _ = self.model(full[mb], full_mask[mb])
-                ref_logprobs.append(self._response_logprobs(ref_logits, responses[mb], width))
+                    ref_logits, _ = self.model(full[mb], full_mask[mb], cfg.response_length)
+                ref_logprobs.append(self._response_logprobs(ref_logits, responses[mb]))
             logprobs, values, ref_logprobs = torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs)
         maskf = mask.float()
 
@@ -240,10 +246,9 @@ class PPOTrainer:
         for epoch in range(cfg.ppo_epochs):
             for mb in self._minibatches(iteration, epoch, shuffle=True):
                 with self._autocast():
-                    logits, vpred = self.model(full[mb], full_mask[mb])
-                    resp_logits = logits[:, width - 1:-1].float() / cfg.temperature
+                    logits, vpred = self.model(full[mb], full_mask[mb], cfg.response_length)
+                    resp_logits = logits.float() / cfg.temperature
                     new_logprobs = token_logprobs(resp_logits, responses[mb])
-                    vpred = vpred[:, width - 1:-1]
                     pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[mb], advantages[mb], maskf[mb], cfg.cliprange)
                     vf_loss, vf_stats = value_loss(vpred, values[mb], returns[mb], maskf[mb], cfg.cliprange_value)
                     entropy = masked_mean(entropy_from_logits(resp_logits), maskf[mb])
@@ -290,9 +295,9 @@ class PPOTrainer:
                    for p, t, s, k in zip(prompts, texts, raw_scores.tolist(), seq_kl.tolist())]
         return record, samples
 
-    def _response_logprobs(self, logits: torch.Tensor, responses: torch.Tensor, width: int) -> torch.Tensor:
-        """log pi(response_t | query, response_<t) at the sampling temperature. -> (B, R)"""
-        return token_logprobs(logits[:, width - 1:-1].float() / self.cfg.temperature, responses)
+    def _response_logprobs(self, logits: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+        """log pi(response_t | query, response_<t) at the sampling temperature. (B, R, V) -> (B, R)"""
+        return token_logprobs(logits.float() / self.cfg.temperature, responses)
 
     def _minibatches(self, iteration: int, epoch: int, shuffle: bool) -> list[torch.Tensor]:
         b, size = self.cfg.batch_size, self.cfg.batch_size // self.cfg.mini_batches
