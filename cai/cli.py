@@ -41,6 +41,8 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
         format="%(message)s",
         handlers=[RichHandler(console=err_console, show_path=False)],
     )
+    # One line per judge request buries the progress bars; --verbose brings them back.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def _fail(message: str, code: int = 1) -> None:

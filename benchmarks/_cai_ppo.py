@@ -1,0 +1,222 @@
+"""cai's own PPO (`cai.train.ppo.PPOTrainer`) timed per iteration, as one JSON object: the twin of `_trl_ppo.py`.
+
+Run by `benchmarks/ppo_throughput.py` as a subprocess, next to TRL's PPO, with the same knobs:
+
+    .venv/bin/python benchmarks/_cai_ppo.py --policy MODEL_DIR [--reward-model RM_DIR] --batch-size 8 \
+        --mini-batches 2 --response-length 32 --ppo-epochs 1 --iterations 4 --seed 0 [--prompts FILE.jsonl]
+
+One iteration is cai's `ppo_iteration`: rollout of `--batch-size` prompts, scoring with the reward model,
+log-probs and values (adapter on), reference log-probs (adapter off), GAE, then `--ppo-epochs` passes over
+`--mini-batches` minibatches (one optimiser step per minibatch). The policy is always base + LoRA (r=8,
+alpha=16, all-linear), as cai's PPO requires; the settings otherwise match `_trl_ppo.py` (temperature 1.0,
+kl_coef 0.05, k1, missing_eos_penalty 1.0, no gold judge).
+
+Timing and tokens come from the run's `metrics.jsonl`: `seconds` is the whole `ppo_iteration` and `tokens`
+the non-pad query tokens plus each response up to and including its first EOS (the same count as
+`_trl_ppo.py`). The first iteration is dropped as warm-up. Checkpoints are off (checkpoint_every is larger
+than the run); the one written after the last iteration, the final adapter and the loss plot come after
+the timed iterations.
+
+Memory: `rss_after_load_mib` is the resident set just before `trainer.train()` (policy with LoRA and value
+head, reward model, optimiser object built; every weight read once first, since transformers memory-maps
+the checkpoint); `peak_rss_mib` is `ru_maxrss` when the last iteration returns, before the final checkpoint,
+adapter save and matplotlib plot (`peak_rss_process_mib` is `ru_maxrss` at the very end); on CUDA also
+`torch.cuda.max_memory_allocated()`.
+
+All logs go to stderr (stdout is redirected at the file-descriptor level while the trainer runs, since
+rich's progress bar and transformers print to stdout); the JSON object is the only thing written to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _trl_ppo import DEFAULT_PROMPTS, load_prompt_texts, make_reward_model, rss_mib  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policy", required=True, help="local causal-LM folder (or a name cai.models.resolve_model knows)")
+    ap.add_argument("--reward-model", default=None,
+                    help="local sequence-classification folder (num_labels=1) with its tokenizer; default: one made "
+                         "from --policy with a seeded score head")
+    ap.add_argument("--prompts", default=None, help='JSONL file of {"prompt": ...}; default: the 64 prompts of _trl_ppo.py')
+    ap.add_argument("--batch-size", type=int, default=8, help="rollouts per iteration")
+    ap.add_argument("--mini-batches", type=int, default=2, help="minibatches per PPO epoch (one optimiser step each)")
+    ap.add_argument("--response-length", type=int, default=32)
+    ap.add_argument("--ppo-epochs", type=int, default=1)
+    ap.add_argument("--iterations", type=int, default=4, help="PPO iterations; the first is warm-up and not timed")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--max-prompt-length", type=int, default=256, help="prompt tokens kept (the end of longer prompts)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own choice)")
+    args = ap.parse_args(argv)
+    if args.iterations < 2:
+        ap.error("--iterations must be at least 2 (the first one is warm-up)")
+    if args.batch_size % args.mini_batches:
+        ap.error(f"--batch-size ({args.batch_size}) must be divisible by --mini-batches ({args.mini_batches})")
+    return args
+
+
+def log(msg: str) -> None:
+    print(f"[cai_ppo] {msg}", file=sys.stderr, flush=True)
+
+
+def source_version(path: str) -> dict:
+    """The git blob id of the trainer's source as run, and whether it is the committed one (the file changes under work)."""
+    import hashlib
+    import subprocess
+
+    data = Path(path).read_bytes()
+    blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # what `git hash-object` prints
+    root = Path(__file__).resolve().parents[1]
+    rel = Path(path).resolve().relative_to(root).as_posix()
+    head = subprocess.run(["git", "rev-parse", "HEAD", f"HEAD:{rel}"], cwd=root, capture_output=True, text=True).stdout.split()
+    return {"file": rel, "blob": blob, "git_head": head[0] if head else None,
+            "committed": len(head) == 2 and head[1] == blob}
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    import cai.train.ppo
+    from cai.train.ppo import PPOConfig, PPOTrainer
+
+    source = source_version(cai.train.ppo.__file__)
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    tmp = tempfile.TemporaryDirectory(prefix="cai_ppo_")
+
+    prompts = args.prompts
+    if prompts is None:
+        prompts = os.path.join(tmp.name, "prompts.jsonl")
+        Path(prompts).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in DEFAULT_PROMPTS))
+    n_prompts = len(load_prompt_texts(prompts))
+
+    rm_dir = args.reward_model
+    if rm_dir is None:
+        tokenizer = AutoTokenizer.from_pretrained(args.policy)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        rm_dir = make_reward_model(args.policy, os.path.join(tmp.name, "rm"), pad, args.seed)
+        tokenizer.save_pretrained(rm_dir)  # cai's scorer reads the reward model's own tokenizer
+        log(f"made a reward model from the policy with a seeded score head: {rm_dir}")
+
+    cfg = PPOConfig(
+        model=args.policy, reward=rm_dir, prompts=prompts, out=os.path.join(tmp.name, "out"),
+        max_prompt_length=args.max_prompt_length, iterations=args.iterations, batch_size=args.batch_size,
+        mini_batches=args.mini_batches, ppo_epochs=args.ppo_epochs, response_length=args.response_length,
+        temperature=args.temperature, kl_coef=0.05, kl_estimator="k1", adaptive_kl=False, missing_eos_penalty=1.0,
+        lr=args.lr, lora_r=8, lora_alpha=16, lora_target_modules="all-linear", gold_judge_every=0,
+        checkpoint_every=10**9, log_samples_every=10**9, seed=args.seed,
+    )
+    trainer = PPOTrainer(cfg)
+    scorer_model = getattr(trainer.scorer, "model", None)
+
+    # The peak of training itself: ru_maxrss as each iteration returns (the final checkpoint, adapter save and
+    # the matplotlib loss plot come after the last one).
+    peaks: list[float] = []
+    iteration = trainer.ppo_iteration
+
+    def timed_iteration(i: int):
+        out = iteration(i)
+        if cuda:
+            torch.cuda.synchronize()
+        peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+        log(f"iteration {i + 1}: {out[0]['seconds']:.2f}s, {out[0]['tokens']} tokens")
+        return out
+
+    trainer.ppo_iteration = timed_iteration
+
+    trainable = sum(p.numel() for p in trainer.params)
+    log(f"trainable parameters (policy LoRA + value head): {trainable:,}; reference: adapter disabled")
+    # Read every weight once, as _trl_ppo.py does, so rss_after_load holds the loaded models (policy and reward
+    # model) and the increase during training is training's own.
+    with torch.no_grad():
+        for module in (trainer.model, scorer_model):
+            if module is not None:
+                for t in [*module.parameters(), *module.buffers()]:
+                    t.sum()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    rss_after_load = rss_mib()
+    trainer.train()
+    peak_process = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if len(rows) != args.iterations:
+        raise RuntimeError(f"expected {args.iterations} iterations in metrics.jsonl, saw {len(rows)}")
+    timed = rows[1:]
+    timed_s, timed_tok = [r["seconds"] for r in timed], [r["tokens"] for r in timed]
+    result = {
+        "trainer": "cai",
+        "cai_ppo_source": source,
+        "policy": args.policy,
+        "batch_size": args.batch_size,
+        "mini_batches": args.mini_batches,
+        "response_length": args.response_length,
+        "ppo_epochs": args.ppo_epochs,
+        "lora": True,
+        "iterations_timed": len(timed),
+        "seconds_per_iteration": [round(s, 4) for s in timed_s],
+        "tokens_per_iteration": timed_tok,
+        "tokens_per_s": round(sum(t / s for t, s in zip(timed_tok, timed_s)) / len(timed_s), 2),
+        "peak_rss_mib": round(peaks[-1], 1),
+        "rss_after_load_mib": round(rss_after_load, 1),
+        "cuda_peak_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
+        "token_count": "actual",
+        # extras
+        "response_tokens_per_iteration": [round(r["response/length_mean"] * args.batch_size) for r in timed],
+        "rollout_seconds_per_iteration": [r["time/rollout_s"] for r in timed],
+        "score_seconds_per_iteration": [r["time/score_s"] for r in timed],
+        "warmup_seconds": rows[0]["seconds"],
+        "peak_rss_process_mib": round(peak_process, 1),
+        "device": "cuda" if cuda else "cpu",
+        "precision": "fp32 weights, bf16 autocast" if cuda else "fp32",
+        "gradient_checkpointing": False,
+        "torch_threads": torch.get_num_threads(),
+        "reward_model": args.reward_model or "made from policy (seeded score head)",
+        "trainable_params": trainable,
+        "prompts": n_prompts,
+    }
+    tmp.cleanup()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="[cai_ppo] %(name)s: %(message)s")
+    # rich's progress bar and transformers print to stdout: send fd 1 to stderr while they run and keep a
+    # handle on the real stdout for the JSON.
+    sys.stdout.flush()
+    real_stdout = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    try:
+        result = run(args)
+    except Exception as e:
+        log(f"cai PPO failed: {type(e).__name__}: {e}")
+        raise
+    finally:
+        sys.stdout.flush()
+    real_stdout.write(json.dumps(result) + "\n")
+    real_stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
