@@ -161,3 +161,27 @@ def test_reward_model_on_human_labels_beats_chance(tmp_path):
     ev = run_training(c)["eval"]
     assert ev["eval_pairs"] == 300
     assert ev["accuracy"] > 0.55, ev
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path, tiny_model_dir):
+    """torchrun with 2 CPU processes (gloo DDP): each process takes half of every micro-batch and the
+    gradients are averaged, so the losses track a single-process run (each logged loss is the mean
+    of the two halves' token-means, hence approx) and the logged tokens are the whole step's."""
+    import os
+    import subprocess
+    import sys
+
+    data = write_jsonl(tmp_path / "sft.jsonl", SFT)
+    args = ["-m", "cai.cli", "train", "sft", "--model", str(tiny_model_dir), "--data", data, "--epochs", "2", "--batch-size", "4",
+            "--eval-fraction", "0"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args, "--out", str(tmp_path / "two")],
+                   check=True, env=env, capture_output=True)
+    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["processes"] for r in one} == {1} and {r["processes"] for r in two} == {2}
+    assert [r["tokens"] for r in two] == [r["tokens"] for r in one]
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=0.01)
+    assert (tmp_path / "two" / "final" / "adapter_config.json").exists()

@@ -100,12 +100,18 @@ def train(cfg: TrainConfig, task: Task, out: Path) -> dict[str, Any]:
                 for k, v in {"loss": loss.item(), **logged}.items():
                     sums[k] = sums.get(k, 0.0) + v / len(window)
                 tokens += task.tokens(items)
+            if accelerator.num_processes > 1:
+                # Each process saw its share of the rows: log the whole step (tokens summed, metrics averaged).
+                totals = accelerator.reduce(torch.tensor([float(tokens), *sums.values()], device=accelerator.device), "sum")
+                tokens = int(totals[0].item())
+                sums = {k: v / accelerator.num_processes for k, v in zip(sums, totals[1:].tolist())}
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             record = {"step": step, **{k: round(v, 6) for k, v in sums.items()}, "grad_norm": round(float(grad_norm), 6),
-                      "tokens": tokens, "seconds": round(time.perf_counter() - step_started, 4), "lr": cfg.lr}
+                      "tokens": tokens, "seconds": round(time.perf_counter() - step_started, 4), "lr": cfg.lr,
+                      "processes": accelerator.num_processes}
             if accelerator.is_main_process:
                 with open(metrics_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
