@@ -100,6 +100,8 @@ def test_config_errors_name_the_problem(tmp_path):
         load_config(None, {**base, "batch_size": 8, "mini_batches": 3}, schema=PPOConfig)
     with pytest.raises(TrainConfigError, match="judge_url is needed"):
         load_config(None, {**base, "reward": "judge"}, schema=PPOConfig)
+    with pytest.raises(TrainConfigError, match="drop lm_head"):
+        load_config(None, {**base, "rollout_backend": "vllm", "lora_target_modules": ["lm_head", "q_proj"]}, schema=PPOConfig)
     bad = tmp_path / "ppo.yaml"
     bad.write_text("model: m\nreward: rule:length\nprompts: p\nout: o\nkl_coeff: 0.1\n")
     with pytest.raises(TrainConfigError, match=r"ppo.yaml: kl_coeff: Extra inputs"):
@@ -266,3 +268,45 @@ def test_a_reward_that_pays_for_length_trips_the_verbosity_monitor(tmp_path, tin
     run_ppo(ppo_cfg(tiny_model_dir, prompt_file, clean, iterations=10, response_length=8))
     quiet = verbosity(_history(clean)[0])
     assert not quiet.flagged and not quiet.figures["insufficient"], quiet.message
+
+
+@pytest.mark.slow
+def test_vllm_rollouts_sample_from_the_synced_adapter(tmp_path, tiny_model_dir, prompt_file):
+    """vLLM loads the base once and each iteration's adapter by path: greedy answers with a (random,
+    non-zero) adapter match transformers + peft with the same adapter and differ from the base's.
+    Then a short PPO run samples through vLLM end to end."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cai.train.ppo_vllm import VllmRollouts
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                                LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)).eval()
+    queries = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=True, add_generation_prompt=True)
+               for p in PROMPTS[:6]]
+    queries = [q["input_ids"] if isinstance(q, dict) or hasattr(q, "keys") else q for q in queries]
+    rollouts = VllmRollouts(str(tiny_model_dir), lora_rank=8, max_len=256, seed=0, kv_cache_gib=0.25)
+    try:
+        adapter = rollouts.sync_adapter(peft_model.save_pretrained, tmp_path / "adapters", 0)
+        greedy = dict(max_tokens=8, temperature=0.0, eos_id=tok.eos_token_id, seed=0)
+        with_adapter = rollouts.generate(queries, adapter, 0, **greedy)
+        base = rollouts.generate(queries, None, 1, **greedy)
+    finally:
+        rollouts.close()
+    expected = []
+    with torch.no_grad():
+        for q in queries:
+            out = peft_model.generate(input_ids=torch.tensor([q]), max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id)
+            expected.append(out[0, len(q):].tolist())
+    agree = sum(a == b for x, y in zip(with_adapter, expected) for a, b in zip(x, y))
+    assert agree >= 0.9 * sum(len(y) for y in expected), (with_adapter, expected)
+    assert with_adapter != base
+
+    out = tmp_path / "ppo"
+    run_ppo(ppo_cfg(tiny_model_dir, prompt_file, out, iterations=2, batch_size=4, rollout_backend="vllm",
+                    lora_target_modules="all-linear"))
+    rows = metrics(out)
+    assert len(rows) == 2 and all(math.isfinite(r["objective/kl"]) and r["response/length_mean"] > 0 for r in rows)

@@ -82,12 +82,18 @@ class PPOConfig(BaseModel):
     max_grad_norm: float = Field(default=1.0, gt=0)
     checkpoint_every: int = Field(default=10, ge=1, description="Iterations between checkpoints (resumable).")
     log_samples_every: int = Field(default=10, ge=1, description="Iterations between sample rows in samples.jsonl and the log.")
+    rollout_backend: Literal["transformers", "vllm"] = Field(default="transformers", description="Who samples the rollouts: "
+                                                             "transformers' generate, or vLLM with the current LoRA adapter synced "
+                                                             "each iteration (pays off for long responses and large batches).")
     seed: int = 0
 
     @model_validator(mode="after")
     def _consistent(self) -> PPOConfig:
         if self.batch_size % self.mini_batches:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by mini_batches ({self.mini_batches})")
+        targets = [self.lora_target_modules] if isinstance(self.lora_target_modules, str) else self.lora_target_modules
+        if self.rollout_backend == "vllm" and "lm_head" in targets:
+            raise ValueError("rollout_backend 'vllm' serves adapters on the transformer layers only; drop lm_head from lora_target_modules")
         if (self.reward == "judge" or self.gold_judge_every) and not self.judge_url:
             raise ValueError("judge_url is needed when reward is 'judge' or gold_judge_every > 0")
         return self
@@ -152,6 +158,17 @@ class PPOTrainer:
         if not self.prompts:
             raise ValueError(f"prompts {cfg.prompts!r}: no prompts to train on")
         self.queries = [self._encode_query(p) for p in self.prompts]
+        self.vllm = None
+        if cfg.rollout_backend == "vllm":
+            from cai.train.ppo_vllm import VllmRollouts
+
+            self.vllm = VllmRollouts(path, lora_rank=cfg.lora_r, max_len=cfg.max_prompt_length + cfg.response_length + 16,
+                                     seed=cfg.seed)
+
+    def close(self) -> None:
+        if self.vllm is not None:
+            self.vllm.close()
+            self.vllm = None
 
     def _encode_query(self, prompt: str) -> list[int]:
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
@@ -186,14 +203,22 @@ class PPOTrainer:
             query_mask[row, width - len(q):] = 1
         query, query_mask = query.to(self.device), query_mask.to(self.device)
         self.model.eval()
-        torch.manual_seed(cfg.seed * 1_000_003 + iteration)  # sampling is a function of (seed, iteration)
-        with torch.no_grad(), self._autocast():
-            seqs = self.model.lm.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=cfg.response_length,
-                                          do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
-                                          eos_token_id=self.eos_id, pad_token_id=pad)
+        sampling_seed = cfg.seed * 1_000_003 + iteration  # sampling is a function of (seed, iteration)
         responses = torch.full((len(idx), cfg.response_length), pad, dtype=torch.long, device=self.device)
-        generated = seqs[:, width:]
-        responses[:, :generated.shape[1]] = generated
+        if self.vllm is not None:
+            adapter = self.vllm.sync_adapter(self.model.lm.save_pretrained, self.out / "rollout-adapter", iteration)
+            sampled = self.vllm.generate([self.queries[i] for i in idx], adapter, iteration, max_tokens=cfg.response_length,
+                                         temperature=cfg.temperature, eos_id=self.eos_id, seed=sampling_seed)
+            for row, ids in enumerate(sampled):
+                responses[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        else:
+            torch.manual_seed(sampling_seed)
+            with torch.no_grad(), self._autocast():
+                seqs = self.model.lm.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=cfg.response_length,
+                                              do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
+                                              eos_token_id=self.eos_id, pad_token_id=pad)
+            generated = seqs[:, width:]
+            responses[:, :generated.shape[1]] = generated
         is_eos = responses == self.eos_id
         has_eos = is_eos.any(1)
         first_eos = torch.where(has_eos, is_eos.int().argmax(1), cfg.response_length)  # (B,), R when there is none
@@ -392,4 +417,7 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
     trainer = PPOTrainer(cfg)
     logger.info("ppo: %d prompts, %d trainable parameters, output %s", len(trainer.prompts),
                 sum(p.numel() for p in trainer.params), out)
-    return trainer.train()
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
