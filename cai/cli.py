@@ -336,6 +336,7 @@ def train_cmd(
     adaptive_kl: Annotated[Optional[bool], typer.Option("--adaptive-kl/--fixed-kl", help="ppo: KL controller.")] = None,
     judge_url: Annotated[Optional[str], typer.Option(help="ppo: judge server for --reward judge and --gold-judge-every.")] = None,
     gold_judge_every: Annotated[Optional[int], typer.Option(help="ppo: score samples with the judge every N iterations.")] = None,
+    rollout_backend: Annotated[Optional[str], typer.Option(help="ppo: transformers, or vllm (current adapter synced each iteration).")] = None,
 ) -> None:
     """Train: sft (messages), rm (reward model on pairs), dpo (policy on pairs), ppo (RL against a reward).
 
@@ -355,7 +356,7 @@ def train_cmd(
     common = dict(model=model, out=out, lr=lr, batch_size=batch_size, checkpoint_every=checkpoint_every, seed=seed)
     ppo_only = dict(reward=reward, prompts=prompts, iterations=iterations, mini_batches=mini_batches, ppo_epochs=ppo_epochs,
                     response_length=response_length, kl_coef=kl_coef, kl_estimator=kl_estimator, adaptive_kl=adaptive_kl,
-                    judge_url=judge_url, gold_judge_every=gold_judge_every)
+                    judge_url=judge_url, gold_judge_every=gold_judge_every, rollout_backend=rollout_backend)
     others = dict(data=data, lora=lora, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, max_length=max_length, beta=beta,
                   eval_fraction=eval_fraction)
     wrong = [k for k, v in (others if kind == "ppo" else ppo_only).items() if v is not None]
