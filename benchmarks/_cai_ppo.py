@@ -23,6 +23,9 @@ the checkpoint); `peak_rss_mib` is `ru_maxrss` when the last iteration returns, 
 adapter save and matplotlib plot (`peak_rss_process_mib` is `ru_maxrss` at the very end); on CUDA also
 `torch.cuda.max_memory_allocated()`.
 
+`cai_ppo_source` records the git blob id of `cai/train/ppo.py` as run and whether it matches HEAD, since
+that file changes while the benchmark is in use.
+
 All logs go to stderr (stdout is redirected at the file-descriptor level while the trainer runs, since
 rich's progress bar and transformers print to stdout); the JSON object is the only thing written to stdout.
 """

@@ -169,6 +169,9 @@ def summarise(runs: list[dict]) -> dict:
     met = {"speedup": speedup >= TARGETS["speedup"], "memory_ratio": memory_ratio <= TARGETS["memory_ratio"]}
     out["meets_targets"] = {**met, "all": all(met.values())}
     out["quiet_runs"] = all(r["quiet"] for r in runs)
+    # cai/train/ppo.py changes under work: say which version(s) these runs measured.
+    sources = {json.dumps(r["cai_ppo_source"], sort_keys=True) for r in by["cai"] if "cai_ppo_source" in r}
+    out["cai_ppo_source"] = [json.loads(x) for x in sorted(sources)]
     return out
 
 
