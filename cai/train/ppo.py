@@ -59,6 +59,8 @@ class PPOConfig(BaseModel):
     batch_size: int = Field(default=8, ge=1, description="Rollouts per iteration.")
     mini_batches: int = Field(default=2, ge=1, description="Minibatches per PPO epoch; must divide batch_size.")
     ppo_epochs: int = Field(default=1, ge=1, description="Passes over each batch of rollouts.")
+    forward_batch_size: int | None = Field(default=None, ge=1, description="Rows per no-grad pass (log-probs, values, "
+                                           "reference); default the whole batch. Lower it when those passes run out of memory.")
     response_length: int = Field(default=64, ge=1, description="Most tokens per response.")
     temperature: float = Field(default=1.0, gt=0, description="Sampling temperature (log-probs use the same).")
     kl_coef: float = Field(default=0.05, ge=0, description="Initial KL penalty coefficient.")
@@ -244,7 +246,8 @@ class PPOTrainer:
         full_mask = torch.cat([query_mask, mask], 1)
         with torch.no_grad(), self._autocast():
             logprobs, values, ref_logprobs = [], [], []
-            for mb in self._minibatches(iteration, epoch=-1, shuffle=False):
+            step = cfg.forward_batch_size or cfg.batch_size  # fewer, larger no-grad passes are cheaper
+            for mb in [torch.arange(i, min(i + step, cfg.batch_size), device=self.device) for i in range(0, cfg.batch_size, step)]:
                 logits, v = self.model(full[mb], full_mask[mb], cfg.response_length)
                 logprobs.append(self._response_logprobs(logits, responses[mb]))
                 values.append(v)
@@ -276,7 +279,11 @@ class PPOTrainer:
                     new_logprobs = token_logprobs(resp_logits, responses[mb])
                     pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[mb], advantages[mb], maskf[mb], cfg.cliprange)
                     vf_loss, vf_stats = value_loss(vpred, values[mb], returns[mb], maskf[mb], cfg.cliprange_value)
-                    entropy = masked_mean(entropy_from_logits(resp_logits), maskf[mb])
+                    if cfg.ent_coef > 0:
+                        entropy = masked_mean(entropy_from_logits(resp_logits), maskf[mb])
+                    else:  # logged only: keep the full-vocabulary softmax out of the backward graph
+                        with torch.no_grad():
+                            entropy = masked_mean(entropy_from_logits(resp_logits), maskf[mb])
                     loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
