@@ -95,21 +95,13 @@ class RunConfig(_Section):
 
 
 def load_run_config(path: str | Path, out: str | None = None) -> RunConfig:
+    """The YAML run config, with `out` overriding its run folder; errors name the file and the dotted field."""
+    from cai.train.config import TrainConfigError, load_config
+
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise RunConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as e:
-        raise RunConfigError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise RunConfigError(f"{path}: expected a mapping of settings")
-    if out:
-        data["out"] = out
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
-        raise RunConfigError(f"{path}: {problems}") from None
+        return load_config(path, {"out": out}, schema=RunConfig)
+    except TrainConfigError as e:
+        raise RunConfigError(str(e)) from None
 
 
 # -- stages --------------------------------------------------------------------------------

@@ -272,7 +272,7 @@ class PPOTrainer:
         self.model.train()
         stats: dict[str, list[float]] = {}
         for epoch in range(cfg.ppo_epochs):
-            for mb in self._minibatches(iteration, epoch, shuffle=True):
+            for mb in self._minibatches(iteration, epoch):
                 with self._autocast():
                     logits, vpred = self.model(full[mb], full_mask[mb], cfg.response_length)
                     resp_logits = logits.float() / cfg.temperature
@@ -331,10 +331,10 @@ class PPOTrainer:
         """log pi(response_t | query, response_<t) at the sampling temperature. (B, R, V) -> (B, R)"""
         return token_logprobs(logits.float() / self.cfg.temperature, responses)
 
-    def _minibatches(self, iteration: int, epoch: int, shuffle: bool) -> list[torch.Tensor]:
+    def _minibatches(self, iteration: int, epoch: int) -> list[torch.Tensor]:
+        """The shuffled minibatches of one PPO epoch: a function of (seed, iteration, epoch), for exact resume."""
         b, size = self.cfg.batch_size, self.cfg.batch_size // self.cfg.mini_batches
-        order = (torch.randperm(b, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + iteration * 131 + epoch))
-                 if shuffle else torch.arange(b))
+        order = torch.randperm(b, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + iteration * 131 + epoch))
         return [order[i:i + size].to(self.device) for i in range(0, b, size)]
 
     # -- the run -----------------------------------------------------------------------------
