@@ -41,6 +41,9 @@ def main() -> None:
     ap.add_argument("--rm-accuracy", action="store_true", help="also train a LoRA reward model and report held-out accuracy")
     ap.add_argument("--train-pairs", type=int, default=1500)
     ap.add_argument("--eval-pairs", type=int, default=300)
+    ap.add_argument("--rm-out", type=Path, default=None,
+                    help="keep the accuracy run's reward model here; rerunning the same command resumes it after a kill")
+    ap.add_argument("--skip-throughput", action="store_true", help="only the --rm-accuracy run")
     args = ap.parse_args()
     pairs = load_hh_pairs(args.hh)
     random.Random(0).shuffle(pairs)
@@ -49,7 +52,7 @@ def main() -> None:
         tmp = Path(tmp)
         sft_rows = [{"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["chosen"]}]} for p in pairs]
         data = {"sft": write(tmp / "sft.jsonl", sft_rows), "rm": write(tmp / "pairs.jsonl", pairs), "dpo": str(tmp / "pairs.jsonl")}
-        for kind in ("sft", "rm", "dpo"):
+        for kind in () if args.skip_throughput else ("sft", "rm", "dpo"):
             cfg = TrainConfig(kind=kind, model=args.model, data=data[kind], out=str(tmp / kind), batch_size=args.batch_size,
                               max_length=args.max_length, max_steps=args.steps + 1, eval_fraction=0.0, checkpoint_every=10_000)
             run_training(cfg)
@@ -59,9 +62,9 @@ def main() -> None:
                             "tokens_per_s": round(tokens / seconds, 1), "seconds_per_step": round(seconds / len(timed), 2)}
         if args.rm_accuracy:
             subset = pairs[:args.eval_pairs + args.train_pairs]
-            cfg = TrainConfig(kind="rm", model=args.model, data=write(tmp / "rm-acc.jsonl", subset), out=str(tmp / "rm-acc"),
+            cfg = TrainConfig(kind="rm", model=args.model, data=write(tmp / "rm-acc.jsonl", subset), out=str(args.rm_out or tmp / "rm-acc"),
                               batch_size=8, max_length=args.max_length, epochs=1, eval_fraction=args.eval_pairs / len(subset),
-                              checkpoint_every=10_000)
+                              checkpoint_every=10 if args.rm_out else 10_000)
             report["rm_accuracy"] = {"train_pairs": len(subset) - args.eval_pairs, **run_training(cfg)["eval"]}
     print(json.dumps(report, indent=2))
 
