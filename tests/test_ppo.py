@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from cai.train.config import TrainConfigError, load_config
+from cai.train.losses import token_logprobs
 from cai.train.ppo import PPOConfig, PPOTrainer, run_ppo
 from cai.train.ppo_math import (AdaptiveKLController, FixedKLController, gae, kl_penalised_rewards, kl_per_token, masked_whiten,
                                 policy_loss, value_loss)
+from cai.train.ppo_rollout import sample
 
 # -- arithmetic ---------------------------------------------------------------------------
 
@@ -131,6 +134,47 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_logprobs_and_values_read_off_generation_match_a_forward_pass(tmp_path, tiny_model_dir, prompt_file):
+    """PPO takes the policy's log-probs and values from generate's own decoding steps instead of a
+    second forward pass: they must equal that pass's on every response token (up to the KV cache's
+    float error), and the hooks must not change what is sampled."""
+    trainer = PPOTrainer(ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "ppo", batch_size=6, response_length=12))
+    torch.manual_seed(3)
+    with torch.no_grad():  # a non-zero adapter (lm_head included) and value head
+        for p in trainer.params:
+            p.add_(0.05 * torch.randn_like(p))
+    trainer.model.eval()
+    # A model's own generation config must not reshape PPO's sampling distribution.
+    trainer.model.lm.get_base_model().generation_config.min_p = 0.9
+    query, query_mask = trainer.batch_queries(trainer.prompt_indices(0))
+    tok = trainer.tokenizer
+    with torch.no_grad():
+        torch.manual_seed(11)
+        generated, recorded = sample(trainer.model, query, query_mask, max_new_tokens=12, temperature=0.7,
+                                     eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+        assert trainer.model.lm.get_base_model().generation_config.min_p == 0.9  # put back
+        torch.manual_seed(11)
+        base = trainer.model.lm.get_base_model()
+        base.generation_config = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
+                                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        plain = trainer.model.lm.generate(input_ids=query, attention_mask=query_mask)[:, query.shape[1]:]
+        assert torch.equal(generated, plain)
+        assert recorded is not None
+        logprobs, values = recorded
+        n = generated.shape[1]
+        assert logprobs.shape == values.shape == (6, n)
+        is_eos = generated == tok.eos_token_id
+        first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), n)
+        mask = (torch.arange(n).unsqueeze(0) <= first_eos.unsqueeze(1)).long()
+        logits, expected_values = trainer.model(torch.cat([query, generated], 1), torch.cat([query_mask, mask], 1), n)
+        expected = token_logprobs(logits.float() / 0.7, generated)
+    on = mask.bool()
+    assert on.sum() > 6
+    torch.testing.assert_close(logprobs[on], expected[on], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(values[on], expected_values[on], atol=1e-4, rtol=1e-4)
+    assert logprobs[on].std() > 0.1 and values[on].std() > 1e-3  # a real spread, not constants that agree by accident
+
+
 @pytest.mark.slow
 def test_score_rises_while_kl_stays_bounded(tmp_path, tiny_model_dir, prompt_file):
     # Reward: the share of the response's characters that are "e". The random tiny model starts
@@ -167,27 +211,39 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_model_d
     straight = ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "straight", iterations=5, checkpoint_every=2, adaptive_kl=True,
                        kl_target=1.0, kl_horizon=100)
     run_ppo(straight)
-    crashy = straight.model_copy(update={"out": str(tmp_path / "crashy")})
+    assert_crash_and_resume_repeat(straight, crash_at_iteration=4, checkpointed=2)
+
+
+def assert_crash_and_resume_repeat(straight: PPOConfig, crash_at_iteration: int, checkpointed: int) -> None:
+    """Run `straight` again in another folder, crash it while scoring iteration `crash_at_iteration`
+    (after the checkpoint at `checkpointed`), rerun it as a user would, and require every logged
+    metric of the finished run to equal the uninterrupted run's (`straight`, already run)."""
     from cai.train.config import save_config
     from cai.train.rewards import RuleScorer
 
-    rule, calls = RuleScorer("rule:share=e"), {"n": 0}
+    crashy = straight.model_copy(update={"out": str(Path(straight.out).with_name("crashy"))})
+    rule, calls = RuleScorer(straight.reward), {"n": 0}
 
     def crashing(prompts, responses):
         calls["n"] += 1
-        if calls["n"] == 4:  # iteration 4, after the checkpoint at iteration 2
+        if calls["n"] == crash_at_iteration:
             raise RuntimeError("simulated crash")
         return rule(prompts, responses)
 
     save_config(crashy, Path(crashy.out))
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        PPOTrainer(crashy, scorer=crashing).train()
-    assert len(metrics(Path(crashy.out))) == 3  # iteration 3 was logged, then lost with the crash
-    run_ppo(crashy)  # a fresh process would do the same: resumes from the iteration-2 checkpoint
+    trainer = PPOTrainer(crashy, scorer=crashing)
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            trainer.train()
+    finally:
+        trainer.close()
+    assert len(metrics(Path(crashy.out))) == crash_at_iteration - 1  # logged past the checkpoint, then lost with the crash
+    run_ppo(crashy)  # a fresh process would do the same: resumes from the checkpoint
     timing = ("seconds", "time/rollout_s", "time/score_s")
     strip = [{k: v for k, v in r.items() if k not in timing} for r in metrics(Path(straight.out))]
     got = [{k: v for k, v in r.items() if k not in timing} for r in metrics(Path(crashy.out))]
-    assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in got] == list(range(1, straight.iterations + 1))
+    assert checkpointed < crash_at_iteration - 1  # so the rerun really repeats logged iterations
     for a, b in zip(strip, got):
         assert a.keys() == b.keys()
         for k in a:
@@ -274,7 +330,7 @@ def test_a_reward_that_pays_for_length_trips_the_verbosity_monitor(tmp_path, tin
 def test_vllm_rollouts_sample_from_the_synced_adapter(tmp_path, tiny_model_dir, prompt_file):
     """vLLM loads the base once and each iteration's adapter by path: greedy answers with a (random,
     non-zero) adapter match transformers + peft with the same adapter and differ from the base's.
-    Then a short PPO run samples through vLLM end to end."""
+    Then a short PPO run samples through vLLM end to end, and a crash and rerun repeat it exactly."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -305,8 +361,11 @@ def test_vllm_rollouts_sample_from_the_synced_adapter(tmp_path, tiny_model_dir, 
     assert agree >= 0.9 * sum(len(y) for y in expected), (with_adapter, expected)
     assert with_adapter != base
 
-    out = tmp_path / "ppo"
-    run_ppo(ppo_cfg(tiny_model_dir, prompt_file, out, iterations=2, batch_size=4, rollout_backend="vllm",
-                    lora_target_modules="all-linear"))
+    # A short PPO run samples through vLLM end to end, and a crashed copy of it resumes exactly.
+    out = tmp_path / "straight"
+    cfg = ppo_cfg(tiny_model_dir, prompt_file, out, iterations=4, batch_size=4, rollout_backend="vllm",
+                  lora_target_modules="all-linear", checkpoint_every=2)
+    run_ppo(cfg)
     rows = metrics(out)
-    assert len(rows) == 2 and all(math.isfinite(r["objective/kl"]) and r["response/length_mean"] > 0 for r in rows)
+    assert len(rows) == 4 and all(math.isfinite(r["objective/kl"]) and r["response/length_mean"] > 0 for r in rows)
+    assert_crash_and_resume_repeat(cfg, crash_at_iteration=4, checkpointed=2)

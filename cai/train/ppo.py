@@ -8,7 +8,8 @@ Each iteration, in this order (the numbered phases in `ppo_iteration`):
 1. rollout: sample `batch_size` responses with transformers' generate; cut each at its first EOS;
 2. score: decode and score with the reward model, the judge or a rule; responses with no EOS
    lose `missing_eos_penalty`;
-3. evaluate the samples: log-probs and values (adapter on), reference log-probs (adapter off);
+3. evaluate the samples: log-probs and values (adapter on; read off generate's own steps with
+   transformers rollouts, a forward pass after vLLM's), reference log-probs (adapter off);
 4. rewards: per-token -kl_coef * KL (k1 or k3), plus the score on the last token;
 5. advantages: GAE, then whitened over the batch's response tokens;
 6. `ppo_epochs` passes over `mini_batches` shuffled minibatches: clipped policy loss, clipped
@@ -39,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cai.train.losses import masked_mean, token_logprobs
 from cai.train.ppo_math import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_penalised_rewards,
                                 kl_per_token, masked_whiten, policy_loss, value_loss)
+from cai.train.ppo_rollout import sample
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +61,9 @@ class PPOConfig(BaseModel):
     batch_size: int = Field(default=8, ge=1, description="Rollouts per iteration.")
     mini_batches: int = Field(default=2, ge=1, description="Minibatches per PPO epoch; must divide batch_size.")
     ppo_epochs: int = Field(default=1, ge=1, description="Passes over each batch of rollouts.")
-    forward_batch_size: int | None = Field(default=None, ge=1, description="Rows per no-grad pass (log-probs, values, "
-                                           "reference); default the whole batch. Lower it when those passes run out of memory.")
+    forward_batch_size: int | None = Field(default=None, ge=1, description="Rows per no-grad pass (the reference's; also the "
+                                           "policy's after vLLM rollouts); default the whole batch. Lower it when those "
+                                           "passes run out of memory.")
     response_length: int = Field(default=64, ge=1, description="Most tokens per response.")
     temperature: float = Field(default=1.0, gt=0, description="Sampling temperature (log-probs use the same).")
     kl_coef: float = Field(default=0.05, ge=0, description="Initial KL penalty coefficient.")
@@ -185,6 +188,17 @@ class PPOTrainer:
             out.append(torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))[pos].item())
         return out
 
+    def batch_queries(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries of prompts `idx`, left-padded: token ids and attention mask, (B, Tq) each."""
+        width = max(len(self.queries[i]) for i in idx)
+        query = torch.full((len(idx), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        query_mask = torch.zeros_like(query)
+        for row, i in enumerate(idx):
+            q = self.queries[i]
+            query[row, width - len(q):] = torch.tensor(q)
+            query_mask[row, width - len(q):] = 1
+        return query.to(self.device), query_mask.to(self.device)
+
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
@@ -196,17 +210,11 @@ class PPOTrainer:
         pad = tok.pad_token_id
 
         # 1. rollout: left-padded queries (B, Tq); responses (B, R) cut after their first EOS.
-        width = max(len(self.queries[i]) for i in idx)
-        query = torch.full((len(idx), width), pad, dtype=torch.long)
-        query_mask = torch.zeros_like(query)
-        for row, i in enumerate(idx):
-            q = self.queries[i]
-            query[row, width - len(q):] = torch.tensor(q)
-            query_mask[row, width - len(q):] = 1
-        query, query_mask = query.to(self.device), query_mask.to(self.device)
+        query, query_mask = self.batch_queries(idx)
         self.model.eval()
         sampling_seed = cfg.seed * 1_000_003 + iteration  # sampling is a function of (seed, iteration)
         responses = torch.full((len(idx), cfg.response_length), pad, dtype=torch.long, device=self.device)
+        recorded = None  # (log-probs, values) read off generate's own decoding steps
         if self.vllm is not None:
             adapter = self.vllm.sync_adapter(self.model.lm.save_pretrained, self.out / "rollout-adapter", iteration)
             sampled = self.vllm.generate([self.queries[i] for i in idx], adapter, iteration, max_tokens=cfg.response_length,
@@ -216,10 +224,8 @@ class PPOTrainer:
         else:
             torch.manual_seed(sampling_seed)
             with torch.no_grad(), self._autocast():
-                seqs = self.model.lm.generate(input_ids=query, attention_mask=query_mask, max_new_tokens=cfg.response_length,
-                                              do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
-                                              eos_token_id=self.eos_id, pad_token_id=pad)
-            generated = seqs[:, width:]
+                generated, recorded = sample(self.model, query, query_mask, max_new_tokens=cfg.response_length,
+                                             temperature=cfg.temperature, eos_id=self.eos_id, pad_id=pad)
             responses[:, :generated.shape[1]] = generated
         is_eos = responses == self.eos_id
         has_eos = is_eos.any(1)
@@ -242,19 +248,26 @@ class PPOTrainer:
         score_s = time.perf_counter() - started - rollout_s
 
         # 3. log-probs and values of the samples under the policy (adapter on) and the reference (off).
+        # With transformers rollouts the policy's come from the sampling steps themselves.
         full = torch.cat([query, responses], 1)
         full_mask = torch.cat([query_mask, mask], 1)
         with torch.no_grad(), self._autocast():
             logprobs, values, ref_logprobs = [], [], []
             step = cfg.forward_batch_size or cfg.batch_size  # fewer, larger no-grad passes are cheaper
             for mb in [torch.arange(i, min(i + step, cfg.batch_size), device=self.device) for i in range(0, cfg.batch_size, step)]:
-                logits, v = self.model(full[mb], full_mask[mb], cfg.response_length)
-                logprobs.append(self._response_logprobs(logits, responses[mb]))
-                values.append(v)
+                if recorded is None:
+                    logits, v = self.model(full[mb], full_mask[mb], cfg.response_length)
+                    logprobs.append(self._response_logprobs(logits, responses[mb]))
+                    values.append(v)
                 with self.model.lm.disable_adapter():
                     ref_logits, _ = self.model(full[mb], full_mask[mb], cfg.response_length)
                 ref_logprobs.append(self._response_logprobs(ref_logits, responses[mb]))
-            logprobs, values, ref_logprobs = torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs)
+            ref_logprobs = torch.cat(ref_logprobs)
+            if recorded is None:
+                logprobs, values = torch.cat(logprobs), torch.cat(values)
+            else:  # positions past the last generated step are masked; zeros fill them
+                logprobs, values = torch.zeros_like(ref_logprobs), torch.zeros_like(ref_logprobs)
+                logprobs[:, :recorded[0].shape[1]], values[:, :recorded[1].shape[1]] = recorded
         maskf = mask.float()
 
         # 4. per-token rewards: KL penalty on every token, the score on the last.

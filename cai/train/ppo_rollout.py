@@ -1,0 +1,96 @@
+"""Sampling PPO rollouts with transformers' generate, keeping what PPO needs from the sampling passes.
+
+While `generate` runs, two hooks read each decoding step: one on the LM head (its input is the last
+hidden state, its output the logits) and one on the causal LM's forward (its `input_ids` are the
+tokens sampled at the step before). From them come, for every response position, the value head's
+prediction and the log-probability of the token that was sampled. These are exactly what a second
+forward pass over query + response would compute (up to the arithmetic of the KV cache), so PPO
+skips that pass: for a small model it is a tenth of an iteration.
+
+Only one step's log-softmax (batch x vocabulary) is held at a time, so memory does not grow with the
+response length. If the hooks do not see the steps they expect (a model whose generate calls its
+forward another way), `sample` returns None for the statistics, with a warning, and the trainer
+falls back to the forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import GenerationConfig
+
+logger = logging.getLogger(__name__)
+
+
+class _StepRecorder:
+    def __init__(self, value_head: torch.nn.Module, temperature: float):
+        self.value_head = value_head
+        self.temperature = temperature
+        self.values: list[torch.Tensor] = []  # (B,) per step
+        self.logprobs: list[torch.Tensor] = []  # (B,) per step but the last, gathered when its token is known
+        self.tokens: list[torch.Tensor] = []  # the tokens the logprobs were gathered for, to check against the output
+        self.pending: torch.Tensor | None = None  # (B, V) log-softmax of the last step, waiting for its sampled token
+        self.broken = False  # a step came without input_ids: the statistics cannot be trusted
+
+    def on_forward(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.pending is not None:
+            if input_ids is None:
+                self.broken = True
+            else:
+                token = input_ids[:, -1]
+                self.logprobs.append(self.pending.gather(1, token.unsqueeze(1)).squeeze(1))
+                self.tokens.append(token)
+            self.pending = None
+
+    def on_head(self, module, args, output):
+        hidden = args[0][:, -1]
+        logits = output[:, -1] if output.dim() == 3 else output
+        self.values.append(self.value_head(hidden).squeeze(-1).float())
+        self.pending = torch.log_softmax(logits.float() / self.temperature, dim=-1)
+
+    def finish(self, generated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(log-probs, values), each (B, n) for the n generated tokens, or None when the steps do not line up."""
+        n = generated.shape[1]
+        if self.broken or n == 0:
+            return None
+        if self.pending is not None and len(self.logprobs) == n - 1:
+            self.logprobs.append(self.pending.gather(1, generated[:, -1:]).squeeze(1))
+            self.tokens.append(generated[:, -1])
+        if len(self.values) != n or len(self.logprobs) != n or not torch.equal(torch.stack(self.tokens, 1), generated):
+            return None
+        return torch.stack(self.logprobs, 1), torch.stack(self.values, 1)
+
+
+def sample(policy, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int, temperature: float, eos_id: int,
+           pad_id: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Sample responses for left-padded `query` (B, Tq) with the policy's adapter on.
+
+    Returns the generated tokens (B, n), n <= max_new_tokens (generate stops once every row has
+    ended; rows that ended earlier are padded), and the log-probs (at `temperature`) and values of
+    those tokens, (B, n) each, or None when they could not be recorded.
+    """
+    lm = policy.lm
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    recorder = _StepRecorder(policy.value_head, temperature)
+    hooks = [base.register_forward_pre_hook(recorder.on_forward, with_kwargs=True),
+             base.get_output_embeddings().register_forward_hook(recorder.on_head)]
+    # Plain sampling at `temperature`, whatever the model's generation_config.json says: a repetition
+    # penalty, top-k or min-p there would sample from another distribution than the one whose log-probs
+    # PPO optimises. generate() fills unset fields of a passed config from the model's own, so the
+    # model's is swapped out while sampling.
+    own_config = base.generation_config
+    base.generation_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0,
+                                              top_p=1.0, eos_token_id=eos_id, pad_token_id=pad_id)
+    try:
+        seqs = lm.generate(input_ids=query, attention_mask=query_mask)
+    finally:
+        base.generation_config = own_config
+        for h in hooks:
+            h.remove()
+    generated = seqs[:, query.shape[1]:]
+    stats = recorder.finish(generated)
+    if stats is None:
+        logger.warning("PPO: the generation steps seen by the hooks do not match the output; computing log-probs with a forward pass")
+    return generated, stats
