@@ -36,16 +36,15 @@ import argparse
 import json
 import logging
 import os
-import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _trl_ppo import DEFAULT_PROMPTS, load_prompt_texts, make_reward_model, rss_mib  # noqa: E402
+from _ppo_common import (DEFAULT_PROMPTS, add_common_args, check_common_args, common_result, load_prompt_texts,  # noqa: E402
+                         main, make_reward_model, max_rss_mib, resident_after_reading)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,23 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--reward-model", default=None,
                     help="local sequence-classification folder (num_labels=1) with its tokenizer; default: one made "
                          "from --policy with a seeded score head")
-    ap.add_argument("--prompts", default=None, help='JSONL file of {"prompt": ...}; default: the 64 prompts of _trl_ppo.py')
-    ap.add_argument("--batch-size", type=int, default=8, help="rollouts per iteration")
-    ap.add_argument("--mini-batches", type=int, default=2, help="minibatches per PPO epoch (one optimiser step each)")
-    ap.add_argument("--response-length", type=int, default=32)
-    ap.add_argument("--ppo-epochs", type=int, default=1)
-    ap.add_argument("--iterations", type=int, default=4, help="PPO iterations; the first is warm-up and not timed")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--max-prompt-length", type=int, default=256, help="prompt tokens kept (the end of longer prompts)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own choice)")
-    args = ap.parse_args(argv)
-    if args.iterations < 2:
-        ap.error("--iterations must be at least 2 (the first one is warm-up)")
-    if args.batch_size % args.mini_batches:
-        ap.error(f"--batch-size ({args.batch_size}) must be divisible by --mini-batches ({args.mini_batches})")
-    return args
+    add_common_args(ap)
+    return check_common_args(ap, ap.parse_args(argv))
 
 
 def log(msg: str) -> None:
@@ -139,7 +123,7 @@ def run(args: argparse.Namespace) -> dict:
         out = iteration(i)
         if cuda:
             torch.cuda.synchronize()
-        peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+        peaks.append(max_rss_mib())
         log(f"iteration {i + 1}: {out[0]['seconds']:.2f}s, {out[0]['tokens']} tokens")
         return out
 
@@ -149,77 +133,28 @@ def run(args: argparse.Namespace) -> dict:
     log(f"trainable parameters (policy LoRA + value head): {trainable:,}; reference: adapter disabled")
     # Read every weight once, as _trl_ppo.py does, so rss_after_load holds the loaded models (policy and reward
     # model) and the increase during training is training's own.
-    with torch.no_grad():
-        for module in (trainer.model, scorer_model):
-            if module is not None:
-                for t in [*module.parameters(), *module.buffers()]:
-                    t.sum()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    rss_after_load = rss_mib()
+    rss_after_load = resident_after_reading(trainer.model, scorer_model)
     trainer.train()
-    peak_process = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
     if len(rows) != args.iterations:
         raise RuntimeError(f"expected {args.iterations} iterations in metrics.jsonl, saw {len(rows)}")
     timed = rows[1:]
-    timed_s, timed_tok = [r["seconds"] for r in timed], [r["tokens"] for r in timed]
     result = {
-        "trainer": "cai",
+        **common_result("cai", args, seconds=[r["seconds"] for r in timed], tokens=[r["tokens"] for r in timed],
+                        peak_rss=peaks[-1], rss_after_load=rss_after_load, trainable=trainable, prompts=n_prompts),
         "cai_ppo_source": source,
-        "policy": args.policy,
-        "batch_size": args.batch_size,
-        "mini_batches": args.mini_batches,
-        "response_length": args.response_length,
-        "ppo_epochs": args.ppo_epochs,
         "lora": True,
-        "iterations_timed": len(timed),
-        "seconds_per_iteration": [round(s, 4) for s in timed_s],
-        "tokens_per_iteration": timed_tok,
-        "tokens_per_s": round(sum(t / s for t, s in zip(timed_tok, timed_s)) / len(timed_s), 2),
-        "peak_rss_mib": round(peaks[-1], 1),
-        "rss_after_load_mib": round(rss_after_load, 1),
-        "cuda_peak_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
-        "token_count": "actual",
-        # extras
         "response_tokens_per_iteration": [round(r["response/length_mean"] * args.batch_size) for r in timed],
         "rollout_seconds_per_iteration": [r["time/rollout_s"] for r in timed],
         "score_seconds_per_iteration": [r["time/score_s"] for r in timed],
         "warmup_seconds": rows[0]["seconds"],
-        "peak_rss_process_mib": round(peak_process, 1),
-        "device": "cuda" if cuda else "cpu",
-        "precision": "fp32 weights, bf16 autocast" if cuda else "fp32",
         "gradient_checkpointing": False,
-        "torch_threads": torch.get_num_threads(),
-        "reward_model": args.reward_model or "made from policy (seeded score head)",
-        "trainable_params": trainable,
-        "prompts": n_prompts,
     }
     tmp.cleanup()
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="[cai_ppo] %(name)s: %(message)s")
-    # rich's progress bar and transformers print to stdout: send fd 1 to stderr while they run and keep a
-    # handle on the real stdout for the JSON.
-    sys.stdout.flush()
-    real_stdout = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    try:
-        result = run(args)
-    except Exception as e:
-        log(f"cai PPO failed: {type(e).__name__}: {e}")
-        raise
-    finally:
-        sys.stdout.flush()
-    real_stdout.write(json.dumps(result) + "\n")
-    real_stdout.flush()
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="[cai_ppo] %(name)s: %(message)s")
+    sys.exit(main(run, parse_args(), "cai_ppo"))

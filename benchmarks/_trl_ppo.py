@@ -31,80 +31,16 @@ and transformers print to stdout); the JSON object is the only thing written to 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_PROMPTS = [
-    "What is the capital of France?",
-    "Give me three tips for sleeping better.",
-    "Explain photosynthesis in one paragraph.",
-    "Write a haiku about the sea.",
-    "How do I boil an egg?",
-    "What causes rain?",
-    "Suggest a name for a pet goldfish.",
-    "Why is the sky blue?",
-    "How many legs does a spider have?",
-    "Summarise the plot of Romeo and Juliet.",
-    "What is a prime number?",
-    "Give me a recipe for pancakes.",
-    "How do vaccines work?",
-    "What is the difference between weather and climate?",
-    "Write a short poem about autumn.",
-    "How can I improve my handwriting?",
-    "What does a CPU do?",
-    "Explain gravity to a child.",
-    "What are the benefits of exercise?",
-    "How do I make a cup of tea?",
-    "Name three famous painters.",
-    "What is the boiling point of water?",
-    "How do bees make honey?",
-    "Give me a fun fact about octopuses.",
-    "What is the tallest mountain in the world?",
-    "How should I prepare for a job interview?",
-    "What is machine learning?",
-    "Describe a sunset in two sentences.",
-    "How do I plant tomatoes?",
-    "What is the speed of light?",
-    "Tell me a joke about cats.",
-    "Why do leaves change colour in autumn?",
-    "How does a bicycle stay upright?",
-    "What is the largest ocean?",
-    "Give me tips for learning a new language.",
-    "What is democracy?",
-    "How do I write a thank-you note?",
-    "What is the water cycle?",
-    "Explain what a budget is.",
-    "How can I reduce stress?",
-    "What are the primary colours?",
-    "How does a rainbow form?",
-    "Write a limerick about a dog.",
-    "What is an atom?",
-    "How do airplanes fly?",
-    "What should I pack for a beach trip?",
-    "What is the moon made of?",
-    "How do I start running?",
-    "Explain what a verb is.",
-    "What is the population of the Earth?",
-    "How do I keep houseplants alive?",
-    "What is the history of the bicycle?",
-    "Give me a motivational quote.",
-    "How does the heart pump blood?",
-    "What is a volcano?",
-    "How do I save money on groceries?",
-    "What is the meaning of the word 'ephemeral'?",
-    "Describe the taste of an apple.",
-    "How do magnets work?",
-    "What is a good book for beginners to read?",
-    "How do I tie a tie?",
-    "What is the difference between a frog and a toad?",
-    "Why do we need sleep?",
-    "Plan a simple picnic for two.",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _ppo_common import (add_common_args, check_common_args, common_result, load_prompt_texts, main,  # noqa: E402
+                         make_reward_model, max_rss_mib, resident_after_reading)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -113,61 +49,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--reward-model", default=None,
                     help="local sequence-classification folder (num_labels=1); default: one made from --policy "
                          "with a seeded score head, used for both the reward and the value model")
-    ap.add_argument("--prompts", default=None, help='JSONL file of {"prompt": ...}; default: 64 built-in prompts')
-    ap.add_argument("--batch-size", type=int, default=8, help="rollouts per iteration")
-    ap.add_argument("--mini-batches", type=int, default=2, help="minibatches per PPO epoch (one optimiser step each)")
-    ap.add_argument("--response-length", type=int, default=32)
-    ap.add_argument("--ppo-epochs", type=int, default=1)
-    ap.add_argument("--iterations", type=int, default=4, help="PPO iterations; the first is warm-up and not timed")
+    add_common_args(ap)
     ap.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True,
                     help="LoRA policy (reference = adapter disabled) or full fine-tuning (reference = a full copy)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=5e-5, help="learning rate (cai's PPO default)")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--max-prompt-length", type=int, default=256, help="prompt tokens kept (the end of longer prompts)")
     ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                     help="TRL's PPOConfig defaults to True; off by default here, as in cai's PPO")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch.set_num_threads (default: torch's own choice); on a busy CPU box 1 avoids OpenMP "
-                         "spin contention, which can slow small matmuls a hundredfold")
-    args = ap.parse_args(argv)
-    if args.iterations < 2:
-        ap.error("--iterations must be at least 2 (the first one is warm-up)")
-    if args.batch_size % args.mini_batches:
-        ap.error(f"--batch-size ({args.batch_size}) must be divisible by --mini-batches ({args.mini_batches})")
-    return args
+    return check_common_args(ap, ap.parse_args(argv))
 
 
 def log(msg: str) -> None:
     print(f"[trl_ppo] {msg}", file=sys.stderr, flush=True)
-
-
-def rss_mib() -> float:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    except ImportError:  # pragma: no cover - psutil ships with the venv
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-
-def load_prompt_texts(path: str | None) -> list[str]:
-    if path is None:
-        return list(DEFAULT_PROMPTS)
-    texts = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if "prompt" not in row:
-            raise ValueError(f"{path}:{n}: expected an object with a 'prompt' field")
-        texts.append(str(row["prompt"]))
-    if not texts:
-        raise ValueError(f"{path}: no prompts")
-    return texts
 
 
 def encode_prompts(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
@@ -178,18 +69,6 @@ def encode_prompts(tokenizer, texts: list[str], max_len: int) -> list[list[int]]
                                                  add_generation_prompt=True)
         out.append(tokenizer(text, add_special_tokens=False)["input_ids"][-max_len:])
     return out
-
-
-def make_reward_model(policy: str, out_dir: str, pad_token_id: int | None, seed: int) -> str:
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    torch.manual_seed(seed)  # the fresh score head is drawn from this
-    rm = AutoModelForSequenceClassification.from_pretrained(policy, num_labels=1, dtype=torch.float32)
-    rm.config.pad_token_id = pad_token_id
-    rm.save_pretrained(out_dir)
-    del rm
-    return out_dir
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -295,7 +174,7 @@ def run(args: argparse.Namespace) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             marks.append(time.perf_counter())
-            peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+            peaks.append(max_rss_mib())
             tokens.append(counter["tokens"])
             response_tokens.append(counter["response"])
             counter["tokens"] = counter["response"] = 0
@@ -343,76 +222,27 @@ def run(args: argparse.Namespace) -> dict:
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     log(f"trainable parameters (policy{' LoRA' if args.lora else ''} + full value model): {trainable:,}; "
         f"reference: {'adapter disabled' if args.lora else 'full copy'}")
-    # transformers 5 memory-maps safetensors checkpoints, so weights only join the resident set when first
-    # read; read every weight once now, so rss_after_load holds the loaded models (policy, value, reward and,
-    # without LoRA, the reference copy) and the increase during training is training's own.
-    with torch.no_grad():
-        for module in (trainer.model, trainer.ref_model, trainer.reward_model):
-            if module is not None:
-                for t in [*module.parameters(), *module.buffers()]:
-                    t.sum()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    rss_after_load = rss_mib()
+    # Read every weight once (transformers memory-maps checkpoints), so rss_after_load holds the loaded models
+    # (policy, value, reward and, without LoRA, the reference copy) and the increase is training's own.
+    rss_after_load = resident_after_reading(trainer.model, trainer.ref_model, trainer.reward_model)
     trainer.train()
 
     seconds = [b - a for a, b in zip(marks, marks[1:])]
     if len(seconds) != args.iterations:
         raise RuntimeError(f"expected {args.iterations} iterations from TRL, saw {len(seconds)}")
     timed_s, timed_tok = seconds[1:], tokens[1:]
-    peak_process = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     result = {
-        "trainer": "trl",
+        **common_result("trl", args, seconds=timed_s, tokens=timed_tok, peak_rss=peaks[-1], rss_after_load=rss_after_load,
+                        trainable=trainable, prompts=len(queries)),
         "trl_version": trl.__version__,
-        "policy": args.policy,
-        "batch_size": args.batch_size,
-        "mini_batches": args.mini_batches,
-        "response_length": args.response_length,
-        "ppo_epochs": args.ppo_epochs,
         "lora": args.lora,
-        "iterations_timed": len(timed_s),
-        "seconds_per_iteration": [round(s, 4) for s in timed_s],
-        "tokens_per_iteration": timed_tok,
-        "tokens_per_s": round(sum(t / s for t, s in zip(timed_tok, timed_s)) / len(timed_s), 2),
-        "peak_rss_mib": round(peaks[-1], 1),
-        "rss_after_load_mib": round(rss_after_load, 1),
-        "cuda_peak_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
-        "token_count": "actual",
-        # extras
         "response_tokens_per_iteration": response_tokens[1:],
         "warmup_seconds": round(seconds[0], 4),
-        "peak_rss_process_mib": round(peak_process, 1),
-        "device": "cuda" if cuda else "cpu",
-        "precision": "fp32 weights, bf16 autocast" if cuda else "fp32",
         "gradient_checkpointing": args.gradient_checkpointing,
-        "torch_threads": torch.get_num_threads(),
-        "reward_model": args.reward_model or "made from policy (seeded score head)",
-        "trainable_params": trainable,
-        "prompts": len(queries),
     }
     tmp.cleanup()
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    # TRL and transformers print to stdout (accelerator.print, PrinterCallback): send fd 1 to stderr while
-    # they run and keep a handle on the real stdout for the JSON.
-    sys.stdout.flush()
-    real_stdout = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    try:
-        result = run(args)
-    except Exception as e:
-        log(f"TRL PPO failed: {type(e).__name__}: {e}")
-        raise
-    finally:
-        sys.stdout.flush()
-    real_stdout.write(json.dumps(result) + "\n")
-    real_stdout.flush()
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(run, parse_args(), "trl_ppo"))

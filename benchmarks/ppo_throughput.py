@@ -42,7 +42,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from _trl_ppo import DEFAULT_PROMPTS, make_reward_model  # noqa: E402
+from _ppo_common import DEFAULT_PROMPTS, make_reward_model  # noqa: E402
 
 TARGETS = {"speedup": 1.5, "memory_ratio": 0.6}
 SCRIPTS = {"cai": HERE / "_cai_ppo.py", "trl": HERE / "_trl_ppo.py"}
