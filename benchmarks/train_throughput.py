@@ -62,7 +62,11 @@ def main() -> None:
                             "tokens_per_s": round(tokens / seconds, 1), "seconds_per_step": round(seconds / len(timed), 2)}
         if args.rm_accuracy:
             subset = pairs[:args.eval_pairs + args.train_pairs]
-            cfg = TrainConfig(kind="rm", model=args.model, data=write(tmp / "rm-acc.jsonl", subset), out=str(args.rm_out or tmp / "rm-acc"),
+            # With --rm-out the data file sits beside it, so a rerun's config (data path included) matches and resumes.
+            data_file = args.rm_out.with_name(args.rm_out.name + "-pairs.jsonl") if args.rm_out else tmp / "rm-acc.jsonl"
+            if args.rm_out:
+                args.rm_out.parent.mkdir(parents=True, exist_ok=True)
+            cfg = TrainConfig(kind="rm", model=args.model, data=write(data_file, subset), out=str(args.rm_out or tmp / "rm-acc"),
                               batch_size=8, max_length=args.max_length, epochs=1, eval_fraction=args.eval_pairs / len(subset),
                               checkpoint_every=10 if args.rm_out else 10_000)
             report["rm_accuracy"] = {"train_pairs": len(subset) - args.eval_pairs, **run_training(cfg)["eval"]}

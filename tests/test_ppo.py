@@ -211,15 +211,18 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_model_d
     straight = ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "straight", iterations=5, checkpoint_every=2, adaptive_kl=True,
                        kl_target=1.0, kl_horizon=100)
     run_ppo(straight)
-    assert_crash_and_resume_repeat(straight, crash_at_iteration=4, checkpointed=2)
+    assert_crash_and_resume_repeat(straight, crash_at_iteration=4)
 
 
-def assert_crash_and_resume_repeat(straight: PPOConfig, crash_at_iteration: int, checkpointed: int) -> None:
-    """Run `straight` again in another folder, crash it while scoring iteration `crash_at_iteration`
-    (after the checkpoint at `checkpointed`), rerun it as a user would, and require every logged
-    metric of the finished run to equal the uninterrupted run's (`straight`, already run)."""
+def assert_crash_and_resume_repeat(straight: PPOConfig, crash_at_iteration: int) -> None:
+    """Run `straight` again in another folder, crash it while scoring iteration `crash_at_iteration`,
+    rerun it as a user would, and require every logged metric of the finished run to equal the
+    uninterrupted run's (`straight`, already run)."""
     from cai.train.config import save_config
     from cai.train.rewards import RuleScorer
+
+    checkpointed = (crash_at_iteration - 1) // straight.checkpoint_every * straight.checkpoint_every
+    assert 0 < checkpointed < crash_at_iteration - 1  # so the rerun resumes and repeats logged iterations
 
     crashy = straight.model_copy(update={"out": str(Path(straight.out).with_name("crashy"))})
     rule, calls = RuleScorer(straight.reward), {"n": 0}
@@ -243,7 +246,6 @@ def assert_crash_and_resume_repeat(straight: PPOConfig, crash_at_iteration: int,
     strip = [{k: v for k, v in r.items() if k not in timing} for r in metrics(Path(straight.out))]
     got = [{k: v for k, v in r.items() if k not in timing} for r in metrics(Path(crashy.out))]
     assert [r["step"] for r in got] == list(range(1, straight.iterations + 1))
-    assert checkpointed < crash_at_iteration - 1  # so the rerun really repeats logged iterations
     for a, b in zip(strip, got):
         assert a.keys() == b.keys()
         for k in a:
@@ -368,4 +370,4 @@ def test_vllm_rollouts_sample_from_the_synced_adapter(tmp_path, tiny_model_dir, 
     run_ppo(cfg)
     rows = metrics(out)
     assert len(rows) == 4 and all(math.isfinite(r["objective/kl"]) and r["response/length_mean"] > 0 for r in rows)
-    assert_crash_and_resume_repeat(cfg, crash_at_iteration=4, checkpointed=2)
+    assert_crash_and_resume_repeat(cfg, crash_at_iteration=4)
