@@ -191,9 +191,23 @@ def common_result(trainer: str, args: argparse.Namespace, *, seconds: list[float
     }
 
 
+def library_floor_mib() -> float:
+    """RSS (MiB) once torch and transformers' model classes are imported, before any trainer code or model.
+
+    Both trainers need these libraries (transformers' modeling code pulls in torch._dynamo, sympy and
+    triton), so no transformers-based trainer's process can be smaller; for a tiny model this floor is
+    most of the peak, and `peak - floor` is the memory the trainer itself adds.
+    """
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+    return rss_mib()
+
+
 def main(run, args: argparse.Namespace, name: str) -> int:
     """Run `run(args)` with fd 1 sent to stderr (the trainers, rich and transformers print to stdout); then
-    write its result as the one JSON object on the real stdout."""
+    write its result, with the process's library floor, as the one JSON object on the real stdout."""
+    floor = library_floor_mib()
     sys.stdout.flush()
     real_stdout = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
@@ -204,6 +218,7 @@ def main(run, args: argparse.Namespace, name: str) -> int:
         raise
     finally:
         sys.stdout.flush()
+    result["rss_floor_mib"] = round(floor, 1)
     real_stdout.write(json.dumps(result) + "\n")
     real_stdout.flush()
     return 0
