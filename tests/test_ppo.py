@@ -15,7 +15,7 @@ from cai.train.losses import token_logprobs
 from cai.train.ppo import PPOConfig, PPOTrainer, run_ppo
 from cai.train.ppo_math import (AdaptiveKLController, FixedKLController, gae, kl_penalised_rewards, kl_per_token, masked_whiten,
                                 policy_loss, value_loss)
-from cai.train.ppo_rollout import sample
+from cai.train.ppo_rollout import merged_adapter, sample
 
 # -- arithmetic ---------------------------------------------------------------------------
 
@@ -134,10 +134,12 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_logprobs_and_values_read_off_generation_match_a_forward_pass(tmp_path, tiny_model_dir, prompt_file):
+@pytest.mark.parametrize("merged", [False, True], ids=["adapter", "merged"])
+def test_logprobs_and_values_read_off_generation_match_a_forward_pass(tmp_path, tiny_model_dir, prompt_file, merged):
     """PPO takes the policy's log-probs and values from generate's own decoding steps instead of a
     second forward pass: they must equal that pass's on every response token (up to the KV cache's
-    float error), and the hooks must not change what is sampled."""
+    float error), and the hooks must not change what is sampled. With the adapter merged into a copy
+    of the weights for sampling, the same holds up to the merge's rounding."""
     trainer = PPOTrainer(ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "ppo", batch_size=6, response_length=12))
     torch.manual_seed(3)
     with torch.no_grad():  # a non-zero adapter (lm_head included) and value head
@@ -151,7 +153,7 @@ def test_logprobs_and_values_read_off_generation_match_a_forward_pass(tmp_path, 
     with torch.no_grad():
         torch.manual_seed(11)
         generated, recorded = sample(trainer.model, query, query_mask, max_new_tokens=12, temperature=0.7,
-                                     eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+                                     eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, merged=merged)
         assert trainer.model.lm.get_base_model().generation_config.min_p == 0.9  # put back
         torch.manual_seed(11)
         base = trainer.model.lm.get_base_model()
@@ -173,6 +175,47 @@ def test_logprobs_and_values_read_off_generation_match_a_forward_pass(tmp_path, 
     torch.testing.assert_close(logprobs[on], expected[on], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(values[on], expected_values[on], atol=1e-4, rtol=1e-4)
     assert logprobs[on].std() > 0.1 and values[on].std() > 1e-3  # a real spread, not constants that agree by accident
+
+
+def test_merged_adapter_samples_the_policy_and_gives_the_weights_back_untouched(tmp_path, tiny_model_dir, prompt_file):
+    trainer = PPOTrainer(ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "ppo"))
+    lm = trainer.model.lm
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in trainer.params:
+            p.add_(0.05 * torch.randn_like(p))
+    before = {n: (p, p.detach().clone()) for n, p in lm.named_parameters()}
+    ids = torch.randint(5, 500, (3, 9))
+    with torch.no_grad():
+        with_adapter = lm(input_ids=ids).logits
+        with lm.disable_adapter():
+            base = lm(input_ids=ids).logits
+        with merged_adapter(lm) as ok:
+            merged = lm(input_ids=ids).logits
+        with pytest.raises(RuntimeError, match="boom"), merged_adapter(lm):
+            raise RuntimeError("boom")
+    assert ok
+    torch.testing.assert_close(merged, with_adapter, atol=1e-5, rtol=1e-5)
+    assert (merged - base).abs().max() > 0.1
+    # The same Parameter objects (the optimiser holds the LoRA ones), bit for bit, the adapter on again.
+    after = dict(lm.named_parameters())
+    assert after.keys() == before.keys()
+    for name, (param, value) in before.items():
+        assert after[name] is param and torch.equal(param, value), name
+    with torch.no_grad():
+        assert torch.equal(lm(input_ids=ids).logits, with_adapter)
+
+
+def test_merged_adapter_leaves_an_adapter_it_cannot_merge_alone(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    lm = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                        LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"], use_dora=True))
+    weights = {n: p for n, p in lm.named_parameters()}
+    with merged_adapter(lm) as ok:
+        assert not ok
+        assert {n: p for n, p in lm.named_parameters()} == weights
 
 
 @pytest.mark.slow

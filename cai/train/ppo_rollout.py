@@ -11,11 +11,19 @@ Only one step's log-softmax (batch x vocabulary) is held at a time, so memory do
 response length. If the hooks do not see the steps they expect (a model whose generate calls its
 forward another way), `sample` returns None for the statistics, with a warning, and the trainer
 falls back to the forward pass.
+
+With `merged=True` the LoRA adapter is merged into a temporary copy of each adapted weight for the
+duration of the sampling (`merged_adapter`), so each decoding step is one matmul per layer instead
+of three plus peft's Python: 15% of SmolLM2's rollout on CPU. The trained weights are never touched
+(peft's own merge/unmerge adds and subtracts in place, which does not give the weights back bit for
+bit); the copies cost one adapted layer's worth of memory each, freed when sampling ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 from transformers import GenerationConfig
@@ -63,14 +71,68 @@ class _StepRecorder:
         return torch.stack(self.logprobs, 1), torch.stack(self.values, 1)
 
 
+def _mergeable(layer) -> bool:
+    """A plain LoRA layer on a Linear or Embedding: its adapter is exactly `get_delta_weight` added to the weight."""
+    from peft.tuners.lora.layer import Embedding, Linear
+
+    return (type(layer) in (Linear, Embedding) and isinstance(layer.base_layer, (torch.nn.Linear, torch.nn.Embedding))
+            and not layer.merged and not any(a in layer.lora_variant or layer.lora_bias.get(a) for a in layer.active_adapters))
+
+
+def _merged_weight(layer, weight: torch.Tensor) -> torch.Tensor:
+    """A new tensor W + sum of the active adapters' deltas; W itself is not written."""
+    adapters = [a for a in layer.active_adapters if a in layer.lora_A or a in layer.lora_embedding_A]
+    if isinstance(layer.base_layer, torch.nn.Linear) and not layer.fan_in_fan_out and len(adapters) == 1:
+        # W + s * B @ A in one pass, with no (out, in) temporary for the delta.
+        a = adapters[0]
+        return torch.addmm(weight, layer.lora_B[a].weight, layer.lora_A[a].weight, alpha=layer.scaling[a])
+    return weight + sum(layer.get_delta_weight(a) for a in adapters)
+
+
+@contextlib.contextmanager
+def merged_adapter(lm) -> Iterator[bool]:
+    """Inside: every adapted layer runs W + delta (a fresh tensor) with its adapter switched off. Yields True.
+
+    The original weight Parameters are put back on exit, untouched. Yields False and changes nothing
+    when `lm` is not a peft model or has a layer whose adapter is not a plain weight delta (DoRA,
+    LoRA bias, quantised base layers); the caller then samples with the adapter as it is.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in lm.modules() if isinstance(m, LoraLayer)] if hasattr(lm, "disable_adapter") else []
+    if not layers or not all(_mergeable(m) for m in layers):
+        yield False
+        return
+    originals = []
+    try:
+        with torch.no_grad(), lm.disable_adapter():
+            for layer in layers:
+                base, weight = layer.base_layer, layer.base_layer.weight
+                originals.append((base, weight))
+                base.weight = torch.nn.Parameter(_merged_weight(layer, weight), requires_grad=False)
+            yield True
+    finally:
+        for base, weight in originals:
+            base.weight = weight
+
+
 def sample(policy, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int, temperature: float, eos_id: int,
-           pad_id: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """Sample responses for left-padded `query` (B, Tq) with the policy's adapter on.
+           pad_id: int, merged: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Sample responses for left-padded `query` (B, Tq) with the policy's adapter on (merged into a copy of the
+    weights while sampling when `merged`).
 
     Returns the generated tokens (B, n), n <= max_new_tokens (generate stops once every row has
     ended; rows that ended earlier are padded), and the log-probs (at `temperature`) and values of
     those tokens, (B, n) each, or None when they could not be recorded.
     """
+    lm = policy.lm
+    with merged_adapter(lm) if merged else contextlib.nullcontext():
+        return _sample(policy, query, query_mask, max_new_tokens=max_new_tokens, temperature=temperature, eos_id=eos_id,
+                       pad_id=pad_id)
+
+
+def _sample(policy, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int, temperature: float, eos_id: int,
+            pad_id: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     lm = policy.lm
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
     recorder = _StepRecorder(policy.value_head, temperature)
