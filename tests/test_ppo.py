@@ -301,6 +301,14 @@ def test_changed_settings_refuse_to_resume(tmp_path, tiny_model_dir, prompt_file
     run_ppo(c)
     with pytest.raises(ValueError, match="other settings \\(lr\\)"):
         run_ppo(c.model_copy(update={"lr": 1e-3}))
+    # A run made before a setting existed (its config.yaml lacks it) resumes under that setting's default,
+    # and is still refused when the setting is given another value.
+    saved = Path(c.out) / "config.yaml"
+    saved.write_text("\n".join(line for line in saved.read_text().splitlines() if not line.startswith("merged_rollouts:")) + "\n")
+    assert "merged_rollouts" not in saved.read_text()
+    with pytest.raises(ValueError, match="other settings \\(merged_rollouts\\)"):
+        run_ppo(c.model_copy(update={"merged_rollouts": False}))
+    run_ppo(c)
 
 
 @pytest.mark.slow

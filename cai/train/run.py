@@ -20,7 +20,10 @@ def refuse_changed_settings(cfg: BaseModel, out: Path) -> None:
     if previous.exists() and (out / "checkpoint").exists():
         import yaml
 
-        before = yaml.safe_load(previous.read_text(encoding="utf-8"))
+        saved = yaml.safe_load(previous.read_text(encoding="utf-8"))
+        # A setting added to cai since the run started is not in its file: it counts as today's default.
+        defaults = {k: f.get_default(call_default_factory=True) for k, f in type(cfg).model_fields.items() if not f.is_required()}
+        before = {**defaults, **saved}
         now = cfg.model_dump()
         diff = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if diff:
