@@ -5,7 +5,8 @@ is the same weights with the adapter disabled, so no second copy is held. A valu
 layer) reads the policy's last hidden state, so the critic shares the policy's forward pass.
 
 Each iteration, in this order (the numbered phases in `ppo_iteration`):
-1. rollout: sample `batch_size` responses with transformers' generate; cut each at its first EOS;
+1. rollout: sample `batch_size` responses with transformers' generate (the adapter merged into a
+   temporary copy of the weights meanwhile) or vLLM; cut each at its first EOS;
 2. score: decode and score with the reward model, the judge or a rule; responses with no EOS
    lose `missing_eos_penalty`;
 3. evaluate the samples: log-probs and values (adapter on; read off generate's own steps with
@@ -28,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -161,8 +163,6 @@ class PPOTrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, eps=1e-5)
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
-        import os
-
         api_key = os.environ.get("CAI_JUDGE_API_KEY")
         self.scorer = scorer or load_scorer(cfg.reward, judge_url=cfg.judge_url, api_key=api_key, device=str(self.device))
         self.gold_scorer = gold_scorer or (JudgeScorer(cfg.judge_url, api_key=api_key) if cfg.gold_judge_every else None)
