@@ -23,8 +23,8 @@ the checkpoint); `peak_rss_mib` is `ru_maxrss` when the last iteration returns, 
 adapter save and matplotlib plot (`peak_rss_process_mib` is `ru_maxrss` at the very end); on CUDA also
 `torch.cuda.max_memory_allocated()`.
 
-`cai_ppo_source` records the git blob id of `cai/train/ppo.py` as run and whether it matches HEAD, since
-that file changes while the benchmark is in use.
+`cai_ppo_source` records the git blob ids of `cai/train/ppo.py` and `ppo_rollout.py` as run and whether they
+match HEAD, since those files change while the benchmark is in use.
 
 All logs go to stderr (stdout is redirected at the file-descriptor level while the trainer runs, since
 rich's progress bar and transformers print to stdout); the JSON object is the only thing written to stdout.
@@ -61,18 +61,21 @@ def log(msg: str) -> None:
     print(f"[cai_ppo] {msg}", file=sys.stderr, flush=True)
 
 
-def source_version(path: str) -> dict:
-    """The git blob id of the trainer's source as run, and whether it is the committed one (the file changes under work)."""
+def source_version(paths: list[str]) -> dict:
+    """The git blob ids of the trainer's sources as run, and whether they are the committed ones (they change under work)."""
     import hashlib
     import subprocess
 
-    data = Path(path).read_bytes()
-    blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # what `git hash-object` prints
     root = Path(__file__).resolve().parents[1]
-    rel = Path(path).resolve().relative_to(root).as_posix()
-    head = subprocess.run(["git", "rev-parse", "HEAD", f"HEAD:{rel}"], cwd=root, capture_output=True, text=True).stdout.split()
-    return {"file": rel, "blob": blob, "git_head": head[0] if head else None,
-            "committed": len(head) == 2 and head[1] == blob}
+    rels = [Path(p).resolve().relative_to(root).as_posix() for p in paths]
+    blobs = {}
+    for path, rel in zip(paths, rels):
+        data = Path(path).read_bytes()
+        blobs[rel] = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # what `git hash-object` prints
+    head = subprocess.run(["git", "rev-parse", "HEAD", *[f"HEAD:{rel}" for rel in rels]], cwd=root, capture_output=True,
+                          text=True).stdout.split()
+    return {"files": blobs, "git_head": head[0] if head else None,
+            "committed": len(head) == len(rels) + 1 and head[1:] == list(blobs.values())}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -80,9 +83,10 @@ def run(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
 
     import cai.train.ppo
+    import cai.train.ppo_rollout
     from cai.train.ppo import PPOConfig, PPOTrainer
 
-    source = source_version(cai.train.ppo.__file__)
+    source = source_version([cai.train.ppo.__file__, cai.train.ppo_rollout.__file__])
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
