@@ -126,14 +126,6 @@ def sample(policy, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tok
     those tokens, (B, n) each, or None when they could not be recorded.
     """
     lm = policy.lm
-    with merged_adapter(lm) if merged else contextlib.nullcontext():
-        return _sample(policy, query, query_mask, max_new_tokens=max_new_tokens, temperature=temperature, eos_id=eos_id,
-                       pad_id=pad_id)
-
-
-def _sample(policy, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int, temperature: float, eos_id: int,
-            pad_id: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    lm = policy.lm
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
     recorder = _StepRecorder(policy.value_head, temperature)
     hooks = [base.register_forward_pre_hook(recorder.on_forward, with_kwargs=True),
@@ -146,7 +138,8 @@ def _sample(policy, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_to
     base.generation_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0,
                                               top_p=1.0, eos_token_id=eos_id, pad_token_id=pad_id)
     try:
-        seqs = lm.generate(input_ids=query, attention_mask=query_mask)
+        with merged_adapter(lm) if merged else contextlib.nullcontext():
+            seqs = lm.generate(input_ids=query, attention_mask=query_mask)
     finally:
         base.generation_config = own_config
         for h in hooks:
