@@ -16,7 +16,6 @@ from pathlib import Path
 
 from cai.constitution import find_constitution, load_constitution
 from cai.judge_client import JudgeClient, judge_endpoint
-from cai.generate.common import EMPTY_RESPONSE as EMPTY
 from cai.policy import Policy, SamplingConfig
 from cai.prompts import load_prompts
 from judge_server import protocol as P
@@ -33,7 +32,7 @@ async def _judge_all(url: str, rows: list[dict], seed: int) -> None:
             for r, c in zip(rows, crits)
         ])
         labels = await judge.compare_many([
-            P.CompareRequest(prompt=r["prompt"], response_a=v.revision or EMPTY, response_b=r["response"], seed=seed)
+            P.CompareRequest(prompt=r["prompt"], response_a=P.or_placeholder(v.revision), response_b=r["response"], seed=seed)
             for r, v in zip(rows, revs)
         ])
     for row, c, v, lab in zip(rows, crits, revs, labels):
@@ -52,7 +51,7 @@ def run_demo(*, model: str, constitution: str, prompts: str, n: int, out: Path, 
     # transformers here: for a handful of prompts vLLM's 30 s engine start costs more than it saves.
     policy = Policy(model)
     samples = policy.sample([p.text for p in chosen], n=1, config=SamplingConfig(max_new_tokens=96, temperature=0.0), seed=seed)
-    answers = [s[0].text or EMPTY for s in samples]
+    answers = [P.or_placeholder(s[0].text) for s in samples]
     policy.close()
     rows = [{"id": p.id, "prompt": p.text, "category": p.category, "response": a, "policy_model": model, "seed": seed}
             for p, a in zip(chosen, answers)]

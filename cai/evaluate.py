@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from cai import monitors
-from cai.generate.common import EMPTY_RESPONSE
 from cai.sycophancy import load_sycophancy_probes
 
 logger = logging.getLogger(__name__)
@@ -70,7 +69,7 @@ async def _compare(url: str, prompts: list[str], policy: list[str], reference: l
     from cai.judge_client import JudgeClient
     from judge_server import protocol as P
 
-    reqs = [P.CompareRequest(prompt=p, response_a=a or EMPTY_RESPONSE, response_b=b or EMPTY_RESPONSE, seed=seed + i)
+    reqs = [P.CompareRequest(prompt=p, response_a=P.or_placeholder(a), response_b=P.or_placeholder(b), seed=seed + i)
             for i, (p, a, b) in enumerate(zip(prompts, policy, reference))]
     async with JudgeClient(url) as client:
         return await client.compare_many(reqs)

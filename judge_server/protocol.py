@@ -18,6 +18,15 @@ Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
 NonEmpty = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
 PrincipleId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
+EMPTY_RESPONSE = "(the assistant gave no response)"
+"""What clients send in place of an empty or blank response: the API refuses empty text, and the judge
+(or a reward model scoring PPO's rollouts) should see plainly that nothing was said."""
+
+
+def or_placeholder(response: str) -> str:
+    """`response`, or EMPTY_RESPONSE when it is empty or only whitespace."""
+    return response if response.strip() else EMPTY_RESPONSE
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")

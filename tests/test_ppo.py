@@ -311,26 +311,60 @@ def test_changed_settings_refuse_to_resume(tmp_path, tiny_model_dir, prompt_file
     run_ppo(c)
 
 
-@pytest.mark.slow
-def test_reward_model_from_cai_train_rm_scores_the_rollouts(tmp_path, tiny_model_dir, prompt_file):
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory, tiny_model_dir) -> Path:
+    """A reward model trained for two steps by `cai train rm`, as its final/ folder."""
     from cai.train.config import TrainConfig
     from cai.train.run import run_training
 
-    pairs = tmp_path / "pairs.jsonl"
+    folder = tmp_path_factory.mktemp("rm")
+    pairs = folder / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": p, "chosen": "Sure, here is a calm answer.", "rejected": "No."}) + "\n"
                              for p in PROMPTS))
-    run_training(TrainConfig(kind="rm", model=str(tiny_model_dir), data=str(pairs), out=str(tmp_path / "rm"), max_steps=2,
+    run_training(TrainConfig(kind="rm", model=str(tiny_model_dir), data=str(pairs), out=str(folder / "rm"), max_steps=2,
                              eval_fraction=0.0, batch_size=4))
+    return folder / "rm" / "final"
+
+
+@pytest.mark.slow
+def test_reward_model_from_cai_train_rm_scores_the_rollouts(tmp_path, tiny_model_dir, prompt_file, reward_model):
     out = tmp_path / "ppo"
-    run_ppo(ppo_cfg(tiny_model_dir, prompt_file, out, reward=str(tmp_path / "rm" / "final"), iterations=2, batch_size=4))
+    run_ppo(ppo_cfg(tiny_model_dir, prompt_file, out, reward=str(reward_model), iterations=2, batch_size=4))
     rows = metrics(out)
     assert len(rows) == 2 and all(math.isfinite(r["objective/scores"]) for r in rows)
     # Same texts through the scorer again give the logged scores (the reward model is deterministic).
     from cai.train.rewards import load_scorer
 
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    again = load_scorer(str(tmp_path / "rm" / "final"))([s["prompt"] for s in samples], [s["response"] for s in samples])
+    again = load_scorer(str(reward_model))([s["prompt"] for s in samples], [s["response"] for s in samples])
     assert again == pytest.approx([s["score"] for s in samples], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_policy_that_says_nothing_is_scored_not_a_crash(tmp_path, tiny_model_dir, prompt_file, reward_model):
+    """Every rollout starts with EOS (the LM head is pushed to it), so every decoded answer is empty:
+    the reward model scores the documented placeholder, and the run (and a rerun of it) finishes."""
+    from cai.train.config import save_config
+    from cai.train.rewards import load_scorer
+    from judge_server.protocol import EMPTY_RESPONSE
+
+    cfg = ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "ppo", reward=str(reward_model), iterations=2, batch_size=4,
+                  checkpoint_every=1, log_samples_every=1)
+    save_config(cfg, Path(cfg.out))
+    trainer = PPOTrainer(cfg)
+    eos = trainer.tokenizer.eos_token_id
+
+    def say_nothing(module, args, logits):
+        return logits.index_add(-1, torch.tensor([eos], device=logits.device), torch.full_like(logits[..., :1], 1e4))
+
+    trainer.model.lm.get_base_model().get_output_embeddings().register_forward_hook(say_nothing)
+    trainer.train()
+    rows, samples = metrics(Path(cfg.out)), [json.loads(line) for line in (Path(cfg.out) / "samples.jsonl").read_text().splitlines()]
+    assert [r["response/length_mean"] for r in rows] == [1.0, 1.0] and all(r["response/eos_rate"] == 1.0 for r in rows)
+    assert samples and {s["response"] for s in samples} == {""}
+    placeholder = load_scorer(str(reward_model))([s["prompt"] for s in samples], [EMPTY_RESPONSE] * len(samples))
+    assert [s["score"] for s in samples] == pytest.approx(placeholder, abs=1e-4)
+    run_ppo(cfg)  # the finished run reruns as a no-op, from its checkpoint
 
 
 @pytest.mark.slow

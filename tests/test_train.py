@@ -185,3 +185,33 @@ def test_two_processes_train_like_one(tmp_path, tiny_model_dir):
     assert [r["tokens"] for r in two] == [r["tokens"] for r in one]
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=0.01)
     assert (tmp_path / "two" / "final" / "adapter_config.json").exists()
+
+
+def test_a_truncated_pair_conditions_both_sides_on_the_same_prompt_tokens(tiny_model_dir):
+    """A 300-token prompt, a 900-token chosen and a 100-token rejected at max_length 1024: the prompt
+    is cut once for the pair, so DPO and the reward model compare log p(y_c | x) with log p(y_r | x)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def text_of(n_tokens: int, word: str) -> str:
+        text = " ".join([word] * n_tokens)
+        while len(tok.encode(text, add_special_tokens=False)) > n_tokens:
+            text = text.rsplit(" ", 1)[0]
+        return text
+
+    row = {"prompt": text_of(300, "prompt"), "chosen": text_of(900, "chosen"), "rejected": text_of(100, "rejected")}
+    (pair,) = tokenise_pairs([row], tok, "long.jsonl", max_length=1024)
+
+    def prompt_part(t):
+        return [i for i, m in zip(t.input_ids, t.loss_mask) if m == 0]
+
+    assert len(pair.chosen.input_ids) <= 1024 and len(pair.rejected.input_ids) <= 1024
+    assert prompt_part(pair.chosen) == prompt_part(pair.rejected)
+    assert 256 <= len(prompt_part(pair.chosen)) < 300  # cut from the start, by the longer side
+    assert sum(pair.rejected.loss_mask) > 90 and sum(pair.chosen.loss_mask) == 1024 - len(prompt_part(pair.chosen))
+    # Nothing to cut: the whole prompt and both answers are kept.
+    (short,) = tokenise_pairs([{**row, "chosen": text_of(100, "chosen")}], tok, "short.jsonl", max_length=1024)
+    full_prompt = prompt_part(short.chosen)
+    assert full_prompt == prompt_part(short.rejected) and len(full_prompt) > 300 - 1
+    assert prompt_part(pair.chosen) == full_prompt[len(full_prompt) - len(prompt_part(pair.chosen)):]

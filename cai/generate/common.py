@@ -28,7 +28,6 @@ from cai.rowlog import RowLog, pin_run
 from judge_server import protocol as P
 
 logger = logging.getLogger(__name__)
-EMPTY_RESPONSE = "(the assistant gave no response)"  # the judge API refuses empty text; say so explicitly
 
 
 @dataclass

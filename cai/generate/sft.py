@@ -13,7 +13,6 @@ import json
 import logging
 from dataclasses import dataclass
 
-from cai.generate.common import EMPTY_RESPONSE as EMPTY
 from cai.generate.common import Chunk, GenerationJob, describe_error, provenance, run_generation
 from cai.judge_client import JudgeError
 from cai.prompts import Prompt
@@ -67,7 +66,7 @@ async def _step(c: Chunk) -> int:
 
 async def _critique_revise(c: Chunk, rows: list[dict]) -> None:
     job: SftJob = c.job
-    current = {r["id"]: r["initial_response"] or EMPTY for r in rows}
+    current = {r["id"]: P.or_placeholder(r["initial_response"]) for r in rows}
     live = list(rows)
     for rnd in range(job.rounds):
         principles = [c.constitution.sample_principles(1, seed=f"{job.seed}:{r['id']}:{rnd}")[0] for r in live]

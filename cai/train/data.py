@@ -86,22 +86,36 @@ class Tokenised:
     loss_mask: list[int]  # 1 on the response tokens
 
 
-def _chat_prompt_and_full(tokenizer, messages: list[dict], where: str, max_length: int) -> Tokenised:
+def tokenise_chat(tokenizer, messages: list[dict], where: str, max_length: int) -> Tokenised:
+    """A conversation ending with the assistant turn to learn or score, masked to that turn."""
     if not isinstance(messages, list) or not messages or messages[-1].get("role") != "assistant":
         raise DatasetError(f"{where}, column 'messages': must be a non-empty list ending with an assistant turn")
     if not str(messages[-1].get("content", "")).strip():
         raise DatasetError(f"{where}, column 'messages': the assistant turn is empty")
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not full.startswith(prompt):
-        raise DatasetError(f"{where}: the chat template does not extend the prompt with the answer; cannot mask the prompt")
+    return _prompt_and_answers(tokenizer, messages[:-1], [str(messages[-1]["content"])], where, max_length)[0]
+
+
+def _prompt_and_answers(tokenizer, history: list[dict], answers: list[str], where: str, max_length: int) -> list[Tokenised]:
+    """Each answer after the same `history`, tokenised with the chat template and fitted into max_length.
+
+    Too long: the start of the prompt is cut first (the answer is what is learned or compared),
+    down to a quarter of max_length, then the end of an answer that still overflows. The prompt is
+    cut once for all the answers, by the longest, so a pair's chosen and rejected are conditioned on
+    the same prompt tokens (as TRL does): DPO and the reward model compare log p(y_c | x) with
+    log p(y_r | x), never with a differently truncated x.
+    """
+    prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
     p_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    r_ids = tokenizer.encode(full[len(prompt):], add_special_tokens=False)
-    # Too long: cut the start of the prompt first (the response is what is learned or compared),
-    # and the end of the response only if it alone overflows.
-    r_ids = r_ids[:max_length - min(len(p_ids), max_length // 4)]
-    p_ids = p_ids[len(p_ids) - (max_length - len(r_ids)):] if len(p_ids) + len(r_ids) > max_length else p_ids
-    return Tokenised(p_ids + r_ids, [0] * len(p_ids) + [1] * len(r_ids))
+    r_ids = []
+    for answer in answers:
+        full = tokenizer.apply_chat_template([*history, {"role": "assistant", "content": answer}], tokenize=False)
+        if not full.startswith(prompt):
+            raise DatasetError(f"{where}: the chat template does not extend the prompt with the answer; cannot mask the prompt")
+        r_ids.append(tokenizer.encode(full[len(prompt):], add_special_tokens=False))
+    keep = min(len(p_ids), max(max_length // 4, max_length - max(len(r) for r in r_ids)))  # prompt tokens kept
+    p_ids = p_ids[len(p_ids) - keep:]
+    fitted = [r[:max_length - keep] for r in r_ids]
+    return [Tokenised(p_ids + r, [0] * keep + [1] * len(r)) for r in fitted]
 
 
 def tokenise_sft(rows: list[dict], tokenizer, source: str, max_length: int) -> list[Tokenised]:
@@ -111,7 +125,7 @@ def tokenise_sft(rows: list[dict], tokenizer, source: str, max_length: int) -> l
     for i, row in enumerate(rows):
         if "messages" not in row:
             raise DatasetError(f"{_where(source, i)}: missing column 'messages'")
-        out.append(_chat_prompt_and_full(tokenizer, row["messages"], _where(source, i), max_length))
+        out.append(tokenise_chat(tokenizer, row["messages"], _where(source, i), max_length))
     if not out:
         raise DatasetError(f"{source}: no rows")
     return out
@@ -138,11 +152,9 @@ def tokenise_pairs(rows: list[dict], tokenizer, source: str, max_length: int) ->
         p = row.get("p_chosen", 1.0)
         if p is None or not (0.0 <= float(p) <= 1.0):
             raise DatasetError(f"{where}, column 'p_chosen': must be a probability in [0, 1], got {p!r}")
-        user = {"role": "user", "content": row["prompt"]}
-        out.append(Pair(
-            _chat_prompt_and_full(tokenizer, [user, {"role": "assistant", "content": row["chosen"]}], where, max_length),
-            _chat_prompt_and_full(tokenizer, [user, {"role": "assistant", "content": row["rejected"]}], where, max_length),
-            float(p)))
+        chosen, rejected = _prompt_and_answers(tokenizer, [{"role": "user", "content": row["prompt"]}], [row["chosen"], row["rejected"]],
+                                               where, max_length)
+        out.append(Pair(chosen, rejected, float(p)))
     if not out:
         raise DatasetError(f"{source}: no rows")
     return out

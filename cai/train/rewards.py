@@ -7,6 +7,10 @@ can differ from the policy's. Specs, as `cai train ppo --reward` takes them:
 - `judge`: the judge server at `judge_url` scores each response under the constitution (direct RLAIF)
 - `rule:length`: pays 1 per 100 characters (a reward that is easy to hack: shows verbosity drift)
 - `rule:share=TEXT`: the share of the response's characters that are occurrences of TEXT
+
+An empty (or blank) response, as when the policy's first token is EOS, is scored as the text
+`judge_server.protocol.EMPTY_RESPONSE` by the reward model and the judge alike: what the policy
+says never stops a run, and saying nothing gets whatever score the scorer gives to that.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+
+from judge_server.protocol import or_placeholder
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +93,10 @@ class RewardModelScorer:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
-        from cai.train.data import _chat_prompt_and_full, collate
+        from cai.train.data import collate, tokenise_chat
 
-        items = [_chat_prompt_and_full(self.tokenizer, [{"role": "user", "content": p},
-                                                       {"role": "assistant", "content": r or " "}], "ppo response", self.max_length)
+        items = [tokenise_chat(self.tokenizer, [{"role": "user", "content": p}, {"role": "assistant", "content": or_placeholder(r)}],
+                               "ppo response", self.max_length)
                  for p, r in zip(prompts, responses)]
         scores: list[float] = []
         for i in range(0, len(items), self.batch_size):
@@ -113,8 +119,7 @@ class JudgeScorer:
         from cai.judge_client import JudgeClient
         from judge_server.protocol import ScoreRequest
 
-        # An empty response can't be sent (the API refuses it); it scores as the judge's floor.
-        reqs = [ScoreRequest(prompt=p, response=r if r.strip() else "(no answer)", seed=i) for i, (p, r) in enumerate(zip(prompts, responses))]
+        reqs = [ScoreRequest(prompt=p, response=or_placeholder(r), seed=i) for i, (p, r) in enumerate(zip(prompts, responses))]
         async with JudgeClient(self.url, api_key=self.api_key) as client:
             results = await client.score_many(reqs)
         return [r.score for r in results]
