@@ -8,6 +8,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cai.train.precision import PRECISION_HELP, Precision
+
 
 class TrainConfigError(ValueError):
     """A training config that can't be used; the message names the file and field."""
@@ -36,6 +38,7 @@ class TrainConfig(BaseModel):
     max_grad_norm: float = Field(default=1.0, gt=0)
     beta: float = Field(default=0.1, gt=0, description="DPO's KL strength.")
     checkpoint_every: int = Field(default=50, ge=1, description="Optimiser steps between checkpoints (resumable).")
+    precision: Precision = Field(default="auto", description=PRECISION_HELP)
     seed: int = 0
 
 

@@ -8,7 +8,7 @@
    with the same losses as an uninterrupted run.
 4. Metrics per step to OUT/metrics.jsonl; the loss curve to OUT/loss.png at the end.
 
-Runs on CPU (float32) and GPU (bfloat16 autocast) from the same code; under `accelerate launch`
+Runs on CPU (float32) and GPU (bfloat16 autocast; `precision`) from the same code; under `accelerate launch`
 each process takes every world_size-th row of a batch and gradients are averaged by accelerate.
 """
 
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from cai.train.config import TrainConfig
+from cai.train.precision import autocast
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,9 @@ def train(cfg: TrainConfig, task: Task, out: Path) -> dict[str, Any]:
     from accelerate import Accelerator
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    # Autocast is cai's own (cfg.precision), not accelerate's process-wide mixed_precision: stages of
+    # one `cai run` may differ, and DPO's reference must run under exactly the policy's autocast.
+    accelerator = Accelerator(mixed_precision="no")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     params = [p for p in task.model.parameters() if p.requires_grad]
@@ -94,7 +97,7 @@ def train(cfg: TrainConfig, task: Task, out: Path) -> dict[str, Any]:
                 # Under accelerate launch each process takes its share of the micro-batch.
                 mine = ids[accelerator.process_index::accelerator.num_processes] or ids[:1]
                 items = [task.train_items[i] for i in mine]
-                with accelerator.autocast():
+                with autocast(cfg.precision, accelerator.device):
                     loss, logged = task.loss(model, items)
                 accelerator.backward(loss / len(window))
                 for k, v in {"loss": loss.item(), **logged}.items():
@@ -127,7 +130,7 @@ def train(cfg: TrainConfig, task: Task, out: Path) -> dict[str, Any]:
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.eval()
         if task.evaluate is not None:
-            with torch.no_grad():
+            with torch.no_grad(), autocast(cfg.precision, accelerator.device):  # evaluated as trained
                 summary["eval"] = task.evaluate(unwrapped)
         task.save(unwrapped, out / "final")
         summary["loss_plot"] = str(plot_losses(metrics_path, out / "loss.png"))

@@ -4,12 +4,15 @@
 - rm: sequence-classification head (one score) on a LoRA backbone, Bradley-Terry on soft labels;
   held-out accuracy, mean margin and calibration (ECE, Brier) in the summary.
 - dpo: sigmoid DPO with soft labels; the reference log-probs come from the same weights before
-  training (adapter disabled), computed once and saved, so no second model copy is held.
+  training (adapter disabled), so no second model copy is held. They are computed inside the
+  loop, on the training device and under the same autocast as the policy, so at step 0 the
+  policy's and the reference's log-probs are the same numbers and the implicit reward margin is 0.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -174,7 +177,7 @@ def _dpo(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
                                b["loss_mask"])
         return lp[:len(items)], lp[len(items):]
 
-    reference = _Reference(cfg, logps, train_items + eval_items, out / "ref_logprobs.pt", model)
+    reference = _Reference(cfg, logps, train_items + eval_items, out / "ref_logprobs.pt")
 
     def loss(model, items):
         pc, pr = logps(model, items)
@@ -201,23 +204,20 @@ def _dpo(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
 class _Reference:
     """log ref(y) per pair: the same weights before any training, without a second model copy.
 
-    With LoRA the reference is the base with the adapter disabled, which training never changes,
-    so it is computed lazily for the pairs a batch needs. Training all weights changes the
-    reference's own weights, so then every pair is computed up front and saved to `path` (a
+    Computed by the model the loop hands to the loss, inside the loop's autocast, so the reference
+    runs on the same device at the same precision as the policy. With LoRA the reference is the
+    base with the adapter disabled, which training never changes, so it is computed lazily for the
+    pairs a batch needs. Training all weights changes the reference's own weights, so then every
+    pair is computed at the first call, before the first optimiser step, and saved to `path` (a
     resumed run reads it back rather than recomputing from trained weights).
     """
 
-    def __init__(self, cfg, logps, items: list[Pair], path: Path, model):
-        self.cfg, self.logps = cfg, logps
+    def __init__(self, cfg, logps, items: list[Pair], path: Path):
+        self.cfg, self.logps, self.items, self.path = cfg, logps, items, path
         self.index = {id(p): i for i, p in enumerate(items)}
         self.values: dict[int, tuple[float, float]] = {}
-        if not cfg.lora:
-            if path.exists() and len(saved := torch.load(path, weights_only=True)) == len(items):
-                self.values = {i: tuple(v) for i, v in enumerate(saved.tolist())}
-            else:
-                self._compute(model, items)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(torch.tensor([self.values[i] for i in range(len(items))]), path)
+        if not cfg.lora and path.exists() and len(saved := torch.load(path, weights_only=True)) == len(items):
+            self.values = {i: tuple(v) for i, v in enumerate(saved.tolist())}
 
     def _compute(self, model, items: list[Pair]) -> None:
         from contextlib import nullcontext
@@ -234,6 +234,14 @@ class _Reference:
         base.train(was_training)
 
     def __call__(self, model, items: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.cfg.lora and not self.values:  # the first call, before any step: every pair, saved
+            # This batch first and on its own: the same shapes as the policy's pass, so the same kernels.
+            self._compute(model, items)
+            self._compute(model, [p for p in self.items if self.index[id(p)] not in self.values])
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")  # each process of a launch writes its own
+            torch.save(torch.tensor([self.values[i] for i in range(len(self.items))]), tmp)
+            os.replace(tmp, self.path)
         missing = [p for p in items if self.index[id(p)] not in self.values]
         if missing:
             self._compute(model, missing)
