@@ -218,6 +218,25 @@ def test_merged_adapter_leaves_an_adapter_it_cannot_merge_alone(tiny_model_dir):
         assert {n: p for n, p in lm.named_parameters()} == weights
 
 
+def test_no_dropout_in_the_update_so_the_first_ratio_is_one(tmp_path, tiny_model_dir, prompt_file):
+    """A model with attention dropout and a LoRA dropout: PPO's passes run without either, so on the
+    first (and here only) minibatch of the first epoch pi/pi_old is 1 on every token."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    dropout_model = tmp_path / "dropout-model"
+    shutil.copytree(tiny_model_dir, dropout_model)
+    config = AutoConfig.from_pretrained(dropout_model)
+    config.attention_dropout = 0.5
+    config.save_pretrained(dropout_model)
+    out = tmp_path / "ppo"
+    run_ppo(ppo_cfg(dropout_model, prompt_file, out, iterations=1, batch_size=8, mini_batches=1, ppo_epochs=1, lora_dropout=0.5))
+    (row,) = metrics(out)
+    tolerance = 1e-8 if not torch.cuda.is_available() else 1e-4  # bf16 autocast on a GPU: sampling and update differ in rounding
+    assert row["ppo/policy/clipfrac"] == 0.0 and row["ppo/policy/approxkl"] < tolerance, row
+
+
 @pytest.mark.slow
 def test_score_rises_while_kl_stays_bounded(tmp_path, tiny_model_dir, prompt_file):
     # Reward: the share of the response's characters that are "e". The random tiny model starts

@@ -21,7 +21,7 @@ Exact resume: iteration i's prompts, sampling seed and minibatch order are pure 
 (seed, i); a checkpoint holds the trainable weights, optimiser, KL controller and RNG states.
 
     cai train ppo --model runs/demo/sft/merged --reward runs/demo/rm/final --prompts donotanswer --out runs/ppo
-    # on a GPU node the same command runs in bfloat16 autocast.
+    # on a GPU node the same command runs in bfloat16 autocast (precision: auto).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from cai.train.losses import masked_mean, token_logprobs
 from cai.train.ppo_math import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_penalised_rewards,
                                 kl_per_token, masked_whiten, policy_loss, value_loss)
 from cai.train.ppo_rollout import sample
+from cai.train.precision import PRECISION_HELP, Precision, autocast
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +87,15 @@ class PPOConfig(BaseModel):
     lora_r: int = Field(default=8, ge=1)
     lora_alpha: int = Field(default=16, ge=1)
     lora_target_modules: list[str] | str = Field(default="all-linear")
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="LoRA dropout; like the model's own dropout it is off in "
+                                "every PPO pass, so the update's ratio pi/pi_old is 1 before the first step.")
     max_grad_norm: float = Field(default=1.0, gt=0)
     checkpoint_every: int = Field(default=10, ge=1, description="Iterations between checkpoints (resumable).")
     log_samples_every: int = Field(default=10, ge=1, description="Iterations between sample rows in samples.jsonl and the log.")
     rollout_backend: Literal["transformers", "vllm"] = Field(default="transformers", description="Who samples the rollouts: "
                                                              "transformers' generate, or vLLM with the current LoRA adapter synced "
                                                              "each iteration (pays off for long responses and large batches).")
+    precision: Precision = Field(default="auto", description=PRECISION_HELP)
     merged_rollouts: bool = Field(default=True, description="With transformers rollouts, sample with the adapter merged into a "
                                   "temporary copy of the adapted weights (15% faster on CPU; the copy costs those layers' "
                                   "memory again while sampling). Off: sample through the unmerged adapter.")
@@ -157,8 +161,12 @@ class PPOTrainer:
         torch.manual_seed(cfg.seed)  # LoRA's A matrices and the value head start from the seed
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         lm.generation_config.pad_token_id = self.tokenizer.pad_token_id
-        lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules)
+        lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=cfg.lora_target_modules)
         self.model = PolicyWithValue(get_peft_model(lm, lora), lm.config.hidden_size).to(self.device)
+        # Dropout stays off in every pass, sampling and update alike (as in TRL and summarize_from_feedback):
+        # with it on in the update only, pi/pi_old != 1 before any step, inflating clipfrac and approx_kl.
+        self.model.eval()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, eps=1e-5)
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
@@ -207,7 +215,7 @@ class PPOTrainer:
         return query.to(self.device), query_mask.to(self.device)
 
     def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        return autocast(self.cfg.precision, self.device)
 
     # -- one iteration ---------------------------------------------------------------------
     def ppo_iteration(self, iteration: int) -> tuple[dict[str, float], list[dict]]:
@@ -218,7 +226,6 @@ class PPOTrainer:
 
         # 1. rollout: left-padded queries (B, Tq); responses (B, R) cut after their first EOS.
         query, query_mask = self.batch_queries(idx)
-        self.model.eval()
         sampling_seed = cfg.seed * 1_000_003 + iteration  # sampling is a function of (seed, iteration)
         responses = torch.full((len(idx), cfg.response_length), pad, dtype=torch.long, device=self.device)
         recorded = None  # (log-probs, values) read off generate's own decoding steps
@@ -289,8 +296,7 @@ class PPOTrainer:
         advantages, returns = gae(rewards, values, maskf, cfg.gamma, cfg.lam)
         advantages = masked_whiten(advantages, maskf)
 
-        # 6. PPO epochs over shuffled minibatches.
-        self.model.train()
+        # 6. PPO epochs over shuffled minibatches (the model stays in eval mode: no dropout).
         stats: dict[str, list[float]] = {}
         for epoch in range(cfg.ppo_epochs):
             for mb in self._minibatches(iteration, epoch):

@@ -34,7 +34,10 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
     """Per-token estimate of KL(policy || reference) from samples of the policy. (B, T) -> (B, T).
 
     k1 = log p - log q (unbiased, can be negative per token); k3 = (r - 1) - log r with
-    r = q / p (unbiased, always >= 0, lower variance). See Schulman, "Approximating KL divergence".
+    r = q / p (always >= 0, lower variance). See Schulman, "Approximating KL divergence".
+    Both are unbiased as *value* estimates of the KL. As a reward penalty (what PPO folds into the
+    rewards) k3's gradient is biased: E_p[k3 * grad log p] = grad KL(p||q) - grad KL(q||p), so k1
+    is the default and k3 is for those who want its lower variance knowingly.
     """
     log_ratio = logprobs - ref_logprobs
     if estimator == "k1":
