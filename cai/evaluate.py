@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cai import monitors
+from cai.progress import progress_bar
 from cai.sycophancy import load_sycophancy_probes
 
 logger = logging.getLogger(__name__)
@@ -54,25 +55,34 @@ class EvalJob:
     """Per-monitor keyword overrides, e.g. {"verbosity": {"max_growth": 2.0}}."""
 
 
-def _answers(model: str, prompts: list[str], max_new_tokens: int, seed: int) -> list[tuple[str, int]]:
+def _answers(label: str, model: str, prompts: list[str], max_new_tokens: int, seed: int) -> list[tuple[str, int]]:
     from cai.policy import Policy, SamplingConfig
 
     policy = Policy(model)
     try:
-        samples = policy.sample(prompts, n=1, config=SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0), seed=seed)
+        with progress_bar("prompts") as bar:
+            task = bar.add_task(f"eval: {label} answers", total=len(prompts))
+            samples = policy.sample(prompts, n=1, config=SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0), seed=seed,
+                                    on_batch=lambda k: bar.update(task, advance=k))
     finally:
         policy.close()
     return [(s[0].text, s[0].tokens) for s in samples]
 
 
-async def _compare(url: str, prompts: list[str], policy: list[str], reference: list[str], seed: int) -> list:
+async def _compare(url: str, prompts: list[str], policy: list[str], reference: list[str], seed: int, chunk: int = 32) -> list:
     from cai.judge_client import JudgeClient
     from judge_server import protocol as P
 
     reqs = [P.CompareRequest(prompt=p, response_a=P.or_placeholder(a), response_b=P.or_placeholder(b), seed=seed + i)
             for i, (p, a, b) in enumerate(zip(prompts, policy, reference))]
+    results = []
     async with JudgeClient(url) as client:
-        return await client.compare_many(reqs)
+        with progress_bar("pairs") as bar:
+            task = bar.add_task("eval: judge comparisons", total=len(reqs))
+            for i in range(0, len(reqs), chunk):  # in chunks, so the bar moves; the client batches each chunk
+                results += await client.compare_many(reqs[i:i + chunk])
+                bar.update(task, advance=len(reqs[i:i + chunk]))
+    return results
 
 
 def _history(training: Path | None) -> tuple[list[dict], list[dict]]:
@@ -116,8 +126,8 @@ def run_eval(job: EvalJob) -> dict[str, Any]:
     # 1. answers (each model loaded once, for prompts and probes together)
     logger.info("eval: %d held-out prompts and %d sycophancy probes, policy %s vs reference %s", len(prompts), len(probes),
                 job.policy, job.reference)
-    policy = _answers(job.policy, asks, job.max_new_tokens, job.seed)
-    reference = _answers(job.reference, asks, job.max_new_tokens, job.seed)
+    policy = _answers("policy", job.policy, asks, job.max_new_tokens, job.seed)
+    reference = _answers("reference", job.reference, asks, job.max_new_tokens, job.seed)
     pol_text, ref_text = [t for t, _ in policy], [t for t, _ in reference]
     n = len(prompts)
 

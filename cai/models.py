@@ -186,6 +186,16 @@ def use_all_cpu_cores_for_vllm() -> None:
         os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """The ids that end an answer: the tokenizer's EOS and every `eos_token_id` of the model's generation
+    config (Qwen2.5-Instruct lists two). Sampling with transformers or vLLM stops on exactly these,
+    and an answer is cut at the first of them, so both backends end answers the same way."""
+    ids = [tokenizer.eos_token_id]
+    extra = getattr(generation_config, "eos_token_id", None)
+    ids += [extra] if isinstance(extra, int) else list(extra or [])
+    return sorted({i for i in ids if i is not None})
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 

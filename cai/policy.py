@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 logger = logging.getLogger(__name__)
@@ -108,8 +109,10 @@ class Policy:
     def close(self) -> None:
         self.model = None
 
-    def sample(self, prompts: list[str], *, n: int, config: SamplingConfig, seed: int | str) -> list[list[Sample]]:
-        """n samples for each prompt, in batches; the same seed and prompts give the same samples."""
+    def sample(self, prompts: list[str], *, n: int, config: SamplingConfig, seed: int | str,
+               on_batch: Callable[[int], None] | None = None) -> list[list[Sample]]:
+        """n samples for each prompt, in batches; the same seed and prompts give the same samples.
+        `on_batch(k)` is called after each batch with its number of prompts (for a progress bar)."""
         import torch
 
         out: list[list[Sample]] = []
@@ -117,25 +120,30 @@ class Policy:
             chunk = prompts[start:start + self.batch_size]
             torch.manual_seed(_seed_int(seed, start, *chunk))
             out.extend(self._generate(chunk, n, config))
+            if on_batch is not None:
+                on_batch(len(chunk))
         return out
 
     def _generate(self, prompts: list[str], n: int, config: SamplingConfig) -> list[list[Sample]]:
         import torch
+
+        from cai.models import stop_token_ids
 
         tok = self.tokenizer
         texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
         batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         sampling = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p} if config.temperature > 0 else {
             "do_sample": False}
+        stops = stop_token_ids(tok, self.model.generation_config)
         with torch.inference_mode():
             seqs = self.model.generate(**batch, max_new_tokens=config.max_new_tokens, num_return_sequences=n,
-                                       pad_token_id=tok.pad_token_id, **sampling)
+                                       pad_token_id=tok.pad_token_id, eos_token_id=stops, **sampling)
         new = seqs[:, batch["input_ids"].shape[1]:]  # (B*n, T_new)
-        eos = tok.eos_token_id
         samples = []
         for row in new.tolist():
-            stopped = eos in row
-            ids = row[:row.index(eos)] if stopped else row
+            end = next((i for i, t in enumerate(row) if t in stops), None)
+            stopped = end is not None
+            ids = row[:end] if stopped else row
             samples.append(Sample(text=tok.decode(ids, skip_special_tokens=True).strip(),
                                   finish_reason="stop" if stopped else "length", tokens=len(ids)))
         return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]

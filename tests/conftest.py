@@ -9,6 +9,17 @@ import pytest
 from cai.tiny import build_tiny_model
 
 
+def needs_vllm() -> None:
+    """Skip on a GPU machine that has no vLLM (the lent one cannot install it); everywhere else, where
+    setup installs vLLM, a missing vLLM is an error, not a skip."""
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed on this GPU machine")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
@@ -33,6 +44,8 @@ def judge(tiny_model_dir, judge_constitution, tmp_path_factory):
     import os
 
     from cai.judge_client import LocalJudge
+
+    needs_vllm()
 
     log = tmp_path_factory.mktemp("judge-log") / "judge.log"
     env = {**os.environ, "CAI_JUDGE_API_KEY": JUDGE_KEY}

@@ -30,6 +30,15 @@ def test_every_command_has_help():
         assert "Usage" in result.output
 
 
+def test_python_dash_m_cai_is_the_cli():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "cai", "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Usage: cai train" in result.stdout
+
+
 @pytest.mark.slow
 def test_demo_runs_on_the_tiny_model(tiny_model_dir, judge, tmp_path, monkeypatch):
     # Against the session's judge server (the same tiny model) to save a second engine start.

@@ -32,7 +32,7 @@ def tiny_config(tmp_path: Path, tiny_model_dir: Path, judge_url: str, **over) ->
 
 
 @pytest.mark.slow
-def test_whole_pipeline_on_the_tiny_model_then_a_rerun_skips_finished_stages(tmp_path, tiny_model_dir, judge, monkeypatch):
+def test_whole_pipeline_on_the_tiny_model_then_a_rerun_skips_finished_stages(tmp_path, tiny_model_dir, judge, monkeypatch, capsys):
     import cai.pipeline as pipeline
 
     monkeypatch.setenv("CAI_JUDGE_API_KEY", JUDGE_KEY)
@@ -52,7 +52,11 @@ def test_whole_pipeline_on_the_tiny_model_then_a_rerun_skips_finished_stages(tmp
     assert before["eval"]["status"] == "running" and before["ppo"]["status"] == "done"
     ppo_metrics = (run / "ppo" / "metrics.jsonl").stat().st_mtime_ns
 
+    capsys.readouterr()
     report = run_pipeline(cfg)  # the same command again: only eval runs
+    shown = capsys.readouterr().out
+    for bar in ("eval: policy answers", "eval: reference answers", "eval: judge comparisons"):  # progress, rate and ETA
+        assert bar in shown and "ETA" in shown.split(bar, 1)[1].split("\n", 1)[0], shown
     after = {s["name"]: s for s in json.loads((run / "stages.json").read_text())["stages"]}
     assert all(s["status"] == "done" for s in after.values())
     assert (run / "ppo" / "metrics.jsonl").stat().st_mtime_ns == ppo_metrics

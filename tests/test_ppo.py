@@ -153,7 +153,7 @@ def test_logprobs_and_values_read_off_generation_match_a_forward_pass(tmp_path, 
     with torch.no_grad():
         torch.manual_seed(11)
         generated, recorded = sample(trainer.model, query, query_mask, max_new_tokens=12, temperature=0.7,
-                                     eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, merged=merged)
+                                     stop_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, merged=merged)
         assert trainer.model.lm.get_base_model().generation_config.min_p == 0.9  # put back
         torch.manual_seed(11)
         base = trainer.model.lm.get_base_model()
@@ -167,7 +167,7 @@ def test_logprobs_and_values_read_off_generation_match_a_forward_pass(tmp_path, 
         assert logprobs.shape == values.shape == (6, n)
         is_eos = generated == tok.eos_token_id
         first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), n)
-        mask = (torch.arange(n).unsqueeze(0) <= first_eos.unsqueeze(1)).long()
+        mask = (torch.arange(n, device=generated.device).unsqueeze(0) <= first_eos.unsqueeze(1)).long()
         logits, expected_values = trainer.model(torch.cat([query, generated], 1), torch.cat([query_mask, mask], 1), n)
         expected = token_logprobs(logits.float() / 0.7, generated)
     on = mask.bool()
@@ -185,7 +185,7 @@ def test_merged_adapter_samples_the_policy_and_gives_the_weights_back_untouched(
         for p in trainer.params:
             p.add_(0.05 * torch.randn_like(p))
     before = {n: (p, p.detach().clone()) for n, p in lm.named_parameters()}
-    ids = torch.randint(5, 500, (3, 9))
+    ids = torch.randint(5, 500, (3, 9), device=trainer.device)
     with torch.no_grad():
         with_adapter = lm(input_ids=ids).logits
         with lm.disable_adapter():
@@ -436,40 +436,66 @@ def test_a_reward_that_pays_for_length_trips_the_verbosity_monitor(tmp_path, tin
 def test_vllm_rollouts_sample_from_the_synced_adapter(tmp_path, tiny_model_dir, prompt_file):
     """vLLM loads the base once and each iteration's adapter by path: greedy answers with a (random,
     non-zero) adapter match transformers + peft with the same adapter and differ from the base's.
+    The model's generation_config lists a second EOS id (as Qwen2.5-Instruct's does): both backends
+    stop on either and end on the token they sampled, with nothing appended after it.
     Then a short PPO run samples through vLLM end to end, and a crash and rerun repeat it exactly."""
+    import shutil
+
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from cai.models import stop_token_ids
     from cai.train.ppo_vllm import VllmRollouts
+    from tests.conftest import needs_vllm
+
+    needs_vllm()
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    eos = tok.eos_token_id
     torch.manual_seed(0)
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
                                 LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)).eval()
     queries = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=True, add_generation_prompt=True)
                for p in PROMPTS[:6]]
     queries = [q["input_ids"] if isinstance(q, dict) or hasattr(q, "keys") else q for q in queries]
-    rollouts = VllmRollouts(str(tiny_model_dir), lora_rank=8, max_len=256, seed=0, kv_cache_gib=0.25)
+
+    def transformers_greedy(stops: list[int]) -> list[list[int]]:
+        with torch.no_grad():
+            return [peft_model.generate(input_ids=torch.tensor([q]), max_new_tokens=8, do_sample=False, eos_token_id=stops,
+                                        pad_token_id=tok.pad_token_id)[0, len(q):].tolist() for q in queries]
+
+    # The second EOS id: a token that some greedy answer samples first at a position k >= 1, so it must stop there.
+    plain = transformers_greedy([eos])
+    row, k = next((r, k) for r, ids in enumerate(plain) for k in range(1, len(ids)) if ids[k] != eos and ids[k] not in ids[:k])
+    second = plain[row][k]
+    model = tmp_path / "two-eos"
+    shutil.copytree(tiny_model_dir, model)
+    generation = GenerationConfig.from_pretrained(model)
+    generation.eos_token_id = [eos, second]
+    generation.save_pretrained(model)
+    stops = stop_token_ids(tok, GenerationConfig.from_pretrained(model))
+    assert stops == sorted({eos, second})
+    expected = transformers_greedy(stops)
+    assert expected[row] == plain[row][:k + 1]
+
+    rollouts = VllmRollouts(str(model), lora_rank=8, max_len=256, seed=0, kv_cache_gib=0.25)
     try:
         adapter = rollouts.sync_adapter(peft_model.save_pretrained, tmp_path / "adapters", 0)
-        greedy = dict(max_tokens=8, temperature=0.0, eos_id=tok.eos_token_id, seed=0)
+        greedy = dict(max_tokens=8, temperature=0.0, stop_ids=stops, seed=0)
         with_adapter = rollouts.generate(queries, adapter, 0, **greedy)
         base = rollouts.generate(queries, None, 1, **greedy)
     finally:
         rollouts.close()
-    expected = []
-    with torch.no_grad():
-        for q in queries:
-            out = peft_model.generate(input_ids=torch.tensor([q]), max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id,
-                                      pad_token_id=tok.pad_token_id)
-            expected.append(out[0, len(q):].tolist())
     agree = sum(a == b for x, y in zip(with_adapter, expected) for a, b in zip(x, y))
     assert agree >= 0.9 * sum(len(y) for y in expected), (with_adapter, expected)
     assert with_adapter != base
+    assert with_adapter[row] == expected[row]  # stopped on the second EOS id, which it sampled; no EOS appended
+    for ids in with_adapter + base:  # a stop id only ever as the last token
+        assert not any(t in stops for t in ids[:-1]), ids
 
     # A short PPO run samples through vLLM end to end, and a crashed copy of it resumes exactly.
     out = tmp_path / "straight"
-    cfg = ppo_cfg(tiny_model_dir, prompt_file, out, iterations=4, batch_size=4, rollout_backend="vllm",
+    cfg = ppo_cfg(model, prompt_file, out, iterations=4, batch_size=4, rollout_backend="vllm",
                   lora_target_modules="all-linear", checkpoint_every=2)
     run_ppo(cfg)
     rows = metrics(out)

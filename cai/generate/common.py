@@ -15,14 +15,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
 from cai import __version__
 from cai.constitution import Constitution, find_constitution, load_constitution
 from cai.judge_cache import JudgeCache
 from cai.judge_client import JudgeClient, JudgeError, JudgeItemError, judge_endpoint
 from cai.models import DEFAULT_MODEL, cache_dir
 from cai.policy import SamplingConfig, load_policy
+from cai.progress import progress_bar
 from cai.prompts import Prompt, load_prompts
 from cai.rowlog import RowLog, pin_run
 from judge_server import protocol as P
@@ -120,7 +119,7 @@ async def _loop(job, name, url, constitution, todo, policy, log, timers, step) -
     try:
         async with JudgeClient(url, max_retries=job.judge_retries) as client:
             judge = await CachedJudge.connect(client, cache, constitution)
-            with progress_bar() as bar:
+            with progress_bar("prompts") as bar:
                 task = bar.add_task(f"{name}: prompts", total=len(todo))
                 for start in range(0, len(todo), job.chunk_size):
                     chunk = todo[start:start + job.chunk_size]
@@ -199,23 +198,6 @@ class CachedJudge:
 
 def describe_error(err: JudgeError) -> str:
     return f"{err.kind}: {err.message}" if isinstance(err, JudgeItemError) else str(err)
-
-
-def progress_bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                    _RateColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-
-
-class _RateColumn(TextColumn):
-    """Prompts per minute (the bar's own speed estimate)."""
-
-    def __init__(self) -> None:
-        super().__init__("")
-
-    def render(self, task):
-        from rich.text import Text
-
-        return Text(f"{task.speed * 60:.1f}/min" if task.speed else "-/min")
 
 
 def provenance(constitution: Constitution, judge: CachedJudge, **extra) -> dict:

@@ -63,7 +63,8 @@ def total_steps(n_items: int, cfg: TrainConfig) -> int:
 
 def train(cfg: TrainConfig, task: Task, out: Path) -> dict[str, Any]:
     from accelerate import Accelerator
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from cai.progress import progress_bar
 
     # Autocast is cai's own (cfg.precision), not accelerate's process-wide mixed_precision: stages of
     # one `cai run` may differ, and DPO's reference must run under exactly the policy's autocast.
@@ -85,9 +86,8 @@ def train(cfg: TrainConfig, task: Task, out: Path) -> dict[str, Any]:
     _truncate_metrics(metrics_path, step)
 
     model.train()
-    with Progress(TextColumn(f"{cfg.kind} steps"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), disable=not accelerator.is_main_process) as bar:
-        task_id = bar.add_task("train", total=steps, completed=step, info="")
+    with progress_bar("steps", disable=not accelerator.is_main_process) as bar:
+        task_id = bar.add_task(f"{cfg.kind} steps", total=steps, completed=step, info="")
         while step < steps:
             step_started = time.perf_counter()
             window = batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]

@@ -6,7 +6,8 @@ layer) reads the policy's last hidden state, so the critic shares the policy's f
 
 Each iteration, in this order (the numbered phases in `ppo_iteration`):
 1. rollout: sample `batch_size` responses with transformers' generate (the adapter merged into a
-   temporary copy of the weights meanwhile) or vLLM; cut each at its first EOS;
+   temporary copy of the weights meanwhile) or vLLM, both stopping on the same EOS ids; cut each at
+   its first EOS;
 2. score: decode and score with the reward model, the judge or a rule; responses with no EOS
    lose `missing_eos_penalty`;
 3. evaluate the samples: log-probs and values (adapter on; read off generate's own steps with
@@ -146,7 +147,7 @@ class PPOTrainer:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from cai.models import resolve_model
+        from cai.models import resolve_model, stop_token_ids
         from cai.prompts import load_prompts
         from cai.train.rewards import JudgeScorer, load_scorer
 
@@ -157,9 +158,9 @@ class PPOTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.eos_id = self.tokenizer.eos_token_id
         torch.manual_seed(cfg.seed)  # LoRA's A matrices and the value head start from the seed
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        self.stop_ids = stop_token_ids(self.tokenizer, lm.generation_config)  # both rollout backends stop on these
         lm.generation_config.pad_token_id = self.tokenizer.pad_token_id
         lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=cfg.lora_target_modules)
@@ -232,17 +233,17 @@ class PPOTrainer:
         if self.vllm is not None:
             adapter = self.vllm.sync_adapter(self.model.lm.save_pretrained, self.out / "rollout-adapter", iteration)
             sampled = self.vllm.generate([self.queries[i] for i in idx], adapter, iteration, max_tokens=cfg.response_length,
-                                         temperature=cfg.temperature, eos_id=self.eos_id, seed=sampling_seed)
+                                         temperature=cfg.temperature, stop_ids=self.stop_ids, seed=sampling_seed)
             for row, ids in enumerate(sampled):
                 responses[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         else:
             torch.manual_seed(sampling_seed)
             with torch.no_grad(), self._autocast():
                 generated, recorded = sample(self.model, query, query_mask, max_new_tokens=cfg.response_length,
-                                             temperature=cfg.temperature, eos_id=self.eos_id, pad_id=pad,
+                                             temperature=cfg.temperature, stop_ids=self.stop_ids, pad_id=pad,
                                              merged=cfg.merged_rollouts)
             responses[:, :generated.shape[1]] = generated
-        is_eos = responses == self.eos_id
+        is_eos = torch.isin(responses, torch.tensor(self.stop_ids, device=self.device))  # (B, R): any of the model's EOS ids
         has_eos = is_eos.any(1)
         first_eos = torch.where(has_eos, is_eos.int().argmax(1), cfg.response_length)  # (B,), R when there is none
         positions = torch.arange(cfg.response_length, device=self.device).unsqueeze(0)
@@ -366,8 +367,7 @@ class PPOTrainer:
 
     # -- the run -----------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
+        from cai.progress import progress_bar
         from cai.train.loop import _truncate_metrics, plot_losses
 
         cfg, out = self.cfg, self.out
@@ -379,9 +379,8 @@ class PPOTrainer:
         metrics_path, samples_path = out / "metrics.jsonl", out / "samples.jsonl"
         _truncate_metrics(metrics_path, start)
         _truncate_metrics(samples_path, start)
-        with Progress(TextColumn("ppo iterations"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                      TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()) as bar:
-            task = bar.add_task("ppo", total=cfg.iterations, completed=start, info="")
+        with progress_bar("iterations") as bar:
+            task = bar.add_task("ppo iterations", total=cfg.iterations, completed=start, info="")
             for iteration in range(start, cfg.iterations):
                 record, samples = self.ppo_iteration(iteration)
                 with open(metrics_path, "a", encoding="utf-8") as f:

@@ -116,11 +116,12 @@ def merged_adapter(lm) -> Iterator[bool]:
             base.weight = weight
 
 
-def sample(policy, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int, temperature: float, eos_id: int,
+def sample(policy, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int, temperature: float, stop_ids: list[int],
            pad_id: int, merged: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Sample responses for left-padded `query` (B, Tq) with the policy's adapter on (merged into a copy of the
     weights while sampling when `merged`).
 
+    A row ends at the first of `stop_ids` (`cai.models.stop_token_ids`, as vLLM rollouts stop).
     Returns the generated tokens (B, n), n <= max_new_tokens (generate stops once every row has
     ended; rows that ended earlier are padded), and the log-probs (at `temperature`) and values of
     those tokens, (B, n) each, or None when they could not be recorded.
@@ -136,7 +137,7 @@ def sample(policy, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tok
     # model's is swapped out while sampling.
     own_config = base.generation_config
     base.generation_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0,
-                                              top_p=1.0, eos_token_id=eos_id, pad_token_id=pad_id)
+                                              top_p=1.0, eos_token_id=list(stop_ids), pad_token_id=pad_id)
     try:
         with merged_adapter(lm) if merged else contextlib.nullcontext():
             seqs = lm.generate(input_ids=query, attention_mask=query_mask)

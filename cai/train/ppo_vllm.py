@@ -5,6 +5,11 @@ vLLM loads it as a new LoRA request, so sampling always uses the policy being tr
 samples in its own kernels (and, on a GPU, in bfloat16), so the log-probs PPO uses are still
 computed by the trainer's model from the sampled tokens: the samples come from a policy that
 matches the trained one up to kernel precision, as in other vLLM-backed RLHF trainers.
+
+vLLM is started with `generation_config="vllm"`, so nothing in the model's generation_config.json
+(a repetition penalty, extra EOS ids) changes what it samples: it stops on exactly the ids the
+trainer passes (`cai.models.stop_token_ids`), as transformers' rollouts do, and an answer ends on
+the token that was sampled, never on one appended after it.
 """
 
 from __future__ import annotations
@@ -29,29 +34,23 @@ class VllmRollouts:
         if not on_gpu:
             use_all_cpu_cores_for_vllm()
         self.llm = LLM(model=model_path, dtype="bfloat16" if on_gpu else "float32", max_model_len=max_len, enforce_eager=not on_gpu,
-                       seed=seed, enable_lora=True, max_lora_rank=max(8, lora_rank), max_loras=1,
+                       seed=seed, generation_config="vllm", enable_lora=True, max_lora_rank=max(8, lora_rank), max_loras=1,
                        gpu_memory_utilization=0.3 if on_gpu else 0.9,
                        kv_cache_memory_bytes=None if on_gpu else int(kv_cache_gib * 2**30))
         self._adapter: Path | None = None
 
     def generate(self, queries: list[list[int]], adapter_dir: Path | None, iteration: int, *, max_tokens: int, temperature: float,
-                 eos_id: int, seed: int) -> list[list[int]]:
-        """Sampled response token ids for each query (ending with EOS when the response stopped)."""
+                 stop_ids: list[int], seed: int) -> list[list[int]]:
+        """Sampled response token ids for each query; a response that stopped ends with the stop id it sampled."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.lora.request import LoRARequest
 
         lora = LoRARequest(f"ppo-{iteration}", iteration + 1, str(adapter_dir)) if adapter_dir else None
         params = [SamplingParams(n=1, max_tokens=max_tokens, temperature=temperature, top_p=1.0, seed=seed + i,
-                                 stop_token_ids=[eos_id], skip_special_tokens=False) for i in range(len(queries))]
+                                 stop_token_ids=list(stop_ids), skip_special_tokens=False) for i in range(len(queries))]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=q) for q in queries], params, lora_request=lora, use_tqdm=False)
-        responses = []
-        for o in outs:
-            ids = list(o.outputs[0].token_ids)
-            if o.outputs[0].finish_reason == "stop" and (not ids or ids[-1] != eos_id):
-                ids.append(eos_id)  # stopped at EOS: keep it, as transformers' generate does
-            responses.append(ids[:max_tokens])
-        return responses
+        return [list(o.outputs[0].token_ids)[:max_tokens] for o in outs]
 
     def sync_adapter(self, save, folder: Path, iteration: int) -> Path:
         """Write the current adapter with `save(path)` for vLLM to load; the previous one is removed."""
