@@ -13,6 +13,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from cai.constitution import ConstitutionError, bundled_constitutions, find_constitution, load_constitution
+from cai.errors import CaiError
 
 app = typer.Typer(
     help="cai: Constitutional AI and RLAIF. A constitution file in, an AI judge, synthetic data and a better model out.",
@@ -203,8 +204,11 @@ def judge_serve(
 
     Example: cai judge serve --model smollm2-135m-instruct --constitution constitutions/harmless-helpful.yaml
     """
+    from pydantic import ValidationError
+
+    from cai.errors import describe_validation_error
     from judge_server.server import serve
-    from judge_server.settings import InsecureBindError, ServerSettings
+    from judge_server.settings import ServerSettings
 
     try:
         settings = ServerSettings(
@@ -214,7 +218,9 @@ def judge_serve(
         )
         settings.check_bind()
         serve(settings)
-    except (InsecureBindError, ConstitutionError, ValueError) as e:
+    except ValidationError as e:
+        _fail(describe_validation_error(e, "judge serve"))
+    except CaiError as e:
         _fail(str(e))
 
 
@@ -234,14 +240,9 @@ BackendOpt = Annotated[str, typer.Option(help="Policy sampling: vllm, transforme
 
 
 def _run_job(fn, job) -> None:
-    from cai.generate.common import ConstitutionMismatchError
-    from cai.judge_client import JudgeError
-    from cai.prompts import PromptSourceError
-    from cai.rowlog import RunMismatchError
-
     try:
         summary = fn(job)
-    except (ConstitutionError, PromptSourceError, RunMismatchError, ConstitutionMismatchError, JudgeError, ValueError) as e:
+    except CaiError as e:
         _fail(str(e))
     console.print_json(json.dumps(summary))
 
@@ -347,9 +348,7 @@ def train_cmd(
       cai train dpo --config examples/dpo.yaml --max-steps 20
       cai train ppo --model runs/sft/merged --reward runs/rm/final --prompts donotanswer --out runs/ppo
     """
-    from cai.train.config import TrainConfigError, load_config
-    from cai.train.data import DatasetError
-    from cai.train.rewards import RewardSpecError
+    from cai.train.config import load_config
 
     if kind not in ("sft", "rm", "dpo", "ppo"):
         _fail(f"unknown trainer {kind!r}: use sft, rm, dpo or ppo")
@@ -371,7 +370,7 @@ def train_cmd(
             from cai.train.run import run_training
 
             summary = run_training(load_config(config, {"kind": kind, **common, **others}))
-    except (TrainConfigError, DatasetError, RewardSpecError, ValueError) as e:
+    except CaiError as e:
         _fail(str(e))
     console.print_json(json.dumps(summary))
 
@@ -391,19 +390,12 @@ def run_cmd(
 
     Example: cai run examples/demo.yaml
     """
-    from cai.generate.common import ConstitutionMismatchError
-    from cai.judge_client import JudgeError
-    from cai.pipeline import RunConfigError, load_run_config, run_pipeline
-    from cai.prompts import PromptSourceError
-    from cai.rowlog import RunMismatchError
-    from cai.train.config import TrainConfigError
-    from cai.train.data import DatasetError
+    from cai.pipeline import load_run_config, run_pipeline
 
     try:
         cfg = load_run_config(config, out)
         report = run_pipeline(cfg, config)
-    except (RunConfigError, ConstitutionError, PromptSourceError, RunMismatchError, ConstitutionMismatchError, JudgeError,
-            TrainConfigError, DatasetError, ValueError) as e:
+    except CaiError as e:
         _fail(str(e))
     stages = json.loads((Path(cfg.out) / "stages.json").read_text())["stages"]
     for s in stages:
@@ -436,14 +428,12 @@ def eval_cmd(
     Example: cai eval --policy runs/demo/ppo/merged --reference runs/demo/sft/merged --prompts runs/demo/prompts/eval.jsonl --out runs/eval
     """
     from cai.evaluate import EvalJob, run_eval
-    from cai.judge_client import JudgeError
-    from cai.prompts import PromptSourceError
 
     try:
         doc = run_eval(EvalJob(policy=policy, reference=reference, prompts=prompts, out=out, judge_url=judge_url, judge_model=judge_model,
                                constitution=constitution, limit=limit, probes=probes, max_new_tokens=max_new_tokens, training=training,
                                prefs=prefs, seed=seed))
-    except (ConstitutionError, PromptSourceError, JudgeError, ValueError) as e:
+    except CaiError as e:
         _fail(str(e))
     console.print(f"win rate {doc['win_rate']:.2f} [{doc['win_rate_ci'][0]:.2f}, {doc['win_rate_ci'][1]:.2f}], "
                   f"length-controlled {doc['lc_win_rate']:.2f}, {doc['n_prompts']} prompts", highlight=False)
@@ -480,7 +470,7 @@ def demo(
 
     try:
         path = run_demo(model=model, constitution=constitution, prompts=prompts, n=n, out=out, judge_url=judge_url)
-    except (ConstitutionError, ValueError) as e:
+    except CaiError as e:
         _fail(str(e))
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     for r in rows:

@@ -34,6 +34,8 @@ from typing import Annotated, Any, Iterable
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from cai.errors import CaiError
+
 MAX_FILE_BYTES = 1_000_000
 
 NonEmptyText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=8000)]
@@ -145,7 +147,7 @@ def _stable_seed(seed: int | str) -> int:
 # -- errors -----------------------------------------------------------------
 
 
-class UnknownPrincipleError(KeyError):
+class UnknownPrincipleError(CaiError, KeyError):
     def __init__(self, principle_id: str, known: Iterable[str]):
         self.principle_id = principle_id
         self.known = list(known)
@@ -178,7 +180,7 @@ class Problem:
         return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
 
 
-class ConstitutionError(ValueError):
+class ConstitutionError(CaiError, ValueError):
     """A constitution file that can't be used; `problems` lists every issue found."""
 
     def __init__(self, path: str, problems: list[Problem]):

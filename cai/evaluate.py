@@ -113,13 +113,13 @@ def _prefs_same_position(prefs: Path | None) -> list[bool]:
 def run_eval(job: EvalJob) -> dict[str, Any]:
     from cai.constitution import find_constitution
     from cai.judge_client import judge_endpoint
-    from cai.prompts import load_prompts
+    from cai.prompts import PromptSourceError, load_prompts
 
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = [p.text for p in load_prompts(job.prompts, limit=job.limit)]
     if not prompts:
-        raise ValueError(f"{job.prompts}: no held-out prompts to evaluate on")
+        raise PromptSourceError(f"{job.prompts}: no held-out prompts to evaluate on")
     probes = load_sycophancy_probes()[:job.probes]
     asks = prompts + [p.prompt for p in probes]
 

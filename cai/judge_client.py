@@ -29,6 +29,7 @@ import httpx
 from pydantic import BaseModel
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
+from cai.errors import CaiError
 from judge_server import protocol as P
 from judge_server.settings import API_KEY_ENV
 
@@ -37,7 +38,7 @@ T = TypeVar("T", bound=BaseModel)
 RETRY_STATUSES = {429, 502, 503, 504}
 
 
-class JudgeError(RuntimeError):
+class JudgeError(CaiError, RuntimeError):
     """Anything that went wrong talking to the judge."""
 
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from cai.errors import CaiError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -53,7 +55,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 }
 
 
-class ModelResolutionError(ValueError):
+class ModelResolutionError(CaiError, ValueError):
     """A model name that is neither a usable folder, a hub id, nor an embedded model."""
 
 

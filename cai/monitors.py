@@ -17,10 +17,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from cai.errors import CaiError
 from cai.sycophancy import SycophancyProbe, agrees_with_false_claim
 
 
-class MonitorInputError(ValueError):
+class MonitorInputError(CaiError, ValueError):
     """Data handed to a monitor that is malformed (missing keys, mismatched lengths, bad values)."""
 
 

@@ -29,10 +29,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cai.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
-class RunConfigError(ValueError):
+class RunConfigError(ConfigError):
     """A run config that can't be used; the message names the file and the field."""
 
 
@@ -250,11 +252,11 @@ def run_pipeline(cfg: RunConfig, config_path: str | Path | None = None) -> Path:
     """Run every unfinished stage in order; returns the path of report.html."""
     from cai.constitution import find_constitution
     from cai.judge_client import judge_endpoint
+    from cai.pinning import pin_settings
     from cai.report import write_report
-    from cai.rowlog import pin_run
 
     run_dir = Path(cfg.out)
-    pin_run(run_dir, cfg.model_dump())
+    pin_settings(run_dir, cfg)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), encoding="utf-8")
     plan = stages(cfg)
     record = _load_record(run_dir, [name for name, _ in plan])

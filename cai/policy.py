@@ -41,7 +41,9 @@ class Sample:
 def load_policy(model_name: str, *, backend: str = "auto", batch_size: int = 8):
     """A policy sampler: backend "vllm", "transformers", or "auto" (vLLM when importable)."""
     if backend not in ("auto", "vllm", "transformers"):
-        raise ValueError(f"unknown policy backend {backend!r}; use auto, vllm or transformers")
+        from cai.errors import ConfigError
+
+        raise ConfigError(f"unknown policy backend {backend!r}; use auto, vllm or transformers")
     if backend == "auto":
         import importlib.util
 

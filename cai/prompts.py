@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 import yaml
 
+from cai.errors import CaiError
+
 logger = logging.getLogger(__name__)
 
 PROMPT_FIELDS = ("prompt", "messages", "chosen")
@@ -38,7 +40,7 @@ PROMPT_FIELDS = ("prompt", "messages", "chosen")
 _HH_HUMAN_TURN = re.compile(r"(?:^|\n\n)Human:[ \t]*(.*?)(?=\n\nAssistant:|\n\nHuman:|\Z)", re.S)
 
 
-class PromptSourceError(ValueError):
+class PromptSourceError(CaiError, ValueError):
     """A prompt source that cannot be found or read; the message names the file, line and field."""
 
 
@@ -269,7 +271,7 @@ def _load_one(spec: str) -> list[Prompt]:
 def load_prompts(spec: str, *, limit: int | None = None, seed: int = 0, shuffle: bool = False) -> list[Prompt]:
     """Load, concatenate and dedupe (by id, first kept) the prompts of `spec`; then shuffle (seeded) and cut to `limit`."""
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise PromptSourceError(f"limit must be >= 0, got {limit}")
     # A path that itself contains "+" is taken whole.
     parts = [spec] if Path(spec).expanduser().exists() else spec.split("+")
     if not spec or any(not p.strip() for p in parts):

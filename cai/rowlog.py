@@ -4,7 +4,7 @@ Each finished row is appended as one line and flushed to disk before the next, k
 `id`. A job killed at any moment leaves at most one partial last line; `RowLog.open` cuts it off.
 A rerun asks `done_ids()` and skips them, so nothing is lost or duplicated. A row whose status
 is not "ok" (a judge failure) is retried on the next run; `final_rows()` keeps the last row per id.
-A `run.json` beside the log pins the settings, so a rerun with other settings can't mix in.
+A `run.json` beside the log pins the settings (`cai.pinning`), so a rerun with other settings can't mix in.
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cai.pinning import RunMismatchError
+
 logger = logging.getLogger(__name__)
-
-
-class RunMismatchError(ValueError):
-    """The output folder holds a run made with other settings."""
 
 
 class RowLog:
@@ -54,7 +52,7 @@ class RowLog:
                 row = json.loads(line)
                 self._remember(row)
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{self.path}, line {lineno}: not a row written by cai ({e}); move the file away or use a new --out") from None
+                raise RunMismatchError(f"{self.path}, line {lineno}: not a row written by cai ({e}); move the file away or use a new --out") from None
 
     def _remember(self, row: dict) -> None:
         key = row["id"]
@@ -85,19 +83,3 @@ class RowLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def pin_run(folder: Path, settings: dict[str, Any]) -> None:
-    """Write run.json on the first run; on a rerun, refuse settings that differ from it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "run.json"
-    settings = json.loads(json.dumps(settings))  # normalise tuples, paths
-    if path.exists():
-        before = json.loads(path.read_text(encoding="utf-8"))
-        diff = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-        if diff:
-            details = "; ".join(f"{k}: was {before.get(k)!r}, now {settings.get(k)!r}" for k in diff)
-            raise RunMismatchError(f"{folder} holds a run with other settings ({details}); rerun with the same settings to resume, "
-                                   "or choose another --out")
-        return
-    path.write_text(json.dumps(settings, indent=2), encoding="utf-8")

@@ -14,10 +14,12 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
+from cai.errors import CaiError
+
 Marker = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 
 
-class ProbeFileError(ValueError):
+class ProbeFileError(CaiError, ValueError):
     """A probe file that can't be read as sycophancy probes."""
 
 

@@ -48,7 +48,7 @@ class JudgeEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from cai.models import resolve_model, use_all_cpu_cores_for_vllm
+        from cai.models import ModelResolutionError, resolve_model, use_all_cpu_cores_for_vllm
 
         resolved = resolve_model(settings.model)
         on_gpu = torch.cuda.is_available()
@@ -70,7 +70,7 @@ class JudgeEngine:
         llm = AsyncLLM.from_engine_args(args)
         tokenizer = AutoTokenizer.from_pretrained(resolved.path)
         if tokenizer.chat_template is None:
-            raise ValueError(f"model {settings.model} has no chat template; the judge needs an instruction-tuned model")
+            raise ModelResolutionError(f"model {settings.model} has no chat template; the judge needs an instruction-tuned model")
         return cls(llm, tokenizer, settings.model, settings.max_prompt_tokens, settings.max_new_tokens)
 
     def shutdown(self) -> None:

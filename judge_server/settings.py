@@ -7,10 +7,12 @@ import os
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from cai.errors import CaiError
+
 API_KEY_ENV = "CAI_JUDGE_API_KEY"
 
 
-class InsecureBindError(ValueError):
+class InsecureBindError(CaiError, ValueError):
     """Binding beyond loopback without an API key."""
 
 

@@ -39,6 +39,25 @@ def test_python_dash_m_cai_is_the_cli():
     assert "Usage: cai train" in result.stdout
 
 
+def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    bad = tmp_path / "sft.yaml"
+    bad.write_text("kind: sft\nmodel: m\ndata: d\nout: o\nlr: -1\n")
+    result = CliRunner().invoke(app, ["train", "sft", "--config", str(bad)])
+    assert result.exit_code == 1 and "sft.yaml: lr: Input should be greater than 0" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback for what the user can fix
+
+    import cai.train.run
+
+    def bug(cfg):
+        raise ValueError("a bug, not the user's doing")
+
+    monkeypatch.setattr(cai.train.run, "run_training", bug)
+    data = tmp_path / "d.jsonl"
+    data.write_text("")
+    result = CliRunner().invoke(app, ["train", "sft", "--model", "m", "--data", str(data), "--out", str(tmp_path / "o")])
+    assert isinstance(result.exception, ValueError) and "a bug" in str(result.exception)
+
+
 @pytest.mark.slow
 def test_demo_runs_on_the_tiny_model(tiny_model_dir, judge, tmp_path, monkeypatch):
     # Against the session's judge server (the same tiny model) to save a second engine start.

@@ -13,11 +13,12 @@ import pytest
 from datasets import load_from_disk
 
 from cai.generate.prefs import PrefsJob, _pending, generate_prefs, summarise
-from cai.prompts import Prompt
 from cai.generate.sft import SftJob, generate_sft
 from cai.judge_cache import JudgeCache
+from cai.pinning import RunMismatchError, pin_settings
 from cai.policy import SamplingConfig
-from cai.rowlog import RowLog, RunMismatchError, pin_run
+from cai.prompts import Prompt
+from cai.rowlog import RowLog
 from judge_server import protocol as P
 from tests.conftest import JUDGE_KEY
 
@@ -45,11 +46,11 @@ def test_rowlog_rejects_foreign_files(tmp_path):
         RowLog.open(path)
 
 
-def test_pin_run_refuses_other_settings(tmp_path):
-    pin_run(tmp_path, {"seed": 0, "policy": "x"})
-    pin_run(tmp_path, {"seed": 0, "policy": "x"})
+def test_pin_settings_refuses_other_settings(tmp_path):
+    pin_settings(tmp_path, {"seed": 0, "policy": "x"})
+    pin_settings(tmp_path, {"seed": 0, "policy": "x"})
     with pytest.raises(RunMismatchError, match="seed: was 0, now 1"):
-        pin_run(tmp_path, {"seed": 1, "policy": "x"})
+        pin_settings(tmp_path, {"seed": 1, "policy": "x"})
 
 
 def test_judge_cache_is_content_addressed(tmp_path):

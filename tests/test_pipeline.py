@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cai.pinning import RunMismatchError
 from cai.pipeline import RunConfigError, load_run_config, run_pipeline
-from cai.rowlog import RunMismatchError
 from tests.conftest import JUDGE_KEY
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
+from cai.pinning import RunMismatchError
 from cai.train.config import TrainConfigError, load_config
 from cai.train.losses import token_logprobs
 from cai.train.ppo import PPOConfig, PPOTrainer, run_ppo
@@ -280,7 +281,7 @@ def assert_crash_and_resume_repeat(straight: PPOConfig, crash_at_iteration: int)
     """Run `straight` again in another folder, crash it while scoring iteration `crash_at_iteration`,
     rerun it as a user would, and require every logged metric of the finished run to equal the
     uninterrupted run's (`straight`, already run)."""
-    from cai.train.config import save_config
+    from cai.train.config import pin_config
     from cai.train.rewards import RuleScorer
 
     checkpointed = (crash_at_iteration - 1) // straight.checkpoint_every * straight.checkpoint_every
@@ -295,7 +296,7 @@ def assert_crash_and_resume_repeat(straight: PPOConfig, crash_at_iteration: int)
             raise RuntimeError("simulated crash")
         return rule(prompts, responses)
 
-    save_config(crashy, Path(crashy.out))
+    pin_config(crashy, Path(crashy.out))
     trainer = PPOTrainer(crashy, scorer=crashing)
     try:
         with pytest.raises(RuntimeError, match="simulated crash"):
@@ -318,14 +319,14 @@ def assert_crash_and_resume_repeat(straight: PPOConfig, crash_at_iteration: int)
 def test_changed_settings_refuse_to_resume(tmp_path, tiny_model_dir, prompt_file):
     c = ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "ppo", iterations=1)
     run_ppo(c)
-    with pytest.raises(ValueError, match="other settings \\(lr\\)"):
+    with pytest.raises(RunMismatchError, match=r"other settings \(lr: was 0\.005, now 0\.001\)"):
         run_ppo(c.model_copy(update={"lr": 1e-3}))
     # A run made before a setting existed (its config.yaml lacks it) resumes under that setting's default,
     # and is still refused when the setting is given another value.
     saved = Path(c.out) / "config.yaml"
     saved.write_text("\n".join(line for line in saved.read_text().splitlines() if not line.startswith("merged_rollouts:")) + "\n")
     assert "merged_rollouts" not in saved.read_text()
-    with pytest.raises(ValueError, match="other settings \\(merged_rollouts\\)"):
+    with pytest.raises(RunMismatchError, match=r"other settings \(merged_rollouts: was True, now False\)"):
         run_ppo(c.model_copy(update={"merged_rollouts": False}))
     run_ppo(c)
 
@@ -363,13 +364,13 @@ def test_reward_model_from_cai_train_rm_scores_the_rollouts(tmp_path, tiny_model
 def test_a_policy_that_says_nothing_is_scored_not_a_crash(tmp_path, tiny_model_dir, prompt_file, reward_model):
     """Every rollout starts with EOS (the LM head is pushed to it), so every decoded answer is empty:
     the reward model scores the documented placeholder, and the run (and a rerun of it) finishes."""
-    from cai.train.config import save_config
+    from cai.train.config import pin_config
     from cai.train.rewards import load_scorer
     from judge_server.protocol import EMPTY_RESPONSE
 
     cfg = ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "ppo", reward=str(reward_model), iterations=2, batch_size=4,
                   checkpoint_every=1, log_samples_every=1)
-    save_config(cfg, Path(cfg.out))
+    pin_config(cfg, Path(cfg.out))
     trainer = PPOTrainer(cfg)
     eos = trainer.tokenizer.eos_token_id
 
@@ -407,8 +408,8 @@ def test_a_reward_that_pays_for_length_trips_the_verbosity_monitor(tmp_path, tin
     (as `cai eval` does) and flags it; the same monitor on the `rule:share=e` run above, whose
     responses already use the whole budget, does not."""
     from cai.evaluate import _history
-    from cai.monitors import verbosity
     from cai.models import merge_lora
+    from cai.monitors import verbosity
     from cai.train.config import TrainConfig
     from cai.train.run import run_training
 

@@ -11,19 +11,21 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from cai import __version__
 from cai.constitution import Constitution, find_constitution, load_constitution
+from cai.errors import CaiError
 from cai.judge_cache import JudgeCache
 from cai.judge_client import JudgeClient, JudgeError, JudgeItemError, judge_endpoint
 from cai.models import DEFAULT_MODEL, cache_dir
+from cai.pinning import pin_settings
 from cai.policy import SamplingConfig, load_policy
 from cai.progress import progress_bar
 from cai.prompts import Prompt, load_prompts
-from cai.rowlog import RowLog, pin_run
+from cai.rowlog import RowLog
 from judge_server import protocol as P
 
 logger = logging.getLogger(__name__)
@@ -62,12 +64,7 @@ class GenerationJob:
     raise it to ride out a judge restart within one run."""
 
     TRANSIENT = ("out", "judge_url", "judge_cache", "chunk_size", "policy_backend", "judge_retries")
-
-    def pinned(self) -> dict:
-        d = asdict(self)
-        for key in self.TRANSIENT:
-            d.pop(key)
-        return d
+    """Settings a resumed run may change (where it runs, not what it makes): left out of run.json."""
 
 
 @dataclass
@@ -92,7 +89,7 @@ def run_generation(job: GenerationJob, name: str, *, pending: Callable[[RowLog, 
     constitution_path = find_constitution(job.constitution)
     constitution = load_constitution(constitution_path)
     prompts = load_prompts(job.prompts, limit=job.limit, seed=job.seed, shuffle=True)
-    pin_run(job.out, {**job.pinned(), "constitution_hash": constitution.hash})
+    pin_settings(job.out, job, exclude=job.TRANSIENT, extra={"constitution_hash": constitution.hash})
     timers = Timers()
     with RowLog.open(job.out / "progress.jsonl") as log:
         todo = pending(log, prompts)
@@ -130,7 +127,7 @@ async def _loop(job, name, url, constitution, todo, policy, log, timers, step) -
     return failures
 
 
-class ConstitutionMismatchError(ValueError):
+class ConstitutionMismatchError(CaiError, ValueError):
     """The judge serves another constitution than the one the job was given."""
 
 

@@ -15,6 +15,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+from cai.errors import ConfigError
 from cai.generate.common import Chunk, GenerationJob, describe_error, provenance, run_generation
 from cai.judge_client import JudgeError
 from cai.policy import SamplingConfig
@@ -41,7 +42,7 @@ class PrefsJob(GenerationJob):
 
 def generate_prefs(job: PrefsJob) -> dict:
     if job.samples < 2:
-        raise ValueError(f"samples must be >= 2 to make pairs, got {job.samples}")
+        raise ConfigError(f"samples must be >= 2 to make pairs, got {job.samples}")
     summary, rows = run_generation(job, "prefs", pending=_pending, step=_step)
     summary.update(summarise([r for r in rows if r.get("status") == "ok"], rows))
     (job.out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -13,6 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 
+from cai.errors import ConfigError
 from cai.generate.common import Chunk, GenerationJob, describe_error, provenance, run_generation
 from cai.judge_client import JudgeError
 from cai.prompts import Prompt
@@ -36,7 +37,7 @@ class SftJob(GenerationJob):
 
 def generate_sft(job: SftJob) -> dict:
     if job.rounds < 1:
-        raise ValueError(f"rounds must be >= 1, got {job.rounds}")
+        raise ConfigError(f"rounds must be >= 1, got {job.rounds}")
     summary, _ = run_generation(job, "sft", pending=_pending, step=_step)
     (job.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

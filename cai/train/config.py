@@ -8,10 +8,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cai.errors import ConfigError, describe_validation_error
 from cai.train.precision import PRECISION_HELP, Precision
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(ConfigError):
     """A training config that can't be used; the message names the file and field."""
 
 
@@ -60,10 +61,13 @@ def load_config(path: str | Path | None, overrides: dict[str, Any], schema: type
     try:
         return schema.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
-        raise TrainConfigError(f"{where}: {problems}") from None
+        raise TrainConfigError(describe_validation_error(e, where)) from None
 
 
-def save_config(cfg: BaseModel, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), encoding="utf-8")
+def pin_config(cfg: BaseModel, out: Path) -> None:
+    """OUT/config.yaml: the resolved settings. A checkpoint in OUT resumes only under the settings it was
+    made with (else the run would mix two); with no checkpoint the file is simply written."""
+    from cai.pinning import pin_settings
+    from cai.train.checkpoint import has_checkpoint
+
+    pin_settings(out, cfg, file="config.yaml", resuming=has_checkpoint(Path(out) / "checkpoint"))

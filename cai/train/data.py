@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 
+from cai.errors import CaiError
 
-class DatasetError(ValueError):
+
+class DatasetError(CaiError, ValueError):
     """Training data that can't be used as given."""
 
 

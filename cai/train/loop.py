@@ -3,9 +3,8 @@
 1. Data order: epoch e visits the rows in `randperm(n, seed + e)`; micro-batch k of the run is
    therefore a pure function of (seed, k), so a resumed run sees exactly the batches it missed.
 2. Each optimiser step accumulates `grad_accum` micro-batches (loss / grad_accum), clips, steps.
-3. Every `checkpoint_every` steps: trainable weights, optimiser state, step and RNG states go to
-   OUT/checkpoint (written to a temp folder, then renamed); a restarted run loads it and goes on,
-   with the same losses as an uninterrupted run.
+3. Every `checkpoint_every` steps a checkpoint (`cai.train.checkpoint`) goes to OUT/checkpoint; a
+   restarted run loads it and goes on, with the same losses as an uninterrupted run.
 4. Metrics per step to OUT/metrics.jsonl; the loss curve to OUT/loss.png at the end.
 
 Runs on CPU (float32) and GPU (bfloat16 autocast; `precision`) from the same code; under `accelerate launch`
@@ -18,7 +17,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from typing import Any
 
 import torch
 
+from cai.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, truncate_log
 from cai.train.config import TrainConfig
 from cai.train.precision import autocast
 
@@ -79,11 +78,11 @@ def train(cfg: TrainConfig, task: Task, out: Path) -> dict[str, Any]:
     batches = micro_batches(len(task.train_items), cfg)
     steps = total_steps(len(task.train_items), cfg)
     ckpt = out / "checkpoint"
-    step = _load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer) if (ckpt / "state.pt").exists() else 0
+    step = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer)[0] if has_checkpoint(ckpt) else 0
     if step:
         logger.info("resuming from step %d of %d (%s)", step, steps, ckpt)
     metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, step)
+    truncate_log(metrics_path, step)
 
     model.train()
     with progress_bar("steps", disable=not accelerator.is_main_process) as bar:
@@ -122,7 +121,7 @@ def train(cfg: TrainConfig, task: Task, out: Path) -> dict[str, Any]:
             if step % cfg.checkpoint_every == 0 or step == steps:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
-                    _save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, step)
+                    save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, step)
 
     accelerator.wait_for_everyone()
     summary: dict[str, Any] = {"steps": steps}
@@ -136,48 +135,6 @@ def train(cfg: TrainConfig, task: Task, out: Path) -> dict[str, Any]:
         summary["loss_plot"] = str(plot_losses(metrics_path, out / "loss.png"))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _save_checkpoint(folder: Path, model, optimizer, step: int) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {"step": step, "trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
-             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-    torch.save(state, tmp / "state.pt")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-
-
-def _load_checkpoint(folder: Path, model, optimizer) -> int:
-    state = torch.load(folder / "state.pt", weights_only=False)
-    missing = set(_trainable_state(model)) ^ set(state["trainable"])
-    if missing:
-        raise ValueError(f"{folder}: checkpoint does not match this model/config (parameters differ: {sorted(missing)[:3]}...); "
-                         "use another --out or the settings it was made with")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value.to(params[name].device))
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return int(state["step"])
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past the checkpoint (a killed run may have logged steps it then lost)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
 def plot_losses(metrics_path: Path, png: Path, keys: tuple[str, ...] = ("loss",)) -> Path:

@@ -31,8 +31,6 @@ import json
 import logging
 import math
 import os
-import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +38,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from cai.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, truncate_log
 from cai.train.losses import masked_mean, token_logprobs
 from cai.train.ppo_math import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_penalised_rewards,
                                 kl_per_token, masked_whiten, policy_loss, value_loss)
@@ -148,7 +147,7 @@ class PPOTrainer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from cai.models import resolve_model, stop_token_ids
-        from cai.prompts import load_prompts
+        from cai.prompts import PromptSourceError, load_prompts
         from cai.train.rewards import JudgeScorer, load_scorer
 
         self.cfg = cfg
@@ -177,7 +176,7 @@ class PPOTrainer:
         self.gold_scorer = gold_scorer or (JudgeScorer(cfg.judge_url, api_key=api_key) if cfg.gold_judge_every else None)
         self.prompts = [p.text for p in load_prompts(cfg.prompts, limit=cfg.max_prompts)]
         if not self.prompts:
-            raise ValueError(f"prompts {cfg.prompts!r}: no prompts to train on")
+            raise PromptSourceError(f"prompts {cfg.prompts!r}: no prompts to train on")
         self.queries = [self._encode_query(p) for p in self.prompts]
         self.vllm = None
         if cfg.rollout_backend == "vllm":
@@ -368,17 +367,19 @@ class PPOTrainer:
     # -- the run -----------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         from cai.progress import progress_bar
-        from cai.train.loop import _truncate_metrics, plot_losses
+        from cai.train.loop import plot_losses
 
         cfg, out = self.cfg, self.out
         out.mkdir(parents=True, exist_ok=True)
         ckpt = out / "checkpoint"
-        start = self._load_checkpoint(ckpt) if (ckpt / "state.pt").exists() else 0
-        if start:
+        start = 0
+        if has_checkpoint(ckpt):
+            start, extra = load_checkpoint(ckpt, self.model, self.optimizer)
+            self.kl_ctl.load_state_dict(extra["kl_ctl"])
             logger.info("resuming PPO from iteration %d of %d (%s)", start, cfg.iterations, ckpt)
         metrics_path, samples_path = out / "metrics.jsonl", out / "samples.jsonl"
-        _truncate_metrics(metrics_path, start)
-        _truncate_metrics(samples_path, start)
+        truncate_log(metrics_path, start)
+        truncate_log(samples_path, start)
         with progress_bar("iterations") as bar:
             task = bar.add_task("ppo iterations", total=cfg.iterations, completed=start, info="")
             for iteration in range(start, cfg.iterations):
@@ -395,7 +396,7 @@ class PPOTrainer:
                 bar.update(task, completed=iteration + 1,
                            info=f"score {record['objective/scores']:.3f} kl {record['objective/kl']:.3f}")
                 if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations:
-                    self._save_checkpoint(ckpt, iteration + 1)
+                    save_checkpoint(ckpt, self.model, self.optimizer, iteration + 1, extra={"kl_ctl": self.kl_ctl.state_dict()})
         self.save(out / "final")
         plot_losses(metrics_path, out / "loss.png", keys=("objective/scores", "objective/kl", "ppo/loss/policy"))
         rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -408,45 +409,12 @@ class PPOTrainer:
         self.tokenizer.save_pretrained(folder)
         torch.save(self.model.value_head.state_dict(), folder / "value_head.pt")
 
-    def _trainable(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def _save_checkpoint(self, folder: Path, iteration: int) -> None:
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        state = {"step": iteration, "trainable": self._trainable(), "optimizer": self.optimizer.state_dict(),
-                 "kl_ctl": self.kl_ctl.state_dict(),
-                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-        torch.save(state, tmp / "state.pt")
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-
-    def _load_checkpoint(self, folder: Path) -> int:
-        state = torch.load(folder / "state.pt", weights_only=False)
-        params = dict(self.model.named_parameters())
-        if set(state["trainable"]) != {n for n, p in params.items() if p.requires_grad}:
-            raise ValueError(f"{folder}: checkpoint does not match this model/config; use another --out or the settings it was made with")
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                params[name].copy_(value.to(params[name].device))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.kl_ctl.load_state_dict(state["kl_ctl"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        return int(state["step"])
-
 
 def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
-    from cai.train.config import save_config
-    from cai.train.run import refuse_changed_settings
+    from cai.train.config import pin_config
 
     out = Path(cfg.out)
-    refuse_changed_settings(cfg, out)
-    save_config(cfg, out)
+    pin_config(cfg, out)
     trainer = PPOTrainer(cfg)
     logger.info("ppo: %d prompts, %d trainable parameters, output %s", len(trainer.prompts),
                 sum(p.numel() for p in trainer.params), out)

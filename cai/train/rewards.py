@@ -23,12 +23,13 @@ from typing import Protocol
 
 import torch
 
+from cai.errors import ConfigError
 from judge_server.protocol import or_placeholder
 
 logger = logging.getLogger(__name__)
 
 
-class RewardSpecError(ValueError):
+class RewardSpecError(ConfigError):
     """A --reward value that names no scorer."""
 
 
