@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -308,71 +309,79 @@ def generate_prefs_cmd(
 # -- train --------------------------------------------------------------------------
 
 
-@app.command("train")
-def train_cmd(
-    kind: Annotated[str, typer.Argument(help="sft, rm, dpo or ppo.")],
-    config: Annotated[Optional[Path], typer.Option(help="YAML file of settings; flags given here override it.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Base model (folder, hub id or embedded name); for ppo the starting policy.")] = None,
-    data: Annotated[Optional[str], typer.Option(help="sft/rm/dpo: datasets folder, .jsonl or .json from `cai generate`.")] = None,
-    out: Annotated[Optional[str], typer.Option(help="Output folder; rerun the same command to resume from its checkpoint.")] = None,
-    lora: Annotated[Optional[bool], typer.Option("--lora/--full", help="sft/rm/dpo: LoRA adapter (default) or all weights.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Rows (pairs) per micro-batch; ppo: rollouts per iteration.")] = None,
-    grad_accum: Annotated[Optional[int], typer.Option(help="sft/rm/dpo: micro-batches per optimiser step.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="sft/rm/dpo: passes over the data.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="sft/rm/dpo: stop after N optimiser steps.")] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="sft/rm/dpo: tokens per sequence.")] = None,
-    beta: Annotated[Optional[float], typer.Option(help="dpo: beta.")] = None,
-    eval_fraction: Annotated[Optional[float], typer.Option(help="sft/rm/dpo: held-out share of rows.")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Steps (ppo: iterations) between checkpoints.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for the split, data order, sampling and initialisation.")] = None,
-    reward: Annotated[Optional[str], typer.Option(help="ppo: reward-model folder, 'judge', 'rule:length' or 'rule:share=TEXT'.")] = None,
-    prompts: Annotated[Optional[str], typer.Option(help="ppo: prompt set name or file (see `cai prompts list`).")] = None,
-    iterations: Annotated[Optional[int], typer.Option(help="ppo: iterations (rollout + updates).")] = None,
-    mini_batches: Annotated[Optional[int], typer.Option(help="ppo: minibatches per epoch (divides --batch-size).")] = None,
-    ppo_epochs: Annotated[Optional[int], typer.Option(help="ppo: passes over each batch of rollouts.")] = None,
-    response_length: Annotated[Optional[int], typer.Option(help="ppo: most tokens per response.")] = None,
-    kl_coef: Annotated[Optional[float], typer.Option(help="ppo: KL penalty coefficient (initial, if adaptive).")] = None,
-    kl_estimator: Annotated[Optional[str], typer.Option(help="ppo: k1 or k3.")] = None,
-    adaptive_kl: Annotated[Optional[bool], typer.Option("--adaptive-kl/--fixed-kl", help="ppo: KL controller.")] = None,
-    judge_url: Annotated[Optional[str], typer.Option(help="ppo: judge server for --reward judge and --gold-judge-every.")] = None,
-    gold_judge_every: Annotated[Optional[int], typer.Option(help="ppo: score samples with the judge every N iterations.")] = None,
-    rollout_backend: Annotated[Optional[str], typer.Option(help="ppo: transformers, or vllm (current adapter synced each iteration).")] = None,
-) -> None:
-    """Train: sft (messages), rm (reward model on pairs), dpo (policy on pairs), ppo (RL against a reward).
+train_app = typer.Typer(help="Train: sft (messages), rm (reward model on pairs), dpo (policy on pairs), ppo (RL against a reward).",
+                        no_args_is_help=True)
+app.add_typer(train_app, name="train")
 
-    Examples:
+_TRAIN_DOCS = {
+    "sft": """Supervised fine-tuning on `messages` rows (loss on the assistant turn only).
 
-      cai train sft --model smollm2-135m-instruct --data runs/sft-data/dataset --out runs/sft
-      cai train rm  --model smollm2-135m-instruct --data runs/prefs-data/dataset --out runs/rm
-      cai train dpo --config examples/dpo.yaml --max-steps 20
-      cai train ppo --model runs/sft/merged --reward runs/rm/final --prompts donotanswer --out runs/ppo
-    """
-    from cai.train.config import load_config
+    Example: cai train sft --model smollm2-135m-instruct --data runs/sft-data/dataset --out runs/sft
+    """,
+    "rm": """A reward model (Bradley-Terry on soft labels) on prompt/chosen/rejected/p_chosen rows.
 
-    if kind not in ("sft", "rm", "dpo", "ppo"):
-        _fail(f"unknown trainer {kind!r}: use sft, rm, dpo or ppo")
-    common = dict(model=model, out=out, lr=lr, batch_size=batch_size, checkpoint_every=checkpoint_every, seed=seed)
-    ppo_only = dict(reward=reward, prompts=prompts, iterations=iterations, mini_batches=mini_batches, ppo_epochs=ppo_epochs,
-                    response_length=response_length, kl_coef=kl_coef, kl_estimator=kl_estimator, adaptive_kl=adaptive_kl,
-                    judge_url=judge_url, gold_judge_every=gold_judge_every, rollout_backend=rollout_backend)
-    others = dict(data=data, lora=lora, grad_accum=grad_accum, epochs=epochs, max_steps=max_steps, max_length=max_length, beta=beta,
-                  eval_fraction=eval_fraction)
-    wrong = [k for k, v in (others if kind == "ppo" else ppo_only).items() if v is not None]
-    if wrong:
-        _fail(f"train {kind}: --{wrong[0].replace('_', '-')} does not apply to {kind} (see `cai train --help`)")
-    try:
-        if kind == "ppo":
-            from cai.train.ppo import PPOConfig, run_ppo
+    Example: cai train rm --model smollm2-135m-instruct --data runs/prefs-data/dataset --out runs/rm
+    """,
+    "dpo": """DPO (soft labels) on prompt/chosen/rejected/p_chosen rows; the reference is the starting weights.
 
-            summary = run_ppo(load_config(config, {**common, **ppo_only}, schema=PPOConfig))
-        else:
-            from cai.train.run import run_training
+    Example: cai train dpo --config my.yaml --max-steps 20
+    """,
+    "ppo": """PPO with a KL penalty against the starting policy, scored by a reward model, the judge or a rule.
 
-            summary = run_training(load_config(config, {"kind": kind, **common, **others}))
-    except CaiError as e:
-        _fail(str(e))
-    console.print_json(json.dumps(summary))
+    Example: cai train ppo --model runs/sft/merged --reward runs/rm/final --prompts donotanswer --out runs/ppo
+    """,
+}
+
+
+def _print_summary(fn) -> Callable:
+    def run(cfg) -> None:
+        try:
+            summary = fn(cfg)
+        except CaiError as e:
+            _fail(str(e))
+        console.print_json(json.dumps(summary))
+    return run
+
+
+def _run_training(cfg):
+    from cai.train.run import run_training
+
+    return run_training(cfg)
+
+
+def _run_ppo(cfg):
+    from cai.train.ppo import run_ppo
+
+    return run_ppo(cfg)
+
+
+def _register_train_commands() -> None:
+    """`cai train sft|rm|dpo|ppo`: every option made from the settings models (cai/train/config.py, ppo_config.py)."""
+    from cai.cli_settings import settings_command
+    from cai.train.config import TrainConfig
+    from cai.train.ppo_config import PPOConfig
+
+    for kind in ("sft", "rm", "dpo"):
+        command = settings_command(TrainConfig, _print_summary(_run_training), fixed={"kind": kind}, doc=_TRAIN_DOCS[kind])
+        train_app.command(kind)(_guarded(command))
+    train_app.command("ppo")(_guarded(settings_command(PPOConfig, _print_summary(_run_ppo), doc=_TRAIN_DOCS["ppo"])))
+
+
+def _guarded(command: Callable) -> Callable:
+    """Settings errors (raised before the run starts) print as one line, like the run's own."""
+    import functools
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        try:
+            command(**kwargs)
+        except CaiError as e:
+            _fail(str(e))
+    wrapper.__signature__ = command.__signature__
+    return wrapper
+
+
+_register_train_commands()
 
 
 # -- run, eval, report ---------------------------------------------------------------

@@ -24,12 +24,17 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from cai.errors import ConfigError
+from cai.evaluate import EvalJob
+from cai.generate.prefs import PrefsJob
+from cai.generate.sft import SftJob
+from cai.train.config import TrainConfig, TrainSettings
+from cai.train.ppo_config import PPOConfig, PPOSettings
 
 logger = logging.getLogger(__name__)
 
@@ -57,27 +62,45 @@ class PromptsSection(_Section):
     probes: int | None = Field(default=20, ge=1, description="Sycophancy probes in the evaluation (null: all).")
 
 
+# The defaults of the generation and eval sections are those of `cai generate sft|prefs` and `cai eval`
+# (one place each); the training sections are the trainers' own settings models, with the pipeline's
+# smaller sizes as defaults under what the config file gives.
+_SFT_JOB, _PREFS_JOB = SftJob(prompts="", out=Path()), PrefsJob(prompts="", out=Path())
+
+
 class SftDataSection(_Section):
-    rounds: int = Field(default=1, ge=1)
-    max_new_tokens: int = Field(default=64, ge=1)
-    critique_tokens: int = Field(default=64, ge=1)
-    revision_tokens: int = Field(default=96, ge=1)
+    rounds: int = Field(default=_SFT_JOB.rounds, ge=1, description="Critique -> revision rounds per prompt.")
+    max_new_tokens: int = Field(default=_SFT_JOB.sampling.max_new_tokens, ge=1, description="The policy's first answer, in tokens.")
+    critique_tokens: int = Field(default=_SFT_JOB.critique_tokens, ge=1, description="Longest critique.")
+    revision_tokens: int = Field(default=_SFT_JOB.revision_tokens, ge=1, description="Longest revision.")
 
 
 class PrefsSection(_Section):
-    samples: int = Field(default=2, ge=2, description="Answers per prompt; every pair is labelled.")
-    max_new_tokens: int = Field(default=64, ge=1)
-    n_principles: int = Field(default=1, ge=1)
+    samples: int = Field(default=_PREFS_JOB.samples, ge=2, description="Answers per prompt; every pair is labelled.")
+    max_new_tokens: int = Field(default=_PREFS_JOB.sampling.max_new_tokens, ge=1, description="Longest answer, in tokens.")
+    n_principles: int = Field(default=_PREFS_JOB.n_principles, ge=1, description="Principles ensembled per comparison.")
+
+
+def _under(defaults: dict[str, Any]):
+    """A section validated from the pipeline's `defaults` overlaid with what the file gives."""
+    return BeforeValidator(lambda given: {**defaults, **given} if isinstance(given, dict) else given)
+
+
+_SIZES = {"epochs": 2, "batch_size": 4, "max_length": 384}
+SftSettings = Annotated[TrainSettings, _under({**_SIZES, "eval_fraction": 0.0})]
+RmSettings = Annotated[TrainSettings, _under({**_SIZES, "eval_fraction": 0.2})]
+DpoSettings = Annotated[TrainSettings, _under({**_SIZES, "eval_fraction": 0.0})]
+RunPPOSettings = Annotated[PPOSettings, _under({"gold_judge_every": 2, "iterations": 10, "batch_size": 8, "response_length": 48})]
 
 
 class RLSection(_Section):
-    method: Literal["ppo", "dpo"] = "ppo"
-    ppo: dict[str, Any] = Field(default_factory=dict, description="PPO settings (see `cai train --help`), e.g. iterations.")
-    dpo: dict[str, Any] = Field(default_factory=dict, description="DPO settings, e.g. beta, epochs.")
+    method: Literal["ppo", "dpo"] = Field(default="ppo", description="ppo (against the reward model) or dpo (on the pairs).")
+    ppo: RunPPOSettings = Field(default_factory=dict, validate_default=True, description="PPO settings (`cai train ppo --help`).")
+    dpo: DpoSettings = Field(default_factory=dict, validate_default=True, description="DPO settings (`cai train dpo --help`).")
 
 
 class EvalSection(_Section):
-    max_new_tokens: int = Field(default=96, ge=1)
+    max_new_tokens: int = Field(default=EvalJob.max_new_tokens, ge=1, description="Longest answer of each model, in tokens.")
     thresholds: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Per-monitor threshold overrides.")
 
 
@@ -89,9 +112,9 @@ class RunConfig(_Section):
     judge: JudgeSection = Field(default_factory=JudgeSection)
     prompts: PromptsSection = Field(default_factory=PromptsSection)
     sft_data: SftDataSection = Field(default_factory=SftDataSection)
-    sft: dict[str, Any] = Field(default_factory=dict, description="SFT settings (TrainConfig fields), e.g. epochs, lr.")
+    sft: SftSettings = Field(default_factory=dict, validate_default=True, description="SFT settings (`cai train sft --help`).")
     prefs: PrefsSection = Field(default_factory=PrefsSection)
-    rm: dict[str, Any] = Field(default_factory=dict, description="Reward-model settings (TrainConfig fields).")
+    rm: RmSettings = Field(default_factory=dict, validate_default=True, description="Reward-model settings (`cai train rm --help`).")
     rl: RLSection = Field(default_factory=RLSection)
     eval: EvalSection = Field(default_factory=EvalSection)
 
@@ -164,16 +187,16 @@ def sft_data(run: Run) -> dict:
                                policy_backend=c.policy_backend))
 
 
-def _train(run: Run, kind: str, model: str, data: Path, out: Path, overrides: dict, merge: bool) -> dict:
+def _seeded(run: Run, section: BaseModel) -> dict[str, Any]:
+    """A stage's settings, with the run's seed unless the section sets its own."""
+    return {**section.model_dump(), "seed": section.seed if "seed" in section.model_fields_set else run.cfg.seed}
+
+
+def _train(run: Run, kind: str, model: str, data: Path, out: Path, section: TrainSettings, merge: bool) -> dict:
     from cai.models import merge_lora
-    from cai.train.config import TrainConfig
     from cai.train.run import run_training
 
-    settings = {"kind": kind, "model": model, "data": str(data), "out": str(out), "seed": run.cfg.seed, **overrides}
-    try:
-        cfg = TrainConfig.model_validate(settings)
-    except ValidationError as e:
-        raise RunConfigError(f"{kind} settings: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+    cfg = TrainConfig(**_seeded(run, section), kind=kind, model=model, data=str(data), out=str(out))
     summary = run_training(cfg)
     if merge:
         if cfg.lora:
@@ -184,8 +207,7 @@ def _train(run: Run, kind: str, model: str, data: Path, out: Path, overrides: di
 
 
 def sft(run: Run) -> dict:
-    return _train(run, "sft", run.cfg.model, run.stage_dir("sft-data") / "dataset", run.stage_dir("sft"),
-                  {"epochs": 2, "batch_size": 4, "max_length": 384, "eval_fraction": 0.0, **run.cfg.sft}, merge=True)
+    return _train(run, "sft", run.cfg.model, run.stage_dir("sft-data") / "dataset", run.stage_dir("sft"), run.cfg.sft, merge=True)
 
 
 def prefs(run: Run) -> dict:
@@ -201,34 +223,27 @@ def prefs(run: Run) -> dict:
 
 
 def rm(run: Run) -> dict:
-    return _train(run, "rm", run.sft_model, run.stage_dir("prefs") / "dataset", run.stage_dir("rm"),
-                  {"epochs": 2, "batch_size": 4, "max_length": 384, "eval_fraction": 0.2, **run.cfg.rm}, merge=False)
+    return _train(run, "rm", run.sft_model, run.stage_dir("prefs") / "dataset", run.stage_dir("rm"), run.cfg.rm, merge=False)
 
 
 def ppo(run: Run) -> dict:
     from cai.models import merge_lora
-    from cai.train.ppo import PPOConfig, run_ppo
+    from cai.train.ppo import run_ppo
 
     out = run.stage_dir("ppo")
-    settings = {"model": run.sft_model, "reward": str(run.stage_dir("rm") / "final"), "prompts": run.prompt_file("rl"),
-                "out": str(out), "judge_url": run.judge_url, "gold_judge_every": 2, "iterations": 10, "batch_size": 8,
-                "response_length": 48, "seed": run.cfg.seed, **run.cfg.rl.ppo}
-    try:
-        cfg = PPOConfig.model_validate(settings)
-    except ValidationError as e:
-        raise RunConfigError(f"rl.ppo: {'.'.join(map(str, e.errors()[0]['loc'])) or 'config'}: {e.errors()[0]['msg']}") from None
+    cfg = PPOConfig(**_seeded(run, run.cfg.rl.ppo), model=run.sft_model, reward=str(run.stage_dir("rm") / "final"),
+                    prompts=run.prompt_file("rl"), out=str(out), judge_url=run.judge_url)
     summary = run_ppo(cfg)
     merge_lora(out / "final", out / "merged")
     return summary
 
 
 def dpo(run: Run) -> dict:
-    return _train(run, "dpo", run.sft_model, run.stage_dir("prefs") / "dataset", run.stage_dir("dpo"),
-                  {"epochs": 2, "batch_size": 4, "max_length": 384, "eval_fraction": 0.0, **run.cfg.rl.dpo}, merge=True)
+    return _train(run, "dpo", run.sft_model, run.stage_dir("prefs") / "dataset", run.stage_dir("dpo"), run.cfg.rl.dpo, merge=True)
 
 
 def evaluate(run: Run) -> dict:
-    from cai.evaluate import EvalJob, run_eval
+    from cai.evaluate import run_eval
 
     c = run.cfg
     doc = run_eval(EvalJob(policy=run.final_policy, reference=run.sft_model, prompts=run.prompt_file("eval"),

@@ -95,6 +95,32 @@ def test_run_config_errors_name_the_file_and_field(tmp_path):
         load_run_config(tmp_path / "missing.yaml")
 
 
+@pytest.mark.parametrize("section,line", [("rl.ppo", "rl:\n  ppo:\n    kl_coeff: 0.1\n"), ("rl.dpo", "rl:\n  dpo:\n    betta: 0.1\n"),
+                                          ("sft", "sft:\n  epoch: 2\n"), ("rm", "rm:\n  lora_rank: 4\n"),
+                                          ("sft_data", "sft_data:\n  round: 2\n"), ("judge", "judge:\n  modle: x\n")])
+def test_a_misspelt_key_anywhere_is_refused_before_any_stage_runs(tmp_path, section, line):
+    """Every stage's settings are typed, so the whole file is checked when it loads, not when the
+    stage that reads the key starts after the others have run."""
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(f"out: {tmp_path / 'run'}\n{line}")
+    key = line.strip().split("\n")[-1].strip().split(":")[0]
+    with pytest.raises(RunConfigError, match=rf"typo.yaml: {section}\.{key}: Extra inputs are not permitted"):
+        load_run_config(bad)
+    assert not (tmp_path / "run").exists()  # nothing ran, nothing was written
+
+
+def test_stage_sections_keep_the_pipeline_sizes_under_what_the_file_gives(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("out: o\nsft:\n  lr: 0.001\nrl:\n  ppo:\n    iterations: 3\n")
+    cfg = load_run_config(path)
+    assert (cfg.sft.lr, cfg.sft.epochs, cfg.sft.max_length, cfg.sft.eval_fraction) == (0.001, 2, 384, 0.0)
+    assert cfg.rm.eval_fraction == 0.2 and cfg.rl.dpo.epochs == 2
+    assert (cfg.rl.ppo.iterations, cfg.rl.ppo.batch_size, cfg.rl.ppo.response_length) == (3, 8, 48)
+    path.write_text("out: o\nrl:\n  ppo:\n    batch_size: 6\n    mini_batches: 4\n")
+    with pytest.raises(RunConfigError, match=r"c.yaml: rl.ppo: Value error, batch_size \(6\) must be divisible by mini_batches \(4\)"):
+        load_run_config(path)
+
+
 def test_shipped_example_configs_load():
     root = Path(__file__).resolve().parents[1] / "examples"
     for name in ("demo.yaml", "gpu.yaml"):

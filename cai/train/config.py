@@ -16,31 +16,42 @@ class TrainConfigError(ConfigError):
     """A training config that can't be used; the message names the file and field."""
 
 
-class TrainConfig(BaseModel):
+class TrainSettings(BaseModel):
+    """How SFT, a reward model or DPO trains: every setting with its default (what a `cai run` config's
+    `sft:`, `rm:` and `rl.dpo:` sections hold)."""
+
     model_config = ConfigDict(extra="forbid")
+
+    eval_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, description="Held-out share of the rows (seeded split).")
+    lora: bool = Field(default=True, description="Train a LoRA adapter (peft); false (--full) trains all weights.",
+                       json_schema_extra={"cli": "--lora/--full"})
+    lora_r: int = Field(default=8, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(default=16, ge=1, description="LoRA alpha (the adapter's scale is alpha / r).")
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA adapter's input.")
+    lora_target_modules: list[str] | str = Field(default="all-linear", description="Modules to adapt: all-linear, or names "
+                                                 "(comma-separated on the command line), e.g. q_proj,v_proj.")
+    lr: float = Field(default=1e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(default=4, ge=1, description="Rows (pairs for rm/dpo) per micro-batch.")
+    grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimiser step.")
+    epochs: int = Field(default=1, ge=1, description="Passes over the training rows.")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimiser steps.")
+    max_length: int = Field(default=512, ge=8, description="Tokens per sequence (prompt + response).")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient-norm clip.")
+    beta: float = Field(default=0.1, gt=0, description="dpo: the KL strength beta.")
+    checkpoint_every: int = Field(default=50, ge=1, description="Optimiser steps between checkpoints (resumable).")
+    precision: Precision = Field(default="auto", description=PRECISION_HELP)
+    seed: int = Field(default=0, description="Seeds the split, data order and initialisation.")
+
+
+class TrainConfig(TrainSettings):
+    """One `cai train sft|rm|dpo` run: the settings plus what it trains on and where it writes."""
 
     kind: Literal["sft", "rm", "dpo"] = Field(description="sft: messages; rm: reward model on pairs; dpo: policy on pairs.")
     model: str = Field(description="Base model: folder, hub id or embedded name.")
     data: str = Field(description="Training data: datasets folder, .jsonl or .json (as `cai generate` writes).")
-    out: str = Field(description="Output folder: adapter, checkpoints, metrics.jsonl, loss.png, config.yaml.")
-    eval_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, description="Held-out share of the rows (seeded split).")
-    lora: bool = Field(default=True, description="Train a LoRA adapter (peft); false trains all weights.")
-    lora_r: int = Field(default=8, ge=1)
-    lora_alpha: int = Field(default=16, ge=1)
-    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    lora_target_modules: list[str] | str = Field(default="all-linear")
-    lr: float = Field(default=1e-4, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    batch_size: int = Field(default=4, ge=1, description="Rows (pairs for rm/dpo) per micro-batch.")
-    grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimiser step.")
-    epochs: int = Field(default=1, ge=1)
-    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimiser steps.")
-    max_length: int = Field(default=512, ge=8, description="Tokens per sequence (prompt + response).")
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    beta: float = Field(default=0.1, gt=0, description="DPO's KL strength.")
-    checkpoint_every: int = Field(default=50, ge=1, description="Optimiser steps between checkpoints (resumable).")
-    precision: Precision = Field(default="auto", description=PRECISION_HELP)
-    seed: int = 0
+    out: str = Field(description="Output folder: adapter, checkpoints, metrics.jsonl, loss.png, config.yaml; rerun the same "
+                     "command to resume from its checkpoint.")
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any], schema: type[BaseModel] = TrainConfig) -> Any:

@@ -33,84 +33,19 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cai.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, truncate_log
 from cai.train.losses import masked_mean, token_logprobs
 from cai.train.ppo_math import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_penalised_rewards,
                                 kl_per_token, masked_whiten, policy_loss, value_loss)
 from cai.train.ppo_rollout import sample
-from cai.train.precision import PRECISION_HELP, Precision, autocast
+from cai.train.ppo_config import PPOConfig
+from cai.train.precision import autocast
 
 logger = logging.getLogger(__name__)
-
-
-class PPOConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(description="Starting policy (usually the merged SFT model): folder, hub id or embedded name.")
-    reward: str = Field(description="Reward-model folder (cai train rm), 'judge', 'rule:length' or 'rule:share=TEXT'.")
-    prompts: str = Field(description="Prompt set: built-in name or file (as `cai prompts` reads).")
-    out: str = Field(description="Output folder: adapter, value head, checkpoints, metrics.jsonl, samples.jsonl.")
-    judge_url: str | None = Field(default=None, description="Judge server for reward 'judge' and for gold_judge_every.")
-    gold_judge_every: int = Field(default=0, ge=0, description="Every N iterations also score the samples with the judge "
-                                  "(eval/judge_score) to watch for reward hacking; 0 = never.")
-    max_prompts: int | None = Field(default=None, ge=1, description="Use at most this many prompts.")
-    max_prompt_length: int = Field(default=256, ge=8, description="Prompt tokens kept (the end of longer prompts).")
-    iterations: int = Field(default=100, ge=1, description="PPO iterations (rollout + updates).")
-    batch_size: int = Field(default=8, ge=1, description="Rollouts per iteration.")
-    mini_batches: int = Field(default=2, ge=1, description="Minibatches per PPO epoch; must divide batch_size.")
-    ppo_epochs: int = Field(default=1, ge=1, description="Passes over each batch of rollouts.")
-    forward_batch_size: int | None = Field(default=None, ge=1, description="Rows per no-grad pass (the reference's; also the "
-                                           "policy's after vLLM rollouts); default the whole batch. Lower it when those "
-                                           "passes run out of memory.")
-    response_length: int = Field(default=64, ge=1, description="Most tokens per response.")
-    temperature: float = Field(default=1.0, gt=0, description="Sampling temperature (log-probs use the same).")
-    kl_coef: float = Field(default=0.05, ge=0, description="Initial KL penalty coefficient.")
-    kl_estimator: Literal["k1", "k3"] = Field(default="k1", description="Per-token KL estimator folded into the rewards.")
-    adaptive_kl: bool = Field(default=False, description="Adapt kl_coef towards kl_target (Ziegler et al.).")
-    kl_target: float = Field(default=6.0, gt=0, description="Target KL per sequence (nats) for adaptive_kl.")
-    kl_horizon: int = Field(default=10000, ge=1, description="Adaptive controller's horizon in samples.")
-    gamma: float = Field(default=1.0, ge=0, le=1)
-    lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda.")
-    cliprange: float = Field(default=0.2, gt=0)
-    cliprange_value: float = Field(default=0.2, gt=0)
-    vf_coef: float = Field(default=0.1, ge=0, description="Weight of the value loss.")
-    ent_coef: float = Field(default=0.0, ge=0, description="Weight of the entropy bonus.")
-    whiten_rewards: bool = Field(default=False, description="Whiten per-token rewards before GAE.")
-    missing_eos_penalty: float | None = Field(default=1.0, description="Subtracted from the score of responses cut at "
-                                              "response_length without EOS; null = no penalty.")
-    lr: float = Field(default=5e-5, gt=0)
-    lora_r: int = Field(default=8, ge=1)
-    lora_alpha: int = Field(default=16, ge=1)
-    lora_target_modules: list[str] | str = Field(default="all-linear")
-    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="LoRA dropout; like the model's own dropout it is off in "
-                                "every PPO pass, so the update's ratio pi/pi_old is 1 before the first step.")
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    checkpoint_every: int = Field(default=10, ge=1, description="Iterations between checkpoints (resumable).")
-    log_samples_every: int = Field(default=10, ge=1, description="Iterations between sample rows in samples.jsonl and the log.")
-    rollout_backend: Literal["transformers", "vllm"] = Field(default="transformers", description="Who samples the rollouts: "
-                                                             "transformers' generate, or vLLM with the current LoRA adapter synced "
-                                                             "each iteration (pays off for long responses and large batches).")
-    precision: Precision = Field(default="auto", description=PRECISION_HELP)
-    merged_rollouts: bool = Field(default=True, description="With transformers rollouts, sample with the adapter merged into a "
-                                  "temporary copy of the adapted weights (15% faster on CPU; the copy costs those layers' "
-                                  "memory again while sampling). Off: sample through the unmerged adapter.")
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _consistent(self) -> PPOConfig:
-        if self.batch_size % self.mini_batches:
-            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by mini_batches ({self.mini_batches})")
-        targets = [self.lora_target_modules] if isinstance(self.lora_target_modules, str) else self.lora_target_modules
-        if self.rollout_backend == "vllm" and "lm_head" in targets:
-            raise ValueError("rollout_backend 'vllm' serves adapters on the transformer layers only; drop lm_head from lora_target_modules")
-        if (self.reward == "judge" or self.gold_judge_every) and not self.judge_url:
-            raise ValueError("judge_url is needed when reward is 'judge' or gold_judge_every > 0")
-        return self
 
 
 class PolicyWithValue(torch.nn.Module):

@@ -8,9 +8,10 @@ compared with the policy (DPO's reference, PPO's old log-probs) runs under the s
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 Precision = Literal["auto", "fp32", "bf16"]
 PRECISION_HELP = "Autocast for forward passes: auto is bf16 on CUDA and fp32 elsewhere; bf16 or fp32 force one."
@@ -22,4 +23,6 @@ def uses_bf16(precision: Precision, device: torch.device) -> bool:
 
 def autocast(precision: Precision, device: torch.device) -> torch.autocast:
     """bfloat16 autocast on `device` when `precision` asks for it, else a context that changes nothing."""
+    import torch
+
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision, device))

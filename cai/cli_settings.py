@@ -1,0 +1,79 @@
+"""Command-line options made from a settings model, so each setting lives in one place.
+
+`settings_command(schema, run)` returns a typer command whose options are the pydantic model's
+fields: the flag is the field's name (`batch_size` -> `--batch-size`), its help is the field's
+description and default, booleans get `--name/--no-name` (or the field's `json_schema_extra["cli"]`),
+list fields take comma-separated values, `Literal` fields list their choices. `--config FILE` reads
+a YAML file of the same settings; flags given on the command line override it. What is wrong is
+reported by `load_config` with the file (or "flags") and the field named.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import typer
+from pydantic import BaseModel
+
+
+def settings_command(schema: type[BaseModel], run: Callable[[BaseModel], None], *, fixed: dict[str, Any] | None = None,
+                     doc: str = "") -> Callable[..., None]:
+    """A typer callback taking --config and one option per field of `schema` (but `fixed` ones), calling `run(config)`."""
+    from cai.train.config import load_config
+
+    fixed = fixed or {}
+    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[Path], typer.Option("--config", help="YAML file of these settings; flags given here override it.")])]
+    lists = set()
+    fields = sorted(schema.model_fields.items(), key=lambda kv: not kv[1].is_required())  # what must be given first
+    for name, field in fields:
+        if name in fixed:
+            continue
+        kind, choices, is_list = _cli_type(field.annotation)
+        if is_list:
+            lists.add(name)
+        help_text = field.description or ""
+        if choices:
+            help_text += f" One of: {', '.join(map(str, choices))}."
+        help_text += " [required]" if field.is_required() else f" [default: {_shown(field.get_default(call_default_factory=True))}]"
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            flag = (field.json_schema_extra or {}).get("cli", f"{flag}/--no-{name.replace('_', '-')}")
+        option = typer.Option(flag, help=help_text, show_default=False)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], option]))
+
+    def command(**given: Any) -> None:
+        config = given.pop("config")
+        overrides = {k: (v.split(",") if k in lists and "," in v else v) for k, v in given.items() if v is not None}
+        run(load_config(config, {**overrides, **fixed}, schema=schema))
+
+    command.__signature__ = inspect.Signature(params)  # typer reads the options from here
+    command.__doc__ = doc
+    return command
+
+
+def _cli_type(annotation: Any) -> tuple[type, tuple, bool]:
+    """(the click type, the Literal choices, whether a list is accepted) of a field's annotation."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] if _is_union(annotation) else [annotation]
+    is_list = any(typing.get_origin(a) is list for a in args)
+    if is_list:
+        return str, (), True
+    (single,) = args
+    if typing.get_origin(single) is Literal:
+        return str, typing.get_args(single), False
+    if single in (bool, int, float, str):
+        return single, (), False
+    raise TypeError(f"no command-line form for settings of type {annotation!r}")
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+def _shown(value: Any) -> str:
+    return "none" if value is None else str(value)
