@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> dict:
 
     import cai.train.ppo
     import cai.train.ppo_rollout
-    from cai.train.ppo import PPOConfig, PPOTrainer
+    from cai.train.ppo import PPOConfig, build_trainer
 
     source = source_version([cai.train.ppo.__file__, cai.train.ppo_rollout.__file__])
 
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> dict:
         lr=args.lr, lora_r=8, lora_alpha=16, lora_target_modules="all-linear", gold_judge_every=0,
         checkpoint_every=10**9, log_samples_every=10**9, seed=args.seed,
     )
-    trainer = PPOTrainer(cfg)
+    trainer = build_trainer(cfg)
     scorer_model = getattr(trainer.scorer, "model", None)
 
     # The peak of training itself: ru_maxrss as each iteration returns (the final checkpoint, adapter save and

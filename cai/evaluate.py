@@ -21,6 +21,7 @@ from typing import Any
 
 from cai import monitors
 from cai.progress import progress_bar
+from cai.train import ppo_metrics as M
 from cai.sycophancy import load_sycophancy_probes
 
 logger = logging.getLogger(__name__)
@@ -96,9 +97,8 @@ def _history(training: Path | None) -> tuple[list[dict], list[dict]]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             continue  # a killed run can leave a partial last line
-    lengths = [{"step": r["step"], "length_mean": r["response/length_mean"]} for r in rows if "response/length_mean" in r]
-    hacking = [{"step": r["step"], "kl": r["objective/kl"], "proxy": r["eval/proxy_score"], "gold": r["eval/judge_score"]}
-               for r in rows if "eval/judge_score" in r]
+    lengths = [{"step": r["step"], "length_mean": r[M.LENGTH_MEAN]} for r in rows if M.LENGTH_MEAN in r]
+    hacking = [{"step": r["step"], "kl": r[M.KL], "proxy": r[M.PROXY_SCORE], "gold": r[M.JUDGE_SCORE]} for r in rows if M.JUDGE_SCORE in r]
     return lengths, hacking
 
 

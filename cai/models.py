@@ -198,23 +198,16 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
     return sorted({i for i in ids if i is not None})
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str | Path, **kwargs):
+    """The tokenizer of any model name the resolver accepts, with a pad token (EOS when it has none):
+    every trainer, scorer and sampler pads batches."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model(name).path)
-
-
-def load_causal_lm(name: str, *, dtype=None, device: str | None = None):
-    """Load a causal LM by any name the resolver accepts; float32 on CPU, bf16 on CUDA by default."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype is None:
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(name).path, dtype=dtype)
-    return model.to(device)
+    path = str(name) if Path(name).is_dir() else resolve_model(str(name)).path  # a folder may be a tokenizer or adapter folder
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def merge_lora(adapter_dir: str | Path, out_dir: str | Path) -> Path:

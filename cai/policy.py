@@ -94,18 +94,16 @@ class Policy:
 
     def __init__(self, model_name: str, *, batch_size: int = 8, device: str | None = None):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        from cai.models import resolve_model
+        from cai.models import load_tokenizer, resolve_model
 
         self.name = model_name
         self.batch_size = batch_size
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         path = resolve_model(model_name).path
-        self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = load_tokenizer(path, padding_side="left")
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
 
     def close(self) -> None:

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cai.train import ppo_metrics as M
+
 FIGSIZE = (6.0, 3.0)
 DPI = 100
 
@@ -35,12 +37,12 @@ PANELS: dict[str, tuple[Panel, ...]] = {
     "dpo": (Panel("loss", ("loss",), ylabel="loss"),
             Panel("implicit rewards", ("rewards/chosen", "rewards/rejected", "rewards/margins"), ylabel="reward"),
             Panel("reward accuracy", ("rewards/accuracies", "rewards/accuracy"), ylabel="accuracy")),
-    "ppo": (Panel("reward", ("objective/scores", "objective/rlhf_reward", "eval/judge_score", "eval/proxy_score"),
+    "ppo": (Panel("reward", (M.SCORES, M.RLHF_REWARD, M.JUDGE_SCORE, M.PROXY_SCORE),
                   ylabel="score"),
-            Panel("KL to reference", ("objective/kl",), right=("objective/kl_coef",), ylabel="KL"),
-            Panel("response length", ("response/length_mean",), right=("response/eos_rate",), ylabel="tokens"),
-            Panel("losses", ("ppo/loss/policy", "ppo/loss/value"), ylabel="loss"),
-            Panel("clipping", ("ppo/policy/clipfrac",), right=("ppo/policy/approxkl",), ylabel="clip fraction")),
+            Panel("KL to reference", (M.KL,), right=(M.KL_COEF,), ylabel="KL"),
+            Panel("response length", (M.LENGTH_MEAN,), right=(M.EOS_RATE,), ylabel="tokens"),
+            Panel("losses", (M.LOSS_POLICY, M.LOSS_VALUE), ylabel="loss"),
+            Panel("clipping", (M.CLIPFRAC,), right=(M.APPROXKL,), ylabel="clip fraction")),
 }
 
 

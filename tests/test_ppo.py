@@ -13,7 +13,7 @@ from transformers import GenerationConfig
 from cai.pinning import RunMismatchError
 from cai.train.config import TrainConfigError, load_config
 from cai.train.losses import token_logprobs
-from cai.train.ppo import PPOConfig, PPOTrainer, run_ppo
+from cai.train.ppo import PPOConfig, build_trainer, run_ppo
 from cai.train.ppo_math import (AdaptiveKLController, FixedKLController, gae, kl_penalised_rewards, kl_per_token, masked_whiten,
                                 policy_loss, value_loss)
 from cai.train.ppo_rollout import merged_adapter, sample
@@ -141,7 +141,7 @@ def test_logprobs_and_values_read_off_generation_match_a_forward_pass(tmp_path, 
     second forward pass: they must equal that pass's on every response token (up to the KV cache's
     float error), and the hooks must not change what is sampled. With the adapter merged into a copy
     of the weights for sampling, the same holds up to the merge's rounding."""
-    trainer = PPOTrainer(ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "ppo", batch_size=6, response_length=12))
+    trainer = build_trainer(ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "ppo", batch_size=6, response_length=12))
     torch.manual_seed(3)
     with torch.no_grad():  # a non-zero adapter (lm_head included) and value head
         for p in trainer.params:
@@ -179,7 +179,7 @@ def test_logprobs_and_values_read_off_generation_match_a_forward_pass(tmp_path, 
 
 
 def test_merged_adapter_samples_the_policy_and_gives_the_weights_back_untouched(tmp_path, tiny_model_dir, prompt_file):
-    trainer = PPOTrainer(ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "ppo"))
+    trainer = build_trainer(ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "ppo"))
     lm = trainer.model.lm
     torch.manual_seed(0)
     with torch.no_grad():
@@ -297,7 +297,7 @@ def assert_crash_and_resume_repeat(straight: PPOConfig, crash_at_iteration: int)
         return rule(prompts, responses)
 
     pin_config(crashy, Path(crashy.out))
-    trainer = PPOTrainer(crashy, scorer=crashing)
+    trainer = build_trainer(crashy, scorer=crashing)
     try:
         with pytest.raises(RuntimeError, match="simulated crash"):
             trainer.train()
@@ -371,7 +371,7 @@ def test_a_policy_that_says_nothing_is_scored_not_a_crash(tmp_path, tiny_model_d
     cfg = ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "ppo", reward=str(reward_model), iterations=2, batch_size=4,
                   checkpoint_every=1, log_samples_every=1)
     pin_config(cfg, Path(cfg.out))
-    trainer = PPOTrainer(cfg)
+    trainer = build_trainer(cfg)
     eos = trainer.tokenizer.eos_token_id
 
     def say_nothing(module, args, logits):

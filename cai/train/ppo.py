@@ -2,9 +2,11 @@
 
 The policy is the starting model (usually the SFT model) plus a fresh LoRA adapter; the reference
 is the same weights with the adapter disabled, so no second copy is held. A value head (one linear
-layer) reads the policy's last hidden state, so the critic shares the policy's forward pass.
+layer) reads the policy's last hidden state, so the critic shares the policy's forward pass
+(`cai.train.ppo_policy`). `run_ppo` builds the collaborators (policy, tokenizer, prompts, scorer,
+the judge for gold scores, a vLLM engine) and hands them to `PPOTrainer`.
 
-Each iteration, in this order (the numbered phases in `ppo_iteration`):
+Each iteration, in this order (the numbered phases; `rollout` is 1-3, `update` 4-7):
 1. rollout: sample `batch_size` responses with transformers' generate (the adapter merged into a
    temporary copy of the weights meanwhile) or vLLM, both stopping on the same EOS ids; cut each at
    its first EOS;
@@ -15,7 +17,7 @@ Each iteration, in this order (the numbered phases in `ppo_iteration`):
 4. rewards: per-token -kl_coef * KL (k1 or k3), plus the score on the last token;
 5. advantages: GAE, then whitened over the batch's response tokens;
 6. `ppo_epochs` passes over `mini_batches` shuffled minibatches: clipped policy loss, clipped
-   value loss, optional entropy bonus;
+   value loss, optional entropy bonus (dropout off throughout);
 7. the KL controller (fixed or adaptive) sees the batch's KL.
 
 Exact resume: iteration i's prompts, sampling seed and minibatch order are pure functions of
@@ -29,96 +31,68 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cai.train import ppo_metrics as M
 from cai.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, truncate_log
 from cai.train.losses import masked_mean, token_logprobs
+from cai.train.ppo_config import PPOConfig
 from cai.train.ppo_math import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_penalised_rewards,
                                 kl_per_token, masked_whiten, policy_loss, value_loss)
+from cai.train.ppo_policy import PolicyWithValue
 from cai.train.ppo_rollout import sample
-from cai.train.ppo_config import PPOConfig
 from cai.train.precision import autocast
+from cai.train.rewards import Scorer
 
 logger = logging.getLogger(__name__)
 
 
-class PolicyWithValue(torch.nn.Module):
-    """A causal LM (with its LoRA adapter) and a value head on its last hidden state."""
+@dataclass
+class Rollout:
+    """One iteration's samples, their scores, and the policy's and reference's view of them (phases 1-3)."""
 
-    def __init__(self, lm: torch.nn.Module, hidden_size: int):
-        super().__init__()
-        self.lm = lm
-        self.value_head = torch.nn.Linear(hidden_size, 1)
-        torch.nn.init.normal_(self.value_head.weight, std=1 / math.sqrt(hidden_size + 1))
-        torch.nn.init.zeros_(self.value_head.bias)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """query + response (B, Tq + R) -> logits (B, R, V) and values (B, R) at the positions that predict the response.
-
-        Only those R positions go through the LM head: the query's logits would be thrown away,
-        and with a 49k vocabulary the head is a fifth of a small model's arithmetic per token.
-        They are passed as an index tensor, so the head reads a contiguous copy of those hidden
-        states: on a strided slice the CPU matmul takes a slower path (1.6x for SmolLM2's head).
-        """
-        # Queries are left-padded: positions count real tokens only, as in generation.
-        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        width = input_ids.shape[1]
-        keep = torch.arange(width - response_length - 1, width - 1, device=input_ids.device)  # (R,)
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True,
-                      logits_to_keep=keep)
-        hidden = out.hidden_states[-1][:, keep]  # (B, R, H)
-        return out.logits, self.value_head(hidden).squeeze(-1).float()
+    iteration: int
+    prompts: list[str]
+    texts: list[str]  # the decoded responses, as scored
+    full: torch.Tensor  # (B, Tq + R) left-padded query, then response
+    full_mask: torch.Tensor  # (B, Tq + R)
+    responses: torch.Tensor  # (B, R), padded after the first EOS
+    mask: torch.Tensor  # (B, R) 1 up to and including EOS
+    has_eos: torch.Tensor  # (B,)
+    raw_scores: torch.Tensor  # (B,) the scorer's
+    scores: torch.Tensor  # (B,) after the missing-EOS penalty
+    logprobs: torch.Tensor  # (B, R) old log-probs, at the sampling temperature
+    values: torch.Tensor  # (B, R)
+    ref_logprobs: torch.Tensor  # (B, R)
+    gold: float | None  # the judge's mean score of these samples, when asked for this iteration
+    started: float
+    rollout_s: float
+    score_s: float
 
 
 class PPOTrainer:
-    def __init__(self, cfg: PPOConfig, scorer=None, gold_scorer=None):
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    """PPO over `prompts` for `policy`, scored by `scorer`; everything it needs is passed in (see `run_ppo`)."""
 
-        from cai.models import resolve_model, stop_token_ids
-        from cai.prompts import PromptSourceError, load_prompts
-        from cai.train.rewards import JudgeScorer, load_scorer
+    def __init__(self, cfg: PPOConfig, *, policy: PolicyWithValue, tokenizer, prompts: list[str], scorer: Scorer,
+                 gold_scorer: Scorer | None = None, vllm=None):
+        from cai.models import stop_token_ids
 
-        self.cfg = cfg
-        self.out = Path(cfg.out)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        path = resolve_model(cfg.model).path
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        torch.manual_seed(cfg.seed)  # LoRA's A matrices and the value head start from the seed
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        self.stop_ids = stop_token_ids(self.tokenizer, lm.generation_config)  # both rollout backends stop on these
-        lm.generation_config.pad_token_id = self.tokenizer.pad_token_id
-        lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=cfg.lora_target_modules)
-        self.model = PolicyWithValue(get_peft_model(lm, lora), lm.config.hidden_size).to(self.device)
-        # Dropout stays off in every pass, sampling and update alike (as in TRL and summarize_from_feedback):
-        # with it on in the update only, pi/pi_old != 1 before any step, inflating clipfrac and approx_kl.
-        self.model.eval()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.cfg, self.out = cfg, Path(cfg.out)
+        self.model, self.tokenizer, self.prompts = policy, tokenizer, prompts
+        self.scorer, self.gold_scorer, self.vllm = scorer, gold_scorer, vllm
+        self.device = next(policy.parameters()).device
+        self.stop_ids = stop_token_ids(tokenizer, policy.lm.generation_config)  # both rollout backends stop on these
+        self.params = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, eps=1e-5)
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
-        api_key = os.environ.get("CAI_JUDGE_API_KEY")
-        self.scorer = scorer or load_scorer(cfg.reward, judge_url=cfg.judge_url, api_key=api_key, device=str(self.device))
-        self.gold_scorer = gold_scorer or (JudgeScorer(cfg.judge_url, api_key=api_key) if cfg.gold_judge_every else None)
-        self.prompts = [p.text for p in load_prompts(cfg.prompts, limit=cfg.max_prompts)]
-        if not self.prompts:
-            raise PromptSourceError(f"prompts {cfg.prompts!r}: no prompts to train on")
-        self.queries = [self._encode_query(p) for p in self.prompts]
-        self.vllm = None
-        if cfg.rollout_backend == "vllm":
-            from cai.train.ppo_vllm import VllmRollouts
-
-            self.vllm = VllmRollouts(path, lora_rank=cfg.lora_r, max_len=cfg.max_prompt_length + cfg.response_length + 16,
-                                     seed=cfg.seed)
+        self.queries = [self._encode_query(p) for p in prompts]
 
     def close(self) -> None:
         if self.vllm is not None:
@@ -154,11 +128,14 @@ class PPOTrainer:
 
     # -- one iteration ---------------------------------------------------------------------
     def ppo_iteration(self, iteration: int) -> tuple[dict[str, float], list[dict]]:
+        """Phases 1-7: the logged record and a few (prompt, response, score, kl) samples."""
+        return self.update(self.rollout(iteration))
+
+    def rollout(self, iteration: int) -> Rollout:
         cfg, tok = self.cfg, self.tokenizer
         started = time.perf_counter()
         idx = self.prompt_indices(iteration)
         pad = tok.pad_token_id
-
         # 1. rollout: left-padded queries (B, Tq); responses (B, R) cut after their first EOS.
         query, query_mask = self.batch_queries(idx)
         sampling_seed = cfg.seed * 1_000_003 + iteration  # sampling is a function of (seed, iteration)
@@ -218,7 +195,15 @@ class PPOTrainer:
             else:  # positions past the last generated step are masked; zeros fill them
                 logprobs, values = torch.zeros_like(ref_logprobs), torch.zeros_like(ref_logprobs)
                 logprobs[:, :recorded[0].shape[1]], values[:, :recorded[1].shape[1]] = recorded
-        maskf = mask.float()
+
+        return Rollout(iteration, prompts, texts, full, full_mask, responses, mask, has_eos, raw_scores, scores, logprobs, values,
+                       ref_logprobs, gold, started, rollout_s, score_s)
+
+    def update(self, r: Rollout) -> tuple[dict[str, float], list[dict]]:
+        cfg, iteration = self.cfg, r.iteration
+        logprobs, values, ref_logprobs, scores = r.logprobs, r.values, r.ref_logprobs, r.scores
+        full, full_mask, responses = r.full, r.full_mask, r.responses
+        maskf = r.mask.float()
 
         # 4. per-token rewards: KL penalty on every token, the score on the last.
         kl = kl_per_token(logprobs, ref_logprobs, cfg.kl_estimator) * maskf  # (B, R)
@@ -251,10 +236,10 @@ class PPOTrainer:
                 torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                for k, v in {"ppo/loss/policy": pg_loss, "ppo/loss/value": vf_loss, "ppo/loss/total": loss,
-                             "ppo/policy/entropy": entropy, "ppo/policy/clipfrac": pg_stats["clipfrac"],
-                             "ppo/policy/approxkl": pg_stats["approxkl"], "ppo/val/clipfrac": vf_stats["clipfrac"],
-                             "ppo/val/error": vf_stats["error"], "ppo/val/vpred": masked_mean(vpred, maskf[mb])}.items():
+                for k, v in {M.LOSS_POLICY: pg_loss, M.LOSS_VALUE: vf_loss, M.LOSS_TOTAL: loss, M.POLICY_ENTROPY: entropy,
+                             M.CLIPFRAC: pg_stats["clipfrac"], M.APPROXKL: pg_stats["approxkl"],
+                             M.VALUE_CLIPFRAC: vf_stats["clipfrac"], M.VALUE_ERROR: vf_stats["error"],
+                             M.VPRED: masked_mean(vpred, maskf[mb])}.items():
                     stats.setdefault(k, []).append(float(v.detach()))
 
         # 7. the KL controller sees this batch's mean KL per sequence.
@@ -262,31 +247,31 @@ class PPOTrainer:
         self.kl_ctl.update(seq_kl.mean().item(), cfg.batch_size)
 
         non_score = (-kl_coef * kl).sum(1)
-        tokens = int(query_mask.sum() + mask.sum())
+        tokens = int(full_mask.sum())
         record: dict[str, Any] = {
             "step": iteration + 1,
-            "objective/kl": seq_kl.mean().item(),
-            "objective/kl_coef": kl_coef,
-            "objective/entropy": (-logprobs * maskf).sum(1).mean().item(),
-            "objective/non_score_reward": non_score.mean().item(),
-            "objective/scores": raw_scores.mean().item(),
-            "objective/scores_penalised": scores.mean().item(),
-            "objective/rlhf_reward": (scores + non_score).mean().item(),
+            M.KL: seq_kl.mean().item(),
+            M.KL_COEF: kl_coef,
+            M.ENTROPY: (-logprobs * maskf).sum(1).mean().item(),
+            M.NON_SCORE_REWARD: non_score.mean().item(),
+            M.SCORES: r.raw_scores.mean().item(),
+            M.SCORES_PENALISED: scores.mean().item(),
+            M.RLHF_REWARD: (scores + non_score).mean().item(),
             **{k: sum(v) / len(v) for k, v in stats.items()},
-            "ppo/returns/mean": masked_mean(returns, maskf).item(),
-            "ppo/val/mean": masked_mean(values, maskf).item(),
-            "response/length_mean": maskf.sum(1).mean().item(),
-            "response/eos_rate": has_eos.float().mean().item(),
+            M.RETURNS_MEAN: masked_mean(returns, maskf).item(),
+            M.VALUES_MEAN: masked_mean(values, maskf).item(),
+            M.LENGTH_MEAN: maskf.sum(1).mean().item(),
+            M.EOS_RATE: r.has_eos.float().mean().item(),
             "tokens": tokens,
-            "time/rollout_s": round(rollout_s, 4),
-            "time/score_s": round(score_s, 4),
-            "seconds": round(time.perf_counter() - started, 4),
+            "time/rollout_s": round(r.rollout_s, 4),
+            "time/score_s": round(r.score_s, 4),
+            "seconds": round(time.perf_counter() - r.started, 4),
         }
-        if gold is not None:
-            record["eval/judge_score"] = gold
-            record["eval/proxy_score"] = raw_scores.mean().item()
+        if r.gold is not None:
+            record[M.JUDGE_SCORE] = r.gold
+            record[M.PROXY_SCORE] = r.raw_scores.mean().item()
         samples = [{"step": iteration + 1, "prompt": p, "response": t, "score": s, "kl": k}
-                   for p, t, s, k in zip(prompts, texts, raw_scores.tolist(), seq_kl.tolist())]
+                   for p, t, s, k in zip(r.prompts, r.texts, r.raw_scores.tolist(), seq_kl.tolist())]
         return record, samples
 
     def _response_logprobs(self, logits: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
@@ -329,11 +314,11 @@ class PPOTrainer:
                         logger.info("iteration %d  score %.3f  kl %.3f\n  prompt: %s\n  response: %s", s["step"], s["score"], s["kl"],
                                     s["prompt"][:200], s["response"][:300])
                 bar.update(task, completed=iteration + 1,
-                           info=f"score {record['objective/scores']:.3f} kl {record['objective/kl']:.3f}")
+                           info=f"score {record[M.SCORES]:.3f} kl {record[M.KL]:.3f}")
                 if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations:
                     save_checkpoint(ckpt, self.model, self.optimizer, iteration + 1, extra={"kl_ctl": self.kl_ctl.state_dict()})
         self.save(out / "final")
-        plot_losses(metrics_path, out / "loss.png", keys=("objective/scores", "objective/kl", "ppo/loss/policy"))
+        plot_losses(metrics_path, out / "loss.png", keys=(M.SCORES, M.KL, M.LOSS_POLICY))
         rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
         summary = {"iterations": cfg.iterations, "first": rows[0] if rows else None, "last": rows[-1] if rows else None}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -345,12 +330,37 @@ class PPOTrainer:
         torch.save(self.model.value_head.state_dict(), folder / "value_head.pt")
 
 
+def build_trainer(cfg: PPOConfig, *, scorer: Scorer | None = None, gold_scorer: Scorer | None = None) -> PPOTrainer:
+    """The trainer and its collaborators for `cfg`: policy and tokenizer, prompts, the reward's scorer (or
+    `scorer`), the judge for gold scores and, with vLLM rollouts, the engine."""
+    from cai.models import resolve_model
+    from cai.prompts import PromptSourceError, load_prompts
+    from cai.train.ppo_policy import load_policy
+    from cai.train.rewards import JudgeScorer, load_scorer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    policy, tokenizer = load_policy(cfg, device)
+    api_key = os.environ.get("CAI_JUDGE_API_KEY")
+    scorer = scorer or load_scorer(cfg.reward, judge_url=cfg.judge_url, api_key=api_key, device=str(device))
+    gold_scorer = gold_scorer or (JudgeScorer(cfg.judge_url, api_key=api_key) if cfg.gold_judge_every else None)
+    prompts = [p.text for p in load_prompts(cfg.prompts, limit=cfg.max_prompts)]
+    if not prompts:
+        raise PromptSourceError(f"prompts {cfg.prompts!r}: no prompts to train on")
+    vllm = None
+    if cfg.rollout_backend == "vllm":
+        from cai.train.ppo_vllm import VllmRollouts
+
+        vllm = VllmRollouts(resolve_model(cfg.model).path, lora_rank=cfg.lora_r,
+                            max_len=cfg.max_prompt_length + cfg.response_length + 16, seed=cfg.seed)
+    return PPOTrainer(cfg, policy=policy, tokenizer=tokenizer, prompts=prompts, scorer=scorer, gold_scorer=gold_scorer, vllm=vllm)
+
+
 def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
     from cai.train.config import pin_config
 
     out = Path(cfg.out)
     pin_config(cfg, out)
-    trainer = PPOTrainer(cfg)
+    trainer = build_trainer(cfg)
     logger.info("ppo: %d prompts, %d trainable parameters, output %s", len(trainer.prompts),
                 sum(p.numel() for p in trainer.params), out)
     try:

@@ -73,13 +73,13 @@ class RewardModelScorer:
     """A reward model from `cai train rm`: the prompt and response go through its own chat template."""
 
     def __init__(self, path: Path, *, device: str = "cpu", max_length: int = 1024, batch_size: int = 8):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
+
+        from cai.models import load_tokenizer
 
         self.name = str(path)
         self.device, self.max_length, self.batch_size = device, max_length, batch_size
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = load_tokenizer(path)
         if (path / "adapter_config.json").exists():
             from peft import PeftModel
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from cai.models import resolve_model
+from cai.models import load_tokenizer, resolve_model
 from cai.train.config import TrainConfig
 from cai.train.data import Pair, collate, load_rows, tokenise_pairs, tokenise_sft
 from cai.train.loop import Task
@@ -28,12 +28,8 @@ logger = logging.getLogger(__name__)
 
 
 def build_task(cfg: TrainConfig, out: Path) -> Task:
-    from transformers import AutoTokenizer
-
     path = resolve_model(cfg.model).path
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(path)
     rows = load_rows(cfg.data)
     rng = random.Random(cfg.seed)
     order = list(range(len(rows)))

@@ -1,0 +1,62 @@
+"""PPO's policy: the starting model with a fresh LoRA adapter and a value head, and how it is loaded.
+
+The reference is the same weights with the adapter disabled, so no second copy is held; the value
+head (one linear layer) reads the policy's last hidden state, so the critic shares its forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cai.train.ppo_config import PPOConfig
+
+
+class PolicyWithValue(torch.nn.Module):
+    """A causal LM (with its LoRA adapter) and a value head on its last hidden state."""
+
+    def __init__(self, lm: torch.nn.Module, hidden_size: int):
+        super().__init__()
+        self.lm = lm
+        self.value_head = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.normal_(self.value_head.weight, std=1 / math.sqrt(hidden_size + 1))
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """query + response (B, Tq + R) -> logits (B, R, V) and values (B, R) at the positions that predict the response.
+
+        Only those R positions go through the LM head: the query's logits would be thrown away,
+        and with a 49k vocabulary the head is a fifth of a small model's arithmetic per token.
+        They are passed as an index tensor, so the head reads a contiguous copy of those hidden
+        states: on a strided slice the CPU matmul takes a slower path (1.6x for SmolLM2's head).
+        """
+        # Queries are left-padded: positions count real tokens only, as in generation.
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        width = input_ids.shape[1]
+        keep = torch.arange(width - response_length - 1, width - 1, device=input_ids.device)  # (R,)
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True,
+                      logits_to_keep=keep)
+        hidden = out.hidden_states[-1][:, keep]  # (B, R, H)
+        return out.logits, self.value_head(hidden).squeeze(-1).float()
+
+
+def load_policy(cfg: PPOConfig, device: torch.device):
+    """(policy, tokenizer) for `cfg.model`: LoRA and the value head initialised from `cfg.seed`, on `device`,
+    in eval mode: dropout stays off in every PPO pass, sampling and update alike (as in TRL and
+    summarize_from_feedback); with it on in the update only, pi/pi_old != 1 before any step."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cai.models import load_tokenizer, resolve_model
+
+    path = resolve_model(cfg.model).path
+    tokenizer = load_tokenizer(path)
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices and the value head start from the seed
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    lm.generation_config.pad_token_id = tokenizer.pad_token_id
+    lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.lora_target_modules)
+    policy = PolicyWithValue(get_peft_model(lm, lora), lm.config.hidden_size).to(device)
+    policy.eval()
+    return policy, tokenizer
