@@ -186,43 +186,25 @@ def prompts_show(
 # -- judge --------------------------------------------------------------------------
 
 
-@judge_app.command("serve")
-def judge_serve(
-    model: Annotated[str, typer.Option(help="Judge model: folder, hub id or embedded name.")] = "smollm2-135m-instruct",
-    constitution: Annotated[str, typer.Option(help="Constitution YAML (edits are picked up live) or shipped name.")] = "harmless-helpful",
-    host: Annotated[str, typer.Option(help="Bind address. Anything but loopback needs an API key.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8321,
-    api_key: Annotated[Optional[str], typer.Option(envvar="CAI_JUDGE_API_KEY", show_default=False,
-                                                   help="Bearer key clients must send (prefer the env var: flags show in ps).")] = None,
-    max_queue: Annotated[int, typer.Option(help="Work items in flight before 429.")] = 512,
-    max_prompt_tokens: Annotated[int, typer.Option(help="Longest judge prompt accepted (422 beyond).")] = 1536,
-    max_body_bytes: Annotated[int, typer.Option(help="Largest request body (413 beyond).")] = 2_000_000,
-    max_model_len: Annotated[int, typer.Option(help="vLLM context length.")] = 2048,
-    kv_cache_gib: Annotated[Optional[float], typer.Option(help="KV cache size in GiB (default 1 on CPU; on GPU 85% of memory).")] = None,
-    dtype: Annotated[str, typer.Option(help="auto: float32 on CPU, bfloat16 on GPU.")] = "auto",
-) -> None:
-    """Serve critique, revision, comparison and scoring over HTTP for one constitution.
+def _serve(settings) -> None:
+    from judge_server.server import serve
+
+    try:
+        serve(settings)
+    except CaiError as e:
+        _fail(str(e))
+
+
+def _register_judge_serve() -> None:
+    """`cai judge serve`: its options made from judge_server.settings.ServerSettings (as `python -m judge_server`)."""
+    from cai.cli_settings import settings_command
+    from judge_server.settings import ServerSettings
+
+    doc = """Serve critique, revision, comparison and scoring over HTTP for one constitution.
 
     Example: cai judge serve --model smollm2-135m-instruct --constitution constitutions/harmless-helpful.yaml
     """
-    from pydantic import ValidationError
-
-    from cai.errors import describe_validation_error
-    from judge_server.server import serve
-    from judge_server.settings import ServerSettings
-
-    try:
-        settings = ServerSettings(
-            model=model, constitution=str(find_constitution(constitution)), host=host, port=port, api_key=api_key,
-            max_queue=max_queue, max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
-            max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, dtype=dtype,
-        )
-        settings.check_bind()
-        serve(settings)
-    except ValidationError as e:
-        _fail(describe_validation_error(e, "judge serve"))
-    except CaiError as e:
-        _fail(str(e))
+    judge_app.command("serve")(_guarded(settings_command(ServerSettings, _serve, doc=doc)))
 
 
 # -- generate -----------------------------------------------------------------------
@@ -382,6 +364,7 @@ def _guarded(command: Callable) -> Callable:
 
 
 _register_train_commands()
+_register_judge_serve()
 
 
 # -- run, eval, report ---------------------------------------------------------------

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import typer
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
 
 def settings_command(schema: type[BaseModel], run: Callable[[BaseModel], None], *, fixed: dict[str, Any] | None = None,
                      doc: str = "") -> Callable[..., None]:
     """A typer callback taking --config and one option per field of `schema` (but `fixed` ones), calling `run(config)`."""
-    from cai.train.config import load_config
+    from cai.config import load_config
 
     fixed = fixed or {}
     params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
@@ -40,11 +40,15 @@ def settings_command(schema: type[BaseModel], run: Callable[[BaseModel], None], 
         help_text = field.description or ""
         if choices:
             help_text += f" One of: {', '.join(map(str, choices))}."
-        help_text += " [required]" if field.is_required() else f" [default: {_shown(field.get_default(call_default_factory=True))}]"
+        if field.is_required():
+            help_text += " (required)"
+        elif not (field.json_schema_extra or {}).get("envvar"):  # a secret's default is not shown
+            help_text += f" (default: {_shown(field.get_default(call_default_factory=True))})"
         flag = "--" + name.replace("_", "-")
         if kind is bool:
             flag = (field.json_schema_extra or {}).get("cli", f"{flag}/--no-{name.replace('_', '-')}")
-        option = typer.Option(flag, help=help_text, show_default=False)
+        envvar = (field.json_schema_extra or {}).get("envvar")
+        option = typer.Option(flag, help=help_text, show_default=False, envvar=envvar, show_envvar=bool(envvar))
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], option]))
 
     def command(**given: Any) -> None:
@@ -68,6 +72,8 @@ def _cli_type(annotation: Any) -> tuple[type, tuple, bool]:
         return str, typing.get_args(single), False
     if single in (bool, int, float, str):
         return single, (), False
+    if single is SecretStr:  # given as text; pydantic keeps it out of reprs and logs
+        return str, (), False
     raise TypeError(f"no command-line form for settings of type {annotation!r}")
 
 

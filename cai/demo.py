@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 from cai.constitution import find_constitution, load_constitution
+from cai.judge import Judge, first_error
 from cai.judge_client import JudgeClient, judge_endpoint
 from cai.policy import Policy, SamplingConfig
 from cai.prompts import load_prompts
@@ -23,18 +24,23 @@ from judge_server import protocol as P
 logger = logging.getLogger(__name__)
 
 
-async def _judge_all(url: str, rows: list[dict], seed: int) -> None:
+async def _judge_all(url: str, constitution, rows: list[dict], seed: int) -> None:
     gen = P.GenerationOptions(max_tokens=96)
-    async with JudgeClient(url) as judge:
-        crits = await judge.critique_many([P.CritiqueRequest(prompt=r["prompt"], response=r["response"], seed=seed, generation=gen) for r in rows])
+    async with JudgeClient(url) as client:
+        judge = await Judge.connect(client, None, constitution)
+        crits = await judge.critique_many([P.CritiqueRequest(prompt=r["prompt"], response=r["response"], seed=seed, generation=gen)
+                                           for r in rows])
+        first_error(crits)
         revs = await judge.revise_many([
             P.ReviseRequest(prompt=r["prompt"], response=r["response"], critique=c.critique, principle_id=c.principle_id, seed=seed, generation=gen)
             for r, c in zip(rows, crits)
         ])
+        first_error(revs)
         labels = await judge.compare_many([
             P.CompareRequest(prompt=r["prompt"], response_a=P.or_placeholder(v.revision), response_b=r["response"], seed=seed)
             for r, v in zip(rows, revs)
         ])
+        first_error(labels)
     for row, c, v, lab in zip(rows, crits, revs, labels):
         row.update(principle_id=c.principle_id, critique=c.critique, revision=v.revision, p_revision_better=lab.p_a,
                    p_shown_first=lab.p_a_shown_first, p_shown_second=lab.p_a_shown_second, compare_principles=lab.principle_ids,
@@ -60,7 +66,7 @@ def run_demo(*, model: str, constitution: str, prompts: str, n: int, out: Path, 
     if judge_url is None:
         logger.info("starting the judge server (vLLM, %s); the first start takes about a minute", model)
     with judge_endpoint(judge_url, model=model, constitution=const_path, log_path=out / "judge.log") as url:
-        asyncio.run(_judge_all(url, rows, seed))
+        asyncio.run(_judge_all(url, const, rows, seed))
 
     path = out / "demo.jsonl"
     with open(path, "w", encoding="utf-8") as f:

@@ -70,7 +70,9 @@ def _answers(label: str, model: str, prompts: list[str], max_new_tokens: int, se
     return [(s[0].text, s[0].tokens) for s in samples]
 
 
-async def _compare(url: str, prompts: list[str], policy: list[str], reference: list[str], seed: int, chunk: int = 32) -> list:
+async def _compare(url: str, constitution, prompts: list[str], policy: list[str], reference: list[str], seed: int,
+                   chunk: int = 32) -> list:
+    from cai.judge import Judge, first_error
     from cai.judge_client import JudgeClient
     from judge_server import protocol as P
 
@@ -78,11 +80,14 @@ async def _compare(url: str, prompts: list[str], policy: list[str], reference: l
             for i, (p, a, b) in enumerate(zip(prompts, policy, reference))]
     results = []
     async with JudgeClient(url) as client:
+        judge = await Judge.connect(client, None, constitution)  # refused if the server judges by another constitution
         with progress_bar("pairs") as bar:
             task = bar.add_task("eval: judge comparisons", total=len(reqs))
             for i in range(0, len(reqs), chunk):  # in chunks, so the bar moves; the client batches each chunk
-                results += await client.compare_many(reqs[i:i + chunk])
-                bar.update(task, advance=len(reqs[i:i + chunk]))
+                answers = await judge.compare_many(reqs[i:i + chunk])
+                first_error(answers)  # a win rate needs every comparison
+                results += answers
+                bar.update(task, advance=len(answers))
     return results
 
 
@@ -111,7 +116,7 @@ def _prefs_same_position(prefs: Path | None) -> list[bool]:
 
 
 def run_eval(job: EvalJob) -> dict[str, Any]:
-    from cai.constitution import find_constitution
+    from cai.constitution import find_constitution, load_constitution
     from cai.judge_client import judge_endpoint
     from cai.prompts import PromptSourceError, load_prompts
 
@@ -132,9 +137,10 @@ def run_eval(job: EvalJob) -> dict[str, Any]:
     n = len(prompts)
 
     # 2. judged comparisons
-    with judge_endpoint(job.judge_url, model=job.judge_model or job.reference, constitution=find_constitution(job.constitution),
+    constitution_path = find_constitution(job.constitution)
+    with judge_endpoint(job.judge_url, model=job.judge_model or job.reference, constitution=constitution_path,
                         log_path=out / "judge.log") as url:
-        results = asyncio.run(_compare(url, prompts, pol_text[:n], ref_text[:n], job.seed))
+        results = asyncio.run(_compare(url, load_constitution(constitution_path), prompts, pol_text[:n], ref_text[:n], job.seed))
     wins = [r.p_a for r in results]
     same = [r.same_position for r in results]
     deltas = [float(a - b) for (_, a), (_, b) in zip(policy[:n], reference[:n])]

@@ -31,7 +31,6 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from cai.errors import CaiError
 from judge_server import protocol as P
-from judge_server.settings import API_KEY_ENV
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
@@ -70,7 +69,7 @@ class JudgeClient:
     def __init__(self, base_url: str, *, api_key: str | None = None, concurrency: int = 16, timeout: float = 300.0,
                  max_retries: int = 6, max_wait: float = 20.0):
         self.base_url = base_url.rstrip("/")
-        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        key = api_key if api_key is not None else os.environ.get(P.API_KEY_ENV)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0),
                                        limits=httpx.Limits(max_connections=concurrency * 2))
@@ -182,7 +181,7 @@ def free_port() -> int:
 
 
 class LocalJudge:
-    """Start `cai judge serve` for a local model on loopback, wait until it answers, stop it on exit.
+    """Start the judge service (`python -m judge_server`, as `cai judge serve`) for a local model on loopback, wait until it answers, stop it on exit.
 
         with LocalJudge("smollm2-135m-instruct", "harmless-helpful") as judge:
             async with JudgeClient(judge.url) as client: ...
@@ -200,7 +199,7 @@ class LocalJudge:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> LocalJudge:
-        cmd = [sys.executable, "-m", "cai.cli", "judge", "serve", "--model", self.model, "--constitution", self.constitution,
+        cmd = [sys.executable, "-m", "judge_server", "--model", self.model, "--constitution", self.constitution,
                "--port", str(self.port), *self.extra_args]
         logger.info("starting judge: %s (log: %s)", " ".join(cmd), self.log_path)
         log = open(self.log_path, "ab")

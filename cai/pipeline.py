@@ -121,11 +121,11 @@ class RunConfig(_Section):
 
 def load_run_config(path: str | Path, out: str | None = None) -> RunConfig:
     """The YAML run config, with `out` overriding its run folder; errors name the file and the dotted field."""
-    from cai.train.config import TrainConfigError, load_config
+    from cai.config import load_config
 
     try:
         return load_config(path, {"out": out}, schema=RunConfig)
-    except TrainConfigError as e:
+    except ConfigError as e:
         raise RunConfigError(str(e)) from None
 
 

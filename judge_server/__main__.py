@@ -1,6 +1,36 @@
-"""`python -m judge_server --model M --constitution FILE` (the same as `cai judge serve`)."""
+"""`python -m judge_server [OPTIONS]`: the judge service on its own, with the options of `cai judge serve`.
 
-from cai.cli import app
+Both are made from `judge_server.settings.ServerSettings`; this entry point imports only the service
+and cai's base modules, not the `cai` command line.
+"""
+
+import typer
+
+from cai.cli_settings import settings_command
+from cai.errors import CaiError
+from judge_server.settings import ServerSettings
+
+
+def _serve(settings: ServerSettings) -> None:
+    from judge_server.server import serve
+
+    serve(settings)
+
+
+def main() -> None:
+    command = settings_command(ServerSettings, _serve, doc="Serve critique, revision, comparison and scoring over HTTP.")
+
+    def guarded(**kwargs) -> None:
+        try:
+            command(**kwargs)
+        except CaiError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
+
+    guarded.__signature__ = command.__signature__
+    guarded.__doc__ = command.__doc__
+    typer.run(guarded)
+
 
 if __name__ == "__main__":
-    app(["judge", "serve"] + __import__("sys").argv[1:])
+    main()

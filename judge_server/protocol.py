@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+API_KEY_ENV = "CAI_JUDGE_API_KEY"
+"""Where the server and the client read the bearer key from, so it stays out of command lines."""
 MAX_TEXT_CHARS = 32_000
 MAX_BATCH = 256
 
@@ -121,6 +123,7 @@ class CompareResult(_Model):
     p_a_shown_first: float
     p_a_shown_second: float
     same_position: bool = Field(description="Both orders preferred the same position: a position-biased (inconsistent) judgement.")
+    option_mass: float = Field(description="Probability the judge put on the option tokens at all, mean over the votes and orders.")
     votes: list[PrincipleVote]
     principle_ids: list[str]
     constitution_hash: str

@@ -95,7 +95,7 @@ class JudgeService:
         second = sum(v.p_a_shown_second for v in votes) / len(votes)
         return P.CompareResult(
             p_a=p_a, p_a_shown_first=first, p_a_shown_second=second, same_position=(first > 0.5) != (second > 0.5),
-            votes=list(votes), principle_ids=[p.id for p in principles], constitution_hash=c.hash, model=self.engine.model_name,
+            option_mass=sum(v.option_mass for v in votes) / len(votes), votes=list(votes), principle_ids=[p.id for p in principles], constitution_hash=c.hash, model=self.engine.model_name,
         )
 
     async def score(self, req: P.ScoreRequest) -> P.ScoreResult:

@@ -56,7 +56,7 @@ def test_compare_is_a_probability_with_both_orders(judge):
     (vote,) = res.votes
     assert 0.0 <= vote.p_a_shown_first <= 1.0 and 0.0 <= vote.p_a_shown_second <= 1.0
     assert vote.p_a == pytest.approx((vote.p_a_shown_first + vote.p_a_shown_second) / 2)
-    assert 0.0 < vote.option_mass <= 1.0
+    assert 0.0 < vote.option_mass <= 1.0 and res.option_mass == pytest.approx(vote.option_mass)
     assert res.same_position == ((vote.p_a_shown_first > 0.5) != (vote.p_a_shown_second > 0.5))
     assert res.principle_ids == ["harmful-content"] and len(res.constitution_hash) == 64
 

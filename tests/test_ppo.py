@@ -11,7 +11,8 @@ import torch
 from transformers import GenerationConfig
 
 from cai.pinning import RunMismatchError
-from cai.train.config import TrainConfigError, load_config
+from cai.config import load_config
+from cai.train.config import TrainConfigError
 from cai.train.losses import token_logprobs
 from cai.train.ppo import PPOConfig, build_trainer, run_ppo
 from cai.train.ppo_math import (AdaptiveKLController, FixedKLController, gae, kl_penalised_rewards, kl_per_token, masked_whiten,

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cai.train.config import TrainConfig, TrainConfigError, load_config
+from cai.config import load_config
+from cai.train.config import TrainConfig, TrainConfigError
 from cai.train.data import DatasetError, load_rows, tokenise_pairs, tokenise_sft
 from cai.train.loop import train
 from cai.train.run import run_training
@@ -135,8 +136,8 @@ def test_config_file_and_flag_errors(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("kind: sft\nmodel: m\ndata: d\nout: o\nlr: -1\nbatchsize: 2\n")
     with pytest.raises(TrainConfigError, match=r"c.yaml: lr: Input should be greater than 0; batchsize: Extra inputs"):
-        load_config(path, {})
-    c = load_config(None, {"kind": "dpo", "model": "m", "data": "d", "out": "o", "beta": 0.2, "lr": None})
+        load_config(path, {}, schema=TrainConfig)
+    c = load_config(None, {"kind": "dpo", "model": "m", "data": "d", "out": "o", "beta": 0.2, "lr": None}, schema=TrainConfig)
     assert c.beta == 0.2 and c.lr == 1e-4
 
 

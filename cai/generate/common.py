@@ -9,7 +9,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +17,8 @@ from typing import Any, Iterator
 
 from cai import __version__
 from cai.constitution import Constitution, find_constitution, load_constitution
-from cai.errors import CaiError
 from cai.judge_cache import JudgeCache
+from cai.judge import Judge
 from cai.judge_client import JudgeClient, JudgeError, JudgeItemError, judge_endpoint
 from cai.models import DEFAULT_MODEL, cache_dir
 from cai.pinning import pin_settings
@@ -26,7 +26,6 @@ from cai.policy import SamplingConfig, load_policy
 from cai.progress import progress_bar
 from cai.prompts import Prompt, load_prompts
 from cai.rowlog import RowLog
-from judge_server import protocol as P
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ class Chunk:
     prompts: list[Prompt]
     job: GenerationJob
     constitution: Constitution
-    judge: CachedJudge
+    judge: Judge
     policy: Any
     log: RowLog
     timers: Timers
@@ -115,7 +114,7 @@ async def _loop(job, name, url, constitution, todo, policy, log, timers, step) -
     failures = 0
     try:
         async with JudgeClient(url, max_retries=job.judge_retries) as client:
-            judge = await CachedJudge.connect(client, cache, constitution)
+            judge = await Judge.connect(client, cache, constitution)
             with progress_bar("prompts") as bar:
                 task = bar.add_task(f"{name}: prompts", total=len(todo))
                 for start in range(0, len(todo), job.chunk_size):
@@ -125,10 +124,6 @@ async def _loop(job, name, url, constitution, todo, policy, log, timers, step) -
     finally:
         cache.close()
     return failures
-
-
-class ConstitutionMismatchError(CaiError, ValueError):
-    """The judge serves another constitution than the one the job was given."""
 
 
 @dataclass
@@ -146,58 +141,11 @@ class Timers:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
-class CachedJudge:
-    """The judge client behind a content-addressed cache, pinned to one constitution version.
-
-    Batch calls return, in place, a result or the `JudgeError` that item met, so one failure is
-    recorded in its row and the rest go on.
-    """
-
-    def __init__(self, client: JudgeClient, cache: JudgeCache | None, model: str, constitution_hash: str):
-        self.client, self.cache, self.model, self.constitution_hash = client, cache, model, constitution_hash
-
-    @classmethod
-    async def connect(cls, client: JudgeClient, cache: JudgeCache | None, constitution: Constitution) -> CachedJudge:
-        served = await client.constitution()
-        if served.hash != constitution.hash:
-            raise ConstitutionMismatchError(
-                f"the judge at {client.base_url} serves constitution {served.name} ({served.hash[:12]}), but this job was given "
-                f"{constitution.name} ({constitution.short_hash}); start the judge with the same file or pass the one it serves"
-            )
-        health = await client.health()
-        return cls(client, cache, health.model, served.hash)
-
-    async def _many(self, endpoint: str, send, reqs: Sequence[P.BaseModel], result_type) -> list:
-        reqs = [r.model_copy(update={"constitution_hash": self.constitution_hash}) for r in reqs]
-        keys = [JudgeCache.key(endpoint, self.model, self.constitution_hash, r) for r in reqs]
-        out: list = [self.cache.get(k, result_type) if self.cache else None for k in keys]
-        todo = [i for i, r in enumerate(out) if r is None]
-        if todo:
-            try:
-                fresh = await send([reqs[i] for i in todo], raise_on_error=False)
-            except JudgeError as e:  # unreachable or overloaded through every retry
-                fresh = [e] * len(todo)
-            for i, r in zip(todo, fresh):
-                out[i] = r
-                if self.cache is not None and not isinstance(r, JudgeError):
-                    self.cache.put(keys[i], r)
-        return out
-
-    async def critique_many(self, reqs: Sequence[P.CritiqueRequest]) -> list[P.CritiqueResult | JudgeError]:
-        return await self._many("critique", self.client.critique_many, reqs, P.CritiqueResult)
-
-    async def revise_many(self, reqs: Sequence[P.ReviseRequest]) -> list[P.ReviseResult | JudgeError]:
-        return await self._many("revise", self.client.revise_many, reqs, P.ReviseResult)
-
-    async def compare_many(self, reqs: Sequence[P.CompareRequest]) -> list[P.CompareResult | JudgeError]:
-        return await self._many("compare", self.client.compare_many, reqs, P.CompareResult)
-
-
 def describe_error(err: JudgeError) -> str:
     return f"{err.kind}: {err.message}" if isinstance(err, JudgeItemError) else str(err)
 
 
-def provenance(constitution: Constitution, judge: CachedJudge, **extra) -> dict:
+def provenance(constitution: Constitution, judge: Judge, **extra) -> dict:
     return {"constitution_name": constitution.name, "constitution_hash": constitution.hash, "judge_model": judge.model,
             "cai_version": __version__, **extra}
 

@@ -100,7 +100,7 @@ def _row(c: Chunk, pair: tuple, label) -> dict:
         "p_chosen_shown_first": label.p_a_shown_first if a_wins else 1.0 - label.p_a_shown_second,
         "p_chosen_shown_second": label.p_a_shown_second if a_wins else 1.0 - label.p_a_shown_first,
         "same_position": label.same_position, "principle_ids": label.principle_ids,
-        "option_mass": sum(v.option_mass for v in label.votes) / len(label.votes),
+        "option_mass": label.option_mass,
     }
 
 

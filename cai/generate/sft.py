@@ -70,19 +70,20 @@ async def _critique_revise(c: Chunk, rows: list[dict]) -> None:
     current = {r["id"]: P.or_placeholder(r["initial_response"]) for r in rows}
     live = list(rows)
     for rnd in range(job.rounds):
-        principles = [c.constitution.sample_principles(1, seed=f"{job.seed}:{r['id']}:{rnd}")[0] for r in live]
+        # The server draws each critique's principle (by weight, seeded by the seed and the text judged), as it
+        # does for comparisons and scores: one sampling scheme; the revision follows that principle.
         crits = await c.judge.critique_many([
-            P.CritiqueRequest(prompt=r["prompt"], response=current[r["id"]], principle_id=p.id, seed=job.seed,
+            P.CritiqueRequest(prompt=r["prompt"], response=current[r["id"]], seed=job.seed,
                               generation=P.GenerationOptions(max_tokens=job.critique_tokens))
-            for r, p in zip(live, principles)])
-        live, principles, crits = _keep_answered(zip(live, principles, crits), 3, f"critique in round {rnd}")
+            for r in live])
+        live, crits = _keep_answered(zip(live, crits), 2, f"critique in round {rnd}")
         revs = await c.judge.revise_many([
-            P.ReviseRequest(prompt=r["prompt"], response=current[r["id"]], critique=cr.critique, principle_id=p.id, seed=job.seed,
-                            generation=P.GenerationOptions(max_tokens=job.revision_tokens))
-            for r, p, cr in zip(live, principles, crits)])
-        live, principles, crits, revs = _keep_answered(zip(live, principles, crits, revs), 4, f"revision in round {rnd}")
-        for r, p, cr, v in zip(live, principles, crits, revs):
-            r["trajectory"].append({"round": rnd, "principle_id": p.id, "critique": cr.critique, "revision": v.revision})
+            P.ReviseRequest(prompt=r["prompt"], response=current[r["id"]], critique=cr.critique, principle_id=cr.principle_id,
+                            seed=job.seed, generation=P.GenerationOptions(max_tokens=job.revision_tokens))
+            for r, cr in zip(live, crits)])
+        live, crits, revs = _keep_answered(zip(live, crits, revs), 3, f"revision in round {rnd}")
+        for r, cr, v in zip(live, crits, revs):
+            r["trajectory"].append({"round": rnd, "principle_id": cr.principle_id, "critique": cr.critique, "revision": v.revision})
             current[r["id"]] = v.revision or current[r["id"]]
     for r in live:
         r["final_response"] = current[r["id"]]

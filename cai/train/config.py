@@ -1,19 +1,18 @@
-"""Training configuration: a YAML file and/or flags, validated, saved resolved into the output folder."""
+"""Training settings (SFT, reward model, DPO) in one place; `cai.config.load_config` reads them from a file and flags."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from cai.errors import ConfigError, describe_validation_error
+from cai.errors import ConfigError
 from cai.train.precision import PRECISION_HELP, Precision
 
 
-class TrainConfigError(ConfigError):
-    """A training config that can't be used; the message names the file and field."""
+TrainConfigError = ConfigError
+"""A training config that can't be used (the name trainers' callers know); the message names the file and field."""
 
 
 class TrainSettings(BaseModel):
@@ -52,27 +51,6 @@ class TrainConfig(TrainSettings):
     data: str = Field(description="Training data: datasets folder, .jsonl or .json (as `cai generate` writes).")
     out: str = Field(description="Output folder: adapter, checkpoints, metrics.jsonl, loss.png, config.yaml; rerun the same "
                      "command to resume from its checkpoint.")
-
-
-def load_config(path: str | Path | None, overrides: dict[str, Any], schema: type[BaseModel] = TrainConfig) -> Any:
-    """Merge the YAML file (if any) with non-None overrides into `schema`; errors name the file and the field."""
-    data: dict[str, Any] = {}
-    where = str(path) if path else "flags"
-    if path:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise TrainConfigError(f"{path}: no such config file") from None
-        except yaml.YAMLError as e:
-            raise TrainConfigError(f"{path}: invalid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise TrainConfigError(f"{path}: expected a mapping of settings")
-        data.update(loaded)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return schema.model_validate(data)
-    except ValidationError as e:
-        raise TrainConfigError(describe_validation_error(e, where)) from None
 
 
 def pin_config(cfg: BaseModel, out: Path) -> None:

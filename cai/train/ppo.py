@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,9 +94,14 @@ class PPOTrainer:
         self.queries = [self._encode_query(p) for p in prompts]
 
     def close(self) -> None:
+        """Stop the vLLM engine and close the judge connection, if any."""
         if self.vllm is not None:
             self.vllm.close()
             self.vllm = None
+        for scorer in (self.scorer, self.gold_scorer):
+            judge = getattr(scorer, "judge", None)
+            if judge is not None:
+                judge.close()
 
     def _encode_query(self, prompt: str) -> list[int]:
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
@@ -336,13 +340,17 @@ def build_trainer(cfg: PPOConfig, *, scorer: Scorer | None = None, gold_scorer: 
     from cai.models import resolve_model
     from cai.prompts import PromptSourceError, load_prompts
     from cai.train.ppo_policy import load_policy
+    from cai.judge import SyncJudge
     from cai.train.rewards import JudgeScorer, load_scorer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy, tokenizer = load_policy(cfg, device)
-    api_key = os.environ.get("CAI_JUDGE_API_KEY")
-    scorer = scorer or load_scorer(cfg.reward, judge_url=cfg.judge_url, api_key=api_key, device=str(device))
-    gold_scorer = gold_scorer or (JudgeScorer(cfg.judge_url, api_key=api_key) if cfg.gold_judge_every else None)
+    # One connection to the judge for the run, for the reward and the gold score alike; the API key comes
+    # from $CAI_JUDGE_API_KEY in the client, the one place that reads it.
+    needs_judge = (cfg.reward == "judge" and scorer is None) or (cfg.gold_judge_every and gold_scorer is None)
+    judge = SyncJudge(cfg.judge_url) if needs_judge and cfg.judge_url else None
+    scorer = scorer or load_scorer(cfg.reward, judge=judge, device=str(device))
+    gold_scorer = gold_scorer or (JudgeScorer(judge) if cfg.gold_judge_every else None)
     prompts = [p.text for p in load_prompts(cfg.prompts, limit=cfg.max_prompts)]
     if not prompts:
         raise PromptSourceError(f"prompts {cfg.prompts!r}: no prompts to train on")

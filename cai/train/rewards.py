@@ -15,16 +15,18 @@ says never stops a run, and saying nothing gets whatever score the scorer gives 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from cai.errors import ConfigError
 from judge_server.protocol import or_placeholder
+
+if TYPE_CHECKING:
+    from cai.judge import SyncJudge
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +41,14 @@ class Scorer(Protocol):
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]: ...
 
 
-def load_scorer(spec: str, *, judge_url: str | None = None, api_key: str | None = None, device: str = "cpu",
-                max_length: int = 1024) -> Scorer:
+def load_scorer(spec: str, *, judge: SyncJudge | None = None, device: str = "cpu", max_length: int = 1024) -> Scorer:
+    """The scorer `spec` names; reward 'judge' scores through `judge`, the run's connection to the judge."""
     if spec.startswith("rule:"):
         return RuleScorer(spec)
     if spec == "judge":
-        if not judge_url:
+        if judge is None:
             raise RewardSpecError("reward 'judge' needs judge_url (the judge server's address, e.g. http://127.0.0.1:8000)")
-        return JudgeScorer(judge_url, api_key=api_key)
+        return JudgeScorer(judge)
     path = Path(spec)
     if path.is_dir():
         return RewardModelScorer(path, device=device, max_length=max_length)
@@ -108,19 +110,17 @@ class RewardModelScorer:
 
 
 class JudgeScorer:
-    """The judge server's /v1/score (expected 1-10 rating rescaled to [-1, 1]) for each response."""
+    """The judge server's /v1/score (expected 1-10 rating rescaled to [-1, 1]) for each response, through the run's
+    one connection to the judge (`cai.judge.SyncJudge`), pinned to the constitution it served at the start."""
 
-    def __init__(self, url: str, *, api_key: str | None = None):
-        self.name, self.url, self.api_key = f"judge:{url}", url, api_key
+    def __init__(self, judge: SyncJudge):
+        self.name, self.judge = f"judge:{judge.url}", judge
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
-        return asyncio.run(self._score(prompts, responses))
-
-    async def _score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        from cai.judge_client import JudgeClient
+        from cai.judge import first_error
         from judge_server.protocol import ScoreRequest
 
         reqs = [ScoreRequest(prompt=p, response=or_placeholder(r), seed=i) for i, (p, r) in enumerate(zip(prompts, responses))]
-        async with JudgeClient(self.url, api_key=self.api_key) as client:
-            results = await client.score_many(reqs)
+        results = self.judge.score_many(reqs)
+        first_error(results)  # a reward needs every score: a judge outage stops the run, resumably
         return [r.score for r in results]
