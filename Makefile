@@ -5,7 +5,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/cai run examples/demo.yaml
+	.venv/bin/cai demo
 
 test: setup
 	.venv/bin/python -m pytest

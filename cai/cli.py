@@ -209,83 +209,21 @@ def _register_judge_serve() -> None:
 
 # -- generate -----------------------------------------------------------------------
 
-PromptsOpt = Annotated[str, typer.Option("--prompts", help="Prompt source: built-in set(s), JSONL or datasets folder; join with '+'.")]
-OutOpt = Annotated[Path, typer.Option("--out", help="Output folder. Rerun the same command to resume a killed run.")]
-PolicyOpt = Annotated[str, typer.Option(help="Policy model (folder, hub id or embedded name).")]
-ConstOpt = Annotated[str, typer.Option(help="Constitution file or shipped name.")]
-JudgeUrlOpt = Annotated[Optional[str], typer.Option(help="URL of a running judge; default: start one for --judge-model.")]
-JudgeModelOpt = Annotated[Optional[str], typer.Option(help="Judge model when starting one (default: the policy).")]
-LimitOpt = Annotated[Optional[int], typer.Option(help="Use only N prompts (after a seeded shuffle).")]
-SeedOpt = Annotated[int, typer.Option(help="Seeds prompt order, principle draws and sampling.")]
-CacheOpt = Annotated[Optional[Path], typer.Option(help="Judge answer cache (default ~/.cache/cai/judge-cache.sqlite).")]
-RetriesOpt = Annotated[int, typer.Option(help="Tries per judge call on transport errors, 429, 503 (back-off with jitter).")]
-BackendOpt = Annotated[str, typer.Option(help="Policy sampling: vllm, transformers, or auto (vLLM when installed).")]
+def _register_generate_commands() -> None:
+    """`cai generate sft|prefs`: their options made from the job models (cai/generate/sft.py, prefs.py)."""
+    from cai.cli_settings import settings_command
+    from cai.generate.prefs import PrefsJob, generate_prefs
+    from cai.generate.sft import SftJob, generate_sft
 
-
-def _run_job(fn, job) -> None:
-    try:
-        summary = fn(job)
-    except CaiError as e:
-        _fail(str(e))
-    console.print_json(json.dumps(summary))
-
-
-@generate_app.command("sft")
-def generate_sft_cmd(
-    prompts: PromptsOpt, out: OutOpt, policy: PolicyOpt = "smollm2-135m-instruct", constitution: ConstOpt = "harmless-helpful",
-    judge_url: JudgeUrlOpt = None, judge_model: JudgeModelOpt = None,
-    rounds: Annotated[int, typer.Option(help="Critique -> revision rounds per prompt.")] = 2,
-    limit: LimitOpt = None, seed: SeedOpt = 0,
-    max_new_tokens: Annotated[int, typer.Option(help="Policy answer length.")] = 128,
-    temperature: Annotated[float, typer.Option(help="Policy sampling temperature (0: greedy).")] = 0.7,
-    critique_tokens: Annotated[int, typer.Option(help="Longest critique.")] = 160,
-    revision_tokens: Annotated[int, typer.Option(help="Longest revision.")] = 192,
-    chunk_size: Annotated[int, typer.Option(help="Prompts per policy batch.")] = 8,
-    policy_backend: BackendOpt = "auto",
-    judge_cache: CacheOpt = None,
-    judge_retries: RetriesOpt = 6,
-) -> None:
-    """Critique -> revision SFT data: OUT/sft.jsonl and OUT/dataset with a `messages` column, trajectories and provenance.
+    docs = {"sft": """Critique -> revision SFT data: OUT/sft.jsonl and OUT/dataset with a `messages` column, trajectories and provenance.
 
     Example: cai generate sft --prompts donotanswer --limit 50 --out runs/sft-data
-    """
-    from cai.generate.sft import SftJob, generate_sft
-    from cai.policy import SamplingConfig
-
-    _run_job(generate_sft, SftJob(
-        prompts=prompts, out=out, policy=policy, constitution=constitution, judge_url=judge_url, judge_model=judge_model,
-        rounds=rounds, limit=limit, seed=seed, sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature),
-        critique_tokens=critique_tokens, revision_tokens=revision_tokens, chunk_size=chunk_size, policy_backend=policy_backend,
-        judge_cache=judge_cache, judge_retries=judge_retries))
-
-
-@generate_app.command("prefs")
-def generate_prefs_cmd(
-    prompts: PromptsOpt, out: OutOpt, policy: PolicyOpt = "smollm2-135m-instruct", constitution: ConstOpt = "harmless-helpful",
-    judge_url: JudgeUrlOpt = None, judge_model: JudgeModelOpt = None,
-    samples: Annotated[int, typer.Option(help="Responses per prompt (K >= 2); every distinct pair is labelled.")] = 2,
-    n_principles: Annotated[int, typer.Option(help="Principles ensembled per comparison.")] = 1,
-    cot: Annotated[bool, typer.Option(help="Chain-of-thought comparisons (labels clamped to [0.4, 0.6]).")] = False,
-    limit: LimitOpt = None, seed: SeedOpt = 0,
-    max_new_tokens: Annotated[int, typer.Option(help="Policy answer length.")] = 128,
-    temperature: Annotated[float, typer.Option(help="Policy sampling temperature.")] = 1.0,
-    chunk_size: Annotated[int, typer.Option(help="Prompts per policy batch.")] = 8,
-    policy_backend: BackendOpt = "auto",
-    judge_cache: CacheOpt = None,
-    judge_retries: RetriesOpt = 6,
-) -> None:
-    """AI-labelled preference pairs: OUT/prefs.jsonl and OUT/dataset with prompt, chosen, rejected, p_chosen and provenance.
+    """, "prefs": """AI-labelled preference pairs: OUT/prefs.jsonl and OUT/dataset with prompt, chosen, rejected, p_chosen and provenance.
 
     Example: cai generate prefs --prompts donotanswer+mtbench --limit 50 --samples 2 --out runs/prefs-data
-    """
-    from cai.generate.prefs import PrefsJob, generate_prefs
-    from cai.policy import SamplingConfig
-
-    _run_job(generate_prefs, PrefsJob(
-        prompts=prompts, out=out, policy=policy, constitution=constitution, judge_url=judge_url, judge_model=judge_model,
-        samples=samples, n_principles=n_principles, cot=cot, limit=limit, seed=seed,
-        sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature), chunk_size=chunk_size,
-        policy_backend=policy_backend, judge_cache=judge_cache, judge_retries=judge_retries))
+    """}
+    for name, schema, fn in (("sft", SftJob, generate_sft), ("prefs", PrefsJob, generate_prefs)):
+        generate_app.command(name)(_guarded(settings_command(schema, _print_summary(fn), doc=docs[name])))
 
 
 # -- train --------------------------------------------------------------------------
@@ -363,8 +301,6 @@ def _guarded(command: Callable) -> Callable:
     return wrapper
 
 
-_register_train_commands()
-_register_judge_serve()
 
 
 # -- run, eval, report ---------------------------------------------------------------
@@ -372,7 +308,7 @@ _register_judge_serve()
 
 @app.command("run")
 def run_cmd(
-    config: Annotated[Path, typer.Argument(help="Run config (YAML); see examples/demo.yaml.")],
+    config: Annotated[Path, typer.Argument(help="Run config (YAML); `cai demo --show-config` prints one to start from.")],
     out: Annotated[Optional[str], typer.Option(help="Override the config's run folder.")] = None,
 ) -> None:
     """The whole pipeline: SFT data -> SFT -> preference data -> reward model -> PPO (or DPO) -> eval -> report.
@@ -380,15 +316,20 @@ def run_cmd(
     Each stage writes its own folder under the run folder; rerunning the same command skips finished
     stages and resumes an interrupted one. Ends by printing where report.html is.
 
-    Example: cai run examples/demo.yaml
+    Example: cai run examples/gpu.yaml
     """
-    from cai.pipeline import load_run_config, run_pipeline
+    from cai.pipeline import load_run_config
 
     try:
-        cfg = load_run_config(config, out)
-        report = run_pipeline(cfg, config)
+        _run_pipeline(load_run_config(config, out), config)
     except CaiError as e:
         _fail(str(e))
+
+
+def _run_pipeline(cfg, config_path: Path) -> None:
+    from cai.pipeline import run_pipeline
+
+    report = run_pipeline(cfg, config_path)
     stages = json.loads((Path(cfg.out) / "stages.json").read_text())["stages"]
     for s in stages:
         console.print(f"  {s['name']:<9} {s['status']:<8} {s['seconds'] or 0:>7.1f} s", highlight=False)
@@ -399,40 +340,35 @@ def run_cmd(
     console.print(f"[bold]report:[/] {report.resolve()}", highlight=False)
 
 
-@app.command("eval")
-def eval_cmd(
-    policy: Annotated[str, typer.Option(help="Trained policy: a model folder (merged PPO/DPO model).")],
-    reference: Annotated[str, typer.Option(help="Model it is compared with, usually the SFT model.")],
-    prompts: Annotated[str, typer.Option(help="Held-out prompts: set name or file.")],
-    out: Annotated[Path, typer.Option(help="Output folder for eval.json and responses.jsonl.")],
-    judge_url: JudgeUrlOpt = None,
-    judge_model: Annotated[Optional[str], typer.Option(help="Judge model when starting one (default: the reference).")] = None,
-    constitution: ConstOpt = "harmless-helpful",
-    limit: LimitOpt = None,
-    probes: Annotated[Optional[int], typer.Option(help="Use the first N sycophancy probes (default all).")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Answer length.")] = 128,
-    training: Annotated[Optional[Path], typer.Option(help="PPO output folder: length and proxy-vs-judge history.")] = None,
-    prefs: Annotated[Optional[Path], typer.Option(help="`cai generate prefs` folder: its position bias joins the monitor.")] = None,
-    seed: SeedOpt = 0,
-) -> None:
-    """Judge's win rate of a trained policy against its reference, and the failure-mode monitors.
-
-    Example: cai eval --policy runs/demo/ppo/merged --reference runs/demo/sft/merged --prompts runs/demo/prompts/eval.jsonl --out runs/eval
-    """
-    from cai.evaluate import EvalJob, run_eval
-
-    try:
-        doc = run_eval(EvalJob(policy=policy, reference=reference, prompts=prompts, out=out, judge_url=judge_url, judge_model=judge_model,
-                               constitution=constitution, limit=limit, probes=probes, max_new_tokens=max_new_tokens, training=training,
-                               prefs=prefs, seed=seed))
-    except CaiError as e:
-        _fail(str(e))
+def _print_eval(doc: dict) -> None:
     console.print(f"win rate {doc['win_rate']:.2f} [{doc['win_rate_ci'][0]:.2f}, {doc['win_rate_ci'][1]:.2f}], "
                   f"length-controlled {doc['lc_win_rate']:.2f}, {doc['n_prompts']} prompts", highlight=False)
     for m in doc["monitors"]:
         state = "not enough data" if m["figures"].get("insufficient") else ("FLAGGED" if m["flagged"] else "ok")
         console.print(f"  {m['name']:<15} {state:<15} {m['message']}", highlight=False)
-    console.print(f"written to {out / 'eval.json'}", highlight=False)
+
+
+def _run_eval(job) -> None:
+    from cai.evaluate import run_eval
+
+    try:
+        doc = run_eval(job)
+    except CaiError as e:
+        _fail(str(e))
+    _print_eval(doc)
+    console.print(f"written to {job.out / 'eval.json'}", highlight=False)
+
+
+def _register_eval() -> None:
+    """`cai eval`: its options made from cai.evaluate.EvalJob."""
+    from cai.cli_settings import settings_command
+    from cai.evaluate import EvalJob
+
+    doc = """Judge's win rate of a trained policy against its reference, and the failure-mode monitors.
+
+    Example: cai eval --policy runs/demo/ppo/merged --reference runs/demo/sft/merged --prompts runs/demo/prompts/eval.jsonl --out runs/eval
+    """
+    app.command("eval")(_guarded(settings_command(EvalJob, _run_eval, doc=doc)))
 
 
 @app.command("report")
@@ -450,28 +386,31 @@ def report_cmd(run_dir: Annotated[Path, typer.Argument(help="A run folder writte
 
 @app.command("demo")
 def demo(
-    model: Annotated[str, typer.Option(help="Model for the judge and policy.")] = "smollm2-135m-instruct",
-    constitution: Annotated[str, typer.Option(help="Constitution file or shipped name.")] = "harmless-helpful",
-    prompts: Annotated[str, typer.Option(help="Prompt source.")] = "donotanswer+mtbench",
-    n: Annotated[int, typer.Option(help="How many prompts.")] = 3,
-    out: Annotated[Path, typer.Option(help="Where to write the demo's output.")] = Path("runs/demo"),
+    out: Annotated[Optional[str], typer.Option(help="Run folder (default runs/demo).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Policy and judge model (default: the embedded SmolLM2-135M-Instruct).")] = None,
     judge_url: Annotated[Optional[str], typer.Option(help="Use a running judge server instead of starting one.")] = None,
+    show_config: Annotated[bool, typer.Option("--show-config", help="Print the demo's run config (to copy and edit) and exit.")] = False,
 ) -> None:
-    """Run the pipeline stages that exist so far on the embedded default model."""
-    from cai.demo import run_demo
+    """`cai run` on the demo config: the whole pipeline at sizes that finish on a 2-core CPU (what `make demo` runs).
 
+    Example: cai demo --show-config > my-run.yaml && cai run my-run.yaml
+    """
+    from cai.pipeline import DEMO_CONFIG, demo_config
+
+    if show_config:
+        console.print(DEMO_CONFIG.read_text(encoding="utf-8"), highlight=False, markup=False, end="")
+        return
     try:
-        path = run_demo(model=model, constitution=constitution, prompts=prompts, n=n, out=out, judge_url=judge_url)
+        _run_pipeline(demo_config(out=out, model=model, judge_url=judge_url), DEMO_CONFIG)
     except CaiError as e:
         _fail(str(e))
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    for r in rows:
-        console.rule(f"[bold]{r['category'] or ''}[/] principle: {r['principle_id']}")
-        console.print(f"[bold]prompt:[/] {r['prompt']}\n[bold]policy:[/] {r['response']}\n[bold]critique:[/] {r['critique']}\n"
-                      f"[bold]revision:[/] {r['revision']}\n[bold]P(revision better)[/] = {r['p_revision_better']:.2f} "
-                      f"(shown first {r['p_shown_first']:.2f}, shown second {r['p_shown_second']:.2f})", highlight=False)
-    mean = sum(r["p_revision_better"] for r in rows) / len(rows)
-    console.print(f"\n{len(rows)} rows, mean P(revision better) {mean:.2f}; written to {path}", highlight=False)
+
+
+# The commands whose options are made from settings models (cai/cli_settings.py).
+_register_generate_commands()
+_register_train_commands()
+_register_judge_serve()
+_register_eval()
 
 
 if __name__ == "__main__":

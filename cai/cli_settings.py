@@ -3,13 +3,15 @@
 `settings_command(schema, run)` returns a typer command whose options are the pydantic model's
 fields: the flag is the field's name (`batch_size` -> `--batch-size`), its help is the field's
 description and default, booleans get `--name/--no-name` (or the field's `json_schema_extra["cli"]`),
-list fields take comma-separated values, `Literal` fields list their choices. `--config FILE` reads
+list fields take comma-separated values, `Literal` fields list their choices, and a field that is itself
+a settings model (a generator's `sampling`) contributes its own fields as options, one level deep. `--config FILE` reads
 a YAML file of the same settings; flags given on the command line override it. What is wrong is
 reported by `load_config` with the file (or "flags") and the field named.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import types
 import typing
@@ -28,13 +30,29 @@ def settings_command(schema: type[BaseModel], run: Callable[[BaseModel], None], 
 
     fixed = fixed or {}
     params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-        Optional[Path], typer.Option("--config", help="YAML file of these settings; flags given here override it.")])]
-    lists = set()
-    fields = sorted(schema.model_fields.items(), key=lambda kv: not kv[1].is_required())  # what must be given first
+        Optional[Path], typer.Option("--config", help="YAML file of these settings (all of them, the ones without a flag "
+                                     "too); flags given here override it.")])]
+    lists: set[str] = set()
+    nested: dict[str, str] = {}  # option name -> the nested model field it belongs to
+    fields = []
+    for name, field in sorted(schema.model_fields.items(), key=lambda kv: not kv[1].is_required()):  # what must be given first
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            default = field.get_default(call_default_factory=True)
+            for sub_name, sub_field in field.annotation.model_fields.items():
+                if sub_name in schema.model_fields:
+                    raise TypeError(f"{schema.__name__}.{name}.{sub_name} would share its option with {schema.__name__}.{sub_name}")
+                nested[sub_name] = name
+                shown = copy.copy(sub_field)
+                shown.default = getattr(default, sub_name)  # the parent's default (prefs samples at temperature 1.0)
+                fields.append((sub_name, shown))
+        else:
+            fields.append((name, field))
     for name, field in fields:
         if name in fixed:
             continue
         kind, choices, is_list = _cli_type(field.annotation)
+        if kind is None:
+            continue
         if is_list:
             lists.add(name)
         help_text = field.description or ""
@@ -53,7 +71,16 @@ def settings_command(schema: type[BaseModel], run: Callable[[BaseModel], None], 
 
     def command(**given: Any) -> None:
         config = given.pop("config")
-        overrides = {k: (v.split(",") if k in lists and "," in v else v) for k, v in given.items() if v is not None}
+        overrides: dict[str, Any] = {}
+        for k, v in given.items():
+            if v is None:
+                continue
+            v = v.split(",") if k in lists and "," in v else v
+            if k in nested:  # given with the defaults of the model it belongs to, so the others keep theirs
+                parent = nested[k]
+                overrides.setdefault(parent, schema.model_fields[parent].get_default(call_default_factory=True).model_dump())[k] = v
+            else:
+                overrides[k] = v
         run(load_config(config, {**overrides, **fixed}, schema=schema))
 
     command.__signature__ = inspect.Signature(params)  # typer reads the options from here
@@ -61,8 +88,8 @@ def settings_command(schema: type[BaseModel], run: Callable[[BaseModel], None], 
     return command
 
 
-def _cli_type(annotation: Any) -> tuple[type, tuple, bool]:
-    """(the click type, the Literal choices, whether a list is accepted) of a field's annotation."""
+def _cli_type(annotation: Any) -> tuple[type | None, tuple, bool]:
+    """(the click type or None for no flag, the Literal choices, whether a list is accepted) of a field's annotation."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)] if _is_union(annotation) else [annotation]
     is_list = any(typing.get_origin(a) is list for a in args)
     if is_list:
@@ -72,8 +99,12 @@ def _cli_type(annotation: Any) -> tuple[type, tuple, bool]:
         return str, typing.get_args(single), False
     if single in (bool, int, float, str):
         return single, (), False
+    if single is Path:
+        return str, (), False
     if single is SecretStr:  # given as text; pydantic keeps it out of reprs and logs
         return str, (), False
+    if typing.get_origin(single) is dict:
+        return None, (), False  # a mapping (e.g. eval's thresholds) is given in --config only
     raise TypeError(f"no command-line form for settings of type {annotation!r}")
 
 

@@ -15,45 +15,41 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from cai import monitors
 from cai.progress import progress_bar
-from cai.train import ppo_metrics as M
 from cai.sycophancy import load_sycophancy_probes
+from cai.train import ppo_metrics as M
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class EvalJob:
-    """Settings of one `cai eval` run."""
+class EvalJob(BaseModel):
+    """Settings of one `cai eval` run (its command-line options are made from these fields)."""
 
-    policy: str
-    """The trained policy: a model folder (e.g. a merged PPO or DPO model)."""
-    reference: str
-    """What it is compared with: usually the SFT model it started from."""
-    prompts: str
-    """Held-out prompts (name or file; see `cai prompts list`)."""
-    out: Path
-    judge_url: str | None = None
-    """A running judge server; None starts one for `judge_model`."""
-    judge_model: str | None = None
-    constitution: str = "harmless-helpful"
-    limit: int | None = None
-    """Use at most this many held-out prompts."""
-    probes: int | None = None
-    """Use the first N sycophancy probes (default all)."""
-    max_new_tokens: int = 128
-    training: Path | None = None
-    """A PPO output folder (metrics.jsonl): length and proxy-vs-judge history for the monitors."""
-    prefs: Path | None = None
-    """A `cai generate prefs` output folder: its same-position rate joins the position-bias monitor."""
-    seed: int = 0
-    thresholds: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Per-monitor keyword overrides, e.g. {"verbosity": {"max_growth": 2.0}}."""
+    model_config = ConfigDict(extra="forbid")
+
+    policy: str = Field(description="The trained policy: a model folder (e.g. a merged PPO or DPO model).")
+    reference: str = Field(description="What it is compared with: usually the SFT model it started from.")
+    prompts: str = Field(description="Held-out prompts (name or file; see `cai prompts list`).")
+    out: Path = Field(description="Output folder for eval.json and responses.jsonl.")
+    judge_url: str | None = Field(default=None, description="A running judge server; none starts one for judge_model.")
+    judge_model: str | None = Field(default=None, description="Judge model when starting one (default: the reference).")
+    constitution: str = Field(default="harmless-helpful", description="Constitution file or shipped name the judge uses.")
+    limit: int | None = Field(default=None, ge=1, description="Use at most this many held-out prompts.")
+    probes: int | None = Field(default=None, ge=1, description="Use the first N sycophancy probes (default all).")
+    max_new_tokens: int = Field(default=128, ge=1, description="Longest answer of each model, in tokens.")
+    training: Path | None = Field(default=None, description="A PPO output folder (metrics.jsonl): length and proxy-vs-judge "
+                                  "history for the monitors.")
+    prefs: Path | None = Field(default=None, description="A `cai generate prefs` output folder: its same-position rate joins "
+                               "the position-bias monitor.")
+    seed: int = Field(default=0, description="Seeds the judge's principle draws.")
+    thresholds: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Per-monitor keyword overrides, e.g. "
+                                                  "{verbosity: {max_growth: 2.0}} (in --config).")
 
 
 def _answers(label: str, model: str, prompts: list[str], max_new_tokens: int, seed: int) -> list[tuple[str, int]]:

@@ -100,7 +100,7 @@ class RLSection(_Section):
 
 
 class EvalSection(_Section):
-    max_new_tokens: int = Field(default=EvalJob.max_new_tokens, ge=1, description="Longest answer of each model, in tokens.")
+    max_new_tokens: int = Field(default=EvalJob.model_fields["max_new_tokens"].default, ge=1, description="Longest answer of each model, in tokens.")
     thresholds: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Per-monitor threshold overrides.")
 
 
@@ -117,6 +117,20 @@ class RunConfig(_Section):
     rm: RmSettings = Field(default_factory=dict, validate_default=True, description="Reward-model settings (`cai train rm --help`).")
     rl: RLSection = Field(default_factory=RLSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+
+
+DEMO_CONFIG = Path(__file__).parent / "data" / "demo.yaml"
+"""The demo run (`cai demo`, `make demo`): every stage on a 2-core CPU, commented line by line."""
+
+
+def demo_config(*, out: str | None = None, model: str | None = None, judge_url: str | None = None) -> RunConfig:
+    """The demo config, with another run folder, policy-and-judge model or judge server when given."""
+    cfg = load_run_config(DEMO_CONFIG, out)
+    if model is not None:
+        cfg = cfg.model_copy(update={"model": model, "judge": cfg.judge.model_copy(update={"model": model})})
+    if judge_url is not None:
+        cfg = cfg.model_copy(update={"judge": cfg.judge.model_copy(update={"url": judge_url})})
+    return cfg
 
 
 def load_run_config(path: str | Path, out: str | None = None) -> RunConfig:

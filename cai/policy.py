@@ -11,24 +11,24 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class SamplingConfig:
+class SamplingConfig(BaseModel):
     """How the policy samples; recorded in every row's provenance."""
 
-    max_new_tokens: int = 128
-    """Longest answer in tokens; answers cut here have finish_reason "length"."""
-    temperature: float = 0.7
-    """0 means greedy."""
-    top_p: float = 0.95
-    """Nucleus sampling mass."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(default=128, ge=1, description="Longest policy answer in tokens (cut answers end 'length').")
+    temperature: float = Field(default=0.7, ge=0.0, description="Policy sampling temperature; 0 is greedy.")
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0, description="Policy nucleus sampling mass.")
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
 
 @dataclass

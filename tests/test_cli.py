@@ -1,4 +1,4 @@
-"""The command line: --help everywhere, and the demo end to end on the tiny model."""
+"""The command line: --help everywhere, errors, and the demo end to end on the tiny model."""
 
 from __future__ import annotations
 
@@ -59,17 +59,20 @@ def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_demo_runs_on_the_tiny_model(tiny_model_dir, judge, tmp_path, monkeypatch):
-    # Against the session's judge server (the same tiny model) to save a second engine start.
+def test_demo_is_cai_run_on_the_shipped_demo_config(tiny_model_dir, judge, tmp_path, monkeypatch):
+    """`cai demo` (what `make demo` runs) is the whole pipeline on the demo config, here on the tiny model
+    against the session's judge server (to save a second engine start)."""
+    from cai.pipeline import DEMO_CONFIG, demo_config
+
     monkeypatch.setenv("CAI_JUDGE_API_KEY", JUDGE_KEY)
-    result = CliRunner().invoke(app, ["demo", "--model", str(tiny_model_dir), "--n", "2", "--prompts", "mtbench",
-                                      "--out", str(tmp_path), "--judge-url", judge.url])
+    shown = CliRunner().invoke(app, ["demo", "--show-config"])
+    assert shown.exit_code == 0 and shown.output == DEMO_CONFIG.read_text(encoding="utf-8")
+    cfg = demo_config(out=str(tmp_path / "demo"), model=str(tiny_model_dir), judge_url=judge.url)
+    assert (cfg.model, cfg.judge.model, cfg.judge.url) == (str(tiny_model_dir), str(tiny_model_dir), judge.url)
+
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--model", str(tiny_model_dir), "--judge-url", judge.url])
     assert result.exit_code == 0, result.output
-    rows = [json.loads(line) for line in (tmp_path / "demo.jsonl").read_text().splitlines()]
-    assert len(rows) == 2
-    for row in rows:
-        assert row["id"].startswith("mtbench:") and row["prompt"]
-        assert 0.0 <= row["p_revision_better"] <= 1.0
-        assert row["p_revision_better"] == pytest.approx((row["p_shown_first"] + row["p_shown_second"]) / 2, abs=1e-6)
-        assert len(row["constitution_hash"]) == 64 and row["judge_model"] == str(tiny_model_dir)
-    assert "mean P(revision better)" in result.output
+    stages = json.loads((tmp_path / "demo" / "stages.json").read_text())["stages"]
+    assert [s["name"] for s in stages] == ["prompts", "sft-data", "sft", "prefs", "rm", "ppo", "eval"]
+    assert all(s["status"] == "done" for s in stages)
+    assert "win rate vs SFT" in result.output and (tmp_path / "demo" / "report.html").exists()

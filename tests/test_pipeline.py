@@ -122,7 +122,8 @@ def test_stage_sections_keep_the_pipeline_sizes_under_what_the_file_gives(tmp_pa
 
 
 def test_shipped_example_configs_load():
-    root = Path(__file__).resolve().parents[1] / "examples"
-    for name in ("demo.yaml", "gpu.yaml"):
-        cfg = load_run_config(root / name)
+    from cai.pipeline import DEMO_CONFIG
+
+    for path in (DEMO_CONFIG, Path(__file__).resolve().parents[1] / "examples" / "gpu.yaml"):
+        cfg = load_run_config(path)
         assert cfg.rl.method in ("ppo", "dpo")

@@ -13,7 +13,9 @@ from collections.abc import Awaitable, Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from cai import __version__
 from cai.constitution import Constitution, find_constitution, load_constitution
@@ -30,39 +32,32 @@ from cai.rowlog import RowLog
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class GenerationJob:
-    """Settings both generators share (each adds its own); pinned in OUT/run.json but for the transient ones."""
+class GenerationJob(BaseModel):
+    """Settings both generators share (each adds its own); pinned in OUT/run.json but for the transient ones.
+    `cai generate sft|prefs` make their options from these fields."""
 
-    prompts: str
-    """Prompt source spec (see `cai prompts list`)."""
-    out: Path
-    """Output folder: progress.jsonl (the resumable log), NAME.jsonl, dataset/, summary.json, run.json."""
-    policy: str = DEFAULT_MODEL
-    """Model that writes the responses."""
-    constitution: str = "harmless-helpful"
-    """Constitution file or shipped name; a judge given by URL must serve the same one."""
-    judge_url: str | None = None
-    """A running judge; None starts one for `judge_model` on loopback."""
-    judge_model: str | None = None
-    """Model for a judge started here (default: the policy)."""
-    limit: int | None = None
-    """Use only N prompts (after the seeded shuffle)."""
-    seed: int = 0
-    """Seeds prompt order, principle draws and sampling."""
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    """Policy sampling."""
-    chunk_size: int = 8
-    """Prompts per policy batch; rows are written per chunk."""
-    policy_backend: str = "auto"
-    """vllm, transformers, or auto (vLLM when installed: faster here, see benchmarks/policy_generation.py)."""
-    judge_cache: Path | None = None
-    """SQLite cache of judge answers (default ~/.cache/cai/judge-cache.sqlite); reruns don't ask twice."""
-    judge_retries: int = 6
-    """Tries per judge call on transport errors, 429 and 503 (exponential back-off, jitter, 20 s cap);
-    raise it to ride out a judge restart within one run."""
+    model_config = ConfigDict(extra="forbid")
 
-    TRANSIENT = ("out", "judge_url", "judge_cache", "chunk_size", "policy_backend", "judge_retries")
+    prompts: str = Field(description="Prompt source: built-in set(s), JSONL or datasets folder; join with '+'.")
+    out: Path = Field(description="Output folder: progress.jsonl (the resumable log), NAME.jsonl, dataset/, summary.json, "
+                      "run.json. Rerun the same command to resume a killed run.")
+    policy: str = Field(default=DEFAULT_MODEL, description="Model that writes the responses (folder, hub id or embedded name).")
+    constitution: str = Field(default="harmless-helpful", description="Constitution file or shipped name; a judge given by URL "
+                              "must serve the same one.")
+    judge_url: str | None = Field(default=None, description="A running judge; none starts one for judge_model on loopback.")
+    judge_model: str | None = Field(default=None, description="Model for a judge started here (default: the policy).")
+    limit: int | None = Field(default=None, ge=0, description="Use only N prompts (after the seeded shuffle).")
+    seed: int = Field(default=0, description="Seeds prompt order, principle draws and sampling.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Policy sampling.")
+    chunk_size: int = Field(default=8, ge=1, description="Prompts per policy batch; rows are written per chunk.")
+    policy_backend: Literal["auto", "vllm", "transformers"] = Field(default="auto", description="Policy sampling: vllm, "
+                                                                    "transformers, or auto (vLLM when installed).")
+    judge_cache: Path | None = Field(default=None, description="SQLite cache of judge answers (default "
+                                     "~/.cache/cai/judge-cache.sqlite); reruns don't ask twice.")
+    judge_retries: int = Field(default=6, ge=1, description="Tries per judge call on transport errors, 429 and 503 (back-off "
+                               "with jitter); raise it to ride out a judge restart within one run.")
+
+    TRANSIENT: ClassVar[tuple[str, ...]] = ("out", "judge_url", "judge_cache", "chunk_size", "policy_backend", "judge_retries")
     """Settings a resumed run may change (where it runs, not what it makes): left out of run.json."""
 
 

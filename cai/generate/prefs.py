@@ -13,7 +13,7 @@ import itertools
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from pydantic import Field
 
 from cai.errors import ConfigError
 from cai.generate.common import Chunk, GenerationJob, describe_error, provenance, run_generation
@@ -26,18 +26,14 @@ from judge_server import protocol as P
 logger = logging.getLogger(__name__)
 
 
-@dataclass
 class PrefsJob(GenerationJob):
     """Settings of one `cai generate prefs` run."""
 
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0))
-    """Policy sampling (diverse samples make informative pairs)."""
-    samples: int = 2
-    """K responses per prompt; every distinct pair is labelled."""
-    n_principles: int = 1
-    """Principles ensembled per comparison (sampled per pair, seeded)."""
-    cot: bool = False
-    """Chain-of-thought comparisons (labels clamped to [0.4, 0.6])."""
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=1.0),
+                                     description="Policy sampling (diverse samples make informative pairs).")
+    samples: int = Field(default=2, ge=2, description="K responses per prompt; every distinct pair is labelled.")
+    n_principles: int = Field(default=1, ge=1, description="Principles ensembled per comparison (sampled per pair, seeded).")
+    cot: bool = Field(default=False, description="Chain-of-thought comparisons (labels clamped to [0.4, 0.6]).")
 
 
 def generate_prefs(job: PrefsJob) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from pydantic import Field
 
 from cai.errors import ConfigError
 from cai.generate.common import Chunk, GenerationJob, describe_error, provenance, run_generation
@@ -23,16 +23,12 @@ from judge_server import protocol as P
 logger = logging.getLogger(__name__)
 
 
-@dataclass
 class SftJob(GenerationJob):
     """Settings of one `cai generate sft` run."""
 
-    rounds: int = 2
-    """Critique -> revision rounds per prompt."""
-    critique_tokens: int = 160
-    """Longest critique."""
-    revision_tokens: int = 192
-    """Longest revision."""
+    rounds: int = Field(default=2, ge=1, description="Critique -> revision rounds per prompt.")
+    critique_tokens: int = Field(default=160, ge=1, description="Longest critique, in tokens.")
+    revision_tokens: int = Field(default=192, ge=1, description="Longest revision, in tokens.")
 
 
 def generate_sft(job: SftJob) -> dict:
