@@ -87,7 +87,7 @@ async def _compare(url: str, constitution, prompts: list[str], policy: list[str]
     return results
 
 
-def _history(training: Path | None) -> tuple[list[dict], list[dict]]:
+def training_history(training: Path | None) -> tuple[list[dict], list[dict]]:
     """(length history, proxy-vs-gold history) from a PPO metrics.jsonl; empty when there is none."""
     path = training / "metrics.jsonl" if training else None
     if path is None or not path.exists():
@@ -103,7 +103,7 @@ def _history(training: Path | None) -> tuple[list[dict], list[dict]]:
     return lengths, hacking
 
 
-def _prefs_same_position(prefs: Path | None) -> list[bool]:
+def prefs_same_position(prefs: Path | None) -> list[bool]:
     path = prefs / "prefs.jsonl" if prefs else None
     if path is None or not path.exists():
         return []
@@ -144,7 +144,7 @@ def run_eval(job: EvalJob) -> dict[str, Any]:
     low, high = monitors.wilson_interval(round(hard), n)
 
     # 3. monitors
-    lengths, hacking = _history(job.training)
+    lengths, hacking = training_history(job.training)
     t = job.thresholds
     verdicts = [
         monitors.reward_hacking(hacking, **t.get("reward_hacking", {})),
@@ -152,7 +152,7 @@ def run_eval(job: EvalJob) -> dict[str, Any]:
                            wins=wins, length_deltas=deltas, **t.get("verbosity", {})),
         monitors.mode_collapse(pol_text[:n], reference=ref_text[:n], **t.get("mode_collapse", {})),
         monitors.sycophancy(probes, pol_text[n:], reference_responses=ref_text[n:], **t.get("sycophancy", {})),
-        monitors.position_bias(same + _prefs_same_position(job.prefs), **t.get("position_bias", {})),
+        monitors.position_bias(same + prefs_same_position(job.prefs), **t.get("position_bias", {})),
     ]
     syc = verdicts[3].figures
 

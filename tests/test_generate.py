@@ -1,4 +1,4 @@
-"""Synthetic data generation: row logs, judge cache, and both generators end to end (tiny model, real judge)."""
+"""Synthetic data generation: what resumes, the summary figures, and both generators end to end (tiny model, real judge)."""
 
 from __future__ import annotations
 
@@ -12,57 +12,15 @@ import time
 import pytest
 from datasets import load_from_disk
 
-from cai.generate.prefs import PrefsJob, _pending, generate_prefs, summarise
+from cai.generate.prefs import PrefsJob, generate_prefs, prompts_to_do, summarise
 from cai.generate.sft import SftJob, generate_sft
-from cai.judge_cache import JudgeCache
-from cai.pinning import RunMismatchError, pin_settings
+from cai.pinning import RunMismatchError
 from cai.policy import SamplingConfig
 from cai.prompts import Prompt
 from cai.rowlog import RowLog
-from judge_server import protocol as P
 from tests.conftest import JUDGE_KEY
 
 # -- pieces -----------------------------------------------------------------------------
-
-
-def test_rowlog_resumes_drops_partial_line_and_keeps_last(tmp_path):
-    path = tmp_path / "progress.jsonl"
-    with RowLog.open(path) as log:
-        log.append({"id": "a", "status": "ok"})
-        log.append({"id": "b", "status": "judge_failed"})
-    with open(path, "a") as f:
-        f.write('{"id": "c", "sta')  # killed mid-write
-    with RowLog.open(path) as log:
-        assert log.done_ids() == {"a"}  # b failed: retried on resume; c never finished
-        log.append({"id": "b", "status": "ok"})
-        assert [r["status"] for r in log.final_rows()] == ["ok", "ok"]
-    assert path.read_text().count("\n") == 3 and '"id": "c"' not in path.read_text()
-
-
-def test_rowlog_rejects_foreign_files(tmp_path):
-    path = tmp_path / "progress.jsonl"
-    path.write_text('{"id": "a"}\nnot json\n')
-    with pytest.raises(ValueError, match=r"progress.jsonl, line 2"):
-        RowLog.open(path)
-
-
-def test_pin_settings_refuses_other_settings(tmp_path):
-    pin_settings(tmp_path, {"seed": 0, "policy": "x"})
-    pin_settings(tmp_path, {"seed": 0, "policy": "x"})
-    with pytest.raises(RunMismatchError, match="seed: was 0, now 1"):
-        pin_settings(tmp_path, {"seed": 1, "policy": "x"})
-
-
-def test_judge_cache_is_content_addressed(tmp_path):
-    cache = JudgeCache(tmp_path / "c.sqlite")
-    req = P.ScoreRequest(prompt="q", response="r")
-    result = P.ScoreResult(score=0.1, expected_rating=6.0, rating_probs=[0.1] * 10, option_mass=0.5, principle_id="p",
-                           constitution_hash="h" * 64, model="m")
-    k = JudgeCache.key("score", "m", "h" * 64, req)
-    assert k != JudgeCache.key("score", "m", "g" * 64, req) != JudgeCache.key("score", "m", "h" * 64, req.model_copy(update={"seed": 1}))
-    assert cache.get(k, P.ScoreResult) is None
-    cache.put(k, result)
-    assert cache.get(k, P.ScoreResult) == result and (cache.hits, cache.misses) == (1, 1)
 
 
 def test_prefs_resume_redoes_a_prompt_whose_pairs_were_cut_short(tmp_path):
@@ -74,7 +32,7 @@ def test_prefs_resume_redoes_a_prompt_whose_pairs_were_cut_short(tmp_path):
             log.append({"id": f"{pid[1]}:{pair}", "prompt_id": pid[1], "status": "ok", "pairs_for_prompt": 3})
         log.append({"id": f"{pid[2]}:0-1", "prompt_id": pid[2], "status": "judge_failed", "pairs_for_prompt": 1})
         log.append({"id": f"{pid[3]}:none", "prompt_id": pid[3], "status": "no_pair", "pairs_for_prompt": 1})
-        assert [p.text for p in _pending(log, prompts)] == ["p0", "p2", "p4"]
+        assert [p.text for p in prompts_to_do(log, prompts)] == ["p0", "p2", "p4"]
 
 
 def test_summary_figures_by_hand():

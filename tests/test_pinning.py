@@ -52,3 +52,10 @@ def test_a_file_cai_did_not_write_is_named(tmp_path):
     (tmp_path / "run.json").write_text("{not json")
     with pytest.raises(RunMismatchError, match=r"run.json: not a settings file written by cai"):
         pin_settings(tmp_path, {"seed": 0})
+
+
+def test_pin_settings_refuses_other_settings(tmp_path):
+    pin_settings(tmp_path, {"seed": 0, "policy": "x"})
+    pin_settings(tmp_path, {"seed": 0, "policy": "x"})
+    with pytest.raises(RunMismatchError, match="seed: was 0, now 1"):
+        pin_settings(tmp_path, {"seed": 1, "policy": "x"})

@@ -39,13 +39,13 @@ class PrefsJob(GenerationJob):
 def generate_prefs(job: PrefsJob) -> dict:
     if job.samples < 2:
         raise ConfigError(f"samples must be >= 2 to make pairs, got {job.samples}")
-    summary, rows = run_generation(job, "prefs", pending=_pending, step=_step)
+    summary, rows = run_generation(job, "prefs", pending=prompts_to_do, step=_step)
     summary.update(summarise([r for r in rows if r.get("status") == "ok"], rows))
     (job.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _pending(log: RowLog, prompts: list[Prompt]) -> list[Prompt]:
+def prompts_to_do(log: RowLog, prompts: list[Prompt]) -> list[Prompt]:
     """A prompt is done when all its pair rows were written (each row says how many) and none failed."""
     written: dict[str, list[dict]] = {}
     for r in log.final_rows():

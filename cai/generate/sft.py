@@ -34,12 +34,12 @@ class SftJob(GenerationJob):
 def generate_sft(job: SftJob) -> dict:
     if job.rounds < 1:
         raise ConfigError(f"rounds must be >= 1, got {job.rounds}")
-    summary, _ = run_generation(job, "sft", pending=_pending, step=_step)
+    summary, _ = run_generation(job, "sft", pending=prompts_to_do, step=_step)
     (job.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def _pending(log: RowLog, prompts: list[Prompt]) -> list[Prompt]:
+def prompts_to_do(log: RowLog, prompts: list[Prompt]) -> list[Prompt]:
     done = log.done_ids()
     return [p for p in prompts if p.id not in done]
 
