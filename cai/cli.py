@@ -318,7 +318,7 @@ def run_cmd(
 
     Example: cai run examples/gpu.yaml
     """
-    from cai.pipeline import load_run_config
+    from cai.run_config import load_run_config
 
     try:
         _run_pipeline(load_run_config(config, out), config)
@@ -395,7 +395,7 @@ def demo(
 
     Example: cai demo --show-config > my-run.yaml && cai run my-run.yaml
     """
-    from cai.pipeline import DEMO_CONFIG, demo_config
+    from cai.run_config import DEMO_CONFIG, demo_config
 
     if show_config:
         console.print(DEMO_CONFIG.read_text(encoding="utf-8"), highlight=False, markup=False, end="")

@@ -62,7 +62,7 @@ def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, monkey
 def test_demo_is_cai_run_on_the_shipped_demo_config(tiny_model_dir, judge, tmp_path, monkeypatch):
     """`cai demo` (what `make demo` runs) is the whole pipeline on the demo config, here on the tiny model
     against the session's judge server (to save a second engine start)."""
-    from cai.pipeline import DEMO_CONFIG, demo_config
+    from cai.run_config import DEMO_CONFIG, demo_config
 
     monkeypatch.setenv("CAI_JUDGE_API_KEY", JUDGE_KEY)
     shown = CliRunner().invoke(app, ["demo", "--show-config"])

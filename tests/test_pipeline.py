@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from cai.pinning import RunMismatchError
-from cai.pipeline import RunConfigError, load_run_config, run_pipeline
+from cai.pipeline import run_pipeline
+from cai.run_config import RunConfigError, load_run_config
 from tests.conftest import JUDGE_KEY
 
 
@@ -122,7 +123,7 @@ def test_stage_sections_keep_the_pipeline_sizes_under_what_the_file_gives(tmp_pa
 
 
 def test_shipped_example_configs_load():
-    from cai.pipeline import DEMO_CONFIG
+    from cai.run_config import DEMO_CONFIG
 
     for path in (DEMO_CONFIG, Path(__file__).resolve().parents[1] / "examples" / "gpu.yaml"):
         cfg = load_run_config(path)

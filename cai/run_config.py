@@ -1,0 +1,125 @@
+"""The run config of `cai run`: one YAML file, every stage's settings typed, validated whole when it loads.
+
+The training sections are the trainers' own settings models (`TrainSettings`, `PPOSettings`), with the
+pipeline's smaller sizes as defaults under what the file gives; the generation and eval sections take
+their defaults from `SftJob`, `PrefsJob` and `EvalJob`. A misspelt key anywhere is refused before any
+stage runs, naming the file and the dotted key. `cai demo` is `cai run` on DEMO_CONFIG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from cai.errors import ConfigError
+from cai.evaluate import EvalJob
+from cai.generate.prefs import PrefsJob
+from cai.generate.sft import SftJob
+from cai.train.config import TrainSettings
+from cai.train.ppo_config import PPOSettings
+
+
+class RunConfigError(ConfigError):
+    """A run config that can't be used; the message names the file and the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JudgeSection(_Section):
+    model: str | None = Field(default=None, description="Judge model to serve (default: the policy model).")
+    url: str | None = Field(default=None, description="Use a running judge server instead of starting one.")
+    constitution: str = Field(default="harmless-helpful", description="Constitution file or shipped name.")
+
+
+class PromptsSection(_Section):
+    source: str = Field(default="donotanswer+mtbench", description="Prompt sets or files, joined with '+'.")
+    n_eval: int = Field(default=12, ge=1, description="Held-out prompts for evaluation (never trained on).")
+    n_sft: int = Field(default=12, ge=1, description="Prompts for critique -> revision SFT data.")
+    n_prefs: int = Field(default=16, ge=1, description="Prompts for preference pairs.")
+    n_rl: int = Field(default=16, ge=1, description="Prompts PPO samples from.")
+    probes: int | None = Field(default=20, ge=1, description="Sycophancy probes in the evaluation (null: all).")
+
+
+# The defaults of the generation and eval sections are those of `cai generate sft|prefs` and `cai eval`
+# (one place each); the training sections are the trainers' own settings models, with the pipeline's
+# smaller sizes as defaults under what the config file gives.
+_SFT_JOB, _PREFS_JOB = SftJob(prompts="", out=Path()), PrefsJob(prompts="", out=Path())
+
+
+class SftDataSection(_Section):
+    rounds: int = Field(default=_SFT_JOB.rounds, ge=1, description="Critique -> revision rounds per prompt.")
+    max_new_tokens: int = Field(default=_SFT_JOB.sampling.max_new_tokens, ge=1, description="The policy's first answer, in tokens.")
+    critique_tokens: int = Field(default=_SFT_JOB.critique_tokens, ge=1, description="Longest critique.")
+    revision_tokens: int = Field(default=_SFT_JOB.revision_tokens, ge=1, description="Longest revision.")
+
+
+class PrefsSection(_Section):
+    samples: int = Field(default=_PREFS_JOB.samples, ge=2, description="Answers per prompt; every pair is labelled.")
+    max_new_tokens: int = Field(default=_PREFS_JOB.sampling.max_new_tokens, ge=1, description="Longest answer, in tokens.")
+    n_principles: int = Field(default=_PREFS_JOB.n_principles, ge=1, description="Principles ensembled per comparison.")
+
+
+def _under(defaults: dict[str, Any]):
+    """A section validated from the pipeline's `defaults` overlaid with what the file gives."""
+    return BeforeValidator(lambda given: {**defaults, **given} if isinstance(given, dict) else given)
+
+
+_SIZES = {"epochs": 2, "batch_size": 4, "max_length": 384}
+SftSettings = Annotated[TrainSettings, _under({**_SIZES, "eval_fraction": 0.0})]
+RmSettings = Annotated[TrainSettings, _under({**_SIZES, "eval_fraction": 0.2})]
+DpoSettings = Annotated[TrainSettings, _under({**_SIZES, "eval_fraction": 0.0})]
+RunPPOSettings = Annotated[PPOSettings, _under({"gold_judge_every": 2, "iterations": 10, "batch_size": 8, "response_length": 48})]
+
+
+class RLSection(_Section):
+    method: Literal["ppo", "dpo"] = Field(default="ppo", description="ppo (against the reward model) or dpo (on the pairs).")
+    ppo: RunPPOSettings = Field(default_factory=dict, validate_default=True, description="PPO settings (`cai train ppo --help`).")
+    dpo: DpoSettings = Field(default_factory=dict, validate_default=True, description="DPO settings (`cai train dpo --help`).")
+
+
+class EvalSection(_Section):
+    max_new_tokens: int = Field(default=EvalJob.model_fields["max_new_tokens"].default, ge=1, description="Longest answer of each model, in tokens.")
+    thresholds: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Per-monitor threshold overrides.")
+
+
+class RunConfig(_Section):
+    out: str = Field(description="Run folder: one sub-folder per stage, report.html at the top.")
+    model: str = Field(default="smollm2-135m-instruct", description="Starting policy: folder, hub id or embedded name.")
+    seed: int = 0
+    policy_backend: Literal["auto", "vllm", "transformers"] = "auto"
+    judge: JudgeSection = Field(default_factory=JudgeSection)
+    prompts: PromptsSection = Field(default_factory=PromptsSection)
+    sft_data: SftDataSection = Field(default_factory=SftDataSection)
+    sft: SftSettings = Field(default_factory=dict, validate_default=True, description="SFT settings (`cai train sft --help`).")
+    prefs: PrefsSection = Field(default_factory=PrefsSection)
+    rm: RmSettings = Field(default_factory=dict, validate_default=True, description="Reward-model settings (`cai train rm --help`).")
+    rl: RLSection = Field(default_factory=RLSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+
+DEMO_CONFIG = Path(__file__).parent / "data" / "demo.yaml"
+"""The demo run (`cai demo`, `make demo`): every stage on a 2-core CPU, commented line by line."""
+
+
+def demo_config(*, out: str | None = None, model: str | None = None, judge_url: str | None = None) -> RunConfig:
+    """The demo config, with another run folder, policy-and-judge model or judge server when given."""
+    cfg = load_run_config(DEMO_CONFIG, out)
+    if model is not None:
+        cfg = cfg.model_copy(update={"model": model, "judge": cfg.judge.model_copy(update={"model": model})})
+    if judge_url is not None:
+        cfg = cfg.model_copy(update={"judge": cfg.judge.model_copy(update={"url": judge_url})})
+    return cfg
+
+
+def load_run_config(path: str | Path, out: str | None = None) -> RunConfig:
+    """The YAML run config, with `out` overriding its run folder; errors name the file and the dotted field."""
+    from cai.config import load_config
+
+    try:
+        return load_config(path, {"out": out}, schema=RunConfig)
+    except ConfigError as e:
+        raise RunConfigError(str(e)) from None
