@@ -1,5 +1,5 @@
-"""What `cai generate sft` and `cai generate prefs` share: settings, the resumable chunk loop,
-the judge behind its cache, progress and outputs. Each command supplies which prompts are still
+"""What `cai generate sft` and `cai generate prefs` share: settings, the resumable chunk loop (the
+judge through `cai.judge.Judge`, with its cache), progress and outputs. Each command supplies which prompts are still
 to do and what to do with a chunk of them.
 """
 
