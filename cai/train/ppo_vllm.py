@@ -25,18 +25,12 @@ logger = logging.getLogger(__name__)
 class VllmRollouts:
     def __init__(self, model_path: str, *, lora_rank: int, max_len: int, seed: int, kv_cache_gib: float = 0.5):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        import torch
         from vllm import LLM
 
-        from cai.models import use_all_cpu_cores_for_vllm
+        from cai.models import vllm_engine_args
 
-        on_gpu = torch.cuda.is_available()
-        if not on_gpu:
-            use_all_cpu_cores_for_vllm()
-        self.llm = LLM(model=model_path, dtype="bfloat16" if on_gpu else "float32", max_model_len=max_len, enforce_eager=not on_gpu,
-                       seed=seed, generation_config="vllm", enable_lora=True, max_lora_rank=max(8, lora_rank), max_loras=1,
-                       gpu_memory_utilization=0.3 if on_gpu else 0.9,
-                       kv_cache_memory_bytes=None if on_gpu else int(kv_cache_gib * 2**30))
+        self.llm = LLM(model=model_path, seed=seed, generation_config="vllm", enable_lora=True, max_lora_rank=max(8, lora_rank), max_loras=1,
+                       **vllm_engine_args(max_model_len=max_len, cpu_kv_cache_gib=kv_cache_gib, gpu_memory_utilization=0.3))
         self._adapter: Path | None = None
 
     def generate(self, queries: list[list[int]], adapter_dir: Path | None, iteration: int, *, max_tokens: int, temperature: float,
