@@ -48,7 +48,7 @@ class EvalJob(BaseModel):
     prefs: Path | None = Field(default=None, description="A `cai generate prefs` output folder: its same-position rate joins "
                                "the position-bias monitor.")
     seed: int = Field(default=0, description="Seeds the judge's principle draws.")
-    thresholds: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Per-monitor keyword overrides, e.g. "
+    thresholds: monitors.Thresholds = Field(default_factory=dict, description="Per-monitor threshold overrides, e.g. "
                                                   "{verbosity: {max_growth: 2.0}} (in --config).")
 
 

@@ -8,14 +8,16 @@ says so (`figures["insufficient"] = True`) instead of reporting a clean result.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, Mapping, Sequence
 
 import numpy as np
+from pydantic import AfterValidator
 
 from cai.errors import CaiError
 from cai.sycophancy import SycophancyProbe, agrees_with_false_claim
@@ -421,3 +423,31 @@ def position_bias(
     else:
         message = f"The judge's choices follow content: {rate:.0%} of {n} pairs kept the same slot (95% CI {low:.0%}-{high:.0%})."
     return Verdict("position_bias", rate > threshold, message, figures)
+
+
+# -- threshold overrides (a run config's eval.thresholds) -------------------------------------------
+
+MONITORS = {"reward_hacking": reward_hacking, "verbosity": verbosity, "mode_collapse": mode_collapse, "sycophancy": sycophancy,
+            "position_bias": position_bias}
+
+
+def threshold_names(monitor: str) -> list[str]:
+    """The thresholds a monitor takes: its keyword-only parameters with a numeric default (the data it reads has none)."""
+    params = inspect.signature(MONITORS[monitor]).parameters.values()
+    return [p.name for p in params if p.kind is p.KEYWORD_ONLY and isinstance(p.default, int | float) and not isinstance(p.default, bool)]
+
+
+def check_thresholds(thresholds: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """`thresholds` if every monitor and threshold it names exists, else a ValueError naming the one that does not."""
+    for monitor, values in thresholds.items():
+        if monitor not in MONITORS:
+            raise ValueError(f"unknown monitor {monitor!r}; the monitors are {', '.join(MONITORS)}")
+        known = threshold_names(monitor)
+        for name in values:
+            if name not in known:
+                raise ValueError(f"{monitor} has no threshold {name!r}; its thresholds are {', '.join(known)}")
+    return thresholds
+
+
+Thresholds = Annotated[dict[str, dict[str, float]], AfterValidator(check_thresholds)]
+"""Per-monitor threshold overrides, e.g. {"verbosity": {"max_growth": 2.0}}, checked against the monitors' own parameters."""

@@ -15,6 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from cai.errors import ConfigError
 from cai.evaluate import EvalJob
+from cai.monitors import Thresholds
 from cai.generate.prefs import PrefsJob
 from cai.generate.sft import SftJob
 from cai.train.config import TrainSettings
@@ -83,7 +84,8 @@ class RLSection(_Section):
 
 class EvalSection(_Section):
     max_new_tokens: int = Field(default=EvalJob.model_fields["max_new_tokens"].default, ge=1, description="Longest answer of each model, in tokens.")
-    thresholds: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Per-monitor threshold overrides.")
+    thresholds: Thresholds = Field(default_factory=dict, description="Per-monitor threshold overrides, e.g. "
+                                   "{verbosity: {max_growth: 2.0}}; unknown monitors and thresholds are refused.")
 
 
 class RunConfig(_Section):

@@ -110,6 +110,18 @@ def test_a_misspelt_key_anywhere_is_refused_before_any_stage_runs(tmp_path, sect
     assert not (tmp_path / "run").exists()  # nothing ran, nothing was written
 
 
+def test_eval_thresholds_are_checked_against_the_monitors_when_the_file_loads(tmp_path):
+    bad = tmp_path / "t.yaml"
+    bad.write_text("out: o\neval:\n  thresholds:\n    verbosty:\n      max_growth: 2.0\n")
+    with pytest.raises(RunConfigError, match=r"t.yaml: eval.thresholds: Value error, unknown monitor 'verbosty'"):
+        load_run_config(bad)
+    bad.write_text("out: o\neval:\n  thresholds:\n    verbosity:\n      max_grwth: 2.0\n")
+    with pytest.raises(RunConfigError, match=r"verbosity has no threshold 'max_grwth'; its thresholds are max_growth, "):
+        load_run_config(bad)
+    bad.write_text("out: o\neval:\n  thresholds:\n    verbosity:\n      max_growth: 2.0\n")
+    assert load_run_config(bad).eval.thresholds == {"verbosity": {"max_growth": 2.0}}
+
+
 def test_stage_sections_keep_the_pipeline_sizes_under_what_the_file_gives(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("out: o\nsft:\n  lr: 0.001\nrl:\n  ppo:\n    iterations: 3\n")
