@@ -5,7 +5,8 @@
 1. prompts: the prompt set is shuffled (seeded); the first `n_eval` are held out for evaluation and
    the rest feed SFT data, preference data and RL (prompts/*.jsonl).
 2. sft-data: critique -> revision with the judge; sft: LoRA SFT, merged into sft/merged.
-3. prefs: the SFT model samples K answers per prompt, the judge labels every pair (both orders).
+3. prefs: the SFT model samples K answers per prompt and the judge labels every pair (both orders),
+   and/or the SFT data's revision pairs (final revision over first answer) are taken (`prefs.source`).
 4. rm: a reward model on the soft labels; ppo: RL against it with a KL penalty to the SFT model
    (the judge also scores samples every few iterations, to watch for reward hacking), or dpo.
 5. eval: the trained policy against the SFT model on the held-out prompts, with the monitors;
@@ -170,20 +171,55 @@ def sft(run: Run) -> dict:
     return _train(run, "sft", run.cfg.model, run.stage_dir("sft-data") / "dataset", run.stage_dir("sft"), run.cfg.sft, merge=True)
 
 
+PAIR_COLUMNS = ("id", "prompt", "chosen", "rejected", "p_chosen")
+
+
 def prefs(run: Run) -> dict:
+    """The pairs the reward model or DPO trains on (prefs/pairs), by `prefs.source`: the judge's labels of
+    the SFT model's answer pairs (both orders), the SFT data's revision pairs (final revision over first
+    answer, no comparison needed), or both. When the judge mostly keeps the same slot in both orders,
+    its labels say more about position than quality, and the stage says to use the revision pairs."""
+    from cai import monitors
+    from cai.generate.common import write_rows
     from cai.generate.prefs import PrefsJob, generate_prefs
     from cai.policy import SamplingConfig
 
-    c = run.cfg
-    return generate_prefs(PrefsJob(prompts=run.prompt_file("prefs"), out=run.stage_dir("prefs"), policy=run.sft_model,
-                                   judge_model=c.judge.model or c.model, constitution=c.judge.constitution, judge_url=run.judge_url,
-                                   samples=c.prefs.samples, n_principles=c.prefs.n_principles, seed=c.seed,
-                                   sampling=SamplingConfig(max_new_tokens=c.prefs.max_new_tokens, temperature=1.0),
-                                   policy_backend=c.policy_backend))
+    c, out = run.cfg, run.stage_dir("prefs")
+    summary: dict[str, Any] = {"source": c.prefs.source}
+    rows: list[dict] = []
+    if c.prefs.source in ("judge", "both"):
+        summary["judge"] = generate_prefs(PrefsJob(
+            prompts=run.prompt_file("prefs"), out=out, policy=run.sft_model, judge_model=c.judge.model or c.model,
+            constitution=c.judge.constitution, judge_url=run.judge_url, samples=c.prefs.samples, n_principles=c.prefs.n_principles,
+            seed=c.seed, sampling=SamplingConfig(max_new_tokens=c.prefs.max_new_tokens, temperature=1.0),
+            policy_backend=c.policy_backend))
+        judged = _jsonl(out / "prefs.jsonl")
+        rows += [{**{k: r[k] for k in PAIR_COLUMNS}, "source": "judge"} for r in judged]
+        verdict = monitors.position_bias([r["same_position"] for r in judged], **c.eval.thresholds.get("position_bias", {}))
+        summary["position_bias"] = verdict.message
+        if verdict.flagged:
+            summary["advice"] = ("the judge kept the same answer slot in both orders too often for its labels to be trusted; "
+                                 "set prefs.source: revisions to train on the critique -> revision pairs, which need no comparison")
+            logger.warning("prefs: %s; %s", verdict.message, summary["advice"])
+    if c.prefs.source in ("revisions", "both"):
+        revised = _jsonl(run.stage_dir("sft-data") / "revision_pairs.jsonl")
+        summary["revision_pairs"] = len(revised)
+        rows += [{**{k: r[k] for k in PAIR_COLUMNS}, "source": "revision"} for r in revised]
+    if not rows:
+        raise RunConfigError(f"prefs: prefs.source {c.prefs.source!r} gave no pairs to train on (see {out} and sft-data/)")
+    write_rows(rows, out / "pairs.jsonl", out / "pairs")
+    summary["pairs"] = len(rows)
+    if c.prefs.source == "revisions":
+        (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
 
 
 def rm(run: Run) -> dict:
-    return _train(run, "rm", run.sft_model, run.stage_dir("prefs") / "dataset", run.stage_dir("rm"), run.cfg.rm, merge=False)
+    return _train(run, "rm", run.sft_model, run.stage_dir("prefs") / "pairs", run.stage_dir("rm"), run.cfg.rm, merge=False)
 
 
 def ppo(run: Run) -> dict:
@@ -199,7 +235,7 @@ def ppo(run: Run) -> dict:
 
 
 def dpo(run: Run) -> dict:
-    return _train(run, "dpo", run.sft_model, run.stage_dir("prefs") / "dataset", run.stage_dir("dpo"), run.cfg.rl.dpo, merge=True)
+    return _train(run, "dpo", run.sft_model, run.stage_dir("prefs") / "pairs", run.stage_dir("dpo"), run.cfg.rl.dpo, merge=True)
 
 
 def evaluate(run: Run) -> dict:

@@ -59,6 +59,10 @@ class SftDataSection(_Section):
 
 
 class PrefsSection(_Section):
+    source: Literal["judge", "revisions", "both"] = Field(default="judge", description="Pairs for the reward model / DPO: the "
+                                                          "judge's labels of sampled answer pairs, the SFT data's revision pairs "
+                                                          "(final revision over first answer: no comparison needed, for a small "
+                                                          "or position-biased judge), or both.")
     samples: int = Field(default=_PREFS_JOB.samples, ge=2, description="Answers per prompt; every pair is labelled.")
     max_new_tokens: int = Field(default=_PREFS_JOB.sampling.max_new_tokens, ge=1, description="Longest answer, in tokens.")
     n_principles: int = Field(default=_PREFS_JOB.n_principles, ge=1, description="Principles ensembled per comparison.")

@@ -35,6 +35,22 @@ def test_prefs_resume_redoes_a_prompt_whose_pairs_were_cut_short(tmp_path):
         assert [p.text for p in prompts_to_do(log, prompts)] == ["p0", "p2", "p4"]
 
 
+def test_revision_pairs_prefer_the_final_revision_and_skip_rows_that_state_no_preference():
+    from cai.generate.revision_pairs import revision_pairs
+    from judge_server.protocol import EMPTY_RESPONSE
+
+    def row(i, first, final, status="ok"):
+        return {"id": f"p{i}", "prompt": f"q{i}", "initial_response": first, "final_response": final, "status": status,
+                "trajectory": [{"principle_id": "harm"}, {"principle_id": "honesty"}], "provenance": {"constitution_hash": "h"}}
+
+    pairs = revision_pairs([row(0, "Sure, here is how.", "I can't help with that."), row(1, "Same.", " Same."),
+                            row(2, "", "A revision of nothing."), row(3, "x", "y", status="judge_failed"), row(4, "z", "")])
+    assert [(p["id"], p["chosen"], p["rejected"]) for p in pairs] == [
+        ("p0", "I can't help with that.", "Sure, here is how."), ("p2", "A revision of nothing.", EMPTY_RESPONSE)]
+    assert pairs[0]["p_chosen"] == 1.0 and pairs[0]["provenance"] == {
+        "constitution_hash": "h", "source": "revision", "rounds": 2, "principle_ids": ["harm", "honesty"]}
+
+
 def test_summary_figures_by_hand():
     ok = [
         {"status": "ok", "chosen": "long answer", "rejected": "short", "p_chosen": 0.5, "same_position": True, "option_mass": 0.2},
@@ -84,6 +100,13 @@ def test_sft_rows_trajectories_and_a_refused_item(tiny_model_dir, judge, judge_c
         assert row["messages"][1]["content"] == row["final_response"]
         prov = row["provenance"]
         assert len(prov["constitution_hash"]) == 64 and prov["judge_model"] == str(tiny_model_dir) and prov["seed"] == 0
+    # The rows' revision pairs: final revision over first answer, for every row whose revision changed it.
+    pairs = [json.loads(line) for line in (job.out / "revision_pairs.jsonl").read_text().splitlines()]
+    changed = [r for r in ds if r["final_response"].strip() != r["initial_response"].strip()]
+    assert summary["revision_pairs"] == len(pairs) == len(changed) and len(load_from_disk(str(job.out / "revision-pairs"))) == len(pairs)
+    for pair, row in zip(pairs, changed):
+        assert (pair["prompt"], pair["chosen"], pair["p_chosen"], pair["source"]) == (row["prompt"], row["final_response"], 1.0, "revision")
+        assert pair["provenance"]["rounds"] == 2 and pair["provenance"]["principle_ids"] == [t["principle_id"] for t in row["trajectory"]]
     # Principle draws are seeded per prompt and round.
     rows = {r["id"]: r for r in ds}
     again = SftJob(**{**job.__dict__, "out": tmp_path / "again", "judge_cache": tmp_path / "cache2.sqlite"})

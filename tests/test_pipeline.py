@@ -110,6 +110,30 @@ def test_a_misspelt_key_anywhere_is_refused_before_any_stage_runs(tmp_path, sect
     assert not (tmp_path / "run").exists()  # nothing ran, nothing was written
 
 
+def test_prefs_from_revisions_trains_on_the_sft_datas_revision_pairs_without_the_judge(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from cai.pipeline import Run, prefs
+    from cai.train.data import load_rows, tokenise_pairs
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"out: {tmp_path / 'run'}\nprefs:\n  source: revisions\n")
+    run = Run(load_run_config(path), judge_url=None)  # no judge: this source needs none
+    sft_data = run.stage_dir("sft-data")
+    sft_data.mkdir(parents=True)
+    pairs = [{"id": f"p{i}", "prompt": f"How do I do thing {i}?", "chosen": "I can't help with that.", "rejected": f"Do {i}!",
+              "p_chosen": 1.0, "source": "revision", "provenance": {"rounds": 1}} for i in range(3)]
+    (sft_data / "revision_pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    summary = prefs(run)
+    assert summary == {"source": "revisions", "revision_pairs": 3, "pairs": 3}
+    rows = load_rows(run.stage_dir("prefs") / "pairs")
+    assert [r["chosen"] for r in rows] == ["I can't help with that."] * 3 and {r["source"] for r in rows} == {"revision"}
+    assert len(tokenise_pairs(rows, AutoTokenizer.from_pretrained(tiny_model_dir), "pairs", 64)) == 3  # what rm and dpo read
+    (sft_data / "revision_pairs.jsonl").write_text("")
+    with pytest.raises(RunConfigError, match="prefs.source 'revisions' gave no pairs to train on"):
+        prefs(run)
+
+
 def test_eval_thresholds_are_checked_against_the_monitors_when_the_file_loads(tmp_path):
     bad = tmp_path / "t.yaml"
     bad.write_text("out: o\neval:\n  thresholds:\n    verbosty:\n      max_growth: 2.0\n")

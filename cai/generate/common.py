@@ -147,15 +147,21 @@ def provenance(constitution: Constitution, judge: Judge, **extra) -> dict:
 
 def write_outputs(log: RowLog, out: Path, name: str) -> tuple[Path, int]:
     """The finished rows (status ok, one per id) as OUT/NAME.jsonl and a `datasets` folder OUT/dataset."""
-    from datasets import Dataset
-
     rows = [r for r in log.final_rows() if r.get("status") == "ok"]
     path = out / f"{name}.jsonl"
+    write_rows(rows, path, out / "dataset")
+    return path, len(rows)
+
+
+def write_rows(rows: list[dict], path: Path, dataset_dir: Path) -> None:
+    """`rows` as a JSONL file (written whole, then renamed) and, when there are any, a `datasets` folder."""
+    from datasets import Dataset
+
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".jsonl.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     tmp.replace(path)
     if rows:
-        Dataset.from_list(rows).save_to_disk(str(out / "dataset"))
-    return path, len(rows)
+        Dataset.from_list(rows).save_to_disk(str(dataset_dir))

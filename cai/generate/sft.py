@@ -1,10 +1,11 @@
 """`cai generate sft`: critique -> revision trajectories, the supervised set of Constitutional AI.
 
-For each prompt: (1) the policy answers; (2) for each of `rounds` rounds a principle is drawn
-(seeded by run seed, prompt id and round), the judge critiques the current answer against it and
+For each prompt: (1) the policy answers; (2) for each of `rounds` rounds the judge server draws a
+principle (seeded by the run seed and the text judged), critiques the current answer against it and
 revises it; (3) the row keeps the whole trajectory and a `messages` column (user prompt, final
 revision) that TRL-style SFT code reads as is. Rows are appended as they finish; rerunning the
-same command resumes.
+same command resumes. At the end the finished rows also give preference pairs, final revision over
+first answer (`cai.generate.revision_pairs`): OUT/revision_pairs.jsonl and OUT/revision-pairs/.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import logging
 from pydantic import Field
 
 from cai.errors import ConfigError
-from cai.generate.common import Chunk, GenerationJob, describe_error, provenance, run_generation
+from cai.generate.common import Chunk, GenerationJob, describe_error, provenance, run_generation, write_rows
+from cai.generate.revision_pairs import revision_pairs
 from cai.judge_client import JudgeError
 from cai.prompts import Prompt
 from cai.rowlog import RowLog
@@ -34,7 +36,10 @@ class SftJob(GenerationJob):
 def generate_sft(job: SftJob) -> dict:
     if job.rounds < 1:
         raise ConfigError(f"rounds must be >= 1, got {job.rounds}")
-    summary, _ = run_generation(job, "sft", pending=prompts_to_do, step=_step)
+    summary, rows = run_generation(job, "sft", pending=prompts_to_do, step=_step)
+    pairs = revision_pairs(rows)  # chosen = final revision, rejected = first answer: preferences the judge needn't compare
+    write_rows(pairs, job.out / "revision_pairs.jsonl", job.out / "revision-pairs")
+    summary["revision_pairs"] = len(pairs)
     (job.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
