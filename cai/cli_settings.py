@@ -76,9 +76,8 @@ def settings_command(schema: type[BaseModel], run: Callable[[BaseModel], None], 
             if v is None:
                 continue
             v = v.split(",") if k in lists and "," in v else v
-            if k in nested:  # given with the defaults of the model it belongs to, so the others keep theirs
-                parent = nested[k]
-                overrides.setdefault(parent, schema.model_fields[parent].get_default(call_default_factory=True).model_dump())[k] = v
+            if k in nested:  # merged into the nested model's values from --config, if any (load_config)
+                overrides.setdefault(nested[k], {})[k] = v
             else:
                 overrides[k] = v
         run(load_config(config, {**overrides, **fixed}, schema=schema))

@@ -30,7 +30,11 @@ def load_config(path: str | Path | None, overrides: dict[str, Any], schema: type
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of settings")
         data.update(loaded)
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        # A nested section given in part (a generator's sampling from flags) keeps the file's other values.
+        data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
     try:
         return schema.model_validate(data)
     except ValidationError as e:

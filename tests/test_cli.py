@@ -58,6 +58,24 @@ def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, monkey
     assert isinstance(result.exception, ValueError) and "a bug" in str(result.exception)
 
 
+def test_options_from_flags_and_config_merge_into_the_settings_model(tmp_path):
+    """Flags override --config, a nested section given in part keeps the file's other values, and
+    cai generate prefs samples at temperature 1.0 unless told otherwise."""
+    from cai.cli_settings import settings_command
+    from cai.generate.prefs import PrefsJob
+
+    seen = []
+    command = settings_command(PrefsJob, seen.append)
+    given = {name: None for name in command.__signature__.parameters}
+    config = tmp_path / "prefs.yaml"
+    config.write_text("prompts: mtbench\nout: o\nsamples: 3\nsampling:\n  top_p: 0.5\n")
+    command(**{**given, "config": config, "max_new_tokens": 64, "samples": 4})
+    command(**{**given, "prompts": "p", "out": "o"})
+    (from_file, from_flags) = seen
+    assert (from_file.samples, from_file.sampling.max_new_tokens, from_file.sampling.top_p) == (4, 64, 0.5)
+    assert from_file.sampling.temperature == 1.0 and from_flags.sampling.temperature == 1.0
+
+
 @pytest.mark.slow
 def test_demo_is_cai_run_on_the_shipped_demo_config(tiny_model_dir, judge, tmp_path, monkeypatch):
     """`cai demo` (what `make demo` runs) is the whole pipeline on the demo config, here on the tiny model

@@ -13,7 +13,7 @@ import itertools
 import json
 import logging
 import math
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from cai.errors import ConfigError
 from cai.generate.common import Chunk, GenerationJob, describe_error, provenance, run_generation
@@ -31,6 +31,12 @@ class PrefsJob(GenerationJob):
 
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=1.0),
                                      description="Policy sampling (diverse samples make informative pairs).")
+    @field_validator("sampling", mode="before")
+    @classmethod
+    def _diverse_by_default(cls, given):
+        """Sampling given in part (say only max_new_tokens) still samples at temperature 1.0 unless it says otherwise."""
+        return {"temperature": 1.0, **given} if isinstance(given, dict) else given
+
     samples: int = Field(default=2, ge=2, description="K responses per prompt; every distinct pair is labelled.")
     n_principles: int = Field(default=1, ge=1, description="Principles ensembled per comparison (sampled per pair, seeded).")
     cot: bool = Field(default=False, description="Chain-of-thought comparisons (labels clamped to [0.4, 0.6]).")
