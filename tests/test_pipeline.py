@@ -84,14 +84,17 @@ def test_whole_pipeline_on_the_tiny_model_then_a_rerun_skips_finished_stages(tmp
         run_pipeline(changed)
 
 
-def test_run_config_errors_name_the_file_and_field(tmp_path):
+def refused(tmp_path: Path, text: str, pattern: str) -> None:
+    """The run config `text`, as bad.yaml, is refused when it loads, with an error matching `pattern`."""
     bad = tmp_path / "bad.yaml"
-    bad.write_text("out: runs/x\nrl:\n  method: sac\n")
-    with pytest.raises(RunConfigError, match=r"bad.yaml: rl.method"):
+    bad.write_text(text)
+    with pytest.raises(RunConfigError, match=pattern):
         load_run_config(bad)
-    bad.write_text("out: runs/x\nprompt:\n  source: mtbench\n")
-    with pytest.raises(RunConfigError, match=r"bad.yaml: prompt: Extra inputs"):
-        load_run_config(bad)
+
+
+def test_run_config_errors_name_the_file_and_field(tmp_path):
+    refused(tmp_path, "out: runs/x\nrl:\n  method: sac\n", r"bad.yaml: rl.method")
+    refused(tmp_path, "out: runs/x\nprompt:\n  source: mtbench\n", r"bad.yaml: prompt: Extra inputs")
     with pytest.raises(RunConfigError, match="no such config file"):
         load_run_config(tmp_path / "missing.yaml")
 
@@ -135,15 +138,12 @@ def test_prefs_from_revisions_trains_on_the_sft_datas_revision_pairs_without_the
 
 
 def test_eval_thresholds_are_checked_against_the_monitors_when_the_file_loads(tmp_path):
-    bad = tmp_path / "t.yaml"
-    bad.write_text("out: o\neval:\n  thresholds:\n    verbosty:\n      max_growth: 2.0\n")
-    with pytest.raises(RunConfigError, match=r"t.yaml: eval.thresholds: Value error, unknown monitor 'verbosty'"):
-        load_run_config(bad)
-    bad.write_text("out: o\neval:\n  thresholds:\n    verbosity:\n      max_grwth: 2.0\n")
-    with pytest.raises(RunConfigError, match=r"verbosity has no threshold 'max_grwth'; its thresholds are max_growth, "):
-        load_run_config(bad)
-    bad.write_text("out: o\neval:\n  thresholds:\n    verbosity:\n      max_growth: 2.0\n")
-    assert load_run_config(bad).eval.thresholds == {"verbosity": {"max_growth": 2.0}}
+    thresholds = "out: o\neval:\n  thresholds:\n    {}:\n      {}: 2.0\n"
+    refused(tmp_path, thresholds.format("verbosty", "max_growth"), r"bad.yaml: eval.thresholds: Value error, unknown monitor 'verbosty'")
+    refused(tmp_path, thresholds.format("verbosity", "max_grwth"), r"verbosity has no threshold 'max_grwth'; its thresholds are max_growth, ")
+    good = tmp_path / "good.yaml"
+    good.write_text(thresholds.format("verbosity", "max_growth"))
+    assert load_run_config(good).eval.thresholds == {"verbosity": {"max_growth": 2.0}}
 
 
 def test_stage_sections_keep_the_pipeline_sizes_under_what_the_file_gives(tmp_path):
