@@ -189,10 +189,7 @@ def prompts_show(
 def _serve(settings) -> None:
     from judge_server.server import serve
 
-    try:
-        serve(settings)
-    except CaiError as e:
-        _fail(str(e))
+    serve(settings)
 
 
 def _register_judge_serve() -> None:
@@ -204,7 +201,7 @@ def _register_judge_serve() -> None:
 
     Example: cai judge serve --model smollm2-135m-instruct --constitution constitutions/harmless-helpful.yaml
     """
-    judge_app.command("serve")(_guarded(settings_command(ServerSettings, _serve, doc=doc)))
+    judge_app.command("serve")(settings_command(ServerSettings, _serve, doc=doc, on_error=_fail))
 
 
 # -- generate -----------------------------------------------------------------------
@@ -223,7 +220,7 @@ def _register_generate_commands() -> None:
     Example: cai generate prefs --prompts donotanswer+mtbench --limit 50 --samples 2 --out runs/prefs-data
     """}
     for name, schema, fn in (("sft", SftJob, generate_sft), ("prefs", PrefsJob, generate_prefs)):
-        generate_app.command(name)(_guarded(settings_command(schema, _print_summary(fn), doc=docs[name])))
+        generate_app.command(name)(settings_command(schema, _print_summary(fn), doc=docs[name], on_error=_fail))
 
 
 # -- train --------------------------------------------------------------------------
@@ -255,11 +252,7 @@ _TRAIN_DOCS = {
 
 def _print_summary(fn) -> Callable:
     def run(cfg) -> None:
-        try:
-            summary = fn(cfg)
-        except CaiError as e:
-            _fail(str(e))
-        console.print_json(json.dumps(summary))
+        console.print_json(json.dumps(fn(cfg)))
     return run
 
 
@@ -282,25 +275,9 @@ def _register_train_commands() -> None:
     from cai.train.ppo_config import PPOConfig
 
     for kind in ("sft", "rm", "dpo"):
-        command = settings_command(TrainConfig, _print_summary(_run_training), fixed={"kind": kind}, doc=_TRAIN_DOCS[kind])
-        train_app.command(kind)(_guarded(command))
-    train_app.command("ppo")(_guarded(settings_command(PPOConfig, _print_summary(_run_ppo), doc=_TRAIN_DOCS["ppo"])))
-
-
-def _guarded(command: Callable) -> Callable:
-    """Settings errors (raised before the run starts) print as one line, like the run's own."""
-    import functools
-
-    @functools.wraps(command)
-    def wrapper(**kwargs):
-        try:
-            command(**kwargs)
-        except CaiError as e:
-            _fail(str(e))
-    wrapper.__signature__ = command.__signature__
-    return wrapper
-
-
+        train_app.command(kind)(settings_command(TrainConfig, _print_summary(_run_training), fixed={"kind": kind}, doc=_TRAIN_DOCS[kind],
+                                                 on_error=_fail))
+    train_app.command("ppo")(settings_command(PPOConfig, _print_summary(_run_ppo), doc=_TRAIN_DOCS["ppo"], on_error=_fail))
 
 
 # -- run, eval, report ---------------------------------------------------------------
@@ -340,22 +317,15 @@ def _run_pipeline(cfg, config_path: Path) -> None:
     console.print(f"[bold]report:[/] {report.resolve()}", highlight=False)
 
 
-def _print_eval(doc: dict) -> None:
+def _run_eval(job) -> None:
+    from cai.evaluate import run_eval
+
+    doc = run_eval(job)
     console.print(f"win rate {doc['win_rate']:.2f} [{doc['win_rate_ci'][0]:.2f}, {doc['win_rate_ci'][1]:.2f}], "
                   f"length-controlled {doc['lc_win_rate']:.2f}, {doc['n_prompts']} prompts", highlight=False)
     for m in doc["monitors"]:
         state = "not enough data" if m["figures"].get("insufficient") else ("FLAGGED" if m["flagged"] else "ok")
         console.print(f"  {m['name']:<15} {state:<15} {m['message']}", highlight=False)
-
-
-def _run_eval(job) -> None:
-    from cai.evaluate import run_eval
-
-    try:
-        doc = run_eval(job)
-    except CaiError as e:
-        _fail(str(e))
-    _print_eval(doc)
     console.print(f"written to {job.out / 'eval.json'}", highlight=False)
 
 
@@ -368,7 +338,7 @@ def _register_eval() -> None:
 
     Example: cai eval --policy runs/demo/ppo/merged --reference runs/demo/sft/merged --prompts runs/demo/prompts/eval.jsonl --out runs/eval
     """
-    app.command("eval")(_guarded(settings_command(EvalJob, _run_eval, doc=doc)))
+    app.command("eval")(settings_command(EvalJob, _run_eval, doc=doc, on_error=_fail))
 
 
 @app.command("report")

@@ -22,10 +22,16 @@ from typing import Annotated, Any, Literal, Optional
 import typer
 from pydantic import BaseModel, SecretStr
 
+from cai.errors import CaiError
+
 
 def settings_command(schema: type[BaseModel], run: Callable[[BaseModel], None], *, fixed: dict[str, Any] | None = None,
-                     doc: str = "") -> Callable[..., None]:
-    """A typer callback taking --config and one option per field of `schema` (but `fixed` ones), calling `run(config)`."""
+                     doc: str = "", on_error: Callable[[str], None] | None = None) -> Callable[..., None]:
+    """A typer callback taking --config and one option per field of `schema` (but `fixed` ones), calling `run(config)`.
+
+    A `CaiError` (bad settings, or one the run raises) goes to `on_error(message)`, by default printed as
+    one line on stderr with exit code 1: what the user can fix needs no traceback.
+    """
     from cai.config import load_config
 
     fixed = fixed or {}
@@ -80,11 +86,19 @@ def settings_command(schema: type[BaseModel], run: Callable[[BaseModel], None], 
                 overrides.setdefault(nested[k], {})[k] = v
             else:
                 overrides[k] = v
-        run(load_config(config, {**overrides, **fixed}, schema=schema))
+        try:
+            run(load_config(config, {**overrides, **fixed}, schema=schema))
+        except CaiError as e:
+            (on_error or _print_error)(str(e))
 
     command.__signature__ = inspect.Signature(params)  # typer reads the options from here
     command.__doc__ = doc
     return command
+
+
+def _print_error(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
 
 
 def _cli_type(annotation: Any) -> tuple[type | None, tuple, bool]:

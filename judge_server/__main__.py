@@ -7,7 +7,6 @@ and cai's base modules, not the `cai` command line.
 import typer
 
 from cai.cli_settings import settings_command
-from cai.errors import CaiError
 from judge_server.settings import ServerSettings
 
 
@@ -18,18 +17,7 @@ def _serve(settings: ServerSettings) -> None:
 
 
 def main() -> None:
-    command = settings_command(ServerSettings, _serve, doc="Serve critique, revision, comparison and scoring over HTTP.")
-
-    def guarded(**kwargs) -> None:
-        try:
-            command(**kwargs)
-        except CaiError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1) from None
-
-    guarded.__signature__ = command.__signature__
-    guarded.__doc__ = command.__doc__
-    typer.run(guarded)
+    typer.run(settings_command(ServerSettings, _serve, doc="Serve critique, revision, comparison and scoring over HTTP."))
 
 
 if __name__ == "__main__":
