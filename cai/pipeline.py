@@ -183,6 +183,7 @@ def prefs(run: Run) -> dict:
     from cai.generate.common import write_rows
     from cai.generate.prefs import PrefsJob, generate_prefs
     from cai.policy import SamplingConfig
+    from cai.train.data import load_rows
 
     c, out = run.cfg, run.stage_dir("prefs")
     summary: dict[str, Any] = {"source": c.prefs.source}
@@ -193,7 +194,7 @@ def prefs(run: Run) -> dict:
             constitution=c.judge.constitution, judge_url=run.judge_url, samples=c.prefs.samples, n_principles=c.prefs.n_principles,
             seed=c.seed, sampling=SamplingConfig(max_new_tokens=c.prefs.max_new_tokens, temperature=1.0),
             policy_backend=c.policy_backend))
-        judged = _jsonl(out / "prefs.jsonl")
+        judged = load_rows(out / "prefs.jsonl")
         rows += [{**{k: r[k] for k in PAIR_COLUMNS}, "source": "judge"} for r in judged]
         verdict = monitors.position_bias([r["same_position"] for r in judged], **c.eval.thresholds.get("position_bias", {}))
         summary["position_bias"] = verdict.message
@@ -202,7 +203,7 @@ def prefs(run: Run) -> dict:
                                  "set prefs.source: revisions to train on the critique -> revision pairs, which need no comparison")
             logger.warning("prefs: %s; %s", verdict.message, summary["advice"])
     if c.prefs.source in ("revisions", "both"):
-        revised = _jsonl(run.stage_dir("sft-data") / "revision_pairs.jsonl")
+        revised = load_rows(run.stage_dir("sft-data") / "revision_pairs.jsonl")
         summary["revision_pairs"] = len(revised)
         rows += [{**{k: r[k] for k in PAIR_COLUMNS}, "source": "revision"} for r in revised]
     if not rows:
@@ -212,10 +213,6 @@ def prefs(run: Run) -> dict:
     if c.prefs.source == "revisions":
         (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
 
 
 def rm(run: Run) -> dict:

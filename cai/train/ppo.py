@@ -339,10 +339,14 @@ def build_trainer(cfg: PPOConfig, *, scorer: Scorer | None = None, gold_scorer: 
     `scorer`), the judge for gold scores and, with vLLM rollouts, the engine."""
     from cai.models import resolve_model
     from cai.prompts import PromptSourceError, load_prompts
-    from cai.train.ppo_policy import load_policy
     from cai.judge import SyncJudge
+    from cai.train.ppo_policy import load_policy
     from cai.train.rewards import JudgeScorer, load_scorer
 
+    # The prompts first: a bad prompt file is refused before a model loads or the judge is connected.
+    prompts = [p.text for p in load_prompts(cfg.prompts, limit=cfg.max_prompts)]
+    if not prompts:
+        raise PromptSourceError(f"prompts {cfg.prompts!r}: no prompts to train on")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy, tokenizer = load_policy(cfg, device)
     # One connection to the judge for the run, for the reward and the gold score alike; the API key comes
@@ -351,9 +355,6 @@ def build_trainer(cfg: PPOConfig, *, scorer: Scorer | None = None, gold_scorer: 
     judge = SyncJudge(cfg.judge_url) if needs_judge and cfg.judge_url else None
     scorer = scorer or load_scorer(cfg.reward, judge=judge, device=str(device))
     gold_scorer = gold_scorer or (JudgeScorer(judge) if cfg.gold_judge_every else None)
-    prompts = [p.text for p in load_prompts(cfg.prompts, limit=cfg.max_prompts)]
-    if not prompts:
-        raise PromptSourceError(f"prompts {cfg.prompts!r}: no prompts to train on")
     vllm = None
     if cfg.rollout_backend == "vllm":
         from cai.train.ppo_vllm import VllmRollouts
