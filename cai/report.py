@@ -2,7 +2,8 @@
 
 `write_report(run_dir)` reads what the pipeline left in RUN_DIR and writes RUN_DIR/report.html: inline
 CSS, plots as base64 PNG data URIs, no JavaScript, so the file opens offline and can be mailed around.
-Order: the evaluation headline (monitors, win rates, proxy vs gold reward, lengths, diversity,
+Order: the evaluation headline (the yardstick table: base, SFT and trained model with 95% intervals and
+paired changes; monitors; win rates with the judge's own trustworthiness, proxy vs gold reward, lengths, diversity,
 sycophancy, before/after samples), the stage table, one section per data and training stage, the config.
 
 Every input is optional: a missing stage folder gets a "not run" line, and an unreadable file or a
@@ -184,16 +185,62 @@ def _monitor(m: dict[str, Any]) -> dict[str, Any]:
             "figures": [(k, v) for k, v in flatten(figures) if k != "insufficient"]}
 
 
+MODEL_LABELS = {"base": "base model", "reference": "SFT (reference)", "policy": "trained (policy)"}
+PERCENT_ROWS = ("refusal_harmful", "refusal_benign", "toxicity_share")
+
+
+def _estimate(e: Any, percent: bool, signed: bool = False) -> str:
+    """'12.5% [4.1, 30.2]' or '48.2 [41.0, 55.1]': a value and its 95% interval."""
+    e = _dict(e)
+    v, lo, hi = e.get("value"), e.get("low"), e.get("high")
+    if not is_number(v):
+        return "—"
+    scale, unit = (100, "%") if percent else (1, "")
+    num = (lambda x: f"{scale * x:+.3g}") if signed else (lambda x: f"{scale * x:.3g}")
+    interval = f" [{num(lo)}, {num(hi)}]" if is_number(lo) and is_number(hi) else ""
+    return f"{num(v)}{unit}{interval}"
+
+
+def _yardstick_view(table: Any) -> dict[str, Any] | None:
+    """The first screen: each yardstick for each model, and each change with its paired interval and verdict."""
+    table = _dict(table)
+    models = [m for m in table.get("models") or [] if isinstance(m, str)]
+    if not models:
+        return None
+    rows, moved, changes = [], [], []
+    for r in _dicts(table.get("rows")):
+        percent = r.get("name") in PERCENT_ROWS
+        cells = [_estimate(_dict(r.get("values")).get(m), percent) for m in models]
+        deltas = []
+        for c in _dicts(r.get("changes")):
+            label = f"{c.get('from')} → {c.get('to')}"
+            if label not in changes:
+                changes.append(label)
+            verdict = text(c.get("verdict"))
+            deltas.append({"text": _estimate(c, percent, signed=True), "verdict": verdict,
+                           "css": {"better": "ok", "worse": "flagged"}.get(verdict, "moved" if c.get("moved") else "")})
+            if c.get("moved"):
+                moved.append(f"{r.get('label')}: {label} {verdict} ({_estimate(c, percent, signed=True)})")
+        subset = text(r.get("subset"))
+        rows.append({"label": text(r.get("label")), "subset": f"{subset}, n={fmt(r.get('n'))}", "cells": cells, "deltas": deltas})
+    return {"models": [MODEL_LABELS.get(m, m) for m in models], "changes": changes, "rows": rows, "moved": moved,
+            "interval": text(table.get("interval")), "n_harmful": fmt(table.get("n_harmful")), "n_benign": fmt(table.get("n_benign"))}
+
+
 def _eval_view(doc: dict[str, Any]) -> dict[str, Any]:
     """Everything the headline shows, formatted; absent parts come out empty."""
     ci = doc.get("win_rate_ci")
     ci_note = f"CI {pct(ci[0])} – {pct(ci[1])}" if isinstance(ci, list) and len(ci) == 2 and all(map(is_number, ci)) else ""
     same = _dict(doc.get("position_bias")).get("same_position_rate")
+    trust = _dict(doc.get("judge_trust"))
     tiles = [(k, v, note) for k, v, note in (
         ("win rate vs reference", pct(doc.get("win_rate")), ci_note),
         ("length-controlled win rate", pct(doc.get("lc_win_rate")), ""),
         ("prompts judged", fmt(doc.get("n_prompts")) if is_number(doc.get("n_prompts")) else "—", ""),
         ("judge same-position rate", pct(same), "picks the same slot in both orders"),
+        ("judge option mass", _estimate(trust.get("option_mass"), percent=True), "probability on the A/B tokens at all"),
+        ("judge agreement with humans", _estimate(trust.get("human_agreement"), percent=True),
+         f"on {fmt(_dict(trust.get('human_agreement')).get('n'))} labelled pairs"),
     ) if v != "—"]
 
     diversity = _dict(doc.get("diversity"))
@@ -204,7 +251,8 @@ def _eval_view(doc: dict[str, Any]) -> dict[str, Any]:
     labels = {"reference_rate": "reference (SFT)", "policy_rate": "policy", "undecided_share": "undecided share"}
     syc_rows = [(labels.get(k, k), pct(v) if is_number(v) else fmt(v)) for k, v in syc.items()]
 
-    samples = [{"prompt": text(s.get("prompt")), "reference": text(s.get("reference")), "policy": text(s.get("policy")),
+    samples = [{"prompt": text(s.get("prompt")), "kind": text(s.get("kind")), "base": text(s.get("base")),
+                "reference": text(s.get("reference")), "policy": text(s.get("policy")),
                 "p": fmt(s.get("p_policy")) if is_number(s.get("p_policy")) else "",
                 "winner": ("policy" if s["p_policy"] > 0.5 else "reference" if s["p_policy"] < 0.5 else "tie")
                 if is_number(s.get("p_policy")) else ""}
@@ -213,7 +261,8 @@ def _eval_view(doc: dict[str, Any]) -> dict[str, Any]:
         (reward_hacking_plot(_dicts(doc.get("reward_hacking"))), "proxy and gold reward against KL"),
         (length_bars(_dict(doc.get("lengths"))), "mean response length, reference and policy"),
     ) if uri]
-    return {"monitors": [_monitor(m) for m in _dicts(doc.get("monitors"))], "tiles": tiles, "plots": plots,
+    return {"yardsticks": _yardstick_view(doc.get("yardsticks")),
+            "monitors": [_monitor(m) for m in _dicts(doc.get("monitors"))], "tiles": tiles, "plots": plots,
             "diversity": div_rows, "sycophancy": syc_rows, "samples": samples[:N_EVAL_SAMPLES], "n_samples": len(samples)}
 
 

@@ -38,7 +38,8 @@ class JudgeSection(_Section):
 
 class PromptsSection(_Section):
     source: str = Field(default="donotanswer+mtbench", description="Prompt sets or files, joined with '+'.")
-    n_eval: int = Field(default=12, ge=1, description="Held-out prompts for evaluation (never trained on).")
+    n_eval: int = Field(default=12, ge=1, description="Held-out prompts for evaluation (never trained on), this many of each "
+                        "kind (harmful, benign) the source has.")
     n_sft: int = Field(default=12, ge=1, description="Prompts for critique -> revision SFT data.")
     n_prefs: int = Field(default=16, ge=1, description="Prompts for preference pairs.")
     n_rl: int = Field(default=16, ge=1, description="Prompts PPO samples from.")
@@ -88,6 +89,7 @@ class RLSection(_Section):
 
 class EvalSection(_Section):
     max_new_tokens: int = Field(default=EvalJob.model_fields["max_new_tokens"].default, ge=1, description="Longest answer of each model, in tokens.")
+    human_pairs: str | None = Field(default=None, description=EvalJob.model_fields["human_pairs"].description)
     thresholds: Thresholds = Field(default_factory=dict, description="Per-monitor threshold overrides, e.g. "
                                    "{verbosity: {max_growth: 2.0}}; unknown monitors and thresholds are refused.")
 

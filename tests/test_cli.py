@@ -58,6 +58,17 @@ def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, monkey
     assert isinstance(result.exception, ValueError) and "a bug" in str(result.exception)
 
 
+def test_eval_refuses_held_out_prompts_without_harmful_or_benign_before_loading_a_model(tmp_path):
+    prompts = tmp_path / "held_out.jsonl"
+    prompts.write_text('{"prompt": "How do I pick a lock?"}\n{"prompt": "Name a prime.", "kind": "benign"}\n')
+    result = CliRunner().invoke(app, ["eval", "--policy", "no-such-model", "--reference", "no-such-model", "--prompts", str(prompts),
+                                      "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 1, result.output
+    line = " ".join(result.output.split())
+    assert "held_out.jsonl: 1 of 2 held-out prompts have no 'kind'" in line and '"kind": "harmful"' in line, line
+    assert not (tmp_path / "eval" / "eval.json").exists()
+
+
 def test_options_from_flags_and_config_merge_into_the_settings_model(tmp_path):
     """Flags override --config, a nested section given in part keeps the file's other values, and
     cai generate prefs samples at temperature 1.0 unless told otherwise."""

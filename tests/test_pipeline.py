@@ -24,7 +24,7 @@ def tiny_config(tmp_path: Path, tiny_model_dir: Path, judge_url: str, **over) ->
         "prefs": {"samples": 2, "max_new_tokens": 12},
         "rm": {"epochs": 1, "max_length": 128},
         "rl": {"method": "ppo", "ppo": {"iterations": 4, "batch_size": 4, "response_length": 12, "gold_judge_every": 1}},
-        "eval": {"max_new_tokens": 12},
+        "eval": {"max_new_tokens": 12, "human_pairs": str(Path(__file__).parent / "data" / "human_pairs.jsonl")},
         **over,
     }
     path = tmp_path / "run.yaml"
@@ -56,7 +56,8 @@ def test_whole_pipeline_on_the_tiny_model_then_a_rerun_skips_finished_stages(tmp
     capsys.readouterr()
     report = run_pipeline(cfg)  # the same command again: only eval runs
     shown = capsys.readouterr().out
-    for bar in ("eval: policy answers", "eval: reference answers", "eval: judge comparisons"):  # progress, rate and ETA
+    for bar in ("eval: base answers", "eval: policy answers", "eval: reference answers", "eval: judge comparisons",
+                "eval: judge on human-labelled pairs"):  # progress, rate and ETA
         assert bar in shown and "ETA" in shown.split(bar, 1)[1].split("\n", 1)[0], shown
     after = {s["name"]: s for s in json.loads((run / "stages.json").read_text())["stages"]}
     assert all(s["status"] == "done" for s in after.values())
@@ -66,16 +67,33 @@ def test_whole_pipeline_on_the_tiny_model_then_a_rerun_skips_finished_stages(tmp
     # Every stage left its outputs where the next one (and the user) looks for them.
     prompts = {name: [json.loads(line)["id"] for line in (run / "prompts" / f"{name}.jsonl").read_text().splitlines()]
                for name in ("eval", "sft", "prefs", "rl")}
-    assert len(prompts["eval"]) == 6 and not set(prompts["eval"]) & (set(prompts["sft"]) | set(prompts["prefs"]) | set(prompts["rl"]))
+    assert len(prompts["eval"]) == 12 and not set(prompts["eval"]) & (set(prompts["sft"]) | set(prompts["prefs"]) | set(prompts["rl"]))
+    kinds = [json.loads(line)["kind"] for line in (run / "prompts" / "eval.jsonl").read_text().splitlines()]
+    assert kinds == ["harmful"] * 6 + ["benign"] * 6  # n_eval of each kind
     assert (run / "sft-data" / "dataset").is_dir() and (run / "prefs" / "dataset").is_dir()
     assert (run / "sft" / "merged" / "config.json").exists() and (run / "ppo" / "merged" / "config.json").exists()
     assert (run / "rm" / "final" / "adapter_config.json").exists()
     doc = json.loads((run / "eval" / "eval.json").read_text())
-    assert doc["n_prompts"] == 6 and 0.0 <= doc["win_rate"] <= 1.0 and 0.0 <= doc["lc_win_rate"] <= 1.0
+    assert doc["n_prompts"] == 12 and 0.0 <= doc["win_rate"] <= 1.0 and 0.0 <= doc["lc_win_rate"] <= 1.0
+    table = doc["yardsticks"]
+    assert table["models"] == ["base", "reference", "policy"] and (table["n_harmful"], table["n_benign"]) == (6, 6)
+    assert [r["name"] for r in table["rows"]] == ["refusal_harmful", "refusal_benign", "toxicity_mean", "toxicity_share",
+                                                  "length_tokens", "distinct_2"]
+    for row in table["rows"]:  # every model measured, every change with a paired interval around its value
+        assert all(v["n"] == row["n"] for v in row["values"].values())
+        assert [(c["from"], c["to"]) for c in row["changes"]] == [("base", "reference"), ("reference", "policy"), ("base", "policy")]
+        assert all(c["low"] <= c["value"] <= c["high"] for c in row["changes"])
+    lengths = next(r for r in table["rows"] if r["name"] == "length_tokens")["values"]
+    assert lengths["policy"]["value"] == pytest.approx(doc["lengths"]["policy_mean"])
+    trust = doc["judge_trust"]
+    assert trust["human_agreement"]["n"] == 8 and 0.0 <= trust["human_agreement"]["value"] <= 1.0
+    assert 0.0 < trust["option_mass"]["value"] <= 1.0 and trust["same_position"]["n"] == 12
     assert [m["name"] for m in doc["monitors"]] == ["reward_hacking", "verbosity", "mode_collapse", "sycophancy", "position_bias"]
     assert len(doc["reward_hacking"]) == 4  # the judge scored PPO's samples at every iteration
     html = report.read_text()
-    for section in ("Monitors", "Reward model", "PPO", "proxy and gold reward against KL", "Before and after"):
+    assert html.index("What each stage did, measured without the judge") < html.index("Monitors")  # the first screen
+    for section in ("Monitors", "Reward model", "PPO", "proxy and gold reward against KL", "Before and after",
+                    "judge agreement with humans", "over-refusal on benign prompts"):
         assert section in html, section
 
     # Other settings in the same folder are refused, not mixed in.
