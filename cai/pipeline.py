@@ -214,12 +214,24 @@ def prefs(run: Run) -> dict:
         summary["revision_pairs"] = len(revised)
         rows += [{**{k: r[k] for k in PAIR_COLUMNS}, "source": "revision"} for r in revised]
     if not rows:
-        raise RunConfigError(f"prefs: prefs.source {c.prefs.source!r} gave no pairs to train on (see {out} and sft-data/)")
+        raise RunConfigError(f"prefs: prefs.source {c.prefs.source!r} gave no pairs to train on{_why_no_revisions(run)} "
+                             f"(see {out} and sft-data/)")
     write_rows(rows, out / "pairs.jsonl", out / "pairs")
     summary["pairs"] = len(rows)
     if c.prefs.source == "revisions":
         (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
+
+
+def _why_no_revisions(run: Run) -> str:
+    """Why sft-data gave no revision pairs, from its summary: the judge's revisions it rejected, and what to do."""
+    path = run.stage_dir("sft-data") / "summary.json"
+    rejected = json.loads(path.read_text(encoding="utf-8")).get("revisions_rejected") if path.exists() else None
+    if not rejected or not rejected.get("total"):
+        return ""
+    reasons = ", ".join(f"{why}: {n}" for why, n in rejected.items() if why not in ("total", "of"))
+    return (f": sft-data rejected {rejected['total']} of the judge's {rejected['of']} revisions ({reasons}); "
+            "a larger judge.model revises, or prefs.source: judge | both adds the judge's labelled pairs")
 
 
 def rm(run: Run) -> dict:

@@ -88,20 +88,38 @@ def test_options_from_flags_and_config_merge_into_the_settings_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_is_cai_run_on_the_shipped_demo_config(tiny_model_dir, judge, tmp_path, monkeypatch):
-    """`cai demo` (what `make demo` runs) is the whole pipeline on the demo config, here on the tiny model
-    against the session's judge server (to save a second engine start)."""
+def test_demo_config_runs_end_to_end_and_a_judge_that_cannot_revise_is_named(tiny_model_dir, judge, tmp_path, monkeypatch):
+    """`cai demo` (what `make demo` runs) is `cai run` on the shipped demo config, here on the tiny model against the
+    session's judge server (to save a second engine start). The tiny judge's random weights write empty revisions,
+    which sft-data rejects, so the demo's prefs.source (revisions) has nothing to train on and `cai demo` says why and
+    what to do; the same config with prefs.source both then runs every stage to the report."""
+    import yaml
+
     from cai.run_config import DEMO_CONFIG, demo_config
 
     monkeypatch.setenv("CAI_JUDGE_API_KEY", JUDGE_KEY)
     shown = CliRunner().invoke(app, ["demo", "--show-config"])
     assert shown.exit_code == 0 and shown.output == DEMO_CONFIG.read_text(encoding="utf-8")
     cfg = demo_config(out=str(tmp_path / "demo"), model=str(tiny_model_dir), judge_url=judge.url)
-    assert (cfg.model, cfg.judge.model, cfg.judge.url) == (str(tiny_model_dir), str(tiny_model_dir), judge.url)
+    assert (cfg.model, cfg.judge.model, cfg.judge.url, cfg.prefs.source) == (str(tiny_model_dir), str(tiny_model_dir), judge.url,
+                                                                              "revisions")
 
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--model", str(tiny_model_dir), "--judge-url", judge.url])
+    assert result.exit_code == 1, result.output
+    line = " ".join(result.output.split())
+    assert "prefs.source 'revisions' gave no pairs to train on: sft-data rejected 48 of the judge's 48 revisions (empty: 48)" in line, line
+    stages = {s["name"]: s["status"] for s in json.loads((tmp_path / "demo" / "stages.json").read_text())["stages"]}
+    assert stages == {"prompts": "done", "sft-data": "done", "sft": "done", "prefs": "running", "rm": "pending", "dpo": "pending",
+                      "eval": "pending"}
+
+    both = cfg.model_copy(update={"out": str(tmp_path / "both"), "prefs": cfg.prefs.model_copy(update={"source": "both"})})
+    (tmp_path / "both.yaml").write_text(yaml.safe_dump(both.model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "both.yaml")])
     assert result.exit_code == 0, result.output
-    stages = json.loads((tmp_path / "demo" / "stages.json").read_text())["stages"]
-    assert [s["name"] for s in stages] == ["prompts", "sft-data", "sft", "prefs", "rm", "ppo", "eval"]
+    stages = json.loads((tmp_path / "both" / "stages.json").read_text())["stages"]
+    assert [s["name"] for s in stages] == ["prompts", "sft-data", "sft", "prefs", "rm", "dpo", "eval"]
     assert all(s["status"] == "done" for s in stages)
-    assert "win rate vs SFT" in result.output and (tmp_path / "demo" / "report.html").exists()
+    prefs = next(s["summary"] for s in stages if s["name"] == "prefs")
+    assert prefs["revision_pairs"] == 0 and prefs["pairs"] == prefs["judge"]["pairs"] > 0
+    assert "refusal on harmful prompts" in result.output and "judge: win rate vs SFT" in result.output
+    assert (tmp_path / "both" / "report.html").exists()

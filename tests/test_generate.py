@@ -51,6 +51,21 @@ def test_revision_pairs_prefer_the_final_revision_and_skip_rows_that_state_no_pr
         "constitution_hash": "h", "source": "revision", "rounds": 2, "principle_ids": ["harm", "honesty"]}
 
 
+def test_a_revision_that_copies_the_few_shot_example_or_the_critique_is_rejected():
+    """What SmolLM2-135M did as the judge under `concise`: 22 of 24 revisions copied the example or the critique."""
+    from cai.constitution import find_constitution, load_constitution
+    from cai.generate.sft import rejected_revision
+
+    concise = load_constitution(find_constitution("concise"))
+    critique = "The answer buried in the middle after a filler opener is hard to find for the user."
+    copied = "5432. You can change it with the `port` setting in `postgresql.conf`."  # the example's revision, verbatim
+    assert rejected_revision(copied, critique, concise) == "copies the constitution's few-shot example"
+    assert rejected_revision(critique + " Sure.", critique, concise) == "repeats the critique"
+    assert rejected_revision("  ", critique, concise) == "empty"
+    assert rejected_revision("Paris is the capital of France, on the Seine.", critique, concise) is None
+    assert rejected_revision("Yes.", critique, concise) is None  # under four words: nothing to compare
+
+
 def test_summary_figures_by_hand():
     ok = [
         {"status": "ok", "chosen": "long answer", "rejected": "short", "p_chosen": 0.5, "same_position": True, "option_mass": 0.2},
@@ -89,6 +104,7 @@ def test_sft_rows_trajectories_and_a_refused_item(tiny_model_dir, judge, judge_c
     summary = generate_sft(job)
     assert summary["rows"] == 4 and summary["failed_this_run"] == 1
     assert set(summary["seconds"]) == {"policy", "judge"}
+    assert summary["revisions_rejected"]["of"] == 8 and 0 <= summary["revisions_rejected"]["total"] <= 8
     progress = [json.loads(line) for line in (job.out / "progress.jsonl").read_text().splitlines()]
     failed = [r for r in progress if r["status"] != "ok"]
     assert len(failed) == 1 and "critique in round 0" in failed[0]["error"] and "tokens; the limit is 1536" in failed[0]["error"]
@@ -97,6 +113,9 @@ def test_sft_rows_trajectories_and_a_refused_item(tiny_model_dir, judge, judge_c
     for row in ds:
         assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
         assert [t["round"] for t in row["trajectory"]] == [0, 1]
+        assert row["revised"] == any(t["rejected"] is None for t in row["trajectory"])
+        if not row["revised"]:  # no revision held: the answer stays the first one
+            assert row["final_response"] == (row["initial_response"] or row["final_response"])
         assert row["messages"][1]["content"] == row["final_response"]
         prov = row["provenance"]
         assert len(prov["constitution_hash"]) == 64 and prov["judge_model"] == str(tiny_model_dir) and prov["seed"] == 0

@@ -153,6 +153,10 @@ def test_prefs_from_revisions_trains_on_the_sft_datas_revision_pairs_without_the
     (sft_data / "revision_pairs.jsonl").write_text("")
     with pytest.raises(RunConfigError, match="prefs.source 'revisions' gave no pairs to train on"):
         prefs(run)
+    (sft_data / "summary.json").write_text(json.dumps({"revisions_rejected": {"total": 3, "of": 3, "repeats the critique": 3}}))
+    with pytest.raises(RunConfigError, match=r"on: sft-data rejected 3 of the judge's 3 revisions \(repeats the critique: 3\); "
+                                             r"a larger judge.model revises, or prefs.source: judge \| both"):
+        prefs(run)
 
 
 def test_eval_thresholds_are_checked_against_the_monitors_when_the_file_loads(tmp_path):

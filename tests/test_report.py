@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import math
 import re
@@ -72,7 +73,16 @@ def build_run(root: Path, *, stages: tuple[str, ...] = ("sft-data", "prefs", "sf
             {"step": s, "prompt": f"How do I bake bread? ({s})", "response": XSS if s == 20 else "Mix flour, water and yeast.",
              "score": 0.5, "kl": 0.1} for s in range(1, 21)])
     if "eval" in stages:
+        from cai.yardsticks import yardstick_table
+
+        kinds = ["harmful"] * 8 + ["benign"] * 8
+        base = [("Sure, step one, step two.", 20)] * 16
+        refusing = [("I'm sorry, I can't help with that.", 9)] * 16  # refuses everything: harmless-looking, not helpful
         _json(root / "eval" / "eval.json", {
+            "yardsticks": yardstick_table({"base": base, "reference": base, "policy": refusing}, kinds),
+            "judge_trust": {"same_position": {"value": 0.4, "low": 0.2, "high": 0.6, "n": 16},
+                            "option_mass": {"value": 0.91, "low": 0.88, "high": 0.94, "n": 16},
+                            "human_agreement": {"value": 0.5, "low": 0.3, "high": 0.7, "n": 20}},
             "n_prompts": 16, "win_rate": 0.5625, "win_rate_ci": [0.41, 0.70], "lc_win_rate": 0.52,
             "lengths": {"reference_mean": 40.1, "policy_mean": 52.3},
             "diversity": {"reference": {"distinct_1": 0.41, "distinct_2": 0.78, "self_similarity": 0.22},
@@ -125,6 +135,23 @@ def test_full_run_has_every_section(full_html):
     assert "DPO</strong> (dpo/): not run (skipped)." in _section(html, "training")
     # Only the last N_PPO_SAMPLES sample rows are shown.
     assert "(20)" in html and "(15)" in html and "(14)" not in html
+
+
+def test_the_first_screen_is_the_yardstick_table_with_intervals_and_verdicts(full_html):
+    ev = _section(full_html, "eval")
+    assert ev.index("What each stage did, measured without the judge") < ev.index("Monitors") < ev.index("Win rate against")
+    table = ev.split('<table class="yardsticks">', 1)[1].split("</table>", 1)[0]
+    rows = {html.unescape(re.sub(r"<[^>]+>", "", r.split("</td>", 1)[0])): r for r in table.split("<tr>")[2:]}
+    assert list(rows) == ["refusal on harmful prompts", "over-refusal on benign prompts", "toxicity (mean classifier score)",
+                          "toxic answers (score > 0.5)", "answer length (tokens)", "distinct-2 within an answer (1 = no repeats)"]
+    for head in ("base model", "SFT (reference)", "trained (policy)", "base → reference", "reference → policy", "base → policy"):
+        assert f"<th>{head}</th>" in table, head
+    assert "100% [67.6, 100]" in rows["over-refusal on benign prompts"]  # the Wilson interval of 8 of 8
+    assert '<span class="badge flagged">worse</span>' in rows["over-refusal on benign prompts"]
+    assert '<span class="badge ok">better</span>' in rows["refusal on harmful prompts"]
+    assert "no change" in rows["refusal on harmful prompts"]  # base -> reference: the same answers
+    assert "Beyond the 95% interval: <strong>refusal on harmful prompts: reference → policy better" in ev
+    assert "judge agreement with humans" in ev and "50% [30, 70]" in ev and "on 20 labelled pairs" in ev
 
 
 def test_monitor_badges(full_html):

@@ -24,6 +24,9 @@ from judge_server import protocol as P
 
 logger = logging.getLogger(__name__)
 
+COPY_SHARE = 0.5
+"""A revision whose word 4-grams are at least this share copied (from a few-shot example or the critique) is rejected."""
+
 
 class SftJob(GenerationJob):
     """Settings of one `cai generate sft` run."""
@@ -37,6 +40,15 @@ def generate_sft(job: SftJob) -> dict:
     if job.rounds < 1:
         raise ConfigError(f"rounds must be >= 1, got {job.rounds}")
     summary, rows = run_generation(job, "sft", pending=prompts_to_do, step=_step)
+    steps = [t for r in rows for t in r.get("trajectory") or []]
+    summary["revisions_rejected"] = {"total": sum(bool(t.get("rejected")) for t in steps), "of": len(steps),
+                                     **{why: sum(t.get("rejected") == why for t in steps)
+                                        for why in sorted({t["rejected"] for t in steps if t.get("rejected")})}}
+    summary["rows_revised"] = sum(r.get("status") == "ok" and bool(r.get("revised", True)) for r in rows)
+    if steps and summary["revisions_rejected"]["total"] > len(steps) / 2:
+        logger.warning("sft: %d of %d revisions were rejected (%s): the judge model copies or repeats rather than revises; "
+                       "a larger judge model (judge.model) gives real revisions", summary["revisions_rejected"]["total"], len(steps),
+                       ", ".join(k for k in summary["revisions_rejected"] if k not in ("total", "of")))
     pairs = revision_pairs(rows)  # chosen = final revision, rejected = first answer: preferences the judge needn't compare
     write_rows(pairs, job.out / "revision_pairs.jsonl", job.out / "revision-pairs")
     summary["revision_pairs"] = len(pairs)
@@ -84,12 +96,39 @@ async def _critique_revise(c: Chunk, rows: list[dict]) -> None:
             for r, cr in zip(live, crits)])
         live, crits, revs = _keep_answered(zip(live, crits, revs), 3, f"revision in round {rnd}")
         for r, cr, v in zip(live, crits, revs):
-            r["trajectory"].append({"round": rnd, "principle_id": cr.principle_id, "critique": cr.critique, "revision": v.revision})
-            current[r["id"]] = v.revision or current[r["id"]]
+            step = {"round": rnd, "principle_id": cr.principle_id, "critique": cr.critique, "revision": v.revision}
+            step["rejected"] = rejected_revision(v.revision, cr.critique, c.constitution)
+            r["trajectory"].append(step)
+            if not step["rejected"]:
+                current[r["id"]] = v.revision
     for r in live:
+        r["revised"] = any(not t["rejected"] for t in r["trajectory"])
         r["final_response"] = current[r["id"]]
         r["messages"] = [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["final_response"]}]
         r["status"] = "ok"
+
+
+def _four_grams(text: str) -> set[tuple[str, ...]]:
+    words = text.lower().split()
+    return {tuple(words[i:i + 4]) for i in range(len(words) - 3)}
+
+
+def copied_share(text: str, source: str) -> float:
+    """The share of `text`'s word 4-grams that also occur in `source` (0 for a text under four words)."""
+    grams = _four_grams(text)
+    return len(grams & _four_grams(source)) / len(grams) if grams else 0.0
+
+
+def rejected_revision(revision: str, critique: str, constitution) -> str | None:
+    """Why a revision is not one (empty, copied from a few-shot example, a repeat of the critique), or None."""
+    if not revision.strip():
+        return "empty"
+    examples = "\n".join(f"{e.prompt}\n{e.response}\n{e.critique}\n{e.revision}" for e in constitution.examples)
+    if examples and copied_share(revision, examples) >= COPY_SHARE:
+        return "copies the constitution's few-shot example"
+    if copied_share(revision, critique) >= COPY_SHARE:
+        return "repeats the critique"
+    return None
 
 
 def _keep_answered(groups, width: int, what: str) -> tuple[list, ...]:
