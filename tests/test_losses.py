@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from cai.train.losses import bradley_terry_loss, dpo_loss, sequence_logprobs, sft_loss
@@ -47,3 +48,8 @@ def test_dpo_loss_and_metrics_by_hand():
     assert math.isclose(m["rewards/margins"].item(), 0.2, rel_tol=1e-6) and m["rewards/accuracy"].item() == 1.0
     hard, _ = dpo_loss(pc, pr, rc, rr, beta)
     assert math.isclose(hard.item(), -math.log(sig), rel_tol=1e-6)
+    # RPO: the chosen answer's per-token NLL (10 nats over 4 tokens), weighted, on top of the DPO loss.
+    rpo, m = dpo_loss(pc, pr, rc, rr, beta, rpo_alpha=0.5, chosen_tokens=torch.tensor([4]))
+    assert math.isclose(rpo.item(), -math.log(sig) + 0.5 * 10 / 4, rel_tol=1e-6) and math.isclose(m["nll/chosen"].item(), 2.5)
+    with pytest.raises(ValueError, match="rpo_alpha needs chosen_tokens"):
+        dpo_loss(pc, pr, rc, rr, beta, rpo_alpha=0.5)

@@ -55,11 +55,14 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, p_chose
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
-             beta: float, p_chosen: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             beta: float, p_chosen: torch.Tensor | None = None, rpo_alpha: float = 0.0,
+             chosen_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sigmoid DPO with soft labels. Inputs: (B,) summed response log-probs; beta > 0.
 
     h = beta * [(log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r))]
     loss = - [p log sigmoid(h) + (1 - p) log sigmoid(-h)]   (the label-weighted form; p = 1 is DPO)
+    With rpo_alpha > 0 (RPO, Pang et al. 2024): + rpo_alpha * mean(-log pi(y_c) / chosen_tokens), the
+    chosen answers' per-token NLL, which stops DPO from pushing both answers down at once.
     Returns the mean loss and the implicit rewards beta * (log pi - log ref) for logging.
     """
     chosen_reward = beta * (policy_chosen - ref_chosen)
@@ -68,7 +71,14 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     if p_chosen is None:
         p_chosen = torch.ones_like(h)
     loss = -(p_chosen * F.logsigmoid(h) + (1 - p_chosen) * F.logsigmoid(-h)).mean()
-    metrics = {
+    metrics = {}
+    if rpo_alpha > 0:
+        if chosen_tokens is None:
+            raise ValueError("rpo_alpha needs chosen_tokens, the number of response tokens of each chosen answer")
+        nll = -(policy_chosen / chosen_tokens.clamp(min=1).to(policy_chosen.dtype)).mean()
+        loss = loss + rpo_alpha * nll
+        metrics["nll/chosen"] = nll.detach()
+    metrics |= {
         "rewards/chosen": chosen_reward.detach().mean(),
         "rewards/rejected": rejected_reward.detach().mean(),
         "rewards/margins": h.detach().mean(),

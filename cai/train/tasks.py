@@ -179,7 +179,8 @@ def _dpo(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
         pc, pr = logps(model, items)
         rc, rr = reference(model, items)
         p = torch.tensor([it.p_chosen for it in items], device=pc.device)
-        value, metrics = dpo_loss(pc, pr, rc.to(pc.device), rr.to(pc.device), cfg.beta, p)
+        tokens = torch.tensor([sum(it.chosen.loss_mask) for it in items], device=pc.device)
+        value, metrics = dpo_loss(pc, pr, rc.to(pc.device), rr.to(pc.device), cfg.beta, p, cfg.rpo_alpha, tokens)
         return value, {k: v.item() for k, v in metrics.items()}
 
     def evaluate(model):
