@@ -58,7 +58,7 @@ class EvalJob(BaseModel):
     prefs: Path | None = Field(default=None, description="A `cai generate prefs` output folder: its same-position rate joins "
                                "the position-bias monitor.")
     human_pairs: str | None = Field(default=None, description="Human-labelled pairs (HH-RLHF chosen/rejected transcripts, or "
-                                    "prompt/chosen/rejected rows): how often the judge agrees with the humans.")
+                                    "prompt/chosen/rejected rows), or hh-harmless (48 shipped HH-RLHF pairs): how often the judge agrees with the humans.")
     human_limit: int = Field(default=64, ge=1, description="Use at most this many of the human-labelled pairs.")
     policy_backend: Literal["auto", "vllm", "transformers"] = Field(default="transformers", description="Answers sampled with transformers or vllm (auto: vllm "
                                 "when installed).")
@@ -131,14 +131,21 @@ def prefs_same_position(prefs: Path | None) -> list[bool]:
     return [bool(r["same_position"]) for r in rows if "same_position" in r]
 
 
+BUILTIN_HUMAN_PAIRS = {"hh-harmless": Path(__file__).parent / "data" / "hh_harmless_pairs.jsonl"}
+"""Human-labelled pairs shipped with cai (cai/data/README.md says where they come from)."""
+
+
 def human_pairs(path: str, limit: int, seed: int) -> list[dict]:
     """Up to `limit` human-labelled pairs (prompt, chosen, rejected), short enough to judge, in a seeded order."""
     import random
 
     from cai.train.data import DatasetError, load_hh_pairs, load_rows
 
-    if not Path(path).is_file():
-        raise DatasetError(f"{path}: no such file (human_pairs takes a .jsonl or .jsonl.gz of labelled pairs)")
+    if path in BUILTIN_HUMAN_PAIRS:
+        path = str(BUILTIN_HUMAN_PAIRS[path])
+    elif not Path(path).is_file():
+        raise DatasetError(f"{path}: no such file (human_pairs takes a .jsonl or .jsonl.gz of labelled pairs, "
+                           f"or a built-in set: {', '.join(BUILTIN_HUMAN_PAIRS)})")
     try:
         rows = load_rows(path)
         if rows and "prompt" not in rows[0]:  # HH-RLHF: whole transcripts in chosen/rejected

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 
-from cai.evaluate import prefs_same_position, training_history
+import pytest
+
+from cai.evaluate import human_pairs, prefs_same_position, training_history
 from cai.train import ppo_metrics as M
 
 
@@ -23,3 +25,15 @@ def test_prefs_same_position_reads_the_pairs_that_have_it(tmp_path):
     (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert prefs_same_position(tmp_path) == [True, False]
     assert prefs_same_position(None) == []
+
+
+def test_the_shipped_human_pairs_are_single_turn_hh_pairs_and_a_missing_file_names_the_built_in_set(tmp_path):
+    from cai.train.data import DatasetError
+
+    pairs = human_pairs("hh-harmless", limit=64, seed=0)
+    assert len(pairs) == 48 and len({p["prompt"] for p in pairs}) == 48
+    assert all(p["prompt"] and p["chosen"] and p["rejected"] and p["chosen"] != p["rejected"] for p in pairs)
+    assert not any("Human:" in p["chosen"] or "Assistant:" in p["chosen"] for p in pairs)  # the answer only, not the transcript
+    assert [p["prompt"] for p in human_pairs("hh-harmless", limit=5, seed=0)] == [p["prompt"] for p in pairs[:5]]
+    with pytest.raises(DatasetError, match=r"nope.jsonl: no such file .*or a built-in set: hh-harmless"):
+        human_pairs(str(tmp_path / "nope.jsonl"), limit=4, seed=0)
