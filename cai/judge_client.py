@@ -203,7 +203,8 @@ class LocalJudge:
                "--port", str(self.port), *self.extra_args]
         logger.info("starting judge: %s (log: %s)", " ".join(cmd), self.log_path)
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        env = {**(os.environ if self.env is None else self.env), P.PARENT_PID_ENV: str(os.getpid())}  # it stops when we are gone
+        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
         self.wait_ready()
         return self

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import threading
+import time
 
 import uvicorn
 
 from judge_server.app import build_app
+from judge_server.protocol import PARENT_PID_ENV
 from judge_server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -17,6 +22,7 @@ def serve(settings: ServerSettings) -> None:
     from cai.constitution import find_constitution, load_constitution
 
     settings.check_bind()
+    _stop_with_parent()
     path = find_constitution(settings.constitution)
     load_constitution(path)  # a broken file is an error here, before the engine starts
     settings = settings.model_copy(update={"constitution": str(path)})
@@ -26,3 +32,19 @@ def serve(settings: ServerSettings) -> None:
     # under it (the race shows as a ReadError on the client under heavy load).
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", limit_concurrency=2048,
                 timeout_keep_alive=75, timeout_graceful_shutdown=10)
+
+
+def _stop_with_parent() -> None:
+    """Started by a cai job (PARENT_PID_ENV set): shut down when that job is gone, even if it was killed
+    with SIGKILL and had no chance to stop its judge, so no server is left holding the model's memory."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or not parent.isdigit():
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(1.0)
+        logger.warning("the process that started this judge (pid %s) is gone: stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown; before it runs, the default: exit
+
+    threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()

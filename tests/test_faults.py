@@ -1,4 +1,5 @@
-"""Faults: the judge server killed with SIGKILL in the middle of `cai generate prefs`, then restarted."""
+"""Faults: the judge server killed with SIGKILL in the middle of `cai generate prefs`, then restarted; the job that
+started a judge killed with SIGKILL, and its judge stopping by itself."""
 
 from __future__ import annotations
 
@@ -62,3 +63,34 @@ def test_judge_killed_mid_prefs_run_then_rerun_has_every_row_once(tiny_model_dir
     assert len(prompt_ids | no_pair) == 8  # every prompt has its row
     assert len({r["id"] for r in final}) == len(final)  # and exactly once
     assert all(r["status"] == "ok" for r in final)
+
+
+def test_a_judge_started_by_a_job_stops_when_the_job_is_killed(tiny_model_dir, judge_constitution, tmp_path):
+    """SIGKILL leaves a job no chance to stop the judge it started; the judge notices its parent is gone and exits."""
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from cai.judge_client import LocalJudge\n"
+        f"judge = LocalJudge({str(tiny_model_dir)!r}, {str(judge_constitution)!r}, log_path={str(tmp_path / 'judge.log')!r}).start()\n"
+        "print(judge.process.pid, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    job = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert job.returncode == -signal.SIGKILL, job.stderr[-2000:]
+    server = int(job.stdout.split()[0])
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and _alive(server):
+        time.sleep(0.5)
+    alive = _alive(server)
+    if alive:
+        os.killpg(server, signal.SIGKILL)
+    assert not alive, "the judge server outlived the job that started it"
+    assert "is gone: stopping" in (tmp_path / "judge.log").read_text(errors="replace")
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, exited but not yet reaped by init, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
