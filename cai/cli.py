@@ -355,8 +355,8 @@ def _register_eval() -> None:
     over-refusal on benign ones, toxicity, length, diversity; 95% intervals, paired for changes), the judge's
     win rate of the policy over the reference, and the failure-mode monitors.
 
-    Example: cai eval --base smollm2-135m-instruct --reference runs/demo/sft/merged --policy runs/demo/ppo/merged
-    --prompts runs/demo/prompts/eval.jsonl --out runs/eval
+    Example: cai eval --base smollm2-135m-instruct --reference runs/demo/sft/merged --policy runs/demo/dpo/merged
+    --prompts runs/demo/prompts/eval.jsonl --human-pairs hh-harmless --out runs/eval
     """
     app.command("eval")(settings_command(EvalJob, _run_eval, doc=doc, on_error=_fail))
 
