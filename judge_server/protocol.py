@@ -12,9 +12,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 API_KEY_ENV = "CAI_JUDGE_API_KEY"
+"""Where the server and the client read the bearer key from, so it stays out of command lines."""
 PARENT_PID_ENV = "CAI_JUDGE_PARENT_PID"
 """Set by a cai job that starts its own judge (LocalJudge): the server stops when that process is gone."""
-"""Where the server and the client read the bearer key from, so it stays out of command lines."""
 MAX_TEXT_CHARS = 32_000
 MAX_BATCH = 256
 
