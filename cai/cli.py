@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from cai.constitution import ConstitutionError, bundled_constitutions, find_constitution, load_constitution
@@ -48,7 +49,7 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -57,7 +58,7 @@ def _fail(message: str, code: int = 1) -> None:
 
 @constitution_app.command("lint")
 def constitution_lint(
-    files: Annotated[list[Path], typer.Argument(help="Constitution YAML files (or shipped names such as harmless-helpful).")],
+    files: Annotated[list[Path], typer.Argument(help="Constitution files (.yaml, or .txt/.md with one principle per paragraph) or shipped names such as harmless-helpful.")],
 ) -> None:
     """Validate constitution files; print every problem as FILE:LINE: FIELD: MESSAGE and exit 1 if any."""
     bad = 0
@@ -77,7 +78,7 @@ def constitution_lint(
 
 @constitution_app.command("show")
 def constitution_show(
-    file: Annotated[Path, typer.Argument(help="Constitution YAML file or shipped name.")],
+    file: Annotated[Path, typer.Argument(help="Constitution file (.yaml, .txt, .md) or shipped name.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the validated constitution as JSON.")] = False,
 ) -> None:
     """Show a constitution: name, hash and its principles."""
@@ -94,6 +95,38 @@ def constitution_show(
         table.add_row(p.id, f"{p.weight:g}", p.comparison)
     console.print(table)
     console.print(f"{len(c.examples)} few-shot example(s)")
+
+
+@constitution_app.command("convert")
+def constitution_convert(
+    file: Annotated[Path, typer.Argument(help="Plain-text constitution (.txt or .md): one principle per paragraph or list item.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="YAML file to write (default: FILE with .yaml).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT if it exists.")] = False,
+) -> None:
+    """Write a plain-text constitution as YAML, to edit its critique and revision requests further.
+
+    Each paragraph becomes a principle whose comparison question is the paragraph and whose critique
+    and revision requests come from cai's template; the YAML loads to the same constitution hash.
+
+    Example: cai constitution convert my-principles.md -o constitutions/mine.yaml
+    """
+    from cai.constitution_text import TEXT_SUFFIXES, to_yaml
+
+    if file.suffix.lower() not in TEXT_SUFFIXES:
+        _fail(f"{file}: convert reads .txt or .md files; {file.suffix or 'no suffix'} given")
+    try:
+        c = load_constitution(file)
+        target = out or file.with_suffix(".yaml")
+        if target.exists() and not force:
+            _fail(f"{target} exists; pass --force to overwrite it or --out to write elsewhere")
+        text = to_yaml(c, source=file.name)
+    except ConstitutionError as e:
+        _fail(str(e))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(target)
+    console.print(f"wrote {target} ({c.name}, {len(c.principles)} principles, hash {c.short_hash})", highlight=False)
 
 
 @constitution_app.command("list")

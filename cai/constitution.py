@@ -1,6 +1,7 @@
 """Constitutions: the plain-text files of principles that steer the AI judge.
 
-A constitution is a YAML file:
+A constitution is a YAML file (or a plain `.txt`/`.md` list of principles, see
+`cai.constitution_text`):
 
     name: harmless-helpful          # short identifier, letters/digits/-/_
     description: >                  # one paragraph for humans
@@ -37,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from cai.errors import CaiError
 
 MAX_FILE_BYTES = 1_000_000
+TEXT_SUFFIXES = (".txt", ".md")  # plain-text constitutions: see cai/constitution_text.py
 
 NonEmptyText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=8000)]
 Identifier = Annotated[
@@ -201,7 +203,7 @@ def load_constitution(path: str | Path) -> Constitution:
     except FileNotFoundError:
         raise ConstitutionError(shown, [Problem(shown, None, "", "file not found")]) from None
     except IsADirectoryError:
-        raise ConstitutionError(shown, [Problem(shown, None, "", "is a directory, expected a .yaml file")]) from None
+        raise ConstitutionError(shown, [Problem(shown, None, "", "is a directory, expected a .yaml, .txt or .md file")]) from None
     except OSError as e:
         raise ConstitutionError(shown, [Problem(shown, None, "", f"cannot read: {e.strerror}")]) from None
     if len(raw) > MAX_FILE_BYTES:
@@ -212,6 +214,10 @@ def load_constitution(path: str | Path) -> Constitution:
         line = raw[: e.start].count(b"\n") + 1
         msg = f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); save the file as UTF-8"
         raise ConstitutionError(shown, [Problem(shown, line, "", msg)]) from None
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        from cai.constitution_text import parse_text_constitution
+
+        return parse_text_constitution(text, source=shown, stem=path.stem)
     return parse_constitution(text, source=shown)
 
 
@@ -222,6 +228,11 @@ def parse_constitution(text: str, *, source: str = "<string>") -> Constitution:
     if not isinstance(data, dict):
         kind = "empty" if data is None else f"a {type(data).__name__}"
         raise ConstitutionError(source, [Problem(source, 1, "", f"expected a mapping with name, description and principles; the file is {kind}")])
+    return validate_constitution_data(data, lines, source)
+
+
+def validate_constitution_data(data: dict[str, Any], lines: dict[tuple, int], source: str) -> Constitution:
+    """Validate parsed content; `lines` maps field locations to file lines for the error messages."""
     try:
         return Constitution.model_validate(data)
     except ValidationError as e:
@@ -301,7 +312,7 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, dict[tuple, int], list[Pro
 def find_constitution(name_or_path: str | Path) -> Path:
     """A path as given, or the name of a constitution shipped in `constitutions/` (e.g. 'harmless-helpful')."""
     path = Path(name_or_path)
-    if path.exists() or path.suffix in {".yaml", ".yml"}:
+    if path.exists() or path.suffix.lower() in {".yaml", ".yml", *TEXT_SUFFIXES}:
         return path
     shipped = bundled_constitutions()
     if str(name_or_path) in shipped:
