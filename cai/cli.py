@@ -237,6 +237,27 @@ def _register_judge_serve() -> None:
     judge_app.command("serve")(settings_command(ServerSettings, _serve, doc=doc, on_error=_fail))
 
 
+def _register_judge_eval() -> None:
+    """`cai judge eval`: its options made from cai.judge_eval.JudgeEvalJob."""
+    from cai.cli_settings import settings_command
+    from cai.judge_eval import JudgeEvalJob
+
+    doc = """The judge against human labels, under one or more constitutions side by side: agreement (overall and per
+    principle), position consistency, option mass, label entropy, calibration (Brier, ECE), each with a 95% interval,
+    and each constitution's paired change in agreement against the first. Writes OUT/judge-eval.json and OUT/judge-eval.html.
+    Run it after editing a constitution to see whether the edit helped.
+
+    Example: cai judge eval --pairs hh-harmless --constitutions harmless-helpful,my.yaml --out runs/judge-eval
+    """
+    judge_app.command("eval")(settings_command(JudgeEvalJob, _print_summary(_run_judge_eval), doc=doc, on_error=_fail))
+
+
+def _run_judge_eval(job):
+    from cai.judge_eval import run_judge_eval
+
+    return run_judge_eval(job)
+
+
 # -- generate -----------------------------------------------------------------------
 
 def _register_generate_commands() -> None:
@@ -433,6 +454,7 @@ def demo(
 _register_generate_commands()
 _register_train_commands()
 _register_judge_serve()
+_register_judge_eval()
 _register_eval()
 
 

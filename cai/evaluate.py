@@ -151,6 +151,13 @@ def human_pairs(path: str, limit: int, seed: int) -> list[dict]:
         if rows and "prompt" not in rows[0]:  # HH-RLHF: whole transcripts in chosen/rejected
             rows = load_hh_pairs(path)
         pairs = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+        for n, (row, pair) in enumerate(zip(rows, pairs), start=1):  # an optional soft label: the share of people preferring chosen
+            if "p_chosen" in row:
+                label = row["p_chosen"]
+                if isinstance(label, bool) or not isinstance(label, (int, float)) or not 0.0 <= label <= 1.0:
+                    raise DatasetError(f"{path}: row {n}: p_chosen must be a number from 0 to 1 (the share of people preferring "
+                                       f"chosen), got {label!r}")
+                pair["p_chosen"] = float(label)
     except KeyError as e:
         raise DatasetError(f"{path}: a row has no {e} field; human_pairs needs prompt/chosen/rejected or HH-RLHF "
                            "chosen/rejected transcripts") from None

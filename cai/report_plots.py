@@ -1,4 +1,4 @@
-"""Small matplotlib figures for the run report, each returned as a base64 PNG data URI.
+"""Small matplotlib figures for the run report (and `cai judge eval`'s page), each returned as a base64 PNG data URI.
 
 Figures are built with `matplotlib.figure.Figure` (the Agg canvas) rather than pyplot, so nothing is
 registered in pyplot's global figure list and a report never changes the caller's backend.
@@ -142,4 +142,43 @@ def length_bars(lengths: dict[str, Any]) -> str | None:
     ax.set_ylabel("length")
     ax.margins(y=0.15)
     ax.grid(alpha=0.3, axis="y")
+    return _data_uri(fig)
+
+
+def agreement_bars(estimates: dict[str, dict]) -> str | None:
+    """The judge's agreement with human labels per constitution, with 95% interval whiskers."""
+    bars = [(name, e) for name, e in estimates.items() if e and is_number(e.get("value"))]
+    if not bars:
+        return None
+    fig, ax = _figure()
+    values = [e["value"] for _, e in bars]
+    # max(0, ...): a Wilson bound at 0 or 1 can sit a rounding error past the value itself
+    errors = [[max(0.0, v - (e["low"] if is_number(e.get("low")) else v)) for v, (_, e) in zip(values, bars)],
+              [max(0.0, (e["high"] if is_number(e.get("high")) else v) - v) for v, (_, e) in zip(values, bars)]]
+    rects = ax.bar([name for name, _ in bars], values, yerr=errors, capsize=4, color="#2f6fde", width=0.5)
+    ax.bar_label(rects, fmt="%.2f", fontsize=8, padding=2)
+    ax.axhline(0.5, color="#c0392b", linestyle="--", linewidth=1, label="chance")
+    ax.set_ylim(0, 1)
+    ax.set_title("agreement with human labels (95% interval)")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(alpha=0.3, axis="y")
+    return _data_uri(fig)
+
+
+def reliability_plot(bins_by_name: dict[str, Sequence[dict]]) -> str | None:
+    """Calibration: mean soft label against the human label's mean, per probability bin and constitution."""
+    drawn = {name: bins for name, bins in bins_by_name.items() if bins}
+    if not drawn:
+        return None
+    fig, ax = _figure()
+    ax.plot([0, 1], [0, 1], color="#8a94a6", linestyle="--", linewidth=1, label="calibrated")
+    for name, bins in drawn.items():
+        ax.plot([b["mean_p"] for b in bins], [b["mean_y"] for b in bins], marker="o", label=name)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("judge's P(A better)")
+    ax.set_ylabel("human P(A better)")
+    ax.set_title("calibration (reliability)")
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
     return _data_uri(fig)

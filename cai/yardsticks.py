@@ -118,7 +118,7 @@ def rate(flags: Sequence[bool]) -> Estimate:
     return Estimate(k / n, low, high, n)
 
 
-def _bootstrap(statistic: Callable[[np.ndarray], float], n: int, seed: int) -> tuple[float | None, float | None]:
+def bootstrap_interval(statistic: Callable[[np.ndarray], float], n: int, seed: int) -> tuple[float | None, float | None]:
     """Percentile 95% interval of statistic(indices) over resampled prompt indices."""
     if n < 2:
         return None, None
@@ -136,7 +136,7 @@ def mean(values: Sequence[float], *, seed: int = 0) -> Estimate:
     x = np.asarray(values, dtype=float)
     if len(x) == 0:
         return Estimate(None, None, None, 0)
-    return Estimate(float(x.mean()), *_bootstrap(lambda i: x[i].mean(), len(x), seed), len(x))
+    return Estimate(float(x.mean()), *bootstrap_interval(lambda i: x[i].mean(), len(x), seed), len(x))
 
 
 def change(before: Sequence[float], after: Sequence[float], *, seed: int = 0) -> Estimate:
@@ -148,7 +148,7 @@ def change(before: Sequence[float], after: Sequence[float], *, seed: int = 0) ->
     if n == 0:
         return Estimate(None, None, None, 0)
     d = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
-    return Estimate(float(d.mean()), *_bootstrap(lambda i: d[i].mean(), n, seed), n)
+    return Estimate(float(d.mean()), *bootstrap_interval(lambda i: d[i].mean(), n, seed), n)
 
 
 def distinct_2(answer: str) -> float:

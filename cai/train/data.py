@@ -21,7 +21,7 @@ class DatasetError(CaiError, ValueError):
 
 
 def load_rows(source: str | Path) -> list[dict]:
-    """Rows from a `datasets` folder (save_to_disk), a .jsonl or a .json file."""
+    """Rows from a `datasets` folder (save_to_disk), a .jsonl (or .jsonl.gz) or a .json file."""
     path = Path(source)
     if not path.exists():
         raise DatasetError(f"{path}: no such file or folder (expected a datasets folder, .jsonl or .json)")
@@ -35,9 +35,12 @@ def load_rows(source: str | Path) -> list[dict]:
         if hasattr(ds, "keys"):
             raise DatasetError(f"{path} holds several splits ({', '.join(ds.keys())}); pass one split's folder")
         return list(ds)
-    if path.suffix == ".jsonl":
+    if path.suffix == ".jsonl" or path.name.endswith(".jsonl.gz"):
+        import gzip
+
+        text = gzip.decompress(path.read_bytes()).decode("utf-8") if path.suffix == ".gz" else path.read_text(encoding="utf-8")
         rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for n, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -49,7 +52,7 @@ def load_rows(source: str | Path) -> list[dict]:
         if not isinstance(rows, list):
             raise DatasetError(f"{path}: expected a JSON list of rows")
         return rows
-    raise DatasetError(f"{path}: unsupported file type; use a datasets folder, .jsonl or .json")
+    raise DatasetError(f"{path}: unsupported file type; use a datasets folder, .jsonl, .jsonl.gz or .json")
 
 
 def load_hh_pairs(path: str | Path) -> list[dict]:

@@ -1,0 +1,278 @@
+"""`cai judge eval`: how far a judge, under one or more constitutions, agrees with people.
+
+What someone editing a constitution runs to see whether the edit helped. For each constitution the
+same judge model compares the same human-labelled pairs (HH-RLHF transcripts, or prompt / chosen /
+rejected rows with an optional soft human label `p_chosen`) in both orders, and the run reports,
+each with a 95% interval:
+
+- agreement: the share of pairs where the judge prefers the people's choice (p > 0.5), overall and
+  per principle (the principle drawn for that pair, or every principle with `each_principle`);
+- position consistency: the share of pairs where the two orders did not pick the same slot;
+- option mass: how much probability the judge put on the option tokens at all;
+- label entropy: the mean binary entropy (bits) of its soft labels (1 = always undecided);
+- calibration against the human label: Brier score and ECE (10 equal-width bins). The people's
+  choice is put in slot A or B by a seeded coin per pair, so a judge that always says "A" is
+  neither agreeing nor calibrated.
+
+With two or more constitutions each one after the first gets a paired change in agreement on the
+same pairs. Writes OUT/judge-eval.json, OUT/judged.jsonl (every judgement) and OUT/judge-eval.html
+(plots). Answers go through the judge cache, so a killed run restarted with the same command only
+asks what it had not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from cai import yardsticks
+from cai.errors import CaiError
+
+logger = logging.getLogger(__name__)
+
+ECE_BINS = 10
+
+
+class JudgeEvalJob(BaseModel):
+    """Settings of one `cai judge eval` run (its command-line options are made from these fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pairs: str = Field(default="hh-harmless", description="Human-labelled pairs: HH-RLHF chosen/rejected transcripts, "
+                       "prompt/chosen/rejected rows (optional p_chosen: the share of people preferring chosen), "
+                       "or hh-harmless (48 shipped HH-RLHF pairs).")
+    constitutions: list[str] = Field(default=["harmless-helpful"], min_length=1, max_length=8,
+                                     description="Constitution files or shipped names, compared side by side (comma-separated).")
+    out: Path = Field(description="Output folder for judge-eval.json, judged.jsonl and judge-eval.html.")
+    judge_model: str = Field(default="smollm2-135m-instruct", description="The judge model; a judge is started for each constitution.")
+    judge_url: str | None = Field(default=None, description="A running judge server instead (it serves one constitution, so "
+                                  "only one may be given).")
+    limit: int = Field(default=64, ge=1, description="Use at most this many pairs (seeded order).")
+    each_principle: bool = Field(default=False, description="Judge every pair under every principle (slower); default: one "
+                                 "principle drawn per pair, as `cai generate prefs` does.")
+    seed: int = Field(default=0, description="Seeds the pair order, the A/B placement, the principle draws and the intervals.")
+    judge_cache: Path | None = Field(default=None, description="The judge answer cache (default ~/.cache/cai/judge-cache.sqlite).")
+
+
+class JudgeEvalError(CaiError, ValueError):
+    pass
+
+
+# -- the figures ------------------------------------------------------------------------------------
+
+
+def entropy_bits(p: float) -> float:
+    """Binary entropy of a soft label, in bits."""
+    if p <= 0.0 or p >= 1.0:
+        return 0.0
+    return -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
+def ece(probs: np.ndarray, targets: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error: per equal-width bin of the predicted probability, |mean prediction -
+    mean target|, weighted by the bin's share of the items."""
+    if len(probs) == 0:
+        return float("nan")
+    index = np.minimum((probs * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mask = index == b
+        if mask.any():
+            total += mask.mean() * abs(probs[mask].mean() - targets[mask].mean())
+    return float(total)
+
+
+def _bootstrapped(statistic, n: int, seed: int) -> yardsticks.Estimate:
+    if n == 0:
+        return yardsticks.Estimate(None, None, None, 0)
+    low, high = yardsticks.bootstrap_interval(statistic, n, seed)
+    return yardsticks.Estimate(float(statistic(np.arange(n))), low, high, n)
+
+
+def figures(judged: list[dict], seed: int) -> dict[str, Any]:
+    """The trust figures of one constitution's judgements (one row per pair: p_a, y_a, agree, ...)."""
+    p = np.array([r["p_a"] for r in judged], dtype=float)
+    y = np.array([r["y_a"] for r in judged], dtype=float)
+    n = len(judged)
+    per_principle: dict[str, list[bool]] = {}
+    for r in judged:
+        for pid, agrees in r["by_principle"].items():
+            per_principle.setdefault(pid, []).append(agrees)
+    return {
+        "n_pairs": n,
+        "agreement": yardsticks.rate([r["agree"] for r in judged]).as_dict(),
+        "position_consistency": yardsticks.rate([not r["same_position"] for r in judged]).as_dict(),
+        "option_mass": yardsticks.mean([r["option_mass"] for r in judged], seed=seed).as_dict(),
+        "label_entropy_bits": yardsticks.mean([entropy_bits(x) for x in p], seed=seed).as_dict(),
+        "brier": _bootstrapped(lambda i: float(((p[i] - y[i]) ** 2).mean()), n, seed).as_dict(),
+        "ece": _bootstrapped(lambda i: ece(p[i], y[i]), n, seed).as_dict(),
+        "per_principle": {pid: yardsticks.rate(flags).as_dict() for pid, flags in sorted(per_principle.items())},
+        "reliability": _reliability(p, y),
+    }
+
+
+def _reliability(p: np.ndarray, y: np.ndarray) -> list[dict]:
+    index = np.minimum((p * ECE_BINS).astype(int), ECE_BINS - 1)
+    return [{"bin": b, "n": int((index == b).sum()), "mean_p": float(p[index == b].mean()), "mean_y": float(y[index == b].mean())}
+            for b in range(ECE_BINS) if (index == b).any()]
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+
+def _placements(pairs: list[dict], seed: int) -> list[bool]:
+    """Per pair, whether the people's choice goes in slot A: a seeded coin, the same for every constitution."""
+    return [random.Random(f"{seed}:placement:{i}").random() < 0.5 for i in range(len(pairs))]
+
+
+def _requests(pairs: list[dict], chosen_first: list[bool], principle_ids: list[str] | None, seed: int) -> list:
+    from judge_server import protocol as P
+
+    reqs = []
+    for i, (pair, first) in enumerate(zip(pairs, chosen_first)):
+        a, b = (pair["chosen"], pair["rejected"]) if first else (pair["rejected"], pair["chosen"])
+        for pid in principle_ids or [None]:
+            reqs.append(P.CompareRequest(prompt=pair["prompt"], response_a=P.or_placeholder(a), response_b=P.or_placeholder(b),
+                                         seed=seed + i, principle_ids=[pid] if pid else None))
+    return reqs
+
+
+async def _ask(url: str, constitution, reqs: list, cache_path: Path, label: str, chunk: int = 16) -> list:
+    from cai.judge import Judge, first_error
+    from cai.judge_cache import JudgeCache
+    from cai.judge_client import JudgeClient
+    from cai.progress import progress_bar
+
+    cache = JudgeCache(cache_path)
+    results: list = []
+    try:
+        async with JudgeClient(url) as client:
+            judge = await Judge.connect(client, cache, constitution)  # refused if the server judges by another constitution
+            with progress_bar("pairs") as bar:
+                task = bar.add_task(label, total=len(reqs))
+                for i in range(0, len(reqs), chunk):
+                    answers = await judge.compare_many(reqs[i:i + chunk])
+                    first_error(answers)  # agreement needs every pair judged
+                    results += answers
+                    bar.update(task, advance=len(answers))
+    finally:
+        cache.close()
+    return results
+
+
+def _judge_one(job: JudgeEvalJob, name: str, pairs: list[dict], chosen_first: list[bool], url: str, cache_path: Path) -> list[dict]:
+    from cai.constitution import find_constitution, load_constitution
+
+    constitution = load_constitution(find_constitution(name))
+    ids = [p.id for p in constitution.principles] if job.each_principle else None
+    results = asyncio.run(_ask(url, constitution, _requests(pairs, chosen_first, ids, job.seed), cache_path,
+                               f"judge eval: {constitution.name}"))
+    per_pair = len(ids) if ids else 1
+    rows = []
+    for i, (pair, first) in enumerate(zip(pairs, chosen_first)):
+        mine = results[i * per_pair:(i + 1) * per_pair]
+        p_a = float(np.mean([r.p_a for r in mine]))
+        p_chosen_human = pair.get("p_chosen", 1.0)
+        by_principle = {r.principle_ids[0]: (r.p_a > 0.5) == first for r in mine}
+        rows.append({
+            "pair": i, "constitution": name, "constitution_hash": constitution.hash, "model": mine[0].model,
+            "chosen_in_a": first, "p_a": p_a, "y_a": p_chosen_human if first else 1.0 - p_chosen_human,
+            "p_chosen": p_a if first else 1.0 - p_a, "agree": (p_a > 0.5) == first,
+            "same_position": float(np.mean([r.same_position for r in mine])) > 0.5,
+            "option_mass": float(np.mean([r.option_mass for r in mine])), "by_principle": by_principle,
+        })
+    return rows
+
+
+def run_judge_eval(job: JudgeEvalJob) -> dict[str, Any]:
+    from cai.constitution import find_constitution, load_constitution
+    from cai.evaluate import human_pairs
+    from cai.judge_client import judge_endpoint
+    from cai.models import cache_dir
+
+    if job.judge_url and len(job.constitutions) > 1:
+        raise JudgeEvalError(f"--judge-url {job.judge_url} serves one constitution, and {len(job.constitutions)} were given; "
+                             "leave --judge-url out to start a judge for each, or give one constitution")
+    if len(set(job.constitutions)) != len(job.constitutions):
+        raise JudgeEvalError(f"constitutions: {job.constitutions} names one twice")
+    for name in job.constitutions:  # every file checked before any judge starts
+        load_constitution(find_constitution(name))
+    pairs = human_pairs(job.pairs, job.limit, job.seed)
+    if not pairs:
+        raise JudgeEvalError(f"{job.pairs}: no pairs short enough to judge (each pair is kept to 1500 characters)")
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_path = job.judge_cache or cache_dir() / "judge-cache.sqlite"
+    chosen_first = _placements(pairs, job.seed)
+    judged: dict[str, list[dict]] = {}
+    for name in job.constitutions:
+        with judge_endpoint(job.judge_url, model=job.judge_model, constitution=find_constitution(name), log_path=out / "judge.log") as url:
+            judged[name] = _judge_one(job, name, pairs, chosen_first, url, cache_path)
+    report = {name: {"hash": rows[0]["constitution_hash"], "model": rows[0]["model"], **figures(rows, job.seed)}
+              for name, rows in judged.items()}
+    first = job.constitutions[0]
+    for name in job.constitutions[1:]:
+        change = yardsticks.change([float(r["agree"]) for r in judged[first]], [float(r["agree"]) for r in judged[name]], seed=job.seed)
+        report[name]["agreement_change_vs_first"] = {"from": first, **change.as_dict(), "excludes_zero": change.excludes_zero}
+    doc = {"pairs": job.pairs, "n_pairs": len(pairs), "each_principle": job.each_principle, "seed": job.seed,
+           "interval": "95%: Wilson for shares, percentile bootstrap over pairs otherwise; changes paired on the same pairs",
+           "constitutions": report}
+    _write_atomic(out / "judged.jsonl", "".join(json.dumps(r) + "\n" for rows in judged.values() for r in rows))
+    _write_atomic(out / "judge-eval.json", json.dumps(doc, indent=2))
+    _write_atomic(out / "judge-eval.html", render_html(doc))
+    return {"out": str(out), "n_pairs": len(pairs),
+            "agreement": {name: r["agreement"]["value"] for name, r in report.items()},
+            "position_consistency": {name: r["position_consistency"]["value"] for name, r in report.items()}}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+# -- the page ---------------------------------------------------------------------------------------
+
+
+def _fmt(e: dict | None) -> str:
+    if not e or e.get("value") is None:
+        return "-"
+    if e.get("low") is None:
+        return f"{e['value']:.3g} (n={e['n']})"
+    return f"{e['value']:.3g} [{e['low']:.3g}, {e['high']:.3g}]"
+
+
+def render_html(doc: dict) -> str:
+    from cai.report_plots import agreement_bars, reliability_plot
+
+    rows = doc["constitutions"]
+    keys = [("agreement with people", "agreement"), ("position consistency", "position_consistency"),
+            ("option mass", "option_mass"), ("label entropy (bits)", "label_entropy_bits"), ("Brier", "brier"), ("ECE", "ece")]
+    head = "".join(f"<th>{html.escape(name)}<br><small>{r['hash'][:12]}</small></th>" for name, r in rows.items())
+    body = "".join(f"<tr><td>{label}</td>" + "".join(f"<td>{_fmt(r[key])}</td>" for r in rows.values()) + "</tr>"
+                   for label, key in keys)
+    changes = "".join(f"<li>{html.escape(name)} vs {html.escape(r['agreement_change_vs_first']['from'])}: agreement change "
+                      f"{_fmt(r['agreement_change_vs_first'])}{'' if r['agreement_change_vs_first']['excludes_zero'] else ' (within noise)'}</li>"
+                      for name, r in rows.items() if "agreement_change_vs_first" in r)
+    principle_tables = "".join(
+        f"<h3>{html.escape(name)}: agreement per principle</h3><table><tr><th>principle</th><th>agreement</th></tr>"
+        + "".join(f"<tr><td>{html.escape(pid)}</td><td>{_fmt(e)}</td></tr>" for pid, e in r["per_principle"].items()) + "</table>"
+        for name, r in rows.items())
+    plots = [agreement_bars({name: r["agreement"] for name, r in rows.items()}),
+             reliability_plot({name: r["reliability"] for name, r in rows.items()})]
+    images = "".join(f'<img alt="plot" src="{uri}">' for uri in plots if uri)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>cai judge eval</title>
+<style>body{{font-family:sans-serif;max-width:60rem;margin:2rem auto}}td,th{{padding:.2rem .6rem;border-bottom:1px solid #ddd;text-align:left}}
+img{{max-width:48%}}</style></head><body>
+<h1>Judge against human labels</h1>
+<p>{doc['n_pairs']} pairs from {html.escape(doc['pairs'])}; {html.escape(doc['interval'])}. Agreement near 0.5 is chance.</p>
+<table><tr><th></th>{head}</tr>{body}</table><ul>{changes}</ul>{images}{principle_tables}</body></html>"""
