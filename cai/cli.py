@@ -122,10 +122,10 @@ def constitution_convert(
         text = to_yaml(c, source=file.name)
     except ConstitutionError as e:
         _fail(str(e))
+    from cai.files import write_text_atomic
+
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(target)
+    write_text_atomic(target, text)
     console.print(f"wrote {target} ({c.name}, {len(c.principles)} principles, hash {c.short_hash})", highlight=False)
 
 

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cai import yardsticks
 from cai.errors import CaiError
+from cai.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -226,18 +227,12 @@ def run_judge_eval(job: JudgeEvalJob) -> dict[str, Any]:
     doc = {"pairs": job.pairs, "n_pairs": len(pairs), "each_principle": job.each_principle, "seed": job.seed,
            "interval": "95%: Wilson for shares, percentile bootstrap over pairs otherwise; changes paired on the same pairs",
            "constitutions": report}
-    _write_atomic(out / "judged.jsonl", "".join(json.dumps(r) + "\n" for rows in judged.values() for r in rows))
-    _write_atomic(out / "judge-eval.json", json.dumps(doc, indent=2))
-    _write_atomic(out / "judge-eval.html", render_html(doc))
+    write_text_atomic(out / "judged.jsonl", "".join(json.dumps(r) + "\n" for rows in judged.values() for r in rows))
+    write_text_atomic(out / "judge-eval.json", json.dumps(doc, indent=2))
+    write_text_atomic(out / "judge-eval.html", render_html(doc))
     return {"out": str(out), "n_pairs": len(pairs),
             "agreement": {name: r["agreement"]["value"] for name, r in report.items()},
             "position_consistency": {name: r["position_consistency"]["value"] for name, r in report.items()}}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 # -- the page ---------------------------------------------------------------------------------------

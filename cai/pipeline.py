@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from cai.files import write_text_atomic
 from cai.run_config import RunConfig, RunConfigError
 from cai.train.config import TrainConfig, TrainSettings
 from cai.train.ppo_config import PPOConfig
@@ -81,9 +82,7 @@ def _load_record(run_dir: Path, names: list[str]) -> dict[str, dict]:
 
 
 def _save_record(run_dir: Path, record: dict[str, dict]) -> None:
-    tmp = run_dir / "stages.json.tmp"
-    tmp.write_text(json.dumps({"stages": list(record.values())}, indent=2, default=str), encoding="utf-8")
-    tmp.replace(run_dir / "stages.json")
+    write_text_atomic(run_dir / "stages.json", json.dumps({"stages": list(record.values())}, indent=2, default=str))
 
 
 # -- the stages, in the order they run ---------------------------------------------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 import jinja2
 
+from cai.files import write_text_atomic
 from cai.report_plots import PANELS, is_number, length_bars, metric_panel, reward_hacking_plot
 
 logger = logging.getLogger(__name__)
@@ -294,9 +294,6 @@ def write_report(run_dir: Path) -> Path:
     """Write RUN_DIR/report.html (self-contained: inline CSS, embedded PNGs) and return its path."""
     run_dir = Path(run_dir)
     out = run_dir / "report.html"
-    tmp = out.with_suffix(".html.tmp")
-    # Written beside and renamed, so a browser never sees half a report.
-    tmp.write_text(render_report(run_dir), encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(out, render_report(run_dir))  # so a browser never sees half a report
     logger.info("report written to %s", out)
     return out
