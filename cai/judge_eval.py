@@ -78,18 +78,18 @@ def entropy_bits(p: float) -> float:
     return -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
 
 
+def reliability_bins(probs: np.ndarray, targets: np.ndarray, bins: int = ECE_BINS) -> list[dict]:
+    """Per non-empty equal-width bin of the predicted probability: its count, mean prediction and mean target."""
+    index = np.minimum((probs * bins).astype(int), bins - 1)  # p = 1.0 belongs to the last bin
+    return [{"bin": b, "n": int(mask.sum()), "mean_p": float(probs[mask].mean()), "mean_y": float(targets[mask].mean())}
+            for b in range(bins) if (mask := index == b).any()]
+
+
 def ece(probs: np.ndarray, targets: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Expected calibration error: per equal-width bin of the predicted probability, |mean prediction -
-    mean target|, weighted by the bin's share of the items."""
+    """Expected calibration error: per bin, |mean prediction - mean target| weighted by the bin's share of the items."""
     if len(probs) == 0:
         return float("nan")
-    index = np.minimum((probs * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        mask = index == b
-        if mask.any():
-            total += mask.mean() * abs(probs[mask].mean() - targets[mask].mean())
-    return float(total)
+    return float(sum(b["n"] * abs(b["mean_p"] - b["mean_y"]) for b in reliability_bins(probs, targets, bins)) / len(probs))
 
 
 def _bootstrapped(statistic, n: int, seed: int) -> yardsticks.Estimate:
@@ -117,14 +117,8 @@ def figures(judged: list[dict], seed: int) -> dict[str, Any]:
         "brier": _bootstrapped(lambda i: float(((p[i] - y[i]) ** 2).mean()), n, seed).as_dict(),
         "ece": _bootstrapped(lambda i: ece(p[i], y[i]), n, seed).as_dict(),
         "per_principle": {pid: yardsticks.rate(flags).as_dict() for pid, flags in sorted(per_principle.items())},
-        "reliability": _reliability(p, y),
+        "reliability": reliability_bins(p, y),
     }
-
-
-def _reliability(p: np.ndarray, y: np.ndarray) -> list[dict]:
-    index = np.minimum((p * ECE_BINS).astype(int), ECE_BINS - 1)
-    return [{"bin": b, "n": int((index == b).sum()), "mean_p": float(p[index == b].mean()), "mean_y": float(y[index == b].mean())}
-            for b in range(ECE_BINS) if (index == b).any()]
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -170,10 +164,8 @@ async def _ask(url: str, constitution, reqs: list, cache_path: Path, label: str,
     return results
 
 
-def _judge_one(job: JudgeEvalJob, name: str, pairs: list[dict], chosen_first: list[bool], url: str, cache_path: Path) -> list[dict]:
-    from cai.constitution import find_constitution, load_constitution
-
-    constitution = load_constitution(find_constitution(name))
+def _judge_one(job: JudgeEvalJob, name: str, constitution, pairs: list[dict], chosen_first: list[bool], url: str,
+               cache_path: Path) -> list[dict]:
     ids = [p.id for p in constitution.principles] if job.each_principle else None
     results = asyncio.run(_ask(url, constitution, _requests(pairs, chosen_first, ids, job.seed), cache_path,
                                f"judge eval: {constitution.name}"))
@@ -205,8 +197,8 @@ def run_judge_eval(job: JudgeEvalJob) -> dict[str, Any]:
                              "leave --judge-url out to start a judge for each, or give one constitution")
     if len(set(job.constitutions)) != len(job.constitutions):
         raise JudgeEvalError(f"constitutions: {job.constitutions} names one twice")
-    for name in job.constitutions:  # every file checked before any judge starts
-        load_constitution(find_constitution(name))
+    paths = {name: find_constitution(name) for name in job.constitutions}
+    constitutions = {name: load_constitution(path) for name, path in paths.items()}  # every file checked before any judge starts
     pairs = human_pairs(job.pairs, job.limit, job.seed)
     if not pairs:
         raise JudgeEvalError(f"{job.pairs}: no pairs short enough to judge (each pair is kept to 1500 characters)")
@@ -215,9 +207,9 @@ def run_judge_eval(job: JudgeEvalJob) -> dict[str, Any]:
     cache_path = job.judge_cache or cache_dir() / "judge-cache.sqlite"
     chosen_first = _placements(pairs, job.seed)
     judged: dict[str, list[dict]] = {}
-    for name in job.constitutions:
-        with judge_endpoint(job.judge_url, model=job.judge_model, constitution=find_constitution(name), log_path=out / "judge.log") as url:
-            judged[name] = _judge_one(job, name, pairs, chosen_first, url, cache_path)
+    for name, constitution in constitutions.items():
+        with judge_endpoint(job.judge_url, model=job.judge_model, constitution=paths[name], log_path=out / "judge.log") as url:
+            judged[name] = _judge_one(job, name, constitution, pairs, chosen_first, url, cache_path)
     report = {name: {"hash": rows[0]["constitution_hash"], "model": rows[0]["model"], **figures(rows, job.seed)}
               for name, rows in judged.items()}
     first = job.constitutions[0]
