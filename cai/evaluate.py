@@ -139,7 +139,7 @@ def human_pairs(path: str, limit: int, seed: int) -> list[dict]:
     """Up to `limit` human-labelled pairs (prompt, chosen, rejected), short enough to judge, in a seeded order."""
     import random
 
-    from cai.train.data import DatasetError, load_hh_pairs, load_rows
+    from cai.train.data import DatasetError, hh_pairs_from_rows, load_rows
 
     if path in BUILTIN_HUMAN_PAIRS:
         path = str(BUILTIN_HUMAN_PAIRS[path])
@@ -149,7 +149,7 @@ def human_pairs(path: str, limit: int, seed: int) -> list[dict]:
     try:
         rows = load_rows(path)
         if rows and "prompt" not in rows[0]:  # HH-RLHF: whole transcripts in chosen/rejected
-            rows = load_hh_pairs(path)
+            rows = hh_pairs_from_rows(rows)
         pairs = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
         for n, (row, pair) in enumerate(zip(rows, pairs), start=1):  # an optional soft label: the share of people preferring chosen
             if "p_chosen" in row:

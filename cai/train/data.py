@@ -56,28 +56,28 @@ def load_rows(source: str | Path) -> list[dict]:
 
 
 def load_hh_pairs(path: str | Path) -> list[dict]:
-    """Anthropic HH-RLHF rows ("chosen"/"rejected" transcripts, .jsonl or .jsonl.gz) as prompt/chosen/rejected.
+    """Anthropic HH-RLHF rows ("chosen"/"rejected" transcripts, .jsonl or .jsonl.gz) as prompt/chosen/rejected."""
+    return hh_pairs_from_rows(load_rows(path))
+
+
+def hh_pairs_from_rows(rows: list[dict]) -> list[dict]:
+    """HH-RLHF transcript rows as prompt/chosen/rejected.
 
     The prompt is the conversation before the final assistant turn (earlier turns kept as text);
     pairs whose contexts differ, or whose final replies are empty or equal, are skipped.
     """
-    import gzip
     import re
 
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
     out = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            cut_c, cut_r = row["chosen"].rfind("\n\nAssistant:"), row["rejected"].rfind("\n\nAssistant:")
-            context = row["chosen"][:cut_c]
-            chosen, rejected = row["chosen"][cut_c + 12:].strip(), row["rejected"][cut_r + 12:].strip()
-            if context != row["rejected"][:cut_r] or not chosen or not rejected or chosen == rejected:
-                continue
-            prompt = re.sub(r"^\s*Human:\s*", "", context.strip())
-            prompt = prompt.replace("\n\nHuman:", "\nUser:").replace("\n\nAssistant:", "\nAssistant:")
-            out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    for row in rows:
+        cut_c, cut_r = row["chosen"].rfind("\n\nAssistant:"), row["rejected"].rfind("\n\nAssistant:")
+        context = row["chosen"][:cut_c]
+        chosen, rejected = row["chosen"][cut_c + 12:].strip(), row["rejected"][cut_r + 12:].strip()
+        if context != row["rejected"][:cut_r] or not chosen or not rejected or chosen == rejected:
+            continue
+        prompt = re.sub(r"^\s*Human:\s*", "", context.strip())
+        prompt = prompt.replace("\n\nHuman:", "\nUser:").replace("\n\nAssistant:", "\nAssistant:")
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return out
 
 
