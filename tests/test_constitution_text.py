@@ -4,27 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import yaml
 from typer.testing import CliRunner
 
 from cai.cli import app
-from cai.constitution import ConstitutionError, find_constitution, load_constitution
+from cai.constitution import find_constitution, load_constitution
 from cai.constitution_text import CRITIQUE_TEMPLATE, MAX_PRINCIPLE_CHARS, REVISION_TEMPLATE
+from tests.test_constitution import problems_of, write
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "plain-constitution.md"
-
-
-def write(tmp_path: Path, text: str, name: str = "c.txt") -> Path:
-    p = tmp_path / name
-    p.write_text(text, encoding="utf-8")
-    return p
-
-
-def problems_of(path: Path) -> list:
-    with pytest.raises(ConstitutionError) as info:
-        load_constitution(path)
-    return info.value.problems
 
 
 def test_paragraphs_and_list_items_are_principles_with_templated_requests():
@@ -59,7 +47,7 @@ def test_hash_is_of_the_content_not_the_layout(tmp_path):
 
 
 def test_problems_name_the_file_and_line(tmp_path):
-    path = write(tmp_path, "# Rules\n\nChoose the kinder response.\n\nSomething else.\n\nChoose the kinder response.\n\n[x]\n")
+    path = write(tmp_path, "# Rules\n\nChoose the kinder response.\n\nSomething else.\n\nChoose the kinder response.\n\n[x]\n", "c.txt")
     problems = problems_of(path)
     assert [str(p) for p in problems] == [
         f"{path}:9: principle [x] has no text after its id",
