@@ -3,7 +3,7 @@
 `settings_command(schema, run)` returns a typer command whose options are the pydantic model's
 fields: the flag is the field's name (`batch_size` -> `--batch-size`), its help is the field's
 description and default, booleans get `--name/--no-name` (or the field's `json_schema_extra["cli"]`),
-list fields take comma-separated values, `Literal` fields list their choices, and a field that is itself
+list fields take comma-separated values (the flag may be repeated too), `Literal` fields list their choices, and a field that is itself
 a settings model (a generator's `sampling`) contributes its own fields as options, one level deep. `--config FILE` reads
 a YAML file of the same settings; flags given on the command line override it. What is wrong is
 reported by `load_config` with the file (or "flags") and the field named.
@@ -73,15 +73,18 @@ def settings_command(schema: type[BaseModel], run: Callable[[BaseModel], None], 
             flag = (field.json_schema_extra or {}).get("cli", f"{flag}/--no-{name.replace('_', '-')}")
         envvar = (field.json_schema_extra or {}).get("envvar")
         option = typer.Option(flag, help=help_text, show_default=False, envvar=envvar, show_envvar=bool(envvar))
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], option]))
+        shape = Optional[list[kind]] if is_list else Optional[kind]  # a list flag may be repeated, each comma-separated
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[shape, option]))
 
     def command(**given: Any) -> None:
         config = given.pop("config")
         overrides: dict[str, Any] = {}
         for k, v in given.items():
-            if v is None:
+            if v is None or (k in lists and not v):
                 continue
-            v = v.split(",") if k in lists and "," in v else v
+            if k in lists:
+                parts = [p for given_once in v for p in given_once.split(",")]
+                v = parts if len(parts) > 1 or _takes_list_only(schema, k, nested) else parts[0]
             if k in nested:  # merged into the nested model's values from --config, if any (load_config)
                 overrides.setdefault(nested[k], {})[k] = v
             else:
@@ -94,6 +97,14 @@ def settings_command(schema: type[BaseModel], run: Callable[[BaseModel], None], 
     command.__signature__ = inspect.Signature(params)  # typer reads the options from here
     command.__doc__ = doc
     return command
+
+
+def _takes_list_only(schema: type[BaseModel], name: str, nested: dict[str, str]) -> bool:
+    """Whether the field `name` (of `schema`, or of its nested model) accepts a list but no single string."""
+    model = schema.model_fields[nested[name]].annotation if name in nested else schema
+    annotation = model.model_fields[name].annotation
+    args = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    return str not in args
 
 
 def _print_error(message: str) -> None:

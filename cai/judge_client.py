@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import httpx
 from pydantic import BaseModel
@@ -31,6 +31,9 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from cai.errors import CaiError
 from judge_server import protocol as P
+
+if TYPE_CHECKING:  # the client side imports only the protocol at run time (tests/test_layers.py)
+    from judge_server.settings import BackendSettings
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
@@ -188,8 +191,10 @@ class LocalJudge:
     """
 
     def __init__(self, model: str, constitution: str | Path, *, port: int | None = None, log_path: str | Path | None = None,
-                 start_timeout: float = 600.0, extra_args: Sequence[str] = (), env: dict[str, str] | None = None):
+                 start_timeout: float = 600.0, extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
+                 backends: BackendSettings | None = None):
         self.model, self.constitution = model, str(constitution)
+        self.backends = backends
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="cai-judge-", suffix=".log")[1])
@@ -200,7 +205,7 @@ class LocalJudge:
 
     def start(self) -> LocalJudge:
         cmd = [sys.executable, "-m", "judge_server", "--model", self.model, "--constitution", self.constitution,
-               "--port", str(self.port), *self.extra_args]
+               "--port", str(self.port), *(self.backends.command_line() if self.backends else []), *self.extra_args]
         logger.info("starting judge: %s (log: %s)", " ".join(cmd), self.log_path)
         log = open(self.log_path, "ab")
         env = {**(os.environ if self.env is None else self.env), P.PARENT_PID_ENV: str(os.getpid())}  # it stops when we are gone
@@ -243,10 +248,11 @@ class LocalJudge:
 
 
 @contextmanager
-def judge_endpoint(url: str | None, *, model: str, constitution: str | Path, log_path: str | Path | None = None) -> Iterator[str]:
-    """The URL of a judge to use: `url` as given, or a `LocalJudge` started for `model` (stopped on exit)."""
+def judge_endpoint(url: str | None, *, model: str, constitution: str | Path, log_path: str | Path | None = None,
+                   backends: BackendSettings | None = None) -> Iterator[str]:
+    """The URL of a judge to use: `url` as given, or a `LocalJudge` started for `model` (or on `backends`), stopped on exit."""
     if url:
         yield url.rstrip("/")
         return
-    with LocalJudge(model, constitution, log_path=log_path) as judge:
+    with LocalJudge(model, constitution, log_path=log_path, backends=backends) as judge:
         yield judge.url

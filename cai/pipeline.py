@@ -57,7 +57,7 @@ def run_pipeline(cfg: RunConfig, config_path: str | Path | None = None) -> Path:
         if cfg.judge.url is None:
             logger.info("starting the judge server (vLLM, %s); the first start takes about a minute", cfg.judge.model or cfg.model)
         with judge_endpoint(cfg.judge.url, model=cfg.judge.model or cfg.model, constitution=find_constitution(cfg.judge.constitution),
-                            log_path=run_dir / "judge.log") as url:
+                            log_path=run_dir / "judge.log", backends=cfg.judge.backends) as url:
             run = Run(cfg, url)
             for name, fn in todo:
                 logger.info("stage %s: %s", name, "resuming" if record[name]["status"] == "running" else "starting")

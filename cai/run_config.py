@@ -20,6 +20,7 @@ from cai.generate.prefs import PrefsJob
 from cai.generate.sft import SftJob
 from cai.train.config import TrainSettings
 from cai.train.ppo_config import PPOSettings
+from judge_server.settings import BackendSettings
 
 
 class RunConfigError(ConfigError):
@@ -34,6 +35,9 @@ class JudgeSection(_Section):
     model: str | None = Field(default=None, description="Judge model to serve (default: the policy model).")
     url: str | None = Field(default=None, description="Use a running judge server instead of starting one.")
     constitution: str = Field(default="harmless-helpful", description="Constitution file or shipped name.")
+    backends: BackendSettings = Field(default_factory=BackendSettings, description="The model behind a judge the run starts: "
+                                      "its own vLLM engine (default), or OpenAI-compatible servers (backend: openai, "
+                                      "backend_url: [...], backend_model: NAME).")
 
 
 class PromptsSection(_Section):

@@ -23,8 +23,9 @@ from starlette.exceptions import HTTPException
 
 from cai.constitution import UnknownPrincipleError
 from judge_server import protocol as P
+from judge_server.backends import BackendError, BackendUnavailableError
 from judge_server.constitutions import ConstitutionStore, UnknownConstitutionError
-from judge_server.engine import JudgeEngine, PromptTooLongError
+from judge_server.engine import Engine, PromptTooLongError
 from judge_server.service import JudgeService, OverloadedError
 from judge_server.settings import ServerSettings
 
@@ -83,7 +84,18 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def build_app(settings: ServerSettings, engine_factory: Callable[[ServerSettings], JudgeEngine] = JudgeEngine.start) -> FastAPI:
+def start_engine(settings: ServerSettings) -> Engine:
+    """The engine the settings ask for: vLLM in this process, or OpenAI-compatible servers."""
+    if settings.backends.backend == "openai":
+        from judge_server.openai_engine import start_openai_engine
+
+        return start_openai_engine(settings)
+    from judge_server.engine import VLLMEngine
+
+    return VLLMEngine.start(settings)
+
+
+def build_app(settings: ServerSettings, engine_factory: Callable[[ServerSettings], Engine] = start_engine) -> FastAPI:
     store = ConstitutionStore(settings.constitution)  # a bad file fails here, before the engine starts
     metrics = Metrics()
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
@@ -92,16 +104,17 @@ def build_app(settings: ServerSettings, engine_factory: Callable[[ServerSettings
     async def lifespan(app: FastAPI):
         engine = engine_factory(settings)
         app.state.service = JudgeService(engine, store, settings.max_queue)
-        # The first request through a fresh CPU engine is many times slower: pay it before serving.
-        await app.state.service.compare(P.CompareRequest(prompt="Hi", response_a="Hello!", response_b="Hey."))
-        logger.info("judge ready: %s, constitution %s", settings.model, store.current().short_hash)
         try:
+            # The first request through a fresh CPU engine is many times slower: pay it before serving. On a
+            # backend it checks the servers answer the model's log-probabilities before anything is admitted.
+            await app.state.service.compare(P.CompareRequest(prompt="Hi", response_a="Hello!", response_b="Hey."))
+            logger.info("judge ready: %s, constitution %s", engine.model_name, store.current().short_hash)
             yield
         finally:
-            engine.shutdown()
+            await engine.aclose()
 
     app = FastAPI(title="cai judge", version="1", lifespan=lifespan,
-                  responses={code: {"model": P.ErrorResponse} for code in (401, 409, 413, 422, 429, 500)})
+                  responses={code: {"model": P.ErrorResponse} for code in (401, 409, 413, 422, 429, 500, 502, 503)})
     app.state.settings = settings
     app.state.store = store
     app.state.metrics = metrics
@@ -212,14 +225,23 @@ def build_app(settings: ServerSettings, engine_factory: Callable[[ServerSettings
     @app.get("/health", response_model=P.Health)
     async def health(request: Request):
         s = svc(request)
-        return P.Health(status="ok", model=settings.model, constitution_hash=store.current().hash,
-                        queue_depth=s.pending, max_queue=s.max_queue)
+        pool = getattr(s.engine, "pool", None)
+        return P.Health(status="ok", model=s.engine.model_name, constitution_hash=store.current().hash,
+                        queue_depth=s.pending, max_queue=s.max_queue,
+                        backends_up=sum(b.healthy for b in pool.backends) if pool else None,
+                        backends_total=len(pool.backends) if pool else None)
 
     @app.get("/v1/constitution", response_model=P.ConstitutionInfo)
     async def constitution():
         c = store.current()
         return P.ConstitutionInfo(name=c.name, hash=c.hash, path=str(store.path), reload_error=store.reload_error,
                                   principles=[P.PrincipleInfo(**p.model_dump()) for p in c.principles])
+
+    @app.get("/v1/backends", response_model=list[P.BackendState])
+    async def backends(request: Request):
+        """With --backend openai: each backend's health and load (empty for the in-process engine)."""
+        pool = getattr(svc(request).engine, "pool", None)
+        return [P.BackendState(**state) for state in pool.states()] if pool else []
 
     @app.get("/metrics")
     async def prometheus():
@@ -236,7 +258,7 @@ class _Answer(Exception):
         self.response = response
 
 
-ITEM_ERRORS = (UnknownPrincipleError, UnknownConstitutionError, PromptTooLongError)
+ITEM_ERRORS = (UnknownPrincipleError, UnknownConstitutionError, PromptTooLongError, BackendError, BackendUnavailableError)
 
 
 def _item_error(exc: Exception) -> tuple[int, P.ErrorBody]:
@@ -245,6 +267,10 @@ def _item_error(exc: Exception) -> tuple[int, P.ErrorBody]:
         return 422, P.ErrorBody(type="invalid_request", message=str(exc), field="principle_id")
     if isinstance(exc, UnknownConstitutionError):
         return 409, P.ErrorBody(type="conflict", message=str(exc), field="constitution_hash")
+    if isinstance(exc, BackendError):
+        return 502, P.ErrorBody(type="backend_error", message=str(exc))
+    if isinstance(exc, BackendUnavailableError):
+        return 503, P.ErrorBody(type="backend_unavailable", message=str(exc))
     return 422, P.ErrorBody(type="invalid_request", message=str(exc))
 
 

@@ -1,8 +1,15 @@
-"""The judge's only inference path: a vLLM async engine in the server process.
+"""The judge's inference engines: what `JudgeService` asks of a model, and the in-process vLLM engine.
 
-`JudgeEngine` turns chat messages into token ids (the model's own chat template), generates
-text, and reads the log-probabilities of chosen next tokens (vLLM's `logprob_token_ids`, which
-returns the raw log-softmax of exactly the tokens asked for, wherever they rank).
+An engine builds prompts from chat messages (`encode`), generates text, and reads the
+log-probability that the next token spells each of a few options ("A"/"B", "1".."10"). Two kinds:
+
+- `VLLMEngine` (here): a vLLM async engine inside the server process. It reads the raw
+  log-softmax of exactly the option tokens (vLLM's `logprob_token_ids`), wherever they rank.
+- `judge_server.openai_engine`: any OpenAI-compatible server (`vllm serve`, SGLang, llama.cpp,
+  a hosted API), over HTTP, through `judge_server.backends`.
+
+Engines that know the model's tokenizer (`TokenizedEngine`) apply its chat template themselves,
+so the prompt is exact and its length is checked before anything is sent.
 """
 
 from __future__ import annotations
@@ -10,7 +17,9 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from functools import cache
 
 logger = logging.getLogger(__name__)
 
@@ -28,21 +37,112 @@ class Generation:
     completion_tokens: int
 
 
-class JudgeEngine:
-    """Wraps `vllm.v1.engine.async_llm.AsyncLLM`; construct with `JudgeEngine.start(settings)`."""
+@dataclass(frozen=True)
+class Prompt:
+    """A judge prompt: the chat messages, the text that opens the assistant's turn, and (when the engine knows the
+    tokenizer) the exact token ids of both, chat template applied."""
 
-    def __init__(self, llm, tokenizer, model_name: str, max_prompt_tokens: int, max_new_tokens: int):
-        self.llm = llm
+    messages: list[dict[str, str]]
+    prefix: str = ""
+    ids: list[int] | None = field(default=None, repr=False)
+
+
+def logsumexp(values: list[float]) -> float:
+    top = max(values, default=-math.inf)
+    if top == -math.inf:
+        return -math.inf
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+class Engine(ABC):
+    """What the judge service needs of a model. Token totals feed /metrics."""
+
+    model_name: str
+    prompt_tokens_total: int = 0
+    completion_tokens_total: int = 0
+
+    @abstractmethod
+    def encode(self, messages: list[dict[str, str]], assistant_prefix: str = "", what: str = "") -> Prompt:
+        """The prompt for these messages with the assistant's turn opened by `assistant_prefix`; PromptTooLongError when too long."""
+
+    @abstractmethod
+    async def generate(self, prompt: Prompt, *, max_tokens: int, temperature: float, seed: int) -> Generation: ...
+
+    @abstractmethod
+    async def option_logprobs(self, prompt: Prompt, options: list[str]) -> list[float]:
+        """For each option, log P(the next token spells it) (with or without a leading space); -inf when unseen."""
+
+    def splits(self, text: str) -> bool:
+        """Whether `text` is known to take more than one token (so a caller reads it one token at a time with `then`)."""
+        return False
+
+    def then(self, prompt: Prompt, text: str) -> Prompt:
+        """`prompt` followed by the single token `text`."""
+        return Prompt(prompt.messages, prompt.prefix + text)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class TokenizedEngine(Engine):
+    """An engine that knows the model's tokenizer: exact prompt ids, lengths checked, options as token ids."""
+
+    def __init__(self, tokenizer, model_name: str, max_prompt_tokens: int, max_new_tokens: int):
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_prompt_tokens = max_prompt_tokens
         self.max_new_tokens = max_new_tokens
         self.prompt_tokens_total = 0
         self.completion_tokens_total = 0
+
+    def encode(self, messages: list[dict[str, str]], assistant_prefix: str = "", what: str = "") -> Prompt:
+        """Chat-template the messages, open the assistant turn, append a prefix; check the length."""
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + assistant_prefix
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) > self.max_prompt_tokens:
+            raise PromptTooLongError(len(ids), self.max_prompt_tokens, what)
+        return Prompt(messages, assistant_prefix, ids)
+
+    @cache  # noqa: B019 - a handful of option strings per engine, for the engine's lifetime
+    def token_ids(self, text: str) -> tuple[int, ...]:
+        """Ids of the single-token spellings of `text` (with and without a leading space)."""
+        out: list[int] = []
+        for variant in (text, " " + text):
+            ids = self.tokenizer.encode(variant, add_special_tokens=False)
+            if len(ids) == 1 and ids[0] not in out:
+                out.append(ids[0])
+        return tuple(out)
+
+    def splits(self, text: str) -> bool:
+        return not self.token_ids(text)
+
+    def then(self, prompt: Prompt, text: str) -> Prompt:
+        (first, *_) = self.token_ids(text) or (None,)
+        if first is None:
+            raise ValueError(f"{text!r} is not one token of {self.model_name}'s tokenizer")
+        return Prompt(prompt.messages, prompt.prefix + text, [*prompt.ids, first])
+
+    async def option_logprobs(self, prompt: Prompt, options: list[str]) -> list[float]:
+        groups = [self.token_ids(o) for o in options]
+        flat = list(dict.fromkeys(t for g in groups for t in g))
+        lp = await self.token_logprobs(prompt.ids, flat) if flat else {}
+        return [logsumexp([lp.get(t, -math.inf) for t in g]) for g in groups]
+
+    @abstractmethod
+    async def token_logprobs(self, prompt_ids: list[int], token_ids: list[int]) -> dict[int, float]:
+        """Raw log P(next token = t) for each t in token_ids (-inf, or absent, when the engine did not see it)."""
+
+
+class VLLMEngine(TokenizedEngine):
+    """Wraps `vllm.v1.engine.async_llm.AsyncLLM` in this process; construct with `VLLMEngine.start(settings)`."""
+
+    def __init__(self, llm, tokenizer, model_name: str, max_prompt_tokens: int, max_new_tokens: int):
+        super().__init__(tokenizer, model_name, max_prompt_tokens, max_new_tokens)
+        self.llm = llm
         self._ids = itertools.count()
 
     @classmethod
-    def start(cls, settings) -> JudgeEngine:
+    def start(cls, settings) -> VLLMEngine:
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -60,40 +160,20 @@ class JudgeEngine:
             raise ModelResolutionError(f"model {settings.model} has no chat template; the judge needs an instruction-tuned model")
         return cls(llm, tokenizer, settings.model, settings.max_prompt_tokens, settings.max_new_tokens)
 
-    def shutdown(self) -> None:
+    async def aclose(self) -> None:
         self.llm.shutdown()
 
-    # -- prompts ------------------------------------------------------------------------
-    def encode(self, messages: list[dict[str, str]], assistant_prefix: str = "", what: str = "") -> list[int]:
-        """Chat-template the messages, open the assistant turn, append a prefix; check the length."""
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + assistant_prefix
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if len(ids) > self.max_prompt_tokens:
-            raise PromptTooLongError(len(ids), self.max_prompt_tokens, what)
-        return ids
-
-    def token_ids(self, text: str) -> list[int]:
-        """Ids of the single-token spellings of `text` (with and without a leading space)."""
-        out = []
-        for variant in (text, " " + text):
-            ids = self.tokenizer.encode(variant, add_special_tokens=False)
-            if len(ids) == 1 and ids[0] not in out:
-                out.append(ids[0])
-        return out
-
-    # -- inference ----------------------------------------------------------------------
-    async def generate(self, prompt_ids: list[int], *, max_tokens: int, temperature: float, seed: int) -> Generation:
+    async def generate(self, prompt: Prompt, *, max_tokens: int, temperature: float, seed: int) -> Generation:
         from vllm import SamplingParams
 
         max_tokens = min(max_tokens, self.max_new_tokens)
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed if temperature > 0 else None)
-        final = await self._run(prompt_ids, params)
+        final = await self._run(prompt.ids, params)
         out = final.outputs[0]
         self.completion_tokens_total += len(out.token_ids)
-        return Generation(text=out.text.strip(), prompt_tokens=len(prompt_ids), completion_tokens=len(out.token_ids))
+        return Generation(text=out.text.strip(), prompt_tokens=len(prompt.ids), completion_tokens=len(out.token_ids))
 
-    async def next_token_logprobs(self, prompt_ids: list[int], token_ids: list[int]) -> dict[int, float]:
-        """Raw log P(next token = t) for each t in token_ids (one forward step, no sampling)."""
+    async def token_logprobs(self, prompt_ids: list[int], token_ids: list[int]) -> dict[int, float]:
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(token_ids))
@@ -108,4 +188,3 @@ class JudgeEngine:
         async for output in self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id=request_id):
             final = output
         return final
-

@@ -151,7 +151,8 @@ class ScoreResult(_Model):
 
 
 class ErrorBody(_Model):
-    type: str = Field(description="Machine-readable kind: invalid_request, unauthorized, not_found, conflict, too_large, overloaded, internal.")
+    type: str = Field(description="Machine-readable kind: invalid_request, unauthorized, not_found, conflict, too_large, overloaded, "
+                      "backend_error, backend_unavailable, internal.")
     message: str
     field: str | None = None
 
@@ -214,9 +215,19 @@ class ConstitutionInfo(_Model):
     reload_error: str | None = Field(default=None, description="Why the last edit of the file was not loaded (the last good version is served).")
 
 
+class BackendState(_Model):
+    backend: str = Field(description="'backend N (URL)', as logs and errors name it.")
+    healthy: bool
+    in_flight: int = Field(description="Requests sent to it and not yet answered.")
+    requests: int = Field(description="Requests sent to it since start-up.")
+    failures: int = Field(description="Times it was taken out.")
+
+
 class Health(_Model):
     status: Literal["ok"]
     model: str
     constitution_hash: str
     queue_depth: int
     max_queue: int
+    backends_up: int | None = Field(default=None, description="With --backend openai: the backends now healthy, of backends_total.")
+    backends_total: int | None = None

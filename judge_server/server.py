@@ -22,6 +22,8 @@ def serve(settings: ServerSettings) -> None:
     from cai.constitution import find_constitution, load_constitution
 
     settings.check_bind()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")  # uvicorn's own lines look alike
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per backend request
     _stop_with_parent()
     path = find_constitution(settings.constitution)
     load_constitution(path)  # a broken file is an error here, before the engine starts

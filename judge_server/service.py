@@ -12,13 +12,12 @@ import asyncio
 import hashlib
 import math
 from contextlib import contextmanager
-from functools import cached_property
 
 from cai.constitution import Constitution, Principle
 from judge_server import protocol as P
 from judge_server import templates
 from judge_server.constitutions import ConstitutionStore
-from judge_server.engine import JudgeEngine, PromptTooLongError
+from judge_server.engine import Engine, Prompt, PromptTooLongError
 
 
 class OverloadedError(RuntimeError):
@@ -27,7 +26,7 @@ class OverloadedError(RuntimeError):
 
 
 class JudgeService:
-    def __init__(self, engine: JudgeEngine, store: ConstitutionStore, max_queue: int):
+    def __init__(self, engine: Engine, store: ConstitutionStore, max_queue: int):
         self.engine = engine
         self.store = store
         self.max_queue = max_queue
@@ -44,43 +43,28 @@ class JudgeService:
         finally:
             self.pending -= n_items
 
-    # -- token ids of the answer options (looked up once) ---------------------------------
-    @cached_property
-    def _option_ids(self) -> tuple[list[int], list[int]]:
-        a, b = self.engine.token_ids("A"), self.engine.token_ids("B")
-        if not a or not b:
-            raise RuntimeError(f"tokenizer of {self.engine.model_name} has no single token for 'A'/'B'")
-        return a, b
-
-    @cached_property
-    def _rating_ids(self) -> tuple[list[list[int]], list[int] | None]:
-        """Ids for ratings 1..10; when "10" is not one token, rating 10 is read as "1" then "0"."""
-        ids = [self.engine.token_ids(str(r)) for r in range(1, 11)]
-        if any(not t for t in ids[:9]):
-            raise RuntimeError(f"tokenizer of {self.engine.model_name} has no single tokens for the digits 1-9")
-        zero = self.engine.token_ids("0") if not ids[9] else None
-        return ids, zero
-
     # -- endpoints ------------------------------------------------------------------------
     async def critique(self, req: P.CritiqueRequest) -> P.CritiqueResult:
         c = self.store.get(req.constitution_hash)
         principle = self._pick(c, req.principle_id, req.seed, req.prompt, req.response)
-        ids = self._encode_with_examples(lambda k: templates.critique_messages(c, principle, req.prompt, req.response, k), "critique")
-        gen = await self.engine.generate(ids, max_tokens=req.generation.max_tokens, temperature=req.generation.temperature, seed=req.seed)
+        prompt = self._encode_with_examples(lambda k: templates.critique_messages(c, principle, req.prompt, req.response, k), "critique")
+        gen = await self.engine.generate(prompt, max_tokens=req.generation.max_tokens, temperature=req.generation.temperature, seed=req.seed)
         return P.CritiqueResult(critique=gen.text, principle_id=principle.id, constitution_hash=c.hash, model=self.engine.model_name,
                                 prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
 
     async def revise(self, req: P.ReviseRequest) -> P.ReviseResult:
         c = self.store.get(req.constitution_hash)
         principle = c.principle(req.principle_id)
-        ids = self._encode_with_examples(
+        prompt = self._encode_with_examples(
             lambda k: templates.revision_messages(c, principle, req.prompt, req.response, req.critique, k), "revision")
-        gen = await self.engine.generate(ids, max_tokens=req.generation.max_tokens, temperature=req.generation.temperature, seed=req.seed)
+        gen = await self.engine.generate(prompt, max_tokens=req.generation.max_tokens, temperature=req.generation.temperature, seed=req.seed)
         return P.ReviseResult(revision=gen.text, principle_id=principle.id, constitution_hash=c.hash, model=self.engine.model_name,
                               prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
 
     async def compare(self, req: P.CompareRequest) -> P.CompareResult:
         c = self.store.get(req.constitution_hash)
+        if self.engine.splits("A") or self.engine.splits("B"):
+            raise RuntimeError(f"tokenizer of {self.engine.model_name} has no single token for 'A'/'B'")
         if req.principle_ids:
             principles = [c.principle(pid) for pid in dict.fromkeys(req.principle_ids)]
         else:
@@ -101,17 +85,17 @@ class JudgeService:
     async def score(self, req: P.ScoreRequest) -> P.ScoreResult:
         c = self.store.get(req.constitution_hash)
         principle = self._pick(c, req.principle_id, req.seed, req.prompt, req.response)
-        ids = self.engine.encode(templates.score_messages(principle, req.prompt, req.response), templates.SCORE_PREFIX, what="score")
-        rating_ids, zero_ids = self._rating_ids
-        flat = [t for group in rating_ids for t in group]
-        lp = await self.engine.next_token_logprobs(ids, flat)
-        probs = [sum(math.exp(lp[t]) for t in group) for group in rating_ids]
+        prompt = self.engine.encode(templates.score_messages(principle, req.prompt, req.response), templates.SCORE_PREFIX, what="score")
+        ratings = [str(r) for r in range(1, 11)]
+        if any(self.engine.splits(r) for r in ratings[:9]):
+            raise RuntimeError(f"tokenizer of {self.engine.model_name} has no single tokens for the digits 1-9")
+        lp = await self.engine.option_logprobs(prompt, ratings)
+        probs = [math.exp(v) for v in lp]
         mass = sum(probs)
-        if zero_ids is not None:
+        if self.engine.splits("10"):
             # "10" is "1" then "0": split P("1") by P("0" | "1").
-            one = rating_ids[0][0]
-            follow = await self.engine.next_token_logprobs(ids + [one], zero_ids)
-            p_zero = min(1.0, sum(math.exp(v) for v in follow.values()))
+            (follow,) = await self.engine.option_logprobs(self.engine.then(prompt, "1"), ["0"])
+            p_zero = min(1.0, math.exp(follow))
             probs[9], probs[0] = probs[0] * p_zero, probs[0] * (1 - p_zero)
         total = sum(probs)
         norm = [p / total for p in probs] if total > 0 else [0.1] * 10
@@ -125,7 +109,7 @@ class JudgeService:
             return c.principle(principle_id)
         return c.sample_principles(1, seed=_content_key(seed, *content))[0]
 
-    def _encode_with_examples(self, build, what: str, most: int = 2) -> list[int]:
+    def _encode_with_examples(self, build, what: str, most: int = 2) -> Prompt:
         """Few-shot examples are context, not content: drop them (last first) until the prompt fits."""
         for k in range(most, 0, -1):
             try:
@@ -151,15 +135,13 @@ class JudgeService:
         rationale = ""
         prefix = templates.COMPARE_PREFIX
         if req.cot:
-            ids = self.engine.encode(messages, templates.COT_PREFIX, what="comparison")
-            gen = await self.engine.generate(ids, max_tokens=req.cot_max_tokens, temperature=0.0, seed=req.seed)
+            prompt = self.engine.encode(messages, templates.COT_PREFIX, what="comparison")
+            gen = await self.engine.generate(prompt, max_tokens=req.cot_max_tokens, temperature=0.0, seed=req.seed)
             rationale = gen.text
             prefix = f"{templates.COT_PREFIX} {rationale}{templates.COT_ANSWER}"
-        ids = self.engine.encode(messages, prefix, what="comparison")
-        a_ids, b_ids = self._option_ids
-        lp = await self.engine.next_token_logprobs(ids, a_ids + b_ids)
-        pa = sum(math.exp(lp[t]) for t in a_ids)
-        pb = sum(math.exp(lp[t]) for t in b_ids)
+        prompt = self.engine.encode(messages, prefix, what="comparison")
+        lp_a, lp_b = await self.engine.option_logprobs(prompt, ["A", "B"])
+        pa, pb = math.exp(lp_a), math.exp(lp_b)
         if pa + pb == 0.0:
             return 0.5, 0.0, rationale
         return pa / (pa + pb), pa + pb, rationale

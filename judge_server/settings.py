@@ -3,13 +3,88 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from cai.errors import CaiError
 from cai.models import DEFAULT_MODEL
 from judge_server.protocol import API_KEY_ENV
 
+BACKEND_KEY_ENV = "CAI_BACKEND_API_KEY"
+"""Where the judge reads its backends' API key from when no --backend-key-file is given."""
+
+
+class BackendSettings(BaseModel):
+    """Which model answers the judge's requests: its own vLLM engine, or OpenAI-compatible servers already running.
+
+    Keys are never settings (they would land in config files and `ps`): a backend's key comes from
+    $CAI_BACKEND_API_KEY or from `backend_key_file`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["vllm", "openai"] = Field(default="vllm", description="vllm: a vLLM engine in the judge's own process, for "
+                                               "--model. openai: OpenAI-compatible servers (vllm serve, SGLang, llama.cpp, "
+                                               "a hosted API) at --backend-url.")
+    backend_url: list[str] = Field(default_factory=list, description="Base URL of an OpenAI-compatible server (http://host:8000 "
+                                   "or http://host:8000/v1); several, comma-separated or repeated, share the load and cover for "
+                                   "each other.")
+    backend_model: str | None = Field(default=None, description="The model name the backends serve (an id of their /v1/models).")
+    backend_tokenizer: str | None = Field(default=None, description="Tokenizer (folder, hub id or embedded name) to apply the "
+                                          "chat template with, so prompts go as exact token ids to the completions API. "
+                                          "Default: --backend-model when it names a local model.")
+    backend_api: Literal["auto", "completions", "chat"] = Field(default="auto", description="completions: exact prompt ids and "
+                                                                "option log-probabilities (needs the tokenizer). chat: chat "
+                                                                "completions, top-20 log-probabilities (option_mass shows how "
+                                                                "much was seen). auto: completions when the tokenizer is known.")
+    backend_key_file: Path | None = Field(default=None, description="File holding the backends' API key: one line for all, or "
+                                          f"one line per --backend-url in order. Default: ${BACKEND_KEY_ENV}, else no key.")
+    backend_timeout: float = Field(default=120.0, gt=0, description="Seconds to wait for a backend's answer; past it the "
+                                   "backend is taken out and the request goes to another.")
+    backend_check_every: float = Field(default=5.0, gt=0, description="Seconds between health checks of each backend; one "
+                                       "taken out comes back when it passes one.")
+
+    @field_validator("backend_url")
+    @classmethod
+    def _check_urls(cls, urls: list[str]) -> list[str]:
+        out = []
+        for url in urls:
+            parts = urlsplit(url.strip())
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"backend URL {url!r} is not http(s)://host[:port][/v1]")
+            if parts.username or parts.password:
+                raise ValueError("a backend URL must not carry credentials; put the key in --backend-key-file or "
+                                 f"${BACKEND_KEY_ENV}")
+            if parts.query or parts.fragment:
+                raise ValueError(f"backend URL {parts.scheme}://{parts.netloc}{parts.path} must not carry a query or fragment")
+            out.append(url.strip().rstrip("/"))
+        if len(set(out)) != len(out):
+            raise ValueError("a backend URL is given twice")
+        return out
+
+    @model_validator(mode="after")
+    def _check(self) -> BackendSettings:
+        if self.backend == "openai" and (not self.backend_url or not self.backend_model):
+            raise ValueError("backend openai needs --backend-url (one or more) and --backend-model")
+        if self.backend == "vllm" and self.backend_url:
+            raise ValueError("--backend-url is for --backend openai; the vllm backend runs in the judge's own process")
+        return self
+
+    def command_line(self) -> list[str]:
+        """These settings as `cai judge serve` / `python -m judge_server` flags (nothing for the default in-process engine)."""
+        if self.backend == "vllm":
+            return []
+        args = ["--backend", self.backend, "--backend-url", ",".join(self.backend_url), "--backend-model", str(self.backend_model),
+                "--backend-api", self.backend_api, "--backend-timeout", str(self.backend_timeout),
+                "--backend-check-every", str(self.backend_check_every)]
+        if self.backend_tokenizer:
+            args += ["--backend-tokenizer", self.backend_tokenizer]
+        if self.backend_key_file:
+            args += ["--backend-key-file", str(self.backend_key_file)]
+        return args
 
 
 class InsecureBindError(CaiError, ValueError):
@@ -19,7 +94,8 @@ class InsecureBindError(CaiError, ValueError):
 class ServerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(default=DEFAULT_MODEL, description="Judge model: folder, hub id or embedded name.")
+    model: str = Field(default=DEFAULT_MODEL, description="Judge model of the in-process vLLM engine: folder, hub id or embedded "
+                       "name (with --backend openai, see --backend-model).")
     constitution: str = Field(default="harmless-helpful", description="Constitution YAML file or shipped name; edits are "
                               "picked up without a restart.")
     host: str = Field(default="127.0.0.1", description="Bind address. Anything but loopback needs an API key.")
@@ -35,6 +111,7 @@ class ServerSettings(BaseModel):
     kv_cache_gib: float | None = Field(default=None, gt=0, le=1024,
                                        description="KV cache size. Default: 1 GiB on CPU; on GPU, 85% of GPU memory minus the model.")
     seed: int = Field(default=0, description="vLLM engine seed.")
+    backends: BackendSettings = Field(default_factory=BackendSettings, description="The model behind the judge.")
 
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:

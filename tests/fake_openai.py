@@ -1,0 +1,100 @@
+"""A small misbehaving OpenAI-compatible server, for the judge backend's error paths (a real `vllm serve` covers the rest).
+
+`FakeOpenAI(mode)` serves /health, /v1/models, /v1/completions and /v1/chat/completions from a thread
+in the test process. `mode` can be changed while it runs:
+
+- good: well-formed answers; `logprob_token_ids` answered with log-probs -1.0, -1.1, ... in the order asked
+- topk: ignores `logprob_token_ids` (answers top-1 only), and for `logprobs: 20` gives "A" -1.0 and "B" -2.0 as text
+- chat: chat completions whose top log-probs are "A" -1.0, " B" -2.0 and "(A" -0.5
+- html: 200 with an HTML page; no_logprobs: JSON without log-probs; wrong_shape: choices is a string;
+  nan: a log-prob that is not a number; hang: sleeps `hang_s` before answering (health checks too); down: 503 everywhere
+Every request's Authorization header is recorded in `seen_keys`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FakeOpenAI:
+    def __init__(self, mode: str = "good", hang_s: float = 30.0):
+        self.mode, self.hang_s = mode, hang_s
+        self.seen_keys: list[str] = []
+        self.posts = 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status: int, body: bytes, kind: str = "application/json") -> None:
+                try:
+                    self.send_response(status)
+                    self.send_header("content-type", kind)
+                    self.send_header("content-length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the judge gave up waiting (hang mode): what it should do
+
+            def do_GET(self):
+                fake.seen_keys.append(self.headers.get("authorization", ""))
+                if fake.mode == "hang":
+                    time.sleep(fake.hang_s)
+                if fake.mode in ("down", "hang"):
+                    return self._send(503, b'{"error": "down"}')
+                if self.path == "/health":
+                    return self._send(200, b"")
+                if self.path == "/v1/models":
+                    return self._send(200, json.dumps({"object": "list", "data": [{"id": "fake"}]}).encode())
+                self._send(404, b'{"error": "not found"}')
+
+            def do_POST(self):
+                fake.seen_keys.append(self.headers.get("authorization", ""))
+                fake.posts += 1
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+                status, answer, kind = fake.answer(self.path, body)
+                self._send(status, answer if isinstance(answer, bytes) else json.dumps(answer).encode(), kind)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def answer(self, path: str, body: dict) -> tuple[int, dict | bytes, str]:
+        mode = self.mode
+        if mode == "hang":
+            time.sleep(self.hang_s)
+        if mode == "down":
+            return 503, {"error": {"message": "down"}}, "application/json"
+        if mode == "html":
+            return 200, b"<html><body>502 Bad Gateway (nginx)</body></html>", "text/html"
+        if mode == "wrong_shape":
+            return 200, {"choices": "nope"}, "application/json"
+        usage = {"prompt_tokens": 10, "completion_tokens": 1}
+        if path == "/v1/chat/completions":
+            top = [{"token": "A", "logprob": -1.0}, {"token": " B", "logprob": -2.0}, {"token": "(A", "logprob": -0.5}]
+            logprobs = None if mode == "no_logprobs" else {"content": [{"token": "A", "logprob": -1.0, "top_logprobs": top}]}
+            return 200, {"choices": [{"message": {"role": "assistant", "content": "A fine answer."}, "logprobs": logprobs}],
+                         "usage": usage}, "application/json"
+        if body.get("max_tokens", 16) > 1 or not body.get("logprobs"):
+            return 200, {"choices": [{"text": " A fine answer.", "logprobs": None}], "usage": usage}, "application/json"
+        if mode == "no_logprobs":
+            return 200, {"choices": [{"text": "A"}], "usage": usage}, "application/json"
+        if mode == "nan":
+            return 200, b'{"choices": [{"text": "A", "logprobs": {"top_logprobs": [{"token_id:5": NaN}]}}]}', "application/json"
+        if mode == "topk":
+            top = {"token_id:1": -0.1} if body.get("logprob_token_ids") else {"A": -1.0, "B": -2.0, "zz": -0.2}
+        else:
+            top = {f"token_id:{t}": -1.0 - 0.1 * i for i, t in enumerate(body.get("logprob_token_ids") or [])}
+        return 200, {"choices": [{"text": "A", "logprobs": {"top_logprobs": [top]}}], "usage": usage}, "application/json"
+
+    def __enter__(self) -> FakeOpenAI:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
