@@ -178,7 +178,7 @@ def _sha256(path: Path) -> str:
 
 
 def vllm_engine_args(*, max_model_len: int, gpu_memory_utilization: float, kv_cache_gib: float | None = None,
-                     cpu_kv_cache_gib: float = 1.0, dtype: str = "auto") -> dict:
+                     cpu_kv_cache_gib: float = 1.0, dtype: str = "auto", prefix_caching: bool = True) -> dict:
     """The engine arguments every vLLM engine of cai starts with (the judge, policy sampling, PPO rollouts).
 
     On a GPU: bfloat16, CUDA graphs, a share of the GPU's memory. On a CPU: float32 (no bf16 kernels
@@ -188,12 +188,14 @@ def vllm_engine_args(*, max_model_len: int, gpu_memory_utilization: float, kv_ca
     use offset") when a seeded request with temperature > 0 is prefilled in chunks, which happens as
     soon as a batch holds more prompt tokens than one step takes. `kv_cache_gib` sizes the KV cache
     on either device (default: `gpu_memory_utilization` on a GPU, `cpu_kv_cache_gib` on a CPU).
+    Prefix caching (on by default) lets prompts that share a beginning (the judge's two orders of a
+    pair, pairs of one prompt) skip computing it again.
     """
     import torch
 
     on_gpu = torch.cuda.is_available()
     args = dict(dtype=dtype if dtype != "auto" else ("bfloat16" if on_gpu else "float32"), max_model_len=max_model_len,
-                enforce_eager=not on_gpu, gpu_memory_utilization=gpu_memory_utilization)
+                enforce_eager=not on_gpu, gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=prefix_caching)
     if not on_gpu:
         use_all_cpu_cores_for_vllm()
         gib = kv_cache_gib if kv_cache_gib is not None else cpu_kv_cache_gib

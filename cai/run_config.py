@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from cai.errors import ConfigError
 from cai.evaluate import EvalJob
@@ -38,6 +38,13 @@ class JudgeSection(_Section):
     backends: BackendSettings = Field(default_factory=BackendSettings, description="The model behind a judge the run starts: "
                                       "its own vLLM engine (default), or OpenAI-compatible servers (backend: openai, "
                                       "backend_url: [...], backend_model: NAME).")
+
+    @model_validator(mode="after")
+    def _one_judge(self) -> JudgeSection:
+        if self.url and self.backends.backend != "vllm":
+            raise ValueError("give judge.url (a judge server already running) or judge.backends (a judge the run starts on "
+                             "those servers), not both")
+        return self
 
 
 class PromptsSection(_Section):

@@ -42,7 +42,8 @@ class Metrics:
                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
         self.items = Counter("judge_items_total", "Work items judged (a batch counts each item)", ["endpoint"], registry=self.registry)
         self.queue = Gauge("judge_queue_depth", "Admitted work items not yet answered", registry=self.registry)
-        self.tokens = Gauge("judge_tokens_total", "Tokens through the engine", ["kind"], registry=self.registry)
+        self.tokens = Gauge("judge_tokens_total", "Tokens through the engine (kind: prompt, completion, "
+                             "cached = prompt tokens found in the prefix cache)", ["kind"], registry=self.registry)
 
 
 def _error(status: int, kind: str, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -177,6 +178,7 @@ def build_app(settings: ServerSettings, engine_factory: Callable[[ServerSettings
         eng = service.engine
         metrics.tokens.labels("prompt").set(eng.prompt_tokens_total)
         metrics.tokens.labels("completion").set(eng.completion_tokens_total)
+        metrics.tokens.labels("cached").set(eng.cached_tokens_total)
         return result
 
     @app.exception_handler(_Answer)

@@ -60,6 +60,7 @@ class Engine(ABC):
     model_name: str
     prompt_tokens_total: int = 0
     completion_tokens_total: int = 0
+    cached_tokens_total: int = 0  # prompt tokens the engine's prefix cache already held (not computed again)
 
     @abstractmethod
     def encode(self, messages: list[dict[str, str]], assistant_prefix: str = "", what: str = "") -> Prompt:
@@ -151,7 +152,7 @@ class VLLMEngine(TokenizedEngine):
 
         resolved = resolve_model(settings.model)
         engine = vllm_engine_args(max_model_len=settings.max_model_len, kv_cache_gib=settings.kv_cache_gib, gpu_memory_utilization=0.85,
-                                  dtype=settings.dtype)
+                                  dtype=settings.dtype, prefix_caching=settings.prefix_caching)
         args = AsyncEngineArgs(model=resolved.path, seed=settings.seed, **engine)
         logger.info("starting vLLM engine for %s (%s, %s)", settings.model, resolved.path, engine["dtype"])
         llm = AsyncLLM.from_engine_args(args)
@@ -187,4 +188,5 @@ class VLLMEngine(TokenizedEngine):
         final = None
         async for output in self.llm.generate({"prompt_token_ids": prompt_ids}, params, request_id=request_id):
             final = output
+        self.cached_tokens_total += final.num_cached_tokens or 0
         return final

@@ -68,8 +68,11 @@ class _Remote:
         usage = doc.get("usage") if isinstance(doc.get("usage"), dict) else {}
         p = usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else (prompt_tokens or 0)
         c = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else 0
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
         self.prompt_tokens_total += p
         self.completion_tokens_total += c
+        self.cached_tokens_total += cached if isinstance(cached, int) and 0 <= cached <= p else 0
         return p, c
 
     async def aclose(self) -> None:

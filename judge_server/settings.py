@@ -111,6 +111,8 @@ class ServerSettings(BaseModel):
     kv_cache_gib: float | None = Field(default=None, gt=0, le=1024,
                                        description="KV cache size. Default: 1 GiB on CPU; on GPU, 85% of GPU memory minus the model.")
     seed: int = Field(default=0, description="vLLM engine seed.")
+    prefix_caching: bool = Field(default=True, description="vLLM prefix caching: a pair's two orders and the pairs of one prompt "
+                                 "share their beginnings, computed once.")
     backends: BackendSettings = Field(default_factory=BackendSettings, description="The model behind the judge.")
 
     @model_validator(mode="after")

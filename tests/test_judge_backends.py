@@ -275,3 +275,34 @@ def test_killing_one_of_two_backends_mid_prefs_run_loses_and_duplicates_nothing(
 
     for row, label in zip(final, asyncio.run(relabel())):
         assert label.p_a == pytest.approx(row["p_chosen"], abs=1e-3)
+
+
+def test_backend_flags_repeat_or_comma_separate_and_run_configs_take_them(tmp_path):
+    """--backend-url may be repeated and comma-separated; the run config's judge.backends is the same settings model;
+    a URL with credentials is refused without echoing them; LocalJudge passes the settings on as flags, never a key."""
+    import typer
+    from typer.testing import CliRunner
+
+    from cai.cli_settings import settings_command
+    from cai.run_config import load_run_config
+    from judge_server.settings import ServerSettings
+
+    seen = []
+    app = typer.Typer()
+    app.command()(settings_command(ServerSettings, seen.append))
+    runner = CliRunner()
+    ok = runner.invoke(app, ["--backend", "openai", "--backend-url", "http://a:1,http://b:2/v1/", "--backend-url", "http://c:3",
+                             "--backend-model", "m"])
+    assert ok.exit_code == 0, ok.output
+    assert seen[0].backends.backend_url == ["http://a:1", "http://b:2/v1", "http://c:3"]
+    bad = runner.invoke(app, ["--backend", "openai", "--backend-url", "http://user:hunter2@a:1", "--backend-model", "m"])
+    assert bad.exit_code == 1 and "must not carry credentials" in bad.output and "hunter2" not in bad.output
+    missing = runner.invoke(app, ["--backend", "openai", "--backend-model", "m"])
+    assert missing.exit_code == 1 and "needs --backend-url" in missing.output
+
+    config = tmp_path / "run.yaml"
+    config.write_text("out: runs/x\njudge:\n  backends:\n    backend: openai\n    backend_url: [http://gpu1:8000]\n    backend_model: big\n")
+    backends = load_run_config(config).judge.backends
+    flags = backends.command_line()
+    assert flags[:6] == ["--backend", "openai", "--backend-url", "http://gpu1:8000", "--backend-model", "big"]
+    assert not any("key" in f and f != "--backend-key-file" for f in flags)
