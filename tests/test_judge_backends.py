@@ -240,7 +240,8 @@ def test_killing_one_of_two_backends_mid_prefs_run_loses_and_duplicates_nothing(
             out = tmp_path / "out"
             cmd = [sys.executable, "-m", "cai.cli", "generate", "prefs", "--prompts", str(src), "--out", str(out), "--policy",
                    str(tiny_model_dir), "--constitution", str(judge_constitution), "--judge-url", server.url, "--samples", "3",
-                   "--max-new-tokens", "8", "--chunk-size", "1", "--policy-backend", "transformers", "--cot"]  # CoT: requests last
+                   "--max-new-tokens", "8", "--chunk-size", "1", "--policy-backend", "transformers", "--cot",  # CoT: requests last
+                   "--judge-cache", str(tmp_path / "cache.sqlite")]  # a fresh cache: every label is asked of the backends
             job = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
             progress = out / "progress.jsonl"
             deadline = time.monotonic() + 240
