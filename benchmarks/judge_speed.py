@@ -79,8 +79,8 @@ def _tokens(url: str) -> dict[str, float]:
     return {m.group(1): float(m.group(2)) for m in re.finditer(r'^judge_tokens_total\{kind="(\w+)"\} (\S+)$', text, re.M)}
 
 
-def served(path: str, pairs: list[dict], batch_size: int, prefix_caching: bool, log: Path) -> dict:
-    args = [] if prefix_caching else ["--no-prefix-caching"]
+def served(path: str, pairs: list[dict], batch_size: int, prefix_caching: bool, log: Path, extra: list[str]) -> dict:
+    args = ([] if prefix_caching else ["--no-prefix-caching"]) + extra
     constitution = bundled_constitutions()["harmless-helpful"]
     with LocalJudge(path, constitution, log_path=log, extra_args=args) as judge:
         async def go() -> float:
@@ -128,6 +128,7 @@ def main() -> None:
     ap.add_argument("--ceiling-batch", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--judge-args", default="", help="more judge server flags, e.g. '--block-size 32'")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args()
     if not args.hh.exists():
@@ -136,10 +137,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = str(build_tiny_model(Path(tmp) / "tiny")) if args.model == "tiny" else resolve_model(args.model).path
         shapes = token_shapes(path, pairs)
-        runs = [served(path, pairs, args.batch_size, on, Path(tmp) / f"judge-{on}.log") for on in (True, False)]
+        runs = [served(path, pairs, args.batch_size, on, Path(tmp) / f"judge-{on}.log", args.judge_args.split()) for on in (True, False)]
         top = ceiling(path, round(shapes["prompt_tokens_per_prompt"]), args.ceiling_batch, args.reps)
     report = {"benchmark": "judge_speed", "baseline": "batched float32 transformers forward (the ceiling)", "model": args.model,
-              "pairs": len(pairs), "cpu_count": os.cpu_count(), "tokens": shapes, "served": runs, "ceiling": top,
+              "pairs": len(pairs), "cpu_count": os.cpu_count(), "judge_args": args.judge_args, "tokens": shapes, "served": runs, "ceiling": top,
               "served_prompt_tokens_per_s_vs_ceiling": {("cache_on" if r["prefix_caching"] else "cache_off"):
                                                         round(r["prompt_tokens_per_s"] / top["tokens_per_s"], 3) for r in runs},
               "computed_tokens_per_s_vs_ceiling": {("cache_on" if r["prefix_caching"] else "cache_off"):

