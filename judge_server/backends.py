@@ -82,6 +82,7 @@ class Backend:
     url: str
     index: int
     client: httpx.AsyncClient = field(repr=False)
+    key: str | None = field(default=None, repr=False)  # only to keep it out of error messages; sent by `client`
     healthy: bool = True
     in_flight: int = 0
     failures: int = 0
@@ -96,7 +97,7 @@ class BackendPool:
     def __init__(self, urls: list[str], keys: list[str | None], *, timeout: float, check_every: float):
         self.timeout = timeout
         self.check_every = check_every
-        self.backends = [Backend(base_url(u), i, self._client(base_url(u), k, timeout)) for i, (u, k) in enumerate(zip(urls, keys))]
+        self.backends = [Backend(base_url(u), i, self._client(base_url(u), k, timeout), k) for i, (u, k) in enumerate(zip(urls, keys))]
         self._checker: asyncio.Task | None = None
         self._changed = asyncio.Event()
 
@@ -203,15 +204,21 @@ def _json_object(backend: Backend, resp: httpx.Response) -> dict:
         detail = _error_message(resp)
         if resp.status_code in (401, 403):
             detail = "refused the API key (check --backend-key-file or $CAI_BACKEND_API_KEY)"
-        raise BackendError(backend.name, f"HTTP {resp.status_code} on {resp.request.url.path}: {detail}")
+        raise BackendError(backend.name, _scrubbed(backend, f"HTTP {resp.status_code} on {resp.request.url.path}: {detail}"))
     try:
         doc = resp.json()
     except ValueError:
         kind = resp.headers.get("content-type", "no content type")
-        raise BackendError(backend.name, f"answered {resp.request.url.path} with {kind}, not JSON: {_excerpt(resp.text)}") from None
+        raise BackendError(backend.name, _scrubbed(backend, f"answered {resp.request.url.path} with {kind}, not JSON: "
+                                                   f"{_excerpt(resp.text)}")) from None
     if not isinstance(doc, dict):
         raise BackendError(backend.name, f"answered {resp.request.url.path} with a JSON {type(doc).__name__}, not an object")
     return doc
+
+
+def _scrubbed(backend: Backend, text: str) -> str:
+    """`text` without the backend's key, should a server echo the request's headers in an error."""
+    return text.replace(backend.key, "<key>") if backend.key else text
 
 
 def _error_message(resp: httpx.Response) -> str:

@@ -6,7 +6,7 @@ in the test process. `mode` can be changed while it runs:
 - good: well-formed answers; `logprob_token_ids` answered with log-probs -1.0, -1.1, ... in the order asked
 - topk: ignores `logprob_token_ids` (answers top-1 only), and for `logprobs: 20` gives "A" -1.0 and "B" -2.0 as text
 - chat: chat completions whose top log-probs are "A" -1.0, " B" -2.0 and "(A" -0.5
-- html: 200 with an HTML page; no_logprobs: JSON without log-probs; wrong_shape: choices is a string;
+- echo_key: 400 whose message repeats the Authorization header; html: 200 with an HTML page; no_logprobs: JSON without log-probs; wrong_shape: choices is a string;
   nan: a log-prob that is not a number; hang: sleeps `hang_s` before answering (health checks too); down: 503 everywhere
 Every request's Authorization header is recorded in `seen_keys`.
 """
@@ -56,6 +56,9 @@ class FakeOpenAI:
                 fake.seen_keys.append(self.headers.get("authorization", ""))
                 fake.posts += 1
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+                if fake.mode == "echo_key":  # a careless server that repeats the request's headers in its error
+                    message = {"error": {"message": f"bad request from {self.headers.get('authorization')}"}}
+                    return self._send(400, json.dumps(message).encode())
                 status, answer, kind = fake.answer(self.path, body)
                 self._send(status, answer if isinstance(answer, bytes) else json.dumps(answer).encode(), kind)
 

@@ -163,12 +163,14 @@ def test_each_backend_gets_only_its_own_key_and_garbage_is_a_typed_error(tiny_mo
             assert one.posts > 0 and two.posts > 0  # requests are spread over both
             assert set(one.seen_keys) == {"Bearer key-for-one-111"} and set(two.seen_keys) == {"Bearer key-for-two-222"}
             for mode, says in [("html", "text/html, not JSON"), ("no_logprobs", "no log-probabilities"),
-                               ("wrong_shape", "has no choices"), ("nan", "not a log-probability")]:
+                               ("wrong_shape", "has no choices"), ("nan", "not a log-probability"),
+                               ("echo_key", "HTTP 400 on /v1/completions: bad request from Bearer <key>")]:
                 one.mode = two.mode = mode
                 resp = _post(server.url, "/v1/compare", COMPARE)
                 assert resp.status_code == 502, (mode, resp.text)
                 err = resp.json()["error"]
                 assert err["type"] == "backend_error" and says in err["message"], (mode, err)
+                assert "key-for-" not in resp.text
                 assert "backend 1 (http://127.0.0.1:" in err["message"] or "backend 2 (http://127.0.0.1:" in err["message"]
                 batch = _post(server.url, "/v1/compare/batch", {"items": [COMPARE, COMPARE]})  # a batch answers each item's error
                 assert batch.status_code == 200 and all(r["error"]["type"] == "backend_error" for r in batch.json()["results"])
