@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 
 import uvicorn
 
+from cai.errors import CaiError
 from judge_server.app import build_app
 from judge_server.protocol import PARENT_PID_ENV
 from judge_server.settings import ServerSettings
@@ -29,11 +31,33 @@ def serve(settings: ServerSettings) -> None:
     load_constitution(path)  # a broken file is an error here, before the engine starts
     settings = settings.model_copy(update={"constitution": str(path)})
     app = build_app(settings)
+    # The port is bound now, before the engine starts: uvicorn binds only after the app's start-up, and
+    # in those 30 s the vLLM engine opens ports of its own and could be given ours ("address already
+    # in use", seen once in CI). Clients are refused until the judge is ready, as before.
+    sock = _bind(settings.host, settings.port)
     # Connections beyond limit_concurrency get 503 from uvicorn itself; the judge's own queue (429)
     # bounds work. Keep-alive outlasts a busy client's pause, so pooled connections aren't closed
     # under it (the race shows as a ReadError on the client under heavy load).
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", limit_concurrency=2048,
-                timeout_keep_alive=75, timeout_graceful_shutdown=10)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", limit_concurrency=2048,
+                            timeout_keep_alive=75, timeout_graceful_shutdown=10)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+class BindError(CaiError, OSError):
+    pass
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise BindError(f"cannot listen on {host}:{port}: {e.strerror}; choose another --port, or stop what holds it") from None
+    sock.set_inheritable(False)  # not handed to the engine's child processes
+    return sock
 
 
 def _stop_with_parent() -> None:
