@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Self, TypeVar
 
 import httpx
 from pydantic import BaseModel
@@ -183,34 +183,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class LocalJudge:
-    """Start the judge service (`python -m judge_server`, as `cai judge serve`) for a local model on loopback, wait until it answers, stop it on exit.
+class ServerProcess:
+    """A server in a child process of its own session on a loopback port: started, waited for until its /health answers
+    200, stopped on exit. Subclasses give its `command()` and `environment()`; its output goes to `log_path`."""
 
-        with LocalJudge("smollm2-135m-instruct", "harmless-helpful") as judge:
-            async with JudgeClient(judge.url) as client: ...
-    """
+    what = "server"  # how errors name it
+    error: type[Exception] = JudgeError
 
-    def __init__(self, model: str, constitution: str | Path, *, port: int | None = None, log_path: str | Path | None = None,
-                 start_timeout: float = 600.0, extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
-                 backends: BackendSettings | None = None):
-        self.model, self.constitution = model, str(constitution)
-        self.backends = backends
+    def __init__(self, *, port: int | None = None, log_path: str | Path | None = None, start_timeout: float = 600.0,
+                 log_prefix: str = "cai-server-"):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="cai-judge-", suffix=".log")[1])
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix=log_prefix, suffix=".log")[1])
         self.start_timeout = start_timeout
-        self.extra_args = list(extra_args)
-        self.env = env
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> LocalJudge:
-        cmd = [sys.executable, "-m", "judge_server", "--model", self.model, "--constitution", self.constitution,
-               "--port", str(self.port), *(self.backends.command_line() if self.backends else []), *self.extra_args]
-        logger.info("starting judge: %s (log: %s)", " ".join(cmd), self.log_path)
-        log = open(self.log_path, "ab")
-        env = {**(os.environ if self.env is None else self.env), P.PARENT_PID_ENV: str(os.getpid())}  # it stops when we are gone
-        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        log.close()
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def start(self) -> Self:
+        cmd, env = self.command(), self.environment()
+        logger.info("starting %s: %s (log: %s)", self.what, " ".join(cmd), self.log_path)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.wait_ready()
         return self
 
@@ -219,7 +217,7 @@ class LocalJudge:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 tail = self.log_path.read_text(errors="replace")[-3000:]
-                raise JudgeError(f"judge server exited with code {self.process.returncode} during start-up; log tail:\n{tail}")
+                raise self.error(f"{self.what} exited with code {self.process.returncode} during start-up; log tail:\n{tail}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
                     return
@@ -227,7 +225,13 @@ class LocalJudge:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise JudgeError(f"judge server not ready after {self.start_timeout:.0f} s; see {self.log_path}")
+        raise self.error(f"{self.what} not ready after {self.start_timeout:.0f} s; see {self.log_path}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """The server and every process it started (they share the session started for it)."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+            self.process.wait()
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -236,15 +240,39 @@ class LocalJudge:
         try:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            # The server and its vLLM engine process share the session started for it.
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+            self.kill()
 
-    def __enter__(self) -> LocalJudge:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class LocalJudge(ServerProcess):
+    """Start the judge service (`python -m judge_server`, as `cai judge serve`) for a local model on loopback, wait until it answers, stop it on exit.
+
+        with LocalJudge("smollm2-135m-instruct", "harmless-helpful") as judge:
+            async with JudgeClient(judge.url) as client: ...
+    """
+
+    what = "judge server"
+
+    def __init__(self, model: str, constitution: str | Path, *, port: int | None = None, log_path: str | Path | None = None,
+                 start_timeout: float = 600.0, extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
+                 backends: BackendSettings | None = None):
+        super().__init__(port=port, log_path=log_path, start_timeout=start_timeout, log_prefix="cai-judge-")
+        self.model, self.constitution = model, str(constitution)
+        self.backends = backends
+        self.extra_args = list(extra_args)
+        self.env = env
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "judge_server", "--model", self.model, "--constitution", self.constitution,
+                "--port", str(self.port), *(self.backends.command_line() if self.backends else []), *self.extra_args]
+
+    def environment(self) -> dict[str, str]:
+        return {**(os.environ if self.env is None else self.env), P.PARENT_PID_ENV: str(os.getpid())}  # it stops when we are gone
 
 
 @contextmanager

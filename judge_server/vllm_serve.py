@@ -12,39 +12,29 @@ The key for `--api-key` is passed through the environment (VLLM_API_KEY), never 
 
 from __future__ import annotations
 
-import logging
 import os
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import httpx
-
-from cai.judge_client import free_port
-
-logger = logging.getLogger(__name__)
+from cai.judge_client import ServerProcess
 
 
 class VLLMServeError(RuntimeError):
     pass
 
 
-class VLLMServer:
+class VLLMServer(ServerProcess):
+    what = "vllm serve"
+    error = VLLMServeError
+
     def __init__(self, model: str | Path, *, served_name: str | None = None, port: int | None = None, api_key: str | None = None,
                  max_model_len: int = 2048, kv_cache_gib: float = 0.5, log_path: str | Path | None = None,
                  start_timeout: float = 600.0):
+        super().__init__(port=port, log_path=log_path, start_timeout=start_timeout, log_prefix="vllm-serve-")
         self.model = str(model)
         self.served_name = served_name or self.model
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         self.max_model_len, self.kv_cache_gib = max_model_len, kv_cache_gib
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1])
-        self.start_timeout = start_timeout
-        self.process: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
         from cai.models import vllm_engine_args
@@ -60,45 +50,8 @@ class VLLMServer:
                 cmd += [flag, str(value)]
         return cmd
 
-    def start(self) -> VLLMServer:
-        cmd = self.command()
-        env = dict(os.environ)
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)  # after command(): vllm_engine_args may set vLLM's CPU variables here
         if self.api_key:
             env["VLLM_API_KEY"] = self.api_key
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                tail = self.log_path.read_text(errors="replace")[-3000:]
-                raise VLLMServeError(f"vllm serve exited with code {self.process.returncode} during start-up; log tail:\n{tail}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        self.kill()
-        raise VLLMServeError(f"vllm serve not ready after {self.start_timeout:.0f} s; see {self.log_path}")
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """The server and its engine process (they share the session started for them)."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, sig)
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-    def __enter__(self) -> VLLMServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        return env
