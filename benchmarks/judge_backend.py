@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import tempfile
@@ -22,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from judge_throughput import agreement, load_hh_pairs, served  # noqa: E402
+from judge_throughput import agreement, emit, hh_pairs_or_exit, served  # noqa: E402
 
 from cai.constitution import bundled_constitutions  # noqa: E402
 from cai.judge_client import LocalJudge  # noqa: E402
@@ -70,16 +69,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args()
-    if not args.hh.exists():
-        sys.exit(f"no HH pairs at {args.hh}; pass --hh PATH (../shared/data/hh-harmless-dev.jsonl.gz)")
-    pairs = load_hh_pairs(args.hh, args.pairs, args.seed)
+    pairs = hh_pairs_or_exit(args.hh, args.pairs, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         report = {"benchmark": "judge_backend", "baseline": "in-process vLLM engine", "pairs_source": args.hh.name,
                   **run(args.model, pairs, args.batch_size, args.replicas, Path(tmp))}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

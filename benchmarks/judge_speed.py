@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import re
 import statistics
@@ -33,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import httpx  # noqa: E402
-from judge_throughput import PRINCIPLE, as_request, load_hh_pairs  # noqa: E402
+from judge_throughput import PRINCIPLE, as_request, emit, hh_pairs_or_exit  # noqa: E402
 
 from cai.constitution import bundled_constitutions, load_constitution  # noqa: E402
 from cai.judge_client import JudgeClient, LocalJudge  # noqa: E402
@@ -131,9 +130,7 @@ def main() -> None:
     ap.add_argument("--judge-args", default="", help="more judge server flags, e.g. '--block-size 32'")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args()
-    if not args.hh.exists():
-        sys.exit(f"no HH pairs at {args.hh}; pass --hh PATH (../shared/data/hh-harmless-dev.jsonl.gz)")
-    pairs = load_hh_pairs(args.hh, args.pairs, args.seed)
+    pairs = hh_pairs_or_exit(args.hh, args.pairs, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         path = str(build_tiny_model(Path(tmp) / "tiny")) if args.model == "tiny" else resolve_model(args.model).path
         shapes = token_shapes(path, pairs)
@@ -146,10 +143,7 @@ def main() -> None:
               "computed_tokens_per_s_vs_ceiling": {("cache_on" if r["prefix_caching"] else "cache_off"):
                                                    round(r["computed_tokens_per_s"] / top["tokens_per_s"], 3) for r in runs},
               "target_vs_ceiling": 0.7}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,21 @@ def load_hh_pairs(path: Path, n: int, seed: int) -> list[dict]:
     return pairs
 
 
+def hh_pairs_or_exit(path: Path, n: int, seed: int) -> list[dict]:
+    """`load_hh_pairs`, or exit saying where the pairs are expected (the judge benchmarks share it)."""
+    if not path.exists():
+        sys.exit(f"no HH pairs at {path}; pass --hh PATH (../shared/data/hh-harmless-dev.jsonl.gz)")
+    return load_hh_pairs(path, n, seed)
+
+
+def emit(report: dict, out: Path | None) -> None:
+    """Print the report as JSON, and write it to `out` when given."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
+
+
 def as_request(p: dict) -> P.CompareRequest:
     a, b = (p["chosen"], p["rejected"]) if p["a_is_chosen"] else (p["rejected"], p["chosen"])
     return P.CompareRequest(prompt=p["prompt"], response_a=a, response_b=b, principle_ids=[PRINCIPLE])
@@ -138,16 +153,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args()
-    if not args.hh.exists():
-        sys.exit(f"no HH pairs at {args.hh}; pass --hh PATH (../shared/data/hh-harmless-dev.jsonl.gz)")
-    pairs = load_hh_pairs(args.hh, args.pairs, args.seed)
+    pairs = hh_pairs_or_exit(args.hh, args.pairs, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         report = {"benchmark": "judge_throughput", "pairs_source": args.hh.name,
                   "results": [bench_model(m, pairs, args.baseline_pairs, args.batch_size, Path(tmp)) for m in args.models.split(",")]}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

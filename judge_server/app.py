@@ -227,11 +227,11 @@ def build_app(settings: ServerSettings, engine_factory: Callable[[ServerSettings
     @app.get("/health", response_model=P.Health)
     async def health(request: Request):
         s = svc(request)
-        pool = getattr(s.engine, "pool", None)
+        states = s.engine.backend_states()
         return P.Health(status="ok", model=s.engine.model_name, constitution_hash=store.current().hash,
                         queue_depth=s.pending, max_queue=s.max_queue,
-                        backends_up=sum(b.healthy for b in pool.backends) if pool else None,
-                        backends_total=len(pool.backends) if pool else None)
+                        backends_up=sum(b["healthy"] for b in states) if states is not None else None,
+                        backends_total=len(states) if states is not None else None)
 
     @app.get("/v1/constitution", response_model=P.ConstitutionInfo)
     async def constitution():
@@ -242,8 +242,7 @@ def build_app(settings: ServerSettings, engine_factory: Callable[[ServerSettings
     @app.get("/v1/backends", response_model=list[P.BackendState])
     async def backends(request: Request):
         """With --backend openai: each backend's health and load (empty for the in-process engine)."""
-        pool = getattr(svc(request).engine, "pool", None)
-        return [P.BackendState(**state) for state in pool.states()] if pool else []
+        return [P.BackendState(**state) for state in svc(request).engine.backend_states() or []]
 
     @app.get("/metrics")
     async def prometheus():

@@ -81,6 +81,10 @@ class Engine(ABC):
         """`prompt` followed by the single token `text`."""
         return Prompt(prompt.messages, prompt.prefix + text)
 
+    def backend_states(self) -> list[dict] | None:
+        """Each remote backend's health and load (see `BackendPool.states`); None for an engine in this process."""
+        return None
+
     async def aclose(self) -> None:
         return None
 

@@ -75,6 +75,9 @@ class _Remote:
         self.cached_tokens_total += cached if isinstance(cached, int) and 0 <= cached <= p else 0
         return p, c
 
+    def backend_states(self) -> list[dict]:
+        return self.pool.states()
+
     async def aclose(self) -> None:
         await self.pool.aclose()
 

@@ -77,13 +77,11 @@ class BackendSettings(BaseModel):
         """These settings as `cai judge serve` / `python -m judge_server` flags (nothing for the default in-process engine)."""
         if self.backend == "vllm":
             return []
-        args = ["--backend", self.backend, "--backend-url", ",".join(self.backend_url), "--backend-model", str(self.backend_model),
-                "--backend-api", self.backend_api, "--backend-timeout", str(self.backend_timeout),
-                "--backend-check-every", str(self.backend_check_every)]
-        if self.backend_tokenizer:
-            args += ["--backend-tokenizer", self.backend_tokenizer]
-        if self.backend_key_file:
-            args += ["--backend-key-file", str(self.backend_key_file)]
+        args = []
+        for name in type(self).model_fields:  # the flag is the field's name, as settings_command makes it
+            value = getattr(self, name)
+            if value is not None:
+                args += ["--" + name.replace("_", "-"), ",".join(value) if isinstance(value, list) else str(value)]
         return args
 
 
