@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to PATH.tmp beside it, then rename it over PATH."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write `text` to a temporary file beside PATH (one per process, so the processes of a launch writing the
+    same file do not share it), then rename it over PATH."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

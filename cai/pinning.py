@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel
 
 from cai.errors import CaiError
+from cai.files import write_text_atomic
 
 
 class RunMismatchError(CaiError, ValueError):
@@ -51,7 +52,7 @@ def pin_settings(folder: Path, settings: BaseModel | Any, *, file: str = "run.js
         text = json.dumps(now, indent=2)
     else:
         text = yaml.safe_dump(now, sort_keys=False)
-    path.write_text(text, encoding="utf-8")
+    write_text_atomic(path, text)  # every process of a launch pins; none may read another's half-written file
 
 
 def _as_dict(settings: Any) -> dict[str, Any]:

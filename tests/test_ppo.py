@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList
 
 from cai.pinning import RunMismatchError
 from cai.config import load_config
 from cai.train.config import TrainConfigError
 from cai.train.losses import token_logprobs
 from cai.train.ppo import PPOConfig, build_trainer, run_ppo
-from cai.train.ppo_rollout import merged_adapter, sample
+from cai.train.ppo_rollout import SeededSampler, merged_adapter, sample, seeded_uniforms
 
 # -- config --------------------------------------------------------------------------------
 
@@ -75,15 +75,14 @@ def test_logprobs_and_values_read_off_generation_match_a_forward_pass(tmp_path, 
     query, query_mask = trainer.batch_queries(trainer.prompt_indices(0))
     tok = trainer.tokenizer
     with torch.no_grad():
-        torch.manual_seed(11)
         generated, recorded = sample(trainer.model, query, query_mask, max_new_tokens=12, temperature=0.7,
-                                     stop_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, merged=merged)
+                                     stop_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, seed=11, merged=merged)
         assert trainer.model.lm.get_base_model().generation_config.min_p == 0.9  # put back
-        torch.manual_seed(11)
         base = trainer.model.lm.get_base_model()
-        base.generation_config = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
-                                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        plain = trainer.model.lm.generate(input_ids=query, attention_mask=query_mask)[:, query.shape[1]:]
+        base.generation_config = GenerationConfig(max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,
+                                                  pad_token_id=tok.pad_token_id)
+        plain = trainer.model.lm.generate(input_ids=query, attention_mask=query_mask, logits_processor=LogitsProcessorList(
+            [SeededSampler(11, torch.arange(6), 0.7, query.shape[1])]))[:, query.shape[1]:]
         assert torch.equal(generated, plain)
         assert recorded is not None
         logprobs, values = recorded
@@ -99,6 +98,46 @@ def test_logprobs_and_values_read_off_generation_match_a_forward_pass(tmp_path, 
     torch.testing.assert_close(logprobs[on], expected[on], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(values[on], expected_values[on], atol=1e-4, rtol=1e-4)
     assert logprobs[on].std() > 0.1 and values[on].std() > 1e-3  # a real spread, not constants that agree by accident
+
+
+def test_seeded_sampler_draws_from_the_softmax_at_the_temperature():
+    """Inverse-CDF draws from hashed uniforms: over 20,000 steps each token's frequency is within 4 standard
+    errors of softmax(logits / T); a token of probability 0 is never drawn; the uniforms are flat and the
+    draws of different rows, steps and seeds are uncorrelated."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0, float("-inf")]])
+    probs = torch.softmax(logits / 0.8, -1)[0]
+    n = 20_000
+    counts = torch.zeros(6)
+    for step in range(n):
+        out = SeededSampler(5, torch.tensor([3]), 0.8, 0)(torch.zeros(1, step, dtype=torch.long), logits)
+        assert torch.isfinite(out).sum() == 1
+        counts[out.argmax()] += 1
+    se = (probs * (1 - probs) / n).sqrt()
+    assert ((counts / n - probs).abs() <= 4 * se + 1e-9).all(), (counts / n, probs)
+    assert counts[5] == 0 and counts[4] > 0
+    u = seeded_uniforms(5, torch.arange(50_000), 0)
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
+    others = [seeded_uniforms(5, torch.arange(50_000), 1), seeded_uniforms(6, torch.arange(50_000), 0),
+              seeded_uniforms(5, torch.arange(1, 50_001), 0)]
+    assert all(abs(torch.corrcoef(torch.stack([u, o]))[0, 1].item()) < 0.02 for o in others)
+
+
+def test_a_rows_sample_does_not_depend_on_the_rest_of_its_batch(tmp_path, tiny_model_dir, prompt_file):
+    """What lets several processes split a batch: rows 3-5 sampled alone (with their keys) are the rows 3-5
+    of the whole batch, and the same seed samples the same tokens again."""
+    trainer = build_trainer(ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "ppo", batch_size=6, response_length=10))
+    every = trainer.prompt_indices(0)
+    width = max(len(trainer.queries[i]) for i in every)
+    tok = trainer.tokenizer
+    kw = dict(max_new_tokens=10, temperature=1.0, stop_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, seed=4)
+    with torch.no_grad():
+        whole, _ = sample(trainer.model, *trainer.batch_queries(every, width), **kw)
+        again, _ = sample(trainer.model, *trainer.batch_queries(every, width), **kw)
+        part, _ = sample(trainer.model, *trainer.batch_queries(every[3:], width), row_keys=torch.arange(3, 6), **kw)
+        other, _ = sample(trainer.model, *trainer.batch_queries(every, width), **{**kw, "seed": 5})
+    assert torch.equal(whole, again)
+    assert torch.equal(whole[3:, :part.shape[1]], part)
+    assert not torch.equal(whole, other)
 
 
 def test_merged_adapter_samples_the_policy_and_gives_the_weights_back_untouched(tmp_path, tiny_model_dir, prompt_file):
@@ -159,6 +198,28 @@ def test_no_dropout_in_the_update_so_the_first_ratio_is_one(tmp_path, tiny_model
     (row,) = metrics(out)
     tolerance = 1e-8 if not torch.cuda.is_available() else 1e-4  # bf16 autocast on a GPU: sampling and update differ in rounding
     assert row["ppo/policy/clipfrac"] == 0.0 and row["ppo/policy/approxkl"] < tolerance, row
+
+
+def test_under_bf16_autocast_the_frozen_base_is_bf16_and_what_trains_float32(tmp_path, tiny_model_dir, prompt_file):
+    """A GPU's default (bf16 autocast), forced on the CPU: the frozen base (and reference) weights load in bf16,
+    the LoRA adapter and value head stay float32 (and so their AdamW state), and an iteration, merged
+    rollouts included, runs: finite metrics, a trained adapter that moved, ratio near one on the first minibatch."""
+    trainer = build_trainer(ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "ppo", precision="bf16", iterations=2, batch_size=8,
+                                    mini_batches=1, ppo_epochs=1))
+    frozen = {p.dtype for p in trainer.model.parameters() if not p.requires_grad}
+    trained = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    before = [p.detach().clone() for p in trainer.params]
+    trainer.train()
+    rows = metrics(tmp_path / "ppo")
+    assert len(rows) == 2 and all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
+    assert rows[0]["ppo/policy/approxkl"] < 1e-3
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.params))
+    assert {p.dtype for p in trainer.params} == {torch.float32}
+    assert all(s["exp_avg"].dtype == torch.float32 for s in trainer.optimizer.state_dict()["state"].values())
+    trainer.close()
+    ppo_fp32 = build_trainer(ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "fp32"))
+    assert {p.dtype for p in ppo_fp32.model.parameters()} == {torch.float32}  # fp32 on a CPU (precision auto)
 
 
 @pytest.mark.slow
@@ -425,3 +486,94 @@ def test_vllm_rollouts_sample_from_the_synced_adapter(tmp_path, tiny_model_dir, 
     rows = metrics(out)
     assert len(rows) == 4 and all(math.isfinite(r["objective/kl"]) and r["response/length_mean"] > 0 for r in rows)
     assert_crash_and_resume_repeat(cfg, crash_at_iteration=4)
+
+
+# -- several processes ----------------------------------------------------------------------
+
+CRASHING_RUN = '''
+import json, sys
+from pathlib import Path
+from cai.train.config import pin_config
+from cai.train.ppo import PPOConfig, build_trainer
+from cai.train.rewards import RuleScorer
+
+cfg = PPOConfig(**json.loads(Path(sys.argv[1]).read_text()))
+rule, calls = RuleScorer(cfg.reward), {"n": 0}
+
+def crashing(prompts, responses):  # every process crashes while scoring the same iteration
+    calls["n"] += 1
+    if calls["n"] == int(sys.argv[2]):
+        raise RuntimeError("simulated crash")
+    return rule(prompts, responses)
+
+pin_config(cfg, Path(cfg.out))
+build_trainer(cfg, scorer=crashing).train()
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_resume_after_a_crash(tmp_path, tiny_model_dir, prompt_file):
+    """`cai train ppo` under torchrun with 2 CPU processes (gloo DDP): each process samples and scores half
+    of the batch, the whole batch is gathered for rewards, whitening and the KL controller, and each
+    minibatch's gradient is the one-process one. So the sampled tokens and scores are the same as one
+    process's, and the KL, coefficients and losses agree up to float error. Then a 2-process run that
+    crashes at iteration 4 (checkpoint at 2) and is rerun with the same command finishes like them."""
+    import os
+    import subprocess
+    import sys
+
+    settings = dict(model=str(tiny_model_dir), reward="rule:share=e", prompts=prompt_file, batch_size=8, mini_batches=2,
+                    ppo_epochs=2, response_length=8, iterations=5, lr=5e-3, kl_coef=0.01, adaptive_kl=True, kl_target=1.0,
+                    kl_horizon=100, lora_target_modules=["q_proj", "v_proj"], checkpoint_every=2, seed=1)
+    flags = [f"--{k.replace('_', '-')}={','.join(v) if isinstance(v, list) else v}" for k, v in settings.items()
+             if k != "adaptive_kl"] + ["--adaptive-kl"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+
+    def run(cmd, out):
+        done = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    run([sys.executable, "-m", "cai.cli", "train", "ppo", *flags], tmp_path / "one")
+    run([*torchrun, "-m", "cai.cli", "train", "ppo", *flags], tmp_path / "two")
+
+    crashy = tmp_path / "crashy"
+    (tmp_path / "cfg.json").write_text(json.dumps({**settings, "out": str(crashy)}))
+    (tmp_path / "crash.py").write_text(CRASHING_RUN)
+    crashed = subprocess.run([*torchrun, str(tmp_path / "crash.py"), str(tmp_path / "cfg.json"), "4"], env=env,
+                             capture_output=True, text=True)
+    assert crashed.returncode != 0 and "simulated crash" in crashed.stderr, crashed.stderr[-3000:]
+    assert len(metrics(crashy)) == 3  # iteration 3 was logged past the checkpoint at 2, then lost with the crash
+    run([*torchrun, "-m", "cai.cli", "train", "ppo", *flags], crashy)  # resumes from the checkpoint
+
+    one, two, resumed = metrics(tmp_path / "one"), metrics(tmp_path / "two"), metrics(crashy)
+    assert {r["processes"] for r in one} == {1} and {r["processes"] for r in two} == {r["processes"] for r in resumed} == {2}
+    for rows in (two, resumed):
+        assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+        assert [r["tokens"] for r in rows] == [r["tokens"] for r in one]  # the same responses
+        for a, b in zip(one, rows):
+            for k in ("objective/scores", "response/length_mean", "response/eos_rate"):
+                assert b[k] == a[k], (a["step"], k)
+            for k in ("objective/kl", "objective/kl_coef", "objective/entropy", "ppo/loss/policy", "ppo/loss/value",
+                      "ppo/policy/approxkl", "ppo/val/vpred", "ppo/returns/mean"):
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k)  # 1e-6 when written
+    assert one[-1]["objective/kl"] > 0.01 and one[-1]["objective/kl_coef"] != one[0]["objective/kl_coef"]  # it trained
+    final = tmp_path / "two" / "final"
+    assert (final / "adapter_config.json").exists() and (final / "value_head.pt").exists()
+    def samples(out):
+        rows = map(json.loads, (out / "samples.jsonl").read_text().splitlines())
+        return [(s["step"], s["prompt"], s["response"]) for s in rows]
+
+    assert samples(tmp_path / "two") == samples(tmp_path / "one") and len(samples(tmp_path / "one")) == 4
+
+
+def test_a_batch_the_processes_cannot_share_is_refused(tmp_path, tiny_model_dir, prompt_file):
+    from cai.train.ppo import check_processes
+
+    check_processes(ppo_cfg(tiny_model_dir, prompt_file, tmp_path, batch_size=8, mini_batches=2), 2, False)
+    with pytest.raises(TrainConfigError, match=r"batch_size \(6\) must be divisible by the 4 processes"):
+        check_processes(ppo_cfg(tiny_model_dir, prompt_file, tmp_path, batch_size=6, mini_batches=2), 4, False)
+    with pytest.raises(TrainConfigError, match=r"batch_size / mini_batches = 2\) of at least 4 rows"):
+        check_processes(ppo_cfg(tiny_model_dir, prompt_file, tmp_path, batch_size=8, mini_batches=4), 4, False)
+    with pytest.raises(TrainConfigError, match="'vllm' runs in one process"):
+        check_processes(ppo_cfg(tiny_model_dir, prompt_file, tmp_path), 2, True)

@@ -119,7 +119,7 @@ def full_html(tmp_path_factory) -> str:
     """One rendered report of a full run, shared: plotting is the slow part."""
     run = build_run(tmp_path_factory.mktemp("report") / "run")
     out = write_report(run)
-    assert out == run / "report.html" and not (run / "report.html.tmp").exists()
+    assert out == run / "report.html" and not list(run.glob("report.html*.tmp"))
     return out.read_text(encoding="utf-8")
 
 

@@ -89,8 +89,8 @@ def test_reward_model_learns_a_small_set_and_reports_calibration(tmp_path, tiny_
     assert (Path(c.out) / "loss.png").stat().st_size > 1000 and (Path(c.out) / "final" / "config.json").exists()
 
 
-@pytest.mark.parametrize("lora,precision", [(True, "auto"), (False, "auto"), (False, "bf16")],
-                         ids=["lora", "full", "full-bf16"])
+@pytest.mark.parametrize("lora,precision", [(True, "auto"), (False, "auto"), (False, "bf16"), (True, "bf16")],
+                         ids=["lora", "full", "full-bf16", "lora-bf16"])
 def test_dpo_raises_the_chosen_margin(tmp_path, tiny_model_dir, lora, precision):
     """With bf16 autocast (a GPU's default, forced here on the CPU) the reference must be computed at
     the policy's precision, or the margin at step 0 is the rounding error between the two."""
@@ -102,6 +102,13 @@ def test_dpo_raises_the_chosen_margin(tmp_path, tiny_model_dir, lora, precision)
     tolerance = 1e-4 if torch.cuda.is_available() else 1e-6
     assert [rows[0][k] for k in ("rewards/chosen", "rewards/rejected", "rewards/margins")] == pytest.approx([0.0] * 3, abs=tolerance)
     assert rows[-1]["rewards/margins"] > 0.1 and rows[-1]["loss"] < rows[0]["loss"]
+    # Under bf16 autocast LoRA's frozen base loads in bf16 (the adapter stays float32); trained weights stay float32.
+    if precision == "bf16":
+        from cai.train.tasks import build_task
+
+        model = build_task(c, Path(c.out)).model
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+        assert {p.dtype for p in model.parameters() if not p.requires_grad} <= ({torch.bfloat16} if lora else {torch.float32})
     # Training all weights moves the reference's own weights: it is computed up front and saved.
     assert (Path(c.out) / "ref_logprobs.pt").exists() == (not lora)
     assert (Path(c.out) / "final" / ("adapter_config.json" if lora else "config.json")).exists()

@@ -21,7 +21,16 @@ Each iteration, in this order (the numbered phases; `rollout` is 1-3, `update` 4
 7. the KL controller (fixed or adaptive) sees the batch's KL.
 
 Exact resume: iteration i's prompts, sampling seed and minibatch order are pure functions of
-(seed, i); a checkpoint holds the trainable weights, optimiser, KL controller and RNG states.
+(seed, i), and a row's sampled tokens depend on its own position and query only (`SeededSampler`);
+a checkpoint holds the trainable weights, optimiser, KL controller and RNG states.
+
+Several processes (`accelerate launch` / `torchrun`; accelerate's DDP): each process samples, scores
+and evaluates a contiguous share of the batch (phases 1-3), then the rollouts are gathered, so phases
+4, 5 and 7 (rewards, whitening, KL controller) and the logged metrics see the whole batch, as one
+process would. In phase 6 each process takes its share of every minibatch and scales its token mean
+by its share of the minibatch's tokens, so the gradients DDP averages are exactly the one-process
+minibatch's. Only the main process writes metrics, samples and checkpoints; a checkpoint does not
+depend on the process count.
 
     cai train ppo --model runs/demo/sft/merged --reward runs/demo/rm/final --prompts donotanswer --out runs/ppo
     # on a GPU node the same command runs in bfloat16 autocast (precision: auto).
@@ -79,16 +88,24 @@ class PPOTrainer:
     """PPO over `prompts` for `policy`, scored by `scorer`; everything it needs is passed in (see `run_ppo`)."""
 
     def __init__(self, cfg: PPOConfig, *, policy: PolicyWithValue, tokenizer, prompts: list[str], scorer: Scorer,
-                 gold_scorer: Scorer | None = None, vllm=None):
+                 gold_scorer: Scorer | None = None, vllm=None, accelerator=None):
+        from accelerate import Accelerator
+
         from cai.models import stop_token_ids
 
         self.cfg, self.out = cfg, Path(cfg.out)
+        # Autocast is cai's own (cfg.precision), as in the SFT/RM/DPO loop.
+        self.accelerator = accelerator or Accelerator(mixed_precision="no")
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        check_processes(cfg, self.world, vllm is not None)
         self.model, self.tokenizer, self.prompts = policy, tokenizer, prompts
         self.scorer, self.gold_scorer, self.vllm = scorer, gold_scorer, vllm
         self.device = next(policy.parameters()).device
         self.stop_ids = stop_token_ids(tokenizer, policy.lm.generation_config)  # both rollout backends stop on these
         self.params = [p for p in policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, eps=1e-5)
+        # `self.model` is the policy itself (sampling, no-grad passes, saving); `self.trained` the module the
+        # update runs through: the same one in one process, accelerate's DDP wrapper of it in several.
+        self.trained, self.optimizer = self.accelerator.prepare(policy, torch.optim.AdamW(self.params, lr=cfg.lr, eps=1e-5))
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
         self.queries = [self._encode_query(p) for p in prompts]
@@ -116,9 +133,14 @@ class PPOTrainer:
             out.append(torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))[pos].item())
         return out
 
-    def batch_queries(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The queries of prompts `idx`, left-padded: token ids and attention mask, (B, Tq) each."""
-        width = max(len(self.queries[i]) for i in idx)
+    def shard(self) -> slice:
+        """This process's rows of every batch: a contiguous share, in process order (as `gather` concatenates)."""
+        share = self.cfg.batch_size // self.world
+        return slice(self.rank * share, (self.rank + 1) * share)
+
+    def batch_queries(self, idx: list[int], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The queries of prompts `idx`, left-padded to `width` (default the longest): ids and attention mask, (B, Tq) each."""
+        width = width or max(len(self.queries[i]) for i in idx)
         query = torch.full((len(idx), width), self.tokenizer.pad_token_id, dtype=torch.long)
         query_mask = torch.zeros_like(query)
         for row, i in enumerate(idx):
@@ -136,27 +158,30 @@ class PPOTrainer:
         return self.update(self.rollout(iteration))
 
     def rollout(self, iteration: int) -> Rollout:
+        """Phases 1-3 on this process's share of the batch, then the whole batch gathered on every process."""
         cfg, tok = self.cfg, self.tokenizer
         started = time.perf_counter()
-        idx = self.prompt_indices(iteration)
+        every = self.prompt_indices(iteration)
+        rows = self.shard()
+        idx = every[rows]
         pad = tok.pad_token_id
-        # 1. rollout: left-padded queries (B, Tq); responses (B, R) cut after their first EOS.
-        query, query_mask = self.batch_queries(idx)
+        # 1. rollout: left-padded queries (B, Tq), padded to the whole batch's width so that every process's
+        # rows line up; responses (B, R) cut after their first EOS. Row keys are positions in the whole batch.
+        query, query_mask = self.batch_queries(idx, width=max(len(self.queries[i]) for i in every))
         sampling_seed = cfg.seed * 1_000_003 + iteration  # sampling is a function of (seed, iteration)
         responses = torch.full((len(idx), cfg.response_length), pad, dtype=torch.long, device=self.device)
         recorded = None  # (log-probs, values) read off generate's own decoding steps
         if self.vllm is not None:
             adapter = self.vllm.sync_adapter(self.model.lm.save_pretrained, self.out / "rollout-adapter", iteration)
             sampled = self.vllm.generate([self.queries[i] for i in idx], adapter, iteration, max_tokens=cfg.response_length,
-                                         temperature=cfg.temperature, stop_ids=self.stop_ids, seed=sampling_seed)
+                                         temperature=cfg.temperature, stop_ids=self.stop_ids, seed=sampling_seed + rows.start)
             for row, ids in enumerate(sampled):
                 responses[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         else:
-            torch.manual_seed(sampling_seed)
             with torch.no_grad(), self._autocast():
                 generated, recorded = sample(self.model, query, query_mask, max_new_tokens=cfg.response_length,
-                                             temperature=cfg.temperature, stop_ids=self.stop_ids, pad_id=pad,
-                                             merged=cfg.merged_rollouts)
+                                             temperature=cfg.temperature, stop_ids=self.stop_ids, pad_id=pad, seed=sampling_seed,
+                                             row_keys=torch.arange(rows.start, rows.stop), merged=cfg.merged_rollouts)
             responses[:, :generated.shape[1]] = generated
         is_eos = torch.isin(responses, torch.tensor(self.stop_ids, device=self.device))  # (B, R): any of the model's EOS ids
         has_eos = is_eos.any(1)
@@ -175,7 +200,7 @@ class PPOTrainer:
             scores = scores - cfg.missing_eos_penalty * (~has_eos).float()
         gold = None
         if self.gold_scorer is not None and iteration % cfg.gold_judge_every == 0:
-            gold = sum(self.gold_scorer(prompts, texts)) / len(texts)
+            gold = torch.tensor(self.gold_scorer(prompts, texts), dtype=torch.float32, device=self.device)
         score_s = time.perf_counter() - started - rollout_s
 
         # 3. log-probs and values of the samples under the policy (adapter on) and the reference (off).
@@ -184,8 +209,9 @@ class PPOTrainer:
         full_mask = torch.cat([query_mask, mask], 1)
         with torch.no_grad(), self._autocast():
             logprobs, values, ref_logprobs = [], [], []
-            step = cfg.forward_batch_size or cfg.batch_size  # fewer, larger no-grad passes are cheaper
-            for mb in [torch.arange(i, min(i + step, cfg.batch_size), device=self.device) for i in range(0, cfg.batch_size, step)]:
+            n = len(idx)
+            step = cfg.forward_batch_size or n  # fewer, larger no-grad passes are cheaper
+            for mb in [torch.arange(i, min(i + step, n), device=self.device) for i in range(0, n, step)]:
                 if recorded is None:
                     logits, v = self.model(full[mb], full_mask[mb], cfg.response_length)
                     logprobs.append(self._response_logprobs(logits, responses[mb]))
@@ -200,8 +226,19 @@ class PPOTrainer:
                 logprobs, values = torch.zeros_like(ref_logprobs), torch.zeros_like(ref_logprobs)
                 logprobs[:, :recorded[0].shape[1]], values[:, :recorded[1].shape[1]] = recorded
 
-        return Rollout(iteration, prompts, texts, full, full_mask, responses, mask, has_eos, raw_scores, scores, logprobs, values,
-                       ref_logprobs, gold, started, rollout_s, score_s)
+        if self.world > 1:  # the whole batch on every process, rows in batch order
+            from accelerate.utils import gather_object
+
+            gather = self.accelerator.gather
+            texts = gather_object(texts)
+            full, full_mask, responses, mask = gather(full), gather(full_mask), gather(responses), gather(mask)
+            has_eos = gather(has_eos.long()).bool()
+            raw_scores, scores = gather(raw_scores), gather(scores)
+            logprobs, values, ref_logprobs = gather(logprobs), gather(values), gather(ref_logprobs)
+            gold = gather(gold) if gold is not None else None
+        gold_mean = None if gold is None else gold.mean().item()
+        return Rollout(iteration, [self.prompts[i] for i in every], texts, full, full_mask, responses, mask, has_eos, raw_scores,
+                       scores, logprobs, values, ref_logprobs, gold_mean, started, rollout_s, score_s)
 
     def update(self, r: Rollout) -> tuple[dict[str, float], list[dict]]:
         cfg, iteration = self.cfg, r.iteration
@@ -220,12 +257,17 @@ class PPOTrainer:
         advantages, returns = gae(rewards, values, maskf, cfg.gamma, cfg.lam)
         advantages = masked_whiten(advantages, maskf)
 
-        # 6. PPO epochs over shuffled minibatches (the model stays in eval mode: no dropout).
+        # 6. PPO epochs over shuffled minibatches (the model stays in eval mode: no dropout). Across processes
+        # each takes every world-th row of a minibatch; its token means are scaled by its share of the
+        # minibatch's tokens (`weight`), so the sum over processes is the minibatch's token mean: DDP
+        # averages gradients, hence the loss times world.
         stats: dict[str, list[float]] = {}
         for epoch in range(cfg.ppo_epochs):
-            for mb in self._minibatches(iteration, epoch):
+            for whole in self._minibatches(iteration, epoch):
+                mb = whole[self.rank::self.world]
+                weight = maskf[mb].sum() / maskf[whole].sum() if self.world > 1 else 1.0
                 with self._autocast():
-                    logits, vpred = self.model(full[mb], full_mask[mb], cfg.response_length)
+                    logits, vpred = self.trained(full[mb], full_mask[mb], cfg.response_length)
                     resp_logits = logits.float() / cfg.temperature
                     new_logprobs = token_logprobs(resp_logits, responses[mb])
                     pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[mb], advantages[mb], maskf[mb], cfg.cliprange)
@@ -236,15 +278,19 @@ class PPOTrainer:
                         with torch.no_grad():
                             entropy = masked_mean(entropy_from_logits(resp_logits), maskf[mb])
                     loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                self.accelerator.backward(loss * (weight * self.world))
+                self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                for k, v in {M.LOSS_POLICY: pg_loss, M.LOSS_VALUE: vf_loss, M.LOSS_TOTAL: loss, M.POLICY_ENTROPY: entropy,
-                             M.CLIPFRAC: pg_stats["clipfrac"], M.APPROXKL: pg_stats["approxkl"],
-                             M.VALUE_CLIPFRAC: vf_stats["clipfrac"], M.VALUE_ERROR: vf_stats["error"],
-                             M.VPRED: masked_mean(vpred, maskf[mb])}.items():
-                    stats.setdefault(k, []).append(float(v.detach()))
+                logged = {M.LOSS_POLICY: pg_loss, M.LOSS_VALUE: vf_loss, M.LOSS_TOTAL: loss, M.POLICY_ENTROPY: entropy,
+                          M.CLIPFRAC: pg_stats["clipfrac"], M.APPROXKL: pg_stats["approxkl"],
+                          M.VALUE_CLIPFRAC: vf_stats["clipfrac"], M.VALUE_ERROR: vf_stats["error"],
+                          M.VPRED: masked_mean(vpred, maskf[mb])}
+                values_now = torch.stack([v.detach().float() for v in logged.values()]) * weight
+                if self.world > 1:  # each process's share of the minibatch's token means, summed
+                    values_now = self.accelerator.reduce(values_now, "sum")
+                for k, v in zip(logged, values_now.tolist()):
+                    stats.setdefault(k, []).append(v)
 
         # 7. the KL controller sees this batch's mean KL per sequence.
         seq_kl = kl.sum(1)
@@ -267,6 +313,7 @@ class PPOTrainer:
             M.LENGTH_MEAN: maskf.sum(1).mean().item(),
             M.EOS_RATE: r.has_eos.float().mean().item(),
             "tokens": tokens,
+            "processes": self.world,
             "time/rollout_s": round(r.rollout_s, 4),
             "time/score_s": round(r.score_s, 4),
             "seconds": round(time.perf_counter() - r.started, 4),
@@ -302,12 +349,16 @@ class PPOTrainer:
             self.kl_ctl.load_state_dict(extra["kl_ctl"])
             logger.info("resuming PPO from iteration %d of %d (%s)", start, cfg.iterations, ckpt)
         metrics_path, samples_path = out / "metrics.jsonl", out / "samples.jsonl"
-        truncate_log(metrics_path, start)
-        truncate_log(samples_path, start)
-        with progress_bar("iterations") as bar:
+        main = self.accelerator.is_main_process  # the one that writes; every process computes the same record
+        if main:
+            truncate_log(metrics_path, start)
+            truncate_log(samples_path, start)
+        with progress_bar("iterations", disable=not main) as bar:
             task = bar.add_task("ppo iterations", total=cfg.iterations, completed=start, info="")
             for iteration in range(start, cfg.iterations):
                 record, samples = self.ppo_iteration(iteration)
+                if not main:
+                    continue
                 with open(metrics_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}) + "\n")
                 if (iteration + 1) % cfg.log_samples_every == 0 or iteration == 0:
@@ -321,6 +372,9 @@ class PPOTrainer:
                            info=f"score {record[M.SCORES]:.3f} kl {record[M.KL]:.3f}")
                 if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations:
                     save_checkpoint(ckpt, self.model, self.optimizer, iteration + 1, extra={"kl_ctl": self.kl_ctl.state_dict()})
+        self.accelerator.wait_for_everyone()
+        if not main:
+            return {"iterations": cfg.iterations, "process": self.rank}
         self.save(out / "final")
         plot_losses(metrics_path, out / "loss.png", keys=(M.SCORES, M.KL, M.LOSS_POLICY))
         rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -332,6 +386,21 @@ class PPOTrainer:
         self.model.lm.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
         torch.save(self.model.value_head.state_dict(), folder / "value_head.pt")
+
+
+def check_processes(cfg: PPOConfig, world: int, vllm: bool) -> None:
+    """Refuse, before any model loads, a batch that `world` processes cannot share (or vLLM rollouts across processes)."""
+    from cai.train.config import TrainConfigError
+
+    if world == 1:
+        return
+    if vllm:
+        raise TrainConfigError(f"rollout_backend 'vllm' runs in one process; this launch has {world}. Use rollout_backend "
+                               "'transformers' across processes, or launch one process")
+    size = cfg.batch_size // cfg.mini_batches
+    if cfg.batch_size % world or size < world:
+        raise TrainConfigError(f"batch_size ({cfg.batch_size}) must be divisible by the {world} processes, with minibatches "
+                               f"(batch_size / mini_batches = {size}) of at least {world} rows: each process takes its share")
 
 
 def build_trainer(cfg: PPOConfig, *, scorer: Scorer | None = None, gold_scorer: Scorer | None = None) -> PPOTrainer:
@@ -347,7 +416,11 @@ def build_trainer(cfg: PPOConfig, *, scorer: Scorer | None = None, gold_scorer: 
     prompts = [p.text for p in load_prompts(cfg.prompts, limit=cfg.max_prompts)]
     if not prompts:
         raise PromptSourceError(f"prompts {cfg.prompts!r}: no prompts to train on")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision="no")  # one process, or this one's place in a launch
+    check_processes(cfg, accelerator.num_processes, cfg.rollout_backend == "vllm")
+    device = accelerator.device
     policy, tokenizer = load_policy(cfg, device)
     # One connection to the judge for the run, for the reward and the gold score alike; the API key comes
     # from $CAI_JUDGE_API_KEY in the client, the one place that reads it.
@@ -361,7 +434,8 @@ def build_trainer(cfg: PPOConfig, *, scorer: Scorer | None = None, gold_scorer: 
 
         vllm = VllmRollouts(resolve_model(cfg.model).path, lora_rank=cfg.lora_r,
                             max_len=cfg.max_prompt_length + cfg.response_length + 16, seed=cfg.seed)
-    return PPOTrainer(cfg, policy=policy, tokenizer=tokenizer, prompts=prompts, scorer=scorer, gold_scorer=gold_scorer, vllm=vllm)
+    return PPOTrainer(cfg, policy=policy, tokenizer=tokenizer, prompts=prompts, scorer=scorer, gold_scorer=gold_scorer, vllm=vllm,
+                      accelerator=accelerator)
 
 
 def run_ppo(cfg: PPOConfig) -> dict[str, Any]:

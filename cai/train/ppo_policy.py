@@ -49,14 +49,16 @@ def load_policy(cfg: PPOConfig, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     from cai.models import load_tokenizer, resolve_model
+    from cai.train.precision import base_dtype, trainable_in_fp32
 
     path = resolve_model(cfg.model).path
     tokenizer = load_tokenizer(path)
     torch.manual_seed(cfg.seed)  # LoRA's A matrices and the value head start from the seed
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    # The base is frozen (and also the reference): bf16 under bf16 autocast; adapter and value head float32.
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=base_dtype(cfg.precision, device, frozen=True))
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
     lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.lora_target_modules)
-    policy = PolicyWithValue(get_peft_model(lm, lora), lm.config.hidden_size).to(device)
+    policy = trainable_in_fp32(PolicyWithValue(get_peft_model(lm, lora), lm.config.hidden_size)).to(device)
     policy.eval()
     return policy, tokenizer

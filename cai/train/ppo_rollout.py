@@ -17,6 +17,12 @@ duration of the sampling (`merged_adapter`), so each decoding step is one matmul
 of three plus peft's Python: 15% of SmolLM2's rollout on CPU. The trained weights are never touched
 (peft's own merge/unmerge adds and subtracts in place, which does not give the weights back bit for
 bit); the copies cost one adapted layer's worth of memory each, freed when sampling ends.
+
+Sampling itself does not draw from torch's random generator: `SeededSampler` picks each token by
+inverse-CDF sampling from the softmax at the sampling temperature, with the uniform number a hash of
+(seed, the row's key, the step). A row's draws therefore do not depend on which other rows share its
+batch, on the device or on how many processes split the batch: PPO across processes samples exactly
+the responses one process would, and a resumed run samples what the uninterrupted one did.
 """
 
 from __future__ import annotations
@@ -26,9 +32,56 @@ import logging
 from collections.abc import Iterator
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 logger = logging.getLogger(__name__)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x * c mod 2**32 for int64 tensors holding 32-bit values, in 16-bit halves so nothing overflows int64."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (Wellons' lowbias32): every input bit changes about half the output bits."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def seeded_uniforms(seed: int, rows: torch.Tensor, step: int) -> torch.Tensor:
+    """One uniform number in [0, 1) per row key in `rows` (int64, (B,)), a pure function of (seed, row, step):
+    53 random bits in float64, the same on every device."""
+    key = _hash32(_hash32(torch.full_like(rows, seed & _MASK32) ^ (seed >> 32)) ^ rows)
+    key = _hash32(key ^ step)
+    hi, lo = _hash32(key ^ 0x68E31DA4) >> 6, _hash32(key ^ 0x1B56C4E9) >> 5  # 26 + 27 bits
+    return (hi * 2.0 ** 27 + lo).double() / 2.0 ** 53
+
+
+class SeededSampler(LogitsProcessor):
+    """Sampling at `temperature` inside greedy `generate`: the processor leaves only the sampled token finite.
+
+    Row r at decoding step t takes the token whose interval of the cumulative softmax holds
+    `seeded_uniforms(seed, row_keys, t)[r]`: an exact draw from softmax(logits / temperature),
+    independent of the rest of the batch. Tokens of zero probability are never taken.
+    """
+
+    def __init__(self, seed: int, row_keys: torch.Tensor, temperature: float, query_width: int):
+        self.seed, self.row_keys, self.temperature, self.query_width = seed, row_keys, temperature, query_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.query_width
+        cdf = torch.cumsum(torch.softmax(scores.float() / self.temperature, dim=-1), dim=-1, dtype=torch.float64)
+        u = seeded_uniforms(self.seed, self.row_keys.to(scores.device), step) * cdf[:, -1]  # in [0, total): a real token
+        token = torch.searchsorted(cdf, u.unsqueeze(1), right=True).clamp_(max=scores.shape[1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
 
 
 class _StepRecorder:
@@ -85,8 +138,9 @@ def _merged_weight(layer, weight: torch.Tensor) -> torch.Tensor:
     if isinstance(layer.base_layer, torch.nn.Linear) and not layer.fan_in_fan_out and len(adapters) == 1:
         # W + s * B @ A in one pass, with no (out, in) temporary for the delta.
         a = adapters[0]
-        return torch.addmm(weight, layer.lora_B[a].weight, layer.lora_A[a].weight, alpha=layer.scaling[a])
-    return weight + sum(layer.get_delta_weight(a) for a in adapters)
+        lora_b = layer.lora_B[a].weight
+        return torch.addmm(weight.to(lora_b.dtype), lora_b, layer.lora_A[a].weight, alpha=layer.scaling[a]).to(weight.dtype)
+    return (weight + sum(layer.get_delta_weight(a) for a in adapters)).to(weight.dtype)
 
 
 @contextlib.contextmanager
@@ -117,9 +171,13 @@ def merged_adapter(lm) -> Iterator[bool]:
 
 
 def sample(policy, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int, temperature: float, stop_ids: list[int],
-           pad_id: int, merged: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+           pad_id: int, seed: int, row_keys: torch.Tensor | None = None,
+           merged: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Sample responses for left-padded `query` (B, Tq) with the policy's adapter on (merged into a copy of the
     weights while sampling when `merged`).
+
+    Row r's tokens are a function of (seed, row_keys[r], the policy, its query) only (`SeededSampler`);
+    `row_keys` defaults to 0..B-1. PPO passes each row's position in the whole iteration's batch.
 
     A row ends at the first of `stop_ids` (`cai.models.stop_token_ids`, as vLLM rollouts stop).
     Returns the generated tokens (B, n), n <= max_new_tokens (generate stops once every row has
@@ -131,16 +189,19 @@ def sample(policy, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tok
     recorder = _StepRecorder(policy.value_head, temperature)
     hooks = [base.register_forward_pre_hook(recorder.on_forward, with_kwargs=True),
              base.get_output_embeddings().register_forward_hook(recorder.on_head)]
-    # Plain sampling at `temperature`, whatever the model's generation_config.json says: a repetition
-    # penalty, top-k or min-p there would sample from another distribution than the one whose log-probs
-    # PPO optimises. generate() fills unset fields of a passed config from the model's own, so the
-    # model's is swapped out while sampling.
+    # Plain sampling at `temperature` (SeededSampler inside greedy search), whatever the model's
+    # generation_config.json says: a repetition penalty, top-k or min-p there would sample from another
+    # distribution than the one whose log-probs PPO optimises. generate() fills unset fields of a passed
+    # config from the model's own, so the model's is swapped out while sampling.
     own_config = base.generation_config
-    base.generation_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0,
-                                              top_p=1.0, eos_token_id=list(stop_ids), pad_token_id=pad_id)
+    base.generation_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(stop_ids),
+                                              pad_token_id=pad_id)
+    if row_keys is None:
+        row_keys = torch.arange(query.shape[0])
+    sampler = SeededSampler(seed, row_keys.to(query.device, torch.long), temperature, query.shape[1])
     try:
         with merged_adapter(lm) if merged else contextlib.nullcontext():
-            seqs = lm.generate(input_ids=query, attention_mask=query_mask)
+            seqs = lm.generate(input_ids=query, attention_mask=query_mask, logits_processor=LogitsProcessorList([sampler]))
     finally:
         base.generation_config = own_config
         for h in hooks:

@@ -44,11 +44,22 @@ def build_task(cfg: TrainConfig, out: Path) -> Task:
 def _lora(cfg: TrainConfig, model, task_type: str):
     from peft import LoraConfig, get_peft_model
 
+    from cai.train.precision import trainable_in_fp32
+
     if not cfg.lora:
         return model
     lora = LoraConfig(task_type=task_type, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=cfg.lora_target_modules)
-    return get_peft_model(model, lora)
+    return trainable_in_fp32(get_peft_model(model, lora))
+
+
+def _base_dtype(cfg: TrainConfig) -> torch.dtype:
+    """bf16 for LoRA's frozen base under bf16 autocast on this machine's device type; float32 otherwise
+    (`cai.train.precision`). Not accelerate's PartialState: made here, before the loop's Accelerator, it would
+    fix the launch's distributed state without the loop's settings."""
+    from cai.train.precision import base_dtype
+
+    return base_dtype(cfg.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"), frozen=cfg.lora)
 
 
 def _saver(tokenizer):
@@ -70,7 +81,7 @@ def _device_batch(model, items, pad_id):
 def _sft(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
     from transformers import AutoModelForCausalLM
 
-    model = _lora(cfg, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), "CAUSAL_LM")
+    model = _lora(cfg, AutoModelForCausalLM.from_pretrained(path, dtype=_base_dtype(cfg)), "CAUSAL_LM")
     train_items = tokenise_sft(train_rows, tokenizer, cfg.data, cfg.max_length)
     eval_items = tokenise_sft(eval_rows, tokenizer, cfg.data, cfg.max_length) if eval_rows else []
     pad = tokenizer.pad_token_id
@@ -95,7 +106,7 @@ def _sft(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
 def _rm(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
     from transformers import AutoModelForSequenceClassification
 
-    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=_base_dtype(cfg))
     base.config.pad_token_id = tokenizer.pad_token_id
     model = _lora(cfg, base, "SEQ_CLS")  # SEQ_CLS keeps the new score head trainable
     train_items = tokenise_pairs(train_rows, tokenizer, cfg.data, cfg.max_length)
@@ -162,7 +173,7 @@ def rm_metrics(margins: list[float], p_chosen: list[float], seed: int = 0, bins:
 def _dpo(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
     from transformers import AutoModelForCausalLM
 
-    model = _lora(cfg, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), "CAUSAL_LM")
+    model = _lora(cfg, AutoModelForCausalLM.from_pretrained(path, dtype=_base_dtype(cfg)), "CAUSAL_LM")
     train_items = tokenise_pairs(train_rows, tokenizer, cfg.data, cfg.max_length)
     eval_items = tokenise_pairs(eval_rows, tokenizer, cfg.data, cfg.max_length) if eval_rows else []
     pad = tokenizer.pad_token_id
