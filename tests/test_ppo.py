@@ -58,8 +58,9 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("merged", [False, True], ids=["adapter", "merged"])
-def test_logprobs_and_values_read_off_generation_match_a_forward_pass(tmp_path, tiny_model_dir, prompt_file, merged):
+@pytest.mark.parametrize("merged,cache", [(False, "dynamic"), (True, "dynamic"), (True, "static")],
+                         ids=["adapter", "merged", "merged-static-cache"])
+def test_logprobs_and_values_read_off_generation_match_a_forward_pass(tmp_path, tiny_model_dir, prompt_file, merged, cache):
     """PPO takes the policy's log-probs and values from generate's own decoding steps instead of a
     second forward pass: they must equal that pass's on every response token (up to the KV cache's
     float error), and the hooks must not change what is sampled. With the adapter merged into a copy
@@ -76,7 +77,7 @@ def test_logprobs_and_values_read_off_generation_match_a_forward_pass(tmp_path, 
     tok = trainer.tokenizer
     with torch.no_grad():
         generated, recorded = sample(trainer.model, query, query_mask, max_new_tokens=12, temperature=0.7,
-                                     stop_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, seed=11, merged=merged)
+                                     stop_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, seed=11, merged=merged, cache=cache)
         assert trainer.model.lm.get_base_model().generation_config.min_p == 0.9  # put back
         base = trainer.model.lm.get_base_model()
         base.generation_config = GenerationConfig(max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,

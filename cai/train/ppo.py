@@ -181,7 +181,8 @@ class PPOTrainer:
             with torch.no_grad(), self._autocast():
                 generated, recorded = sample(self.model, query, query_mask, max_new_tokens=cfg.response_length,
                                              temperature=cfg.temperature, stop_ids=self.stop_ids, pad_id=pad, seed=sampling_seed,
-                                             row_keys=torch.arange(rows.start, rows.stop), merged=cfg.merged_rollouts)
+                                             row_keys=torch.arange(rows.start, rows.stop), merged=cfg.merged_rollouts,
+                                             cache=cfg.rollout_cache)
             responses[:, :generated.shape[1]] = generated
         is_eos = torch.isin(responses, torch.tensor(self.stop_ids, device=self.device))  # (B, R): any of the model's EOS ids
         has_eos = is_eos.any(1)

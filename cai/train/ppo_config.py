@@ -61,6 +61,10 @@ class PPOSettings(BaseModel):
     merged_rollouts: bool = Field(default=True, description="With transformers rollouts, sample with the adapter merged into a "
                                   "temporary copy of the adapted weights (15% faster on CPU; the copy costs those layers' "
                                   "memory again while sampling). Off: sample through the unmerged adapter.")
+    rollout_cache: Literal["dynamic", "static"] = Field(default="dynamic", description="KV cache of transformers rollouts: "
+                                                        "dynamic (grows per step), or static (preallocated for prompt + "
+                                                        "response_length; on CUDA transformers then compiles the decoding step, "
+                                                        "the first iteration paying the compile). Static is not yet measured on a GPU.")
     seed: int = Field(default=0, description="Seeds initialisation, prompt order, sampling and minibatch order.")
 
     @model_validator(mode="after")

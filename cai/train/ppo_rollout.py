@@ -171,13 +171,14 @@ def merged_adapter(lm) -> Iterator[bool]:
 
 
 def sample(policy, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int, temperature: float, stop_ids: list[int],
-           pad_id: int, seed: int, row_keys: torch.Tensor | None = None,
-           merged: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+           pad_id: int, seed: int, row_keys: torch.Tensor | None = None, merged: bool = False,
+           cache: str = "dynamic") -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Sample responses for left-padded `query` (B, Tq) with the policy's adapter on (merged into a copy of the
     weights while sampling when `merged`).
 
     Row r's tokens are a function of (seed, row_keys[r], the policy, its query) only (`SeededSampler`);
     `row_keys` defaults to 0..B-1. PPO passes each row's position in the whole iteration's batch.
+    `cache="static"` decodes with transformers' preallocated KV cache (compiled on CUDA by generate).
 
     A row ends at the first of `stop_ids` (`cai.models.stop_token_ids`, as vLLM rollouts stop).
     Returns the generated tokens (B, n), n <= max_new_tokens (generate stops once every row has
@@ -195,7 +196,7 @@ def sample(policy, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tok
     # config from the model's own, so the model's is swapped out while sampling.
     own_config = base.generation_config
     base.generation_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(stop_ids),
-                                              pad_token_id=pad_id)
+                                              pad_token_id=pad_id, cache_implementation=None if cache == "dynamic" else cache)
     if row_keys is None:
         row_keys = torch.arange(query.shape[0])
     sampler = SeededSampler(seed, row_keys.to(query.device, torch.long), temperature, query.shape[1])
