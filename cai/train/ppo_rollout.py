@@ -56,13 +56,21 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _row_hashes(seed: int, rows: torch.Tensor) -> torch.Tensor:
+    """The (seed, row) part of `seeded_uniforms`, the same at every step (so a sampler computes it once)."""
+    return _hash32(_hash32(torch.full_like(rows, seed & _MASK32) ^ (seed >> 32)) ^ rows)
+
+
+def _step_uniforms(row_hashes: torch.Tensor, step: int) -> torch.Tensor:
+    key = _hash32(row_hashes ^ step)
+    hi, lo = _hash32(key ^ 0x68E31DA4) >> 6, _hash32(key ^ 0x1B56C4E9) >> 5  # 26 + 27 bits
+    return (hi * 2.0 ** 27 + lo).double() / 2.0 ** 53
+
+
 def seeded_uniforms(seed: int, rows: torch.Tensor, step: int) -> torch.Tensor:
     """One uniform number in [0, 1) per row key in `rows` (int64, (B,)), a pure function of (seed, row, step):
     53 random bits in float64, the same on every device."""
-    key = _hash32(_hash32(torch.full_like(rows, seed & _MASK32) ^ (seed >> 32)) ^ rows)
-    key = _hash32(key ^ step)
-    hi, lo = _hash32(key ^ 0x68E31DA4) >> 6, _hash32(key ^ 0x1B56C4E9) >> 5  # 26 + 27 bits
-    return (hi * 2.0 ** 27 + lo).double() / 2.0 ** 53
+    return _step_uniforms(_row_hashes(seed, rows), step)
 
 
 class SeededSampler(LogitsProcessor):
@@ -74,12 +82,13 @@ class SeededSampler(LogitsProcessor):
     """
 
     def __init__(self, seed: int, row_keys: torch.Tensor, temperature: float, query_width: int):
-        self.seed, self.row_keys, self.temperature, self.query_width = seed, row_keys, temperature, query_width
+        self.row_hashes = _row_hashes(seed, row_keys.long())  # on the device the sampled logits will be on
+        self.temperature, self.query_width = temperature, query_width
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         step = input_ids.shape[1] - self.query_width
         cdf = torch.cumsum(torch.softmax(scores.float() / self.temperature, dim=-1), dim=-1, dtype=torch.float64)
-        u = seeded_uniforms(self.seed, self.row_keys.to(scores.device), step) * cdf[:, -1]  # in [0, total): a real token
+        u = _step_uniforms(self.row_hashes.to(scores.device), step) * cdf[:, -1]  # in [0, total): a real token
         token = torch.searchsorted(cdf, u.unsqueeze(1), right=True).clamp_(max=scores.shape[1] - 1)
         return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
 
