@@ -229,3 +229,112 @@ def test_a_truncated_pair_conditions_both_sides_on_the_same_prompt_tokens(tiny_m
     full_prompt = prompt_part(short.chosen)
     assert full_prompt == prompt_part(short.rejected) and len(full_prompt) > 300 - 1
     assert prompt_part(pair.chosen) == full_prompt[len(full_prompt) - len(prompt_part(pair.chosen)):]
+
+
+def _launched(cmd: list[str]) -> None:
+    import subprocess
+
+    from tests.fsdp_on_cpu import cpu_env
+
+    done = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _adapter(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "final" / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,precision", [("sft", "auto"), ("rm", "auto"), ("dpo", "auto"), ("sft", "bf16")],
+                         ids=["sft", "rm", "dpo", "sft-bf16"])
+def test_fsdp_shards_the_weights_and_trains_like_ddp(tmp_path, tiny_model_dir, kind, precision):
+    """accelerate's FSDP2 (examples/accelerate/fsdp.yaml, 2 gloo CPU processes; see tests/fsdp_on_cpu.py)
+    against plain DDP with the same 2 processes: each process takes the same rows, so the losses, gradient
+    norms (clipping sees the whole gradient, not a shard), held-out metrics (every process evaluates
+    with the sharded weights) and the saved adapter (gathered whole; the reward head with it) agree.
+    DPO's reference pass switches the adapter off without freezing the shards the optimiser holds, and every
+    process runs as many reference passes as the other. With bf16 (a GPU's default, forced here) FSDP holds
+    a bf16 frozen base and an fp32 adapter in the same units; the two launches then agree to bf16's rounding."""
+    from tests.fsdp_on_cpu import launch
+
+    data = write_jsonl(tmp_path / "rows.jsonl", SFT if kind == "sft" else PAIRS)
+    args = ["train", kind, "--model", str(tiny_model_dir), "--data", data, "--epochs", "2", "--batch-size", "4",
+            "--eval-fraction", "0.25", "--lr", "5e-3", "--precision", precision]
+    tol = dict(rel=1e-2, abs=1e-4) if precision == "bf16" else dict(rel=1e-4, abs=1e-6)
+    # Adam turns bf16's rounding of the smallest gradients into steps of up to lr: 1.4e-3 seen after 6 steps
+    weight_atol = 5e-3 if precision == "bf16" else 1e-6
+    _launched(launch([*args, "--out", str(tmp_path / "ddp")], fsdp=False))
+    _launched(launch([*args, "--out", str(tmp_path / "fsdp")], fsdp=True))
+    summaries = {k: json.loads((tmp_path / k / "summary.json").read_text()) for k in ("ddp", "fsdp")}
+    assert (summaries["ddp"]["distributed"], summaries["ddp"]["sharded"]) == ("MULTI_CPU", False)
+    assert (summaries["fsdp"]["distributed"], summaries["fsdp"]["sharded"]) == ("FSDP", True)
+    assert summaries["fsdp"]["eval"] and summaries["fsdp"]["eval"] == pytest.approx(summaries["ddp"]["eval"], **tol)
+    ddp = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    fsdp = [json.loads(line) for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    assert len(fsdp) == len(ddp) == 6 and [r["tokens"] for r in fsdp] == [r["tokens"] for r in ddp]
+    for a, b in zip(ddp, fsdp):
+        for k in a:
+            if k not in ("seconds", "tokens", "step", "processes", "lr"):
+                assert b[k] == pytest.approx(a[k], **tol), (a["step"], k)
+    assert ddp[-1]["loss"] < ddp[0]["loss"]  # it trained
+    whole, gathered = _adapter(tmp_path / "ddp"), _adapter(tmp_path / "fsdp")
+    assert set(gathered) == set(whole) and any("lora_B" in k for k in whole)
+    assert kind != "rm" or any("score" in k for k in whole)
+    for k in whole:
+        assert gathered[k].dtype == whole[k].dtype == torch.float32, k  # the adapter trains in fp32 under bf16 autocast too
+        assert gathered[k].shape == whole[k].shape and torch.allclose(gathered[k], whole[k], rtol=tol["rel"], atol=weight_atol), k
+
+
+CRASHING_TRAIN = '''
+import json, sys
+from pathlib import Path
+from cai.train.config import TrainConfig, pin_config
+from cai.train.loop import train
+from cai.train.tasks import build_task
+
+cfg = TrainConfig(**json.loads(Path(sys.argv[1]).read_text()))
+pin_config(cfg, Path(cfg.out))
+task = build_task(cfg, Path(cfg.out))
+real, calls = task.loss, {"n": 0}
+
+def crashing(model, items):  # every process crashes in the same micro-batch
+    calls["n"] += 1
+    if calls["n"] == int(sys.argv[2]):
+        raise RuntimeError("simulated crash")
+    return real(model, items)
+
+task.loss = crashing
+train(cfg, task, Path(cfg.out))
+'''
+
+
+@pytest.mark.slow
+def test_an_fsdp_run_resumes_after_a_crash(tmp_path, tiny_model_dir):
+    """Under FSDP the checkpoint gathers the sharded adapter and optimiser state into the usual one file
+    and a restart shards it again: a run that crashes in step 5 (checkpoint at 4) and is rerun with the
+    same command logs what the uninterrupted FSDP run logged."""
+    import subprocess
+
+    from tests.fsdp_on_cpu import cpu_env, launch
+
+    settings = dict(kind="sft", model=str(tiny_model_dir), data=write_jsonl(tmp_path / "sft.jsonl", SFT), epochs=4, grad_accum=2,
+                    batch_size=4, eval_fraction=0.0, lr=5e-3, checkpoint_every=2)
+    args = ["train", "sft", *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items() if k != "kind"]]
+    _launched(launch([*args, "--out", str(tmp_path / "straight")], fsdp=True))
+    crashy = tmp_path / "crashy"
+    (tmp_path / "cfg.json").write_text(json.dumps({**settings, "out": str(crashy)}))
+    (tmp_path / "crash.py").write_text(CRASHING_TRAIN)
+    crashed = subprocess.run(launch([str(tmp_path / "crash.py"), str(tmp_path / "cfg.json"), "9"], fsdp=True), env=cpu_env(),
+                             capture_output=True, text=True)
+    assert crashed.returncode != 0 and "simulated crash" in crashed.stderr, crashed.stderr[-3000:]
+    state = torch.load(crashy / "checkpoint" / "state.pt", weights_only=False)
+    assert state["step"] == 4 and state["sharded"] and state["trainable"]
+    assert all(not type(v).__name__.startswith("DTensor") for v in state["trainable"].values())  # whole tensors, not shards
+    _launched(launch([*args, "--out", str(crashy)], fsdp=True))
+    straight = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    resumed = [json.loads(line) for line in (crashy / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight, resumed):
+        assert (b["loss"], b["grad_norm"]) == pytest.approx((a["loss"], a["grad_norm"]), rel=1e-5, abs=1e-7), a["step"]

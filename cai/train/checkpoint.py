@@ -6,6 +6,12 @@ states and an `extra` dict of whatever else a trainer must restore (PPO: the KL 
 written to a temporary folder and renamed, so a kill mid-write leaves the previous checkpoint whole.
 A restarted run loads it and repeats the uninterrupted run exactly; `truncate_log` first drops the
 lines a killed run had logged past the checkpoint.
+
+Under FSDP (accelerate's FSDP2: every parameter a DTensor holding this process's shard) the trainable
+weights and the optimiser state are gathered whole with torch's `torch.distributed.checkpoint.state_dict`
+(frozen weights are skipped), so the file is the same single file; every process must then call
+`save_checkpoint` and `trainable_state`, and only the one with `write=True` writes. The optimiser state
+is then keyed by parameter name instead of position, and such a checkpoint resumes under FSDP only.
 """
 
 from __future__ import annotations
@@ -27,18 +33,49 @@ def has_checkpoint(folder: Path) -> bool:
     return (Path(folder) / STATE_FILE).exists()
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether the parameters are FSDP shards (DTensors) rather than whole tensors."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _whole(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, ignore_frozen_params=True, **kw)
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train, copied to the CPU."""
+    """The parameters that train, whole and on the CPU. Sharded (FSDP): a collective every process must
+    call; the gathered tensors reach the first process only (the others get an empty dict)."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        whole = get_model_state_dict(model, options=_whole(cpu_offload=True))
+        # ignore_frozen_params keeps the alias of a tied frozen weight (lm_head.weight tied to the embeddings)
+        trains = {n for n, p in model.named_parameters() if p.requires_grad}
+        return {n: t for n, t in whole.items() if n in trains}
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                    extra: dict[str, Any] | None = None) -> None:
+                    extra: dict[str, Any] | None = None, write: bool = True) -> None:
+    """Write the checkpoint if `write` (the main process); under FSDP every process calls it to gather."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        trainable = trainable_state(model)
+        optim = get_optimizer_state_dict(model, optimizer, options=_whole(cpu_offload=True))
+    else:
+        trainable, optim = (trainable_state(model), optimizer.state_dict()) if write else ({}, {})
+    if not write:
+        return
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {"step": step, "trainable": trainable_state(model), "optimizer": optimizer.state_dict(), "extra": extra or {},
+    state = {"step": step, "trainable": trainable, "optimizer": optim, "extra": extra or {}, "sharded": is_sharded(model),
              "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
     torch.save(state, tmp / STATE_FILE)
@@ -55,10 +92,21 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     if mismatch:
         raise RunMismatchError(f"{folder}: checkpoint does not match this model/config (parameters differ: {sorted(mismatch)[:3]}...); "
                                "use another --out or the settings it was made with")
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value.to(params[name].device))
-    optimizer.load_state_dict(state["optimizer"])
+    sharded = is_sharded(model)
+    if state.get("sharded", False) != sharded:
+        made, now = ("an FSDP", "without FSDP") if not sharded else ("a non-FSDP", "under FSDP")
+        raise RunMismatchError(f"{folder}: the checkpoint was written by {made} run and this one runs {now}; "
+                               "resume with the launch it was made with, or use another --out")
+    if sharded:  # every process holds the whole file and keeps its own shard of it
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        set_model_state_dict(model, state["trainable"], options=_whole(strict=False))
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=_whole())
+    else:
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value.to(params[name].device))
+        optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():

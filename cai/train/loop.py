@@ -9,6 +9,8 @@
 
 Runs on CPU (float32) and GPU (bfloat16 autocast; `precision`) from the same code; under `accelerate launch`
 each process takes every world_size-th row of a batch and gradients are averaged by accelerate.
+Under accelerate's FSDP (examples/accelerate/fsdp.yaml) the same loop shards the weights: every
+process then gathers checkpoints and the final artefact with the others and evaluates with them.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 import torch
 
-from cai.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, truncate_log
+from cai.train.checkpoint import has_checkpoint, is_sharded, load_checkpoint, save_checkpoint, trainable_state, truncate_log
 from cai.train.config import TrainConfig
 from cai.train.precision import autocast
 
@@ -40,8 +42,9 @@ class Task:
     train_items: list
     loss: Callable[[torch.nn.Module, list], tuple[torch.Tensor, dict[str, float]]]
     """(model, micro-batch items) -> (loss, metrics); items are collated inside."""
-    save: Callable[[torch.nn.Module, Path], None]
-    """Write the final artefact (adapter or model) to a folder."""
+    save: Callable[[torch.nn.Module, Path, dict | None], None]
+    """Write the final artefact (adapter or model) to a folder; the third argument is the trained weights
+    gathered whole when the model is sharded (FSDP), else None (the model's own tensors are whole)."""
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None
     tokens: Callable[[list], int] = len
 
@@ -70,9 +73,11 @@ def train(cfg: TrainConfig, task: Task, out: Path) -> dict[str, Any]:
     accelerator = Accelerator(mixed_precision="no")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    params = [p for p in task.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in task.model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(task.model, optimizer)
+    # Read after prepare: FSDP replaces the parameters by their shards (and the optimiser's with them).
+    params = [p for p in model.parameters() if p.requires_grad]
+    sharded = is_sharded(model)
 
     out.mkdir(parents=True, exist_ok=True)
     batches = micro_batches(len(task.train_items), cfg)
@@ -120,18 +125,21 @@ def train(cfg: TrainConfig, task: Task, out: Path) -> dict[str, Any]:
             bar.update(task_id, completed=step, info=f"loss {sums['loss']:.4f}")
             if step % cfg.checkpoint_every == 0 or step == steps:
                 accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, step)
+                save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, step, write=accelerator.is_main_process)
 
     accelerator.wait_for_everyone()
-    summary: dict[str, Any] = {"steps": steps}
+    summary: dict[str, Any] = {"steps": steps, "processes": accelerator.num_processes,
+                               "distributed": accelerator.distributed_type.value, "sharded": sharded}
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.eval()
+    # Sharded weights: every process runs the evaluation's forward passes (they gather the layers together)
+    # and the gathering of the trained weights; the main process alone writes.
+    if task.evaluate is not None and (sharded or accelerator.is_main_process):
+        with torch.no_grad(), autocast(cfg.precision, accelerator.device):  # evaluated as trained
+            summary["eval"] = task.evaluate(unwrapped)
+    weights = trainable_state(unwrapped) if sharded else None
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.eval()
-        if task.evaluate is not None:
-            with torch.no_grad(), autocast(cfg.precision, accelerator.device):  # evaluated as trained
-                summary["eval"] = task.evaluate(unwrapped)
-        task.save(unwrapped, out / "final")
+        task.save(unwrapped, out / "final", weights)
         summary["loss_plot"] = str(plot_losses(metrics_path, out / "loss.png"))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

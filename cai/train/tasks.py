@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from cai.models import load_tokenizer, resolve_model
+from cai.train.checkpoint import is_sharded
 from cai.train.config import TrainConfig
 from cai.train.data import Pair, collate, load_rows, tokenise_pairs, tokenise_sft
 from cai.train.loop import Task
@@ -63,8 +64,9 @@ def _base_dtype(cfg: TrainConfig) -> torch.dtype:
 
 
 def _saver(tokenizer):
-    def save(model, folder: Path) -> None:
-        model.save_pretrained(folder)
+    def save(model, folder: Path, weights: dict | None = None) -> None:
+        # peft keeps the adapter's (and the reward head's) entries of a passed state dict
+        model.save_pretrained(folder, **({"state_dict": weights} if weights is not None else {}))
         tokenizer.save_pretrained(folder)
     return save
 
@@ -230,16 +232,32 @@ class _Reference:
     def _compute(self, model, items: list[Pair]) -> None:
         from contextlib import nullcontext
 
+        from cai.train.adapters import adapter_disabled
+
         base = getattr(model, "module", model)  # unwrap DDP under accelerate launch
+        chunks = [items[i:i + self.cfg.batch_size] for i in range(0, len(items), self.cfg.batch_size)]
+        if is_sharded(base):
+            chunks += self._filler(base, len(chunks))
         was_training = base.training
         base.eval()
-        with torch.no_grad(), (base.disable_adapter() if self.cfg.lora else nullcontext()):
-            for i in range(0, len(items), self.cfg.batch_size):
-                chunk = items[i:i + self.cfg.batch_size]
+        with torch.no_grad(), (adapter_disabled(base) if self.cfg.lora else nullcontext()):
+            for chunk in chunks:
                 c, r = self.logps(base, chunk)
                 for p, a, b in zip(chunk, c.tolist(), r.tolist()):
                     self.values[self.index[id(p)]] = (a, b)
         base.train(was_training)
+
+    def _filler(self, model, mine: int) -> list[list[Pair]]:
+        """Under FSDP each forward pass gathers the weights with the other processes, so every process
+        runs as many reference passes as the busiest one (the pairs a process needs depend on which ones
+        its earlier batches held). The extra passes fill the cache with pairs not yet computed."""
+        import torch.distributed as dist
+
+        count = torch.tensor([mine], device=next(model.parameters()).device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        todo = [p for p in self.items if self.index[id(p)] not in self.values] or self.items
+        size = self.cfg.batch_size
+        return [todo[(i * size) % len(todo):][:size] for i in range(int(count.item()) - mine)]
 
     def __call__(self, model, items: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.cfg.lora and not self.values:  # the first call, before any step: every pair, saved
@@ -251,7 +269,7 @@ class _Reference:
             torch.save(torch.tensor([self.values[i] for i in range(len(self.items))]), tmp)
             os.replace(tmp, self.path)
         missing = [p for p in items if self.index[id(p)] not in self.values]
-        if missing:
+        if missing or is_sharded(model):  # under FSDP every process joins, with or without pairs of its own
             self._compute(model, missing)
         pairs = [self.values[self.index[id(p)]] for p in items]
         return torch.tensor([a for a, _ in pairs]), torch.tensor([b for _, b in pairs])

@@ -1,0 +1,48 @@
+"""cai under accelerate's FSDP on CPU processes, for the tests:
+
+    ACCELERATE_USE_CPU=1 accelerate launch --config_file examples/accelerate/fsdp.yaml --num_processes 2 \\
+        tests/fsdp_on_cpu.py train sft ...        # a cai command
+        tests/fsdp_on_cpu.py SCRIPT.py ARGS...    # or a script (the crash-and-resume tests)
+
+accelerate takes its FSDP path only on accelerator devices (its state treats several CPU processes as
+plain DDP, whatever the config says), while torch's FSDP2 itself shards over gloo on CPU. This launcher
+marks the CPU launch as a GPU launch before cai builds its `Accelerator`, so accelerate applies FSDP2
+(`fully_shard` per decoder layer, then the root) from the config exactly as on GPUs; everything after
+that is the real cai code. The run's summary.json records the distributed type it ran under.
+"""
+
+import runpy
+import sys
+
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
+
+if __name__ == "__main__":
+    if PartialState(cpu=True).num_processes > 1:
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU  # what AcceleratorState reads
+    if sys.argv[1].endswith(".py"):
+        sys.argv = sys.argv[1:]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    else:
+        from cai.cli import app
+
+        app(args=sys.argv[1:], prog_name="cai")
+
+
+def launch(args: list[str], *, fsdp: bool, processes: int = 2) -> list[str]:
+    """The command that runs `cai ARGS` (or a script) under `processes` CPU processes: accelerate's FSDP
+    with examples/accelerate/fsdp.yaml through this launcher, or torchrun's plain DDP."""
+    from pathlib import Path
+
+    if fsdp:
+        config = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "fsdp.yaml"
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", str(processes),
+                __file__, *args]
+    head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+    return [*head, *args] if args[0].endswith(".py") else [*head, "-m", "cai.cli", *args]
+
+
+def cpu_env() -> dict[str, str]:
+    import os
+
+    return {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
