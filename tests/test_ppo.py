@@ -513,39 +513,43 @@ build_trainer(cfg, scorer=crashing).train()
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one_and_resume_after_a_crash(tmp_path, tiny_model_dir, prompt_file):
-    """`cai train ppo` under torchrun with 2 CPU processes (gloo DDP): each process samples and scores half
-    of the batch, the whole batch is gathered for rewards, whitening and the KL controller, and each
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_train_like_one_and_resume_after_a_crash(tmp_path, tiny_model_dir, prompt_file, sharding):
+    """`cai train ppo` with 2 CPU processes (gloo), under torchrun's DDP or accelerate's FSDP2 with
+    examples/accelerate/fsdp.yaml (weights sharded; tests/fsdp_on_cpu.py): each process samples and scores
+    half of the batch, the whole batch is gathered for rewards, whitening and the KL controller, and each
     minibatch's gradient is the one-process one. So the sampled tokens and scores are the same as one
     process's, and the KL, coefficients and losses agree up to float error. Then a 2-process run that
     crashes at iteration 4 (checkpoint at 2) and is rerun with the same command finishes like them."""
-    import os
     import subprocess
     import sys
+
+    from tests.fsdp_on_cpu import cpu_env, launch
 
     settings = dict(model=str(tiny_model_dir), reward="rule:share=e", prompts=prompt_file, batch_size=8, mini_batches=2,
                     ppo_epochs=2, response_length=8, iterations=5, lr=5e-3, kl_coef=0.01, adaptive_kl=True, kl_target=1.0,
                     kl_horizon=100, lora_target_modules=["q_proj", "v_proj"], checkpoint_every=2, seed=1)
     flags = [f"--{k.replace('_', '-')}={','.join(v) if isinstance(v, list) else v}" for k, v in settings.items()
              if k != "adaptive_kl"] + ["--adaptive-kl"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    env, fsdp = cpu_env(), sharding == "fsdp"
 
     def run(cmd, out):
         done = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]
 
     run([sys.executable, "-m", "cai.cli", "train", "ppo", *flags], tmp_path / "one")
-    run([*torchrun, "-m", "cai.cli", "train", "ppo", *flags], tmp_path / "two")
+    run(launch(["train", "ppo", *flags], fsdp=fsdp), tmp_path / "two")
 
     crashy = tmp_path / "crashy"
     (tmp_path / "cfg.json").write_text(json.dumps({**settings, "out": str(crashy)}))
     (tmp_path / "crash.py").write_text(CRASHING_RUN)
-    crashed = subprocess.run([*torchrun, str(tmp_path / "crash.py"), str(tmp_path / "cfg.json"), "4"], env=env,
+    crashed = subprocess.run(launch([str(tmp_path / "crash.py"), str(tmp_path / "cfg.json"), "4"], fsdp=fsdp), env=env,
                              capture_output=True, text=True)
     assert crashed.returncode != 0 and "simulated crash" in crashed.stderr, crashed.stderr[-3000:]
     assert len(metrics(crashy)) == 3  # iteration 3 was logged past the checkpoint at 2, then lost with the crash
-    run([*torchrun, "-m", "cai.cli", "train", "ppo", *flags], crashy)  # resumes from the checkpoint
+    run(launch(["train", "ppo", *flags], fsdp=fsdp), crashy)  # resumes from the checkpoint
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert (summary["distributed"], summary["sharded"]) == (("FSDP", True) if fsdp else ("MULTI_CPU", False))
 
     one, two, resumed = metrics(tmp_path / "one"), metrics(tmp_path / "two"), metrics(crashy)
     assert {r["processes"] for r in one} == {1} and {r["processes"] for r in two} == {r["processes"] for r in resumed} == {2}
@@ -559,8 +563,12 @@ def test_two_processes_train_like_one_and_resume_after_a_crash(tmp_path, tiny_mo
                       "ppo/policy/approxkl", "ppo/val/vpred", "ppo/returns/mean"):
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k)  # 1e-6 when written
     assert one[-1]["objective/kl"] > 0.01 and one[-1]["objective/kl_coef"] != one[0]["objective/kl_coef"]  # it trained
+    from safetensors.torch import load_file
+
     final = tmp_path / "two" / "final"
-    assert (final / "adapter_config.json").exists() and (final / "value_head.pt").exists()
+    adapter, value_head = load_file(final / "adapter_model.safetensors"), torch.load(final / "value_head.pt")
+    assert sum("lora_B" in k for k in adapter) == 4 and all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # trained
+    assert set(value_head) == {"weight", "bias"} and value_head["weight"].shape == (1, 128)  # whole, not a shard
     def samples(out):
         rows = map(json.loads, (out / "samples.jsonl").read_text().splitlines())
         return [(s["step"], s["prompt"], s["response"]) for s in rows]

@@ -32,12 +32,18 @@ by its share of the minibatch's tokens, so the gradients DDP averages are exactl
 minibatch's. Only the main process writes metrics, samples and checkpoints; a checkpoint does not
 depend on the process count.
 
+Under accelerate's FSDP (examples/accelerate/fsdp.yaml) the weights are sharded across the processes
+and the same phases run: sampling gathers each layer as generate reaches it (the adapter is then not
+merged; generate keeps stepping until every process's rows have ended, since each step is a
+collective), and checkpoints and the final adapter are gathered whole (`cai.train.checkpoint`).
+
     cai train ppo --model runs/demo/sft/merged --reward runs/demo/rm/final --prompts donotanswer --out runs/ppo
     # on a GPU node the same command runs in bfloat16 autocast (precision: auto).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -48,7 +54,8 @@ from typing import Any
 import torch
 
 from cai.train import ppo_metrics as M
-from cai.train.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, truncate_log
+from cai.train.adapters import adapter_disabled
+from cai.train.checkpoint import has_checkpoint, is_sharded, load_checkpoint, save_checkpoint, trainable_state, truncate_log
 from cai.train.losses import masked_mean, token_logprobs
 from cai.train.ppo_config import PPOConfig
 from cai.train.ppo_math import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_penalised_rewards,
@@ -102,10 +109,15 @@ class PPOTrainer:
         self.scorer, self.gold_scorer, self.vllm = scorer, gold_scorer, vllm
         self.device = next(policy.parameters()).device
         self.stop_ids = stop_token_ids(tokenizer, policy.lm.generation_config)  # both rollout backends stop on these
-        self.params = [p for p in policy.parameters() if p.requires_grad]
         # `self.model` is the policy itself (sampling, no-grad passes, saving); `self.trained` the module the
-        # update runs through: the same one in one process, accelerate's DDP wrapper of it in several.
-        self.trained, self.optimizer = self.accelerator.prepare(policy, torch.optim.AdamW(self.params, lr=cfg.lr, eps=1e-5))
+        # update runs through: the same one in one process, accelerate's DDP wrapper of it in several (under
+        # FSDP the policy itself, its weights replaced by shards).
+        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, eps=1e-5)
+        self.trained, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        self.params = [p for p in self.trained.parameters() if p.requires_grad]  # after prepare: FSDP's shards
+        self.sharded = is_sharded(self.model)
+        if self.sharded and cfg.merged_rollouts:
+            logger.info("ppo: weights sharded (FSDP): rollouts sample through the unmerged adapter")
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
         self.queries = [self._encode_query(p) for p in prompts]
@@ -153,6 +165,20 @@ class PPOTrainer:
         return autocast(self.cfg.precision, self.device)
 
     # -- one iteration ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _whole_root(self):
+        """Under FSDP: the root unit's weights (embeddings, final norm, LM and value heads) gathered while
+        generate calls the LM directly, bypassing the root's own forward (which would gather them); the
+        decoder layers' units gather themselves as generate runs them."""
+        if not self.sharded:
+            yield
+            return
+        self.model.unshard()
+        try:
+            yield
+        finally:
+            self.model.reshard()
+
     def ppo_iteration(self, iteration: int) -> tuple[dict[str, float], list[dict]]:
         """Phases 1-7: the logged record and a few (prompt, response, score, kl) samples."""
         return self.update(self.rollout(iteration))
@@ -178,11 +204,12 @@ class PPOTrainer:
             for row, ids in enumerate(sampled):
                 responses[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         else:
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), self._autocast(), self._whole_root():
                 generated, recorded = sample(self.model, query, query_mask, max_new_tokens=cfg.response_length,
                                              temperature=cfg.temperature, stop_ids=self.stop_ids, pad_id=pad, seed=sampling_seed,
-                                             row_keys=torch.arange(rows.start, rows.stop), merged=cfg.merged_rollouts,
-                                             cache=cfg.rollout_cache)
+                                             row_keys=torch.arange(rows.start, rows.stop),
+                                             merged=cfg.merged_rollouts and not self.sharded, cache=cfg.rollout_cache,
+                                             synced=self.sharded)
             responses[:, :generated.shape[1]] = generated
         is_eos = torch.isin(responses, torch.tensor(self.stop_ids, device=self.device))  # (B, R): any of the model's EOS ids
         has_eos = is_eos.any(1)
@@ -217,7 +244,7 @@ class PPOTrainer:
                     logits, v = self.model(full[mb], full_mask[mb], cfg.response_length)
                     logprobs.append(self._response_logprobs(logits, responses[mb]))
                     values.append(v)
-                with self.model.lm.disable_adapter():
+                with adapter_disabled(self.model):
                     ref_logits, _ = self.model(full[mb], full_mask[mb], cfg.response_length)
                 ref_logprobs.append(self._response_logprobs(ref_logits, responses[mb]))
             ref_logprobs = torch.cat(ref_logprobs)
@@ -358,35 +385,47 @@ class PPOTrainer:
             task = bar.add_task("ppo iterations", total=cfg.iterations, completed=start, info="")
             for iteration in range(start, cfg.iterations):
                 record, samples = self.ppo_iteration(iteration)
-                if not main:
-                    continue
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}) + "\n")
-                if (iteration + 1) % cfg.log_samples_every == 0 or iteration == 0:
-                    with open(samples_path, "a", encoding="utf-8") as f:
-                        for s in samples[:4]:
-                            f.write(json.dumps(s, ensure_ascii=False) + "\n")
-                    for s in samples[:2]:
-                        logger.info("iteration %d  score %.3f  kl %.3f\n  prompt: %s\n  response: %s", s["step"], s["score"], s["kl"],
-                                    s["prompt"][:200], s["response"][:300])
-                bar.update(task, completed=iteration + 1,
-                           info=f"score {record[M.SCORES]:.3f} kl {record[M.KL]:.3f}")
+                if main:
+                    with open(metrics_path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}) + "\n")
+                    if (iteration + 1) % cfg.log_samples_every == 0 or iteration == 0:
+                        with open(samples_path, "a", encoding="utf-8") as f:
+                            for s in samples[:4]:
+                                f.write(json.dumps(s, ensure_ascii=False) + "\n")
+                        for s in samples[:2]:
+                            logger.info("iteration %d  score %.3f  kl %.3f\n  prompt: %s\n  response: %s", s["step"], s["score"],
+                                        s["kl"], s["prompt"][:200], s["response"][:300])
+                    bar.update(task, completed=iteration + 1,
+                               info=f"score {record[M.SCORES]:.3f} kl {record[M.KL]:.3f}")
                 if (iteration + 1) % cfg.checkpoint_every == 0 or iteration + 1 == cfg.iterations:
-                    save_checkpoint(ckpt, self.model, self.optimizer, iteration + 1, extra={"kl_ctl": self.kl_ctl.state_dict()})
+                    # called by every process (under FSDP the state is gathered from all); the main one writes
+                    save_checkpoint(ckpt, self.model, self.optimizer, iteration + 1, extra={"kl_ctl": self.kl_ctl.state_dict()},
+                                    write=main)
         self.accelerator.wait_for_everyone()
+        weights = trainable_state(self.model) if self.sharded else None  # a collective under FSDP
         if not main:
             return {"iterations": cfg.iterations, "process": self.rank}
-        self.save(out / "final")
+        self.save(out / "final", weights)
         plot_losses(metrics_path, out / "loss.png", keys=(M.SCORES, M.KL, M.LOSS_POLICY))
         rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        summary = {"iterations": cfg.iterations, "first": rows[0] if rows else None, "last": rows[-1] if rows else None}
+        summary = {"iterations": cfg.iterations, "processes": self.world, "distributed": self.accelerator.distributed_type.value,
+                   "sharded": self.sharded, "first": rows[0] if rows else None, "last": rows[-1] if rows else None}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
-    def save(self, folder: Path) -> None:
-        self.model.lm.save_pretrained(folder)
+    def save(self, folder: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """The peft adapter, the tokenizer and value_head.pt; `weights`: the trained weights gathered whole
+        (`trainable_state`) when the policy is sharded."""
+        if weights is None:
+            self.model.lm.save_pretrained(folder)
+            torch.save(self.model.value_head.state_dict(), folder / "value_head.pt")
+        else:
+            def part(prefix: str) -> dict[str, torch.Tensor]:
+                return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+            self.model.lm.save_pretrained(folder, state_dict=part("lm."))
+            torch.save(part("value_head."), folder / "value_head.pt")
         self.tokenizer.save_pretrained(folder)
-        torch.save(self.model.value_head.state_dict(), folder / "value_head.pt")
 
 
 def check_processes(cfg: PPOConfig, world: int, vllm: bool) -> None:

@@ -120,11 +120,16 @@ class _StepRecorder:
         self.values.append(self.value_head(hidden).squeeze(-1).float())
         self.pending = torch.log_softmax(logits.float() / self.temperature, dim=-1)
 
-    def finish(self, generated: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(log-probs, values), each (B, n) for the n generated tokens, or None when the steps do not line up."""
+    def finish(self, generated: torch.Tensor, synced: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(log-probs, values), each (B, n) for the n generated tokens, or None when the steps do not line up.
+
+        `synced`: generate went on stepping after these rows ended, until every process's had (FSDP); the
+        steps past the n-th are dropped."""
         n = generated.shape[1]
         if self.broken or n == 0:
             return None
+        if synced and len(self.values) > n:
+            self.values, self.logprobs, self.tokens, self.pending = self.values[:n], self.logprobs[:n], self.tokens[:n], None
         if self.pending is not None and len(self.logprobs) == n - 1:
             self.logprobs.append(self.pending.gather(1, generated[:, -1:]).squeeze(1))
             self.tokens.append(generated[:, -1])
@@ -162,13 +167,15 @@ def merged_adapter(lm) -> Iterator[bool]:
     """
     from peft.tuners.lora import LoraLayer
 
+    from cai.train.adapters import adapter_disabled
+
     layers = [m for m in lm.modules() if isinstance(m, LoraLayer)] if hasattr(lm, "disable_adapter") else []
     if not layers or not all(_mergeable(m) for m in layers):
         yield False
         return
     originals = []
     try:
-        with torch.no_grad(), lm.disable_adapter():
+        with torch.no_grad(), adapter_disabled(lm):
             for layer in layers:
                 base, weight = layer.base_layer, layer.base_layer.weight
                 originals.append((base, weight))
@@ -181,13 +188,15 @@ def merged_adapter(lm) -> Iterator[bool]:
 
 def sample(policy, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int, temperature: float, stop_ids: list[int],
            pad_id: int, seed: int, row_keys: torch.Tensor | None = None, merged: bool = False,
-           cache: str = "dynamic") -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+           cache: str = "dynamic", synced: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Sample responses for left-padded `query` (B, Tq) with the policy's adapter on (merged into a copy of the
     weights while sampling when `merged`).
 
     Row r's tokens are a function of (seed, row_keys[r], the policy, its query) only (`SeededSampler`);
     `row_keys` defaults to 0..B-1. PPO passes each row's position in the whole iteration's batch.
     `cache="static"` decodes with transformers' preallocated KV cache (compiled on CUDA by generate).
+    `synced`: every process of the launch calls this at once and their models' forward passes are
+    collectives (FSDP), so generate steps until all processes' rows have ended (its `synced_gpus`).
 
     A row ends at the first of `stop_ids` (`cai.models.stop_token_ids`, as vLLM rollouts stop).
     Returns the generated tokens (B, n), n <= max_new_tokens (generate stops once every row has
@@ -211,13 +220,14 @@ def sample(policy, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tok
     sampler = SeededSampler(seed, row_keys.to(query.device, torch.long), temperature, query.shape[1])
     try:
         with merged_adapter(lm) if merged else contextlib.nullcontext():
-            seqs = lm.generate(input_ids=query, attention_mask=query_mask, logits_processor=LogitsProcessorList([sampler]))
+            seqs = lm.generate(input_ids=query, attention_mask=query_mask, logits_processor=LogitsProcessorList([sampler]),
+                               synced_gpus=synced)
     finally:
         base.generation_config = own_config
         for h in hooks:
             h.remove()
     generated = seqs[:, query.shape[1]:]
-    stats = recorder.finish(generated)
+    stats = recorder.finish(generated, synced)
     if stats is None:
         logger.warning("PPO: the generation steps seen by the hooks do not match the output; computing log-probs with a forward pass")
     return generated, stats
