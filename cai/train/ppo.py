@@ -473,7 +473,8 @@ def build_trainer(cfg: PPOConfig, *, scorer: Scorer | None = None, gold_scorer: 
         from cai.train.ppo_vllm import VllmRollouts
 
         vllm = VllmRollouts(resolve_model(cfg.model).path, lora_rank=cfg.lora_r,
-                            max_len=cfg.max_prompt_length + cfg.response_length + 16, seed=cfg.seed)
+                            max_len=cfg.max_prompt_length + cfg.response_length + 16, seed=cfg.seed,
+                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
     return PPOTrainer(cfg, policy=policy, tokenizer=tokenizer, prompts=prompts, scorer=scorer, gold_scorer=gold_scorer, vllm=vllm,
                       accelerator=accelerator)
 

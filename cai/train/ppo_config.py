@@ -57,6 +57,10 @@ class PPOSettings(BaseModel):
     rollout_backend: Literal["transformers", "vllm"] = Field(default="transformers", description="Who samples the rollouts: "
                                                              "transformers' generate, or vLLM with the current LoRA adapter synced "
                                                              "each iteration (pays off for long responses and large batches).")
+    vllm_gpu_memory_utilization: float = Field(default=0.3, gt=0, le=0.95, description="With vLLM rollouts on a GPU: the share of "
+                                               "the GPU's memory vLLM takes at start (its weights and KV cache; training uses the "
+                                               "rest, and a judge on the same GPU needs its own share). TRL's name. On a CPU "
+                                               "the KV cache is a fixed 0.5 GiB.")
     precision: Precision = Field(default="auto", description=PRECISION_HELP)
     merged_rollouts: bool = Field(default=True, description="With transformers rollouts, sample with the adapter merged into a "
                                   "temporary copy of the adapted weights (15% faster on CPU; the copy costs those layers' "

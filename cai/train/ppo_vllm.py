@@ -23,14 +23,16 @@ logger = logging.getLogger(__name__)
 
 
 class VllmRollouts:
-    def __init__(self, model_path: str, *, lora_rank: int, max_len: int, seed: int, kv_cache_gib: float = 0.5):
+    def __init__(self, model_path: str, *, lora_rank: int, max_len: int, seed: int, kv_cache_gib: float = 0.5,
+                 gpu_memory_utilization: float = 0.3):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
         from cai.models import vllm_engine_args
 
         self.llm = LLM(model=model_path, seed=seed, generation_config="vllm", enable_lora=True, max_lora_rank=max(8, lora_rank), max_loras=1,
-                       **vllm_engine_args(max_model_len=max_len, cpu_kv_cache_gib=kv_cache_gib, gpu_memory_utilization=0.3))
+                       **vllm_engine_args(max_model_len=max_len, cpu_kv_cache_gib=kv_cache_gib,
+                                          gpu_memory_utilization=gpu_memory_utilization))
         self._adapter: Path | None = None
 
     def generate(self, queries: list[list[int]], adapter_dir: Path | None, iteration: int, *, max_tokens: int, temperature: float,
