@@ -550,6 +550,7 @@ def test_two_processes_train_like_one_and_resume_after_a_crash(tmp_path, tiny_mo
     run(launch(["train", "ppo", *flags], fsdp=fsdp), crashy)  # resumes from the checkpoint
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert (summary["distributed"], summary["sharded"]) == (("FSDP", True) if fsdp else ("MULTI_CPU", False))
+    assert (summary["fsdp_units"] >= 4) if fsdp else (summary["fsdp_units"] == 0)
 
     one, two, resumed = metrics(tmp_path / "one"), metrics(tmp_path / "two"), metrics(crashy)
     assert {r["processes"] for r in one} == {1} and {r["processes"] for r in two} == {r["processes"] for r in resumed} == {2}
@@ -574,6 +575,60 @@ def test_two_processes_train_like_one_and_resume_after_a_crash(tmp_path, tiny_mo
         return [(s["step"], s["prompt"], s["response"]) for s in rows]
 
     assert samples(tmp_path / "two") == samples(tmp_path / "one") and len(samples(tmp_path / "one")) == 4
+
+
+GATHER_COUNT = '''
+import json, sys
+from pathlib import Path
+import torch.distributed as dist
+from cai.train.checkpoint import sharded_units
+from cai.train.ppo import PPOConfig, build_trainer
+
+trainer = build_trainer(PPOConfig(**json.loads(Path(sys.argv[1]).read_text())))
+real, calls = dist.all_gather_single, {"n": 0}
+
+def counted(*args, **kwargs):  # the collective FSDP2 gathers a unit's weights with
+    calls["n"] += 1
+    return real(*args, **kwargs)
+
+dist.all_gather_single = counted
+out = {"units": sharded_units(trainer.model)}
+for gather in (True, False):
+    trainer.cfg = trainer.cfg.model_copy(update={"gather_for_generation": gather})
+    calls["n"] = 0
+    rollout = trainer.rollout(0)
+    out[str(gather)] = {"gathers": calls["n"], "responses": rollout.responses.tolist(), "values": rollout.values.tolist(),
+                      "lengths": rollout.mask.sum(1).tolist()}
+if dist.get_rank() == 0:
+    Path(sys.argv[2]).write_text(json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+def test_under_fsdp_each_layer_is_a_unit_gathered_once_per_rollout(tmp_path, tiny_model_dir, prompt_file):
+    """Under FSDP the policy's decoder layers, embeddings and LM head are units of their own (the policy
+    wrapper once hid the model's `_no_split_modules`, so the whole model was one unit, gathered whole for
+    every forward). With `gather_for_generation` (the default) each unit is gathered once per rollout, not
+    at each of its 16 decoding steps, and the rollout is the same."""
+    import subprocess
+
+    from tests.fsdp_on_cpu import cpu_env, launch
+
+    settings = dict(model=str(tiny_model_dir), reward="rule:share=e", prompts=prompt_file, out=str(tmp_path / "run"), batch_size=8,
+                    mini_batches=2, response_length=16, lora_target_modules=["q_proj", "v_proj"], seed=1)
+    (tmp_path / "cfg.json").write_text(json.dumps(settings))
+    (tmp_path / "count.py").write_text(GATHER_COUNT)
+    done = subprocess.run(launch([str(tmp_path / "count.py"), str(tmp_path / "cfg.json"), str(tmp_path / "out.json")], fsdp=True),
+                          env=cpu_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    layers = [u for u in out["units"] if ".layers." in u]
+    assert len(layers) == 2 and any(u.endswith("embed_tokens") for u in out["units"]) and "" in out["units"]
+    kept, per_step = out["True"], out["False"]
+    assert kept["responses"] == per_step["responses"] and kept["values"] == per_step["values"]
+    assert max(kept["lengths"]) == 16  # generate ran all 16 decoding steps
+    # 35 against 8 all-gathers when written
+    assert per_step["gathers"] >= len(layers) * 16 and kept["gathers"] * 4 <= per_step["gathers"], (kept["gathers"], per_step["gathers"])
 
 
 def test_a_batch_the_processes_cannot_share_is_refused(tmp_path, tiny_model_dir, prompt_file):

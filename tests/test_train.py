@@ -270,6 +270,7 @@ def test_fsdp_shards_the_weights_and_trains_like_ddp(tmp_path, tiny_model_dir, k
     summaries = {k: json.loads((tmp_path / k / "summary.json").read_text()) for k in ("ddp", "fsdp")}
     assert (summaries["ddp"]["distributed"], summaries["ddp"]["sharded"]) == ("MULTI_CPU", False)
     assert (summaries["fsdp"]["distributed"], summaries["fsdp"]["sharded"]) == ("FSDP", True)
+    assert summaries["ddp"]["fsdp_units"] == 0 and summaries["fsdp"]["fsdp_units"] >= 4  # the root, the embeddings, each layer
     assert summaries["fsdp"]["eval"] and summaries["fsdp"]["eval"] == pytest.approx(summaries["ddp"]["eval"], **tol)
     ddp = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     fsdp = [json.loads(line) for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]

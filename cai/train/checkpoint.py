@@ -40,6 +40,13 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def sharded_units(model: torch.nn.Module) -> list[str]:
+    """The names of the FSDP units (modules that gather their weights together), "" for the root."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [n for n, m in model.named_modules() if isinstance(m, FSDPModule)]
+
+
 def _whole(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 

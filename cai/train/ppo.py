@@ -55,7 +55,8 @@ import torch
 
 from cai.train import ppo_metrics as M
 from cai.train.adapters import adapter_disabled
-from cai.train.checkpoint import has_checkpoint, is_sharded, load_checkpoint, save_checkpoint, trainable_state, truncate_log
+from cai.train.checkpoint import (has_checkpoint, is_sharded, load_checkpoint, save_checkpoint, sharded_units, trainable_state,
+                                  truncate_log)
 from cai.train.losses import masked_mean, token_logprobs
 from cai.train.ppo_config import PPOConfig
 from cai.train.ppo_math import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_penalised_rewards,
@@ -166,17 +167,32 @@ class PPOTrainer:
 
     # -- one iteration ---------------------------------------------------------------------
     @contextlib.contextmanager
-    def _whole_root(self):
-        """Under FSDP: the root unit's weights (embeddings, final norm, LM and value heads) gathered while
-        generate calls the LM directly, bypassing the root's own forward (which would gather them); the
-        decoder layers' units gather themselves as generate runs them."""
+    def _gathered_for_sampling(self):
+        """Under FSDP, while generate runs: the root unit's weights (embeddings, final norm, LM and value
+        heads) gathered, since generate calls the LM directly and bypasses the root's own forward, which
+        would gather them. With `gather_for_generation` every decoder layer also stays gathered after its
+        first step (one all-gather per layer per rollout, not per decoding step), and all are freed after."""
         if not self.sharded:
             yield
             return
+        from torch.distributed.fsdp import FSDPModule
+
+        # FSDP takes the first unit to run a forward as its root; generate's first would be the embeddings'.
+        self.model._get_fsdp_state()._lazy_init()  # a no-op once the root has run (torch has no public call)
+        kept: dict[FSDPModule, bool] = {}
+        if self.cfg.gather_for_generation:
+            for unit in self.model.modules():
+                if isinstance(unit, FSDPModule) and unit is not self.model:
+                    # torch has no public getter for the flag; the setter below is public
+                    kept[unit] = any(g._reshard_after_forward for g in unit._get_fsdp_state()._fsdp_param_groups)
+                    unit.set_reshard_after_forward(False, recurse=False)
         self.model.unshard()
         try:
             yield
         finally:
+            for unit, flag in kept.items():
+                unit.reshard()
+                unit.set_reshard_after_forward(flag, recurse=False)
             self.model.reshard()
 
     def ppo_iteration(self, iteration: int) -> tuple[dict[str, float], list[dict]]:
@@ -204,7 +220,7 @@ class PPOTrainer:
             for row, ids in enumerate(sampled):
                 responses[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
         else:
-            with torch.no_grad(), self._autocast(), self._whole_root():
+            with torch.no_grad(), self._autocast(), self._gathered_for_sampling():
                 generated, recorded = sample(self.model, query, query_mask, max_new_tokens=cfg.response_length,
                                              temperature=cfg.temperature, stop_ids=self.stop_ids, pad_id=pad, seed=sampling_seed,
                                              row_keys=torch.arange(rows.start, rows.stop),
@@ -409,7 +425,7 @@ class PPOTrainer:
         plot_losses(metrics_path, out / "loss.png", keys=(M.SCORES, M.KL, M.LOSS_POLICY))
         rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
         summary = {"iterations": cfg.iterations, "processes": self.world, "distributed": self.accelerator.distributed_type.value,
-                   "sharded": self.sharded, "first": rows[0] if rows else None, "last": rows[-1] if rows else None}
+                   "sharded": self.sharded, "fsdp_units": len(sharded_units(self.model)), "first": rows[0] if rows else None, "last": rows[-1] if rows else None}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 

@@ -65,6 +65,10 @@ class PPOSettings(BaseModel):
     merged_rollouts: bool = Field(default=True, description="With transformers rollouts, sample with the adapter merged into a "
                                   "temporary copy of the adapted weights (15% faster on CPU; the copy costs those layers' "
                                   "memory again while sampling). Off: sample through the unmerged adapter.")
+    gather_for_generation: bool = Field(default=True, description="Under FSDP: keep each layer's gathered weights across the "
+                                        "decoding steps of a rollout (one all-gather per layer per rollout instead of per "
+                                        "step; the whole model then sits on every process while sampling, like TRL's "
+                                        "ds3_gather_for_generation). Off: the least memory, for a model one device cannot hold.")
     rollout_cache: Literal["dynamic", "static"] = Field(default="dynamic", description="KV cache of transformers rollouts: "
                                                         "dynamic (grows per step), or static (preallocated for prompt + "
                                                         "response_length; on CUDA transformers then compiles the decoding step, "

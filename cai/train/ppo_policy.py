@@ -23,6 +23,18 @@ class PolicyWithValue(torch.nn.Module):
         torch.nn.init.normal_(self.value_head.weight, std=1 / math.sqrt(hidden_size + 1))
         torch.nn.init.zeros_(self.value_head.bias)
 
+    # What accelerate's FSDP reads to give each decoder layer, the embeddings and the final norm + LM head
+    # their own units; without them the whole policy was one unit, gathered whole for every forward.
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        return getattr(self.lm, "_no_split_modules", None)
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.lm.get_input_embeddings()
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.lm.get_output_embeddings()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """query + response (B, Tq + R) -> logits (B, R, V) and values (B, R) at the positions that predict the response.
 
