@@ -46,3 +46,11 @@ def cpu_env() -> dict[str, str]:
     import os
 
     return {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_ok(cmd: list[str]) -> None:
+    """Run a `launch` command (or any) with `cpu_env`; fails with the end of its stderr unless it succeeds."""
+    import subprocess
+
+    done = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -524,7 +524,7 @@ def test_two_processes_train_like_one_and_resume_after_a_crash(tmp_path, tiny_mo
     import subprocess
     import sys
 
-    from tests.fsdp_on_cpu import cpu_env, launch
+    from tests.fsdp_on_cpu import cpu_env, launch, run_ok
 
     settings = dict(model=str(tiny_model_dir), reward="rule:share=e", prompts=prompt_file, batch_size=8, mini_batches=2,
                     ppo_epochs=2, response_length=8, iterations=5, lr=5e-3, kl_coef=0.01, adaptive_kl=True, kl_target=1.0,
@@ -534,8 +534,7 @@ def test_two_processes_train_like_one_and_resume_after_a_crash(tmp_path, tiny_mo
     env, fsdp = cpu_env(), sharding == "fsdp"
 
     def run(cmd, out):
-        done = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
+        run_ok([*cmd, "--out", str(out)])
 
     run([sys.executable, "-m", "cai.cli", "train", "ppo", *flags], tmp_path / "one")
     run(launch(["train", "ppo", *flags], fsdp=fsdp), tmp_path / "two")
@@ -610,17 +609,13 @@ def test_under_fsdp_each_layer_is_a_unit_gathered_once_per_rollout(tmp_path, tin
     wrapper once hid the model's `_no_split_modules`, so the whole model was one unit, gathered whole for
     every forward). With `gather_for_generation` (the default) each unit is gathered once per rollout, not
     at each of its 16 decoding steps, and the rollout is the same."""
-    import subprocess
-
-    from tests.fsdp_on_cpu import cpu_env, launch
+    from tests.fsdp_on_cpu import launch, run_ok
 
     settings = dict(model=str(tiny_model_dir), reward="rule:share=e", prompts=prompt_file, out=str(tmp_path / "run"), batch_size=8,
                     mini_batches=2, response_length=16, lora_target_modules=["q_proj", "v_proj"], seed=1)
     (tmp_path / "cfg.json").write_text(json.dumps(settings))
     (tmp_path / "count.py").write_text(GATHER_COUNT)
-    done = subprocess.run(launch([str(tmp_path / "count.py"), str(tmp_path / "cfg.json"), str(tmp_path / "out.json")], fsdp=True),
-                          env=cpu_env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_ok(launch([str(tmp_path / "count.py"), str(tmp_path / "cfg.json"), str(tmp_path / "out.json")], fsdp=True))
     out = json.loads((tmp_path / "out.json").read_text())
     layers = [u for u in out["units"] if ".layers." in u]
     assert len(layers) == 2 and any(u.endswith("embed_tokens") for u in out["units"]) and "" in out["units"]

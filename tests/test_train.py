@@ -231,15 +231,6 @@ def test_a_truncated_pair_conditions_both_sides_on_the_same_prompt_tokens(tiny_m
     assert prompt_part(pair.chosen) == full_prompt[len(full_prompt) - len(prompt_part(pair.chosen)):]
 
 
-def _launched(cmd: list[str]) -> None:
-    import subprocess
-
-    from tests.fsdp_on_cpu import cpu_env
-
-    done = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 def _adapter(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -257,7 +248,7 @@ def test_fsdp_shards_the_weights_and_trains_like_ddp(tmp_path, tiny_model_dir, k
     DPO's reference pass switches the adapter off without freezing the shards the optimiser holds, and every
     process runs as many reference passes as the other. With bf16 (a GPU's default, forced here) FSDP holds
     a bf16 frozen base and an fp32 adapter in the same units; the two launches then agree to bf16's rounding."""
-    from tests.fsdp_on_cpu import launch
+    from tests.fsdp_on_cpu import launch, run_ok
 
     data = write_jsonl(tmp_path / "rows.jsonl", SFT if kind == "sft" else PAIRS)
     args = ["train", kind, "--model", str(tiny_model_dir), "--data", data, "--epochs", "2", "--batch-size", "4",
@@ -265,8 +256,8 @@ def test_fsdp_shards_the_weights_and_trains_like_ddp(tmp_path, tiny_model_dir, k
     tol = dict(rel=1e-2, abs=1e-4) if precision == "bf16" else dict(rel=1e-4, abs=1e-6)
     # Adam turns bf16's rounding of the smallest gradients into steps of up to lr: 1.4e-3 seen after 6 steps
     weight_atol = 5e-3 if precision == "bf16" else 1e-6
-    _launched(launch([*args, "--out", str(tmp_path / "ddp")], fsdp=False))
-    _launched(launch([*args, "--out", str(tmp_path / "fsdp")], fsdp=True))
+    run_ok(launch([*args, "--out", str(tmp_path / "ddp")], fsdp=False))
+    run_ok(launch([*args, "--out", str(tmp_path / "fsdp")], fsdp=True))
     summaries = {k: json.loads((tmp_path / k / "summary.json").read_text()) for k in ("ddp", "fsdp")}
     assert (summaries["ddp"]["distributed"], summaries["ddp"]["sharded"]) == ("MULTI_CPU", False)
     assert (summaries["fsdp"]["distributed"], summaries["fsdp"]["sharded"]) == ("FSDP", True)
@@ -318,12 +309,12 @@ def test_an_fsdp_run_resumes_after_a_crash(tmp_path, tiny_model_dir):
     same command logs what the uninterrupted FSDP run logged."""
     import subprocess
 
-    from tests.fsdp_on_cpu import cpu_env, launch
+    from tests.fsdp_on_cpu import cpu_env, launch, run_ok
 
     settings = dict(kind="sft", model=str(tiny_model_dir), data=write_jsonl(tmp_path / "sft.jsonl", SFT), epochs=4, grad_accum=2,
                     batch_size=4, eval_fraction=0.0, lr=5e-3, checkpoint_every=2)
     args = ["train", "sft", *[f"--{k.replace('_', '-')}={v}" for k, v in settings.items() if k != "kind"]]
-    _launched(launch([*args, "--out", str(tmp_path / "straight")], fsdp=True))
+    run_ok(launch([*args, "--out", str(tmp_path / "straight")], fsdp=True))
     crashy = tmp_path / "crashy"
     (tmp_path / "cfg.json").write_text(json.dumps({**settings, "out": str(crashy)}))
     (tmp_path / "crash.py").write_text(CRASHING_TRAIN)
@@ -333,7 +324,7 @@ def test_an_fsdp_run_resumes_after_a_crash(tmp_path, tiny_model_dir):
     state = torch.load(crashy / "checkpoint" / "state.pt", weights_only=False)
     assert state["step"] == 4 and state["sharded"] and state["trainable"]
     assert all(not type(v).__name__.startswith("DTensor") for v in state["trainable"].values())  # whole tensors, not shards
-    _launched(launch([*args, "--out", str(crashy)], fsdp=True))
+    run_ok(launch([*args, "--out", str(crashy)], fsdp=True))
     straight = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     resumed = [json.loads(line) for line in (crashy / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]

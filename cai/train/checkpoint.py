@@ -47,6 +47,12 @@ def sharded_units(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, FSDPModule)]
 
 
+def launch_record(accelerator, model: torch.nn.Module) -> dict[str, Any]:
+    """How a run was launched, for its summary.json: process count, accelerate's distributed type, sharding."""
+    return {"processes": accelerator.num_processes, "distributed": accelerator.distributed_type.value,
+            "sharded": is_sharded(model), "fsdp_units": len(sharded_units(model))}
+
+
 def _whole(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -69,7 +75,8 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
                     extra: dict[str, Any] | None = None, write: bool = True) -> None:
     """Write the checkpoint if `write` (the main process); under FSDP every process calls it to gather."""
-    if is_sharded(model):
+    sharded = is_sharded(model)
+    if sharded:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         trainable = trainable_state(model)
@@ -82,7 +89,7 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state = {"step": step, "trainable": trainable, "optimizer": optim, "extra": extra or {}, "sharded": is_sharded(model),
+    state = {"step": step, "trainable": trainable, "optimizer": optim, "extra": extra or {}, "sharded": sharded,
              "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
     torch.save(state, tmp / STATE_FILE)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from cai.train.checkpoint import (has_checkpoint, is_sharded, load_checkpoint, save_checkpoint, sharded_units, trainable_state,
+from cai.train.checkpoint import (has_checkpoint, is_sharded, launch_record, load_checkpoint, save_checkpoint, trainable_state,
                                   truncate_log)
 from cai.train.config import TrainConfig
 from cai.train.precision import autocast
@@ -129,9 +129,7 @@ def train(cfg: TrainConfig, task: Task, out: Path) -> dict[str, Any]:
                 save_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, step, write=accelerator.is_main_process)
 
     accelerator.wait_for_everyone()
-    summary: dict[str, Any] = {"steps": steps, "processes": accelerator.num_processes,
-                               "distributed": accelerator.distributed_type.value, "sharded": sharded,
-                               "fsdp_units": len(sharded_units(model))}
+    summary: dict[str, Any] = {"steps": steps, **launch_record(accelerator, model)}
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.eval()
     # Sharded weights: every process runs the evaluation's forward passes (they gather the layers together)

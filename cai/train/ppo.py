@@ -55,7 +55,7 @@ import torch
 
 from cai.train import ppo_metrics as M
 from cai.train.adapters import adapter_disabled
-from cai.train.checkpoint import (has_checkpoint, is_sharded, load_checkpoint, save_checkpoint, sharded_units, trainable_state,
+from cai.train.checkpoint import (has_checkpoint, is_sharded, launch_record, load_checkpoint, save_checkpoint, trainable_state,
                                   truncate_log)
 from cai.train.losses import masked_mean, token_logprobs
 from cai.train.ppo_config import PPOConfig
@@ -424,8 +424,8 @@ class PPOTrainer:
         self.save(out / "final", weights)
         plot_losses(metrics_path, out / "loss.png", keys=(M.SCORES, M.KL, M.LOSS_POLICY))
         rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        summary = {"iterations": cfg.iterations, "processes": self.world, "distributed": self.accelerator.distributed_type.value,
-                   "sharded": self.sharded, "fsdp_units": len(sharded_units(self.model)), "first": rows[0] if rows else None, "last": rows[-1] if rows else None}
+        summary = {"iterations": cfg.iterations, **launch_record(self.accelerator, self.model),
+                   "first": rows[0] if rows else None, "last": rows[-1] if rows else None}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 

@@ -65,8 +65,8 @@ def _base_dtype(cfg: TrainConfig) -> torch.dtype:
 
 def _saver(tokenizer):
     def save(model, folder: Path, weights: dict | None = None) -> None:
-        # peft keeps the adapter's (and the reward head's) entries of a passed state dict
-        model.save_pretrained(folder, **({"state_dict": weights} if weights is not None else {}))
+        # None: the model's own tensors; peft keeps the adapter's (and the reward head's) entries of a passed dict
+        model.save_pretrained(folder, state_dict=weights)
         tokenizer.save_pretrained(folder)
     return save
 
@@ -229,14 +229,14 @@ class _Reference:
         if not cfg.lora and path.exists() and len(saved := torch.load(path, weights_only=True)) == len(items):
             self.values = {i: tuple(v) for i, v in enumerate(saved.tolist())}
 
-    def _compute(self, model, items: list[Pair]) -> None:
+    def _compute(self, model, items: list[Pair], sharded: bool) -> None:
         from contextlib import nullcontext
 
         from cai.train.adapters import adapter_disabled
 
         base = getattr(model, "module", model)  # unwrap DDP under accelerate launch
         chunks = [items[i:i + self.cfg.batch_size] for i in range(0, len(items), self.cfg.batch_size)]
-        if is_sharded(base):
+        if sharded:
             chunks += self._filler(base, len(chunks))
         was_training = base.training
         base.eval()
@@ -260,16 +260,17 @@ class _Reference:
         return [todo[(i * size) % len(todo):][:size] for i in range(int(count.item()) - mine)]
 
     def __call__(self, model, items: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+        sharded = is_sharded(model)
         if not self.cfg.lora and not self.values:  # the first call, before any step: every pair, saved
             # This batch first and on its own: the same shapes as the policy's pass, so the same kernels.
-            self._compute(model, items)
-            self._compute(model, [p for p in self.items if self.index[id(p)] not in self.values])
+            self._compute(model, items, sharded)
+            self._compute(model, [p for p in self.items if self.index[id(p)] not in self.values], sharded)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")  # each process of a launch writes its own
             torch.save(torch.tensor([self.values[i] for i in range(len(self.items))]), tmp)
             os.replace(tmp, self.path)
         missing = [p for p in items if self.index[id(p)] not in self.values]
-        if missing or is_sharded(model):  # under FSDP every process joins, with or without pairs of its own
-            self._compute(model, missing)
+        if missing or sharded:  # under FSDP every process joins, with or without pairs of its own
+            self._compute(model, missing, sharded)
         pairs = [self.values[self.index[id(p)]] for p in items]
         return torch.tensor([a for a, _ in pairs]), torch.tensor([b for _, b in pairs])
