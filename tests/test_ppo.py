@@ -636,3 +636,33 @@ def test_a_batch_the_processes_cannot_share_is_refused(tmp_path, tiny_model_dir,
         check_processes(ppo_cfg(tiny_model_dir, prompt_file, tmp_path, batch_size=8, mini_batches=4), 4, False)
     with pytest.raises(TrainConfigError, match="'vllm' runs in one process"):
         check_processes(ppo_cfg(tiny_model_dir, prompt_file, tmp_path), 2, True)
+
+
+# -- sampling edge cases (issue 27, items 10) ---------------------------------------------------------
+
+ROW_NEXT_TO_ONE = 6_875_368  # with seed 0 at step 0 its 53 random bits are within 2**-25 of 1 (found by a search)
+
+
+def test_a_uniform_next_to_one_never_takes_a_zero_probability_last_token():
+    """The uniform is built from its 53 bits in integers, then float64: strictly below 1 even where a float32
+    would round it to 1.0, so the draw stays inside the cumulative softmax and a last token of probability
+    zero (here -inf, and one that underflows to 0) is never taken."""
+    rows = torch.tensor([ROW_NEXT_TO_ONE] * 3)
+    u = seeded_uniforms(0, rows, 0)
+    assert u.dtype == torch.float64 and (u < 1.0).all() and (u.float() == 1.0).all()  # the case float32 got wrong
+    logits = torch.tensor([[0.0, 1.0, 2.0, float("-inf")], [3.0, -1.0, 0.5, -200.0], [1.0, 1.0, 1.0, float("-inf")]])
+    out = SeededSampler(0, rows, 1.0, 0)(torch.zeros(3, 0, dtype=torch.long), logits)
+    assert out.argmax(1).tolist() == [2, 2, 2]  # the last token of non-zero probability, as u is next to 1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logits_stop_sampling_with_a_typed_error_naming_the_row_and_step(bad):
+    from cai.train.ppo_rollout import NonFiniteLogitsError
+
+    logits = torch.tensor([[0.0, 1.0, 2.0], [0.5, bad, 1.0]])
+    sampler = SeededSampler(0, torch.tensor([7, 9]), 1.0, 2)
+    with pytest.raises(NonFiniteLogitsError, match=r"batch row 9 \(this process's row 1\) at response step 3"):
+        sampler(torch.zeros(2, 5, dtype=torch.long), logits)
+    all_masked = torch.tensor([[0.0, 1.0, 2.0], [float("-inf")] * 3])  # no token left to sample
+    with pytest.raises(NonFiniteLogitsError, match="batch row 9"):
+        sampler(torch.zeros(2, 2, dtype=torch.long), all_masked)
