@@ -275,11 +275,11 @@ def assert_crash_and_resume_repeat(straight: PPOConfig, crash_at_iteration: int)
     crashy = straight.model_copy(update={"out": str(Path(straight.out).with_name("crashy"))})
     rule, calls = RuleScorer(straight.reward), {"n": 0}
 
-    def crashing(prompts, responses):
+    def crashing(prompts, responses, *, first_row=0):
         calls["n"] += 1
         if calls["n"] == crash_at_iteration:
             raise RuntimeError("simulated crash")
-        return rule(prompts, responses)
+        return rule(prompts, responses, first_row=first_row)
 
     pin_config(crashy, Path(crashy.out))
     trainer = build_trainer(crashy, scorer=crashing)
@@ -501,11 +501,11 @@ from cai.train.rewards import RuleScorer
 cfg = PPOConfig(**json.loads(Path(sys.argv[1]).read_text()))
 rule, calls = RuleScorer(cfg.reward), {"n": 0}
 
-def crashing(prompts, responses):  # every process crashes while scoring the same iteration
+def crashing(prompts, responses, *, first_row=0):  # every process crashes while scoring the same iteration
     calls["n"] += 1
     if calls["n"] == int(sys.argv[2]):
         raise RuntimeError("simulated crash")
-    return rule(prompts, responses)
+    return rule(prompts, responses, first_row=first_row)
 
 pin_config(cfg, Path(cfg.out))
 build_trainer(cfg, scorer=crashing).train()
@@ -666,3 +666,38 @@ def test_non_finite_logits_stop_sampling_with_a_typed_error_naming_the_row_and_s
     all_masked = torch.tensor([[0.0, 1.0, 2.0], [float("-inf")] * 3])  # no token left to sample
     with pytest.raises(NonFiniteLogitsError, match="batch row 9"):
         sampler(torch.zeros(2, 2, dtype=torch.long), all_masked)
+
+
+# -- the judge's principle of a row (issue 27, item 9) --------------------------------------------------
+
+
+def test_a_rows_judge_request_is_seeded_by_its_place_in_the_whole_batch():
+    """The judge samples each score's principle from the request's seed: a row's seed is its position in the
+    whole iteration's batch, so the second of two processes (its rows start at 2) sends for its rows what one
+    process sends for rows 2 and 3."""
+    from cai.train.rewards import score_requests
+
+    prompts, responses = [f"p{i}" for i in range(4)], ["a", "", "c", "d"]
+    whole = score_requests(prompts, responses)
+    second_half = score_requests(prompts[2:], responses[2:], first_row=2)
+    assert [r.seed for r in whole] == [0, 1, 2, 3]
+    assert second_half == whole[2:]
+
+
+def test_the_trainer_tells_the_scorer_where_its_rows_start(tmp_path, tiny_model_dir, prompt_file):
+    """The trainer passes each process's first row to the scorer (and the gold scorer): the second of two
+    processes on a batch of 4 scores rows 2-3 (the process count and rank set by hand on one process,
+    where accelerate's gathers return their input)."""
+    seen = []
+
+    def recording(prompts, responses, *, first_row=0):
+        seen.append((prompts, first_row))
+        return [0.0] * len(prompts)
+
+    trainer = build_trainer(ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "ppo", batch_size=4, response_length=2), scorer=recording,
+                            gold_scorer=recording)
+    trainer.cfg = trainer.cfg.model_copy(update={"gold_judge_every": 1})
+    trainer.world, trainer.rank = 2, 1
+    trainer.rollout(0)
+    every = [trainer.prompts[i] for i in trainer.prompt_indices(0)]
+    assert seen == [(every[2:], 2), (every[2:], 2)]

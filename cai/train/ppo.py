@@ -238,13 +238,14 @@ class PPOTrainer:
         # 2. score the decoded responses (text, so the reward model may use another tokenizer).
         texts = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True).strip() for r, m in zip(responses, mask)]
         prompts = [self.prompts[i] for i in idx]
-        raw_scores = torch.tensor(self.scorer(prompts, texts), dtype=torch.float32, device=self.device)
+        # first_row: the judge seeds a row's principle with its place in the whole batch, not in this process's share
+        raw_scores = torch.tensor(self.scorer(prompts, texts, first_row=rows.start), dtype=torch.float32, device=self.device)
         scores = raw_scores.clone()
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~has_eos).float()
         gold = None
         if self.gold_scorer is not None and iteration % cfg.gold_judge_every == 0:
-            gold = torch.tensor(self.gold_scorer(prompts, texts), dtype=torch.float32, device=self.device)
+            gold = torch.tensor(self.gold_scorer(prompts, texts, first_row=rows.start), dtype=torch.float32, device=self.device)
         score_s = time.perf_counter() - started - rollout_s
 
         # 3. log-probs and values of the samples under the policy (adapter on) and the reference (off).

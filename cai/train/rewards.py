@@ -8,6 +8,10 @@ can differ from the policy's. Specs, as `cai train ppo --reward` takes them:
 - `rule:length`: pays 1 per 100 characters (a reward that is easy to hack: shows verbosity drift)
 - `rule:share=TEXT`: the share of the response's characters that are occurrences of TEXT
 
+`first_row` is the position of the first of the given rows in the whole iteration's batch: with
+several processes each scores its own share, and the judge seeds a row's principle with it, so a
+row is scored under the same principle whatever the process count.
+
 An empty (or blank) response, as when the policy's first token is EOS, is scored as the text
 `judge_server.protocol.EMPTY_RESPONSE` by the reward model and the judge alike: what the policy
 says never stops a run, and saying nothing gets whatever score the scorer gives to that.
@@ -27,6 +31,7 @@ from judge_server.protocol import or_placeholder
 
 if TYPE_CHECKING:
     from cai.judge import SyncJudge
+    from judge_server.protocol import ScoreRequest
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +43,7 @@ class RewardSpecError(ConfigError):
 class Scorer(Protocol):
     name: str
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]: ...
+    def __call__(self, prompts: list[str], responses: list[str], *, first_row: int = 0) -> list[float]: ...
 
 
 def load_scorer(spec: str, *, judge: SyncJudge | None = None, device: str = "cpu", max_length: int = 1024) -> Scorer:
@@ -65,7 +70,7 @@ class RuleScorer:
         else:
             raise RewardSpecError(f"unknown rule {spec!r}; use rule:length or rule:share=TEXT")
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def __call__(self, prompts: list[str], responses: list[str], *, first_row: int = 0) -> list[float]:
         if self.rule == "length":
             return [len(r) / 100.0 for r in responses]
         return [r.count(self.text) * len(self.text) / max(1, len(r)) for r in responses]
@@ -95,7 +100,7 @@ class RewardModelScorer:
         self.model = model.to(device).eval()
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def __call__(self, prompts: list[str], responses: list[str], *, first_row: int = 0) -> list[float]:
         from cai.train.data import collate, tokenise_chat
 
         items = [tokenise_chat(self.tokenizer, [{"role": "user", "content": p}, {"role": "assistant", "content": or_placeholder(r)}],
@@ -116,11 +121,18 @@ class JudgeScorer:
     def __init__(self, judge: SyncJudge):
         self.name, self.judge = f"judge:{judge.url}", judge
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def __call__(self, prompts: list[str], responses: list[str], *, first_row: int = 0) -> list[float]:
         from cai.judge import first_error
-        from judge_server.protocol import ScoreRequest
 
-        reqs = [ScoreRequest(prompt=p, response=or_placeholder(r), seed=i) for i, (p, r) in enumerate(zip(prompts, responses))]
-        results = self.judge.score_many(reqs)
+        results = self.judge.score_many(score_requests(prompts, responses, first_row=first_row))
         first_error(results)  # a reward needs every score: a judge outage stops the run, resumably
         return [r.score for r in results]
+
+
+def score_requests(prompts: list[str], responses: list[str], *, first_row: int = 0) -> list[ScoreRequest]:
+    """The judge's /v1/score requests for these rows; each is seeded with its row's position in the whole batch
+    (`first_row` + i), from which the judge samples the row's principle."""
+    from judge_server.protocol import ScoreRequest
+
+    return [ScoreRequest(prompt=p, response=or_placeholder(r), seed=first_row + i)
+            for i, (p, r) in enumerate(zip(prompts, responses))]
