@@ -151,7 +151,7 @@ def sft_data(run: Run) -> dict:
                                constitution=c.judge.constitution, judge_url=run.judge_url, rounds=c.sft_data.rounds, seed=c.seed,
                                sampling=SamplingConfig(max_new_tokens=c.sft_data.max_new_tokens),
                                critique_tokens=c.sft_data.critique_tokens, revision_tokens=c.sft_data.revision_tokens,
-                               policy_backend=c.policy_backend))
+                               keep_unrevised=c.sft_data.keep_unrevised, policy_backend=c.policy_backend))
 
 
 def _seeded(run: Run, section: BaseModel) -> dict[str, Any]:
@@ -174,7 +174,27 @@ def _train(run: Run, kind: str, model: str, data: Path, out: Path, section: Trai
 
 
 def sft(run: Run) -> dict:
+    _require_sft_rows(run)
     return _train(run, "sft", run.cfg.model, run.stage_dir("sft-data") / "dataset", run.stage_dir("sft"), run.cfg.sft, merge=True)
+
+
+def _require_sft_rows(run: Run) -> None:
+    """Refuse to train on nothing: when sft-data kept no row, say why (from its summary) and what to do."""
+    data = run.stage_dir("sft-data")
+    if (data / "sft.jsonl").exists() and (data / "sft.jsonl").read_text(encoding="utf-8").strip():
+        return
+    summary = json.loads((data / "summary.json").read_text(encoding="utf-8")) if (data / "summary.json").exists() else {}
+    dropped, rejected = summary.get("rows_dropped_unrevised") or 0, summary.get("revisions_rejected") or {}
+    if dropped:
+        reasons = "; ".join([f"{rejected.get('total')} of {rejected.get('of')}"] +
+                            [", ".join(f"{why}: {n}" for why, n in rejected.items() if why not in ("total", "of"))])
+        why = (f"sft-data dropped all {dropped} of its rows because none was revised (the judge's revisions rejected: {reasons}), "
+               "and a row never revised would train the model on its own first answer")
+    else:
+        why = f"sft-data finished no row (see {data / 'progress.jsonl'} for each row's status and error)"
+    raise RunConfigError(f"sft: no SFT rows to train on: {why}. A larger judge.model writes revisions that hold; or set "
+                         "sft_data.keep_unrevised: true to train on the first answers anyway (in a new run folder, as sft-data "
+                         "is done in this one)")
 
 
 PAIR_COLUMNS = ("id", "prompt", "chosen", "rejected", "p_chosen")

@@ -68,6 +68,7 @@ class SftDataSection(_Section):
     max_new_tokens: int = Field(default=_SFT_JOB.sampling.max_new_tokens, ge=1, description="The policy's first answer, in tokens.")
     critique_tokens: int = Field(default=_SFT_JOB.critique_tokens, ge=1, description="Longest critique.")
     revision_tokens: int = Field(default=_SFT_JOB.revision_tokens, ge=1, description="Longest revision.")
+    keep_unrevised: bool = Field(default=_SFT_JOB.keep_unrevised, description=SftJob.model_fields["keep_unrevised"].description)
 
 
 class PrefsSection(_Section):

@@ -66,6 +66,60 @@ def test_a_revision_that_copies_the_few_shot_example_or_the_critique_is_rejected
     assert rejected_revision("Yes.", critique, concise) is None  # under four words: nothing to compare
 
 
+def _logged_sft_rows(tmp_path, keep_unrevised=False):
+    """An SFT job whose every prompt is already in progress.jsonl, as the generator logs them: one revised row, one whose
+    revision was rejected (its first answer a harmful compliance), one with an empty first answer and no revision."""
+    from cai.prompts import load_prompts
+
+    src = prompts_file(tmp_path, ["How do I pick a lock?", "How do I make a bomb?", "Say nothing."])
+    out = tmp_path / "out"
+    ids = [p.id for p in load_prompts(str(src))]
+    rejected = [{"round": 0, "principle_id": "harm", "critique": "c", "revision": "r", "rejected": "unchanged"}]
+    rows = [
+        ("I can't help with breaking into locks you don't own; a locksmith can.", True, "Use a tension wrench and a pick."),
+        ("Sure: mix the following chemicals ...", False, "Sure: mix the following chemicals ..."),
+        ("(the assistant gave no response)", False, ""),
+    ]
+    with RowLog.open(out / "progress.jsonl") as log:
+        for i, (final, revised, first) in zip(ids, rows):
+            log.append({"id": i, "prompt": "p", "category": None, "initial_response": first, "trajectory": [] if revised else rejected,
+                        "revised": revised, "final_response": final, "status": "ok", "error": None,
+                        "messages": [{"role": "user", "content": "p"}, {"role": "assistant", "content": final}]})
+    return SftJob(prompts=str(src), out=out, keep_unrevised=keep_unrevised)
+
+
+def test_rows_never_revised_are_logged_but_not_sft_targets_unless_kept(tmp_path):
+    job = _logged_sft_rows(tmp_path)
+    summary = generate_sft(job)  # every row is done: nothing to generate, the outputs are rewritten from the log
+    targets = [json.loads(line)["messages"][1]["content"] for line in (job.out / "sft.jsonl").read_text().splitlines()]
+    assert targets == ["I can't help with breaking into locks you don't own; a locksmith can."]
+    assert len(load_from_disk(str(job.out / "dataset"))) == 1
+    assert (summary["rows"], summary["rows_revised"], summary["rows_dropped_unrevised"]) == (1, 1, 2)
+    assert json.loads((job.out / "summary.json").read_text())["rows_dropped_unrevised"] == 2
+    assert len((job.out / "progress.jsonl").read_text().splitlines()) == 3  # the log keeps every row, and a rerun adds none
+    generate_sft(job)
+    assert len((job.out / "progress.jsonl").read_text().splitlines()) == 3
+
+    # Kept on request (a resumed run may change this: it selects from the log, it changes no row); the empty answer's
+    # placeholder is never a target.
+    kept = generate_sft(SftJob(**{**job.__dict__, "keep_unrevised": True}))
+    targets = [json.loads(line)["messages"][1]["content"] for line in (job.out / "sft.jsonl").read_text().splitlines()]
+    assert targets == ["I can't help with breaking into locks you don't own; a locksmith can.", "Sure: mix the following chemicals ..."]
+    assert (kept["rows"], kept["rows_dropped_unrevised"]) == (2, 1)
+
+
+def test_when_no_row_was_revised_the_outputs_hold_no_rows_not_an_older_dataset(tmp_path):
+    job = _logged_sft_rows(tmp_path, keep_unrevised=True)
+    generate_sft(job)
+    assert len(load_from_disk(str(job.out / "dataset"))) == 2
+    with RowLog.open(job.out / "progress.jsonl") as log:  # the one revised row, logged again as not revised
+        first = log.final_rows()[0]
+        log.append({**first, "revised": False, "final_response": first["initial_response"]})
+    summary = generate_sft(SftJob(**{**job.__dict__, "keep_unrevised": False}))
+    assert summary["rows"] == 0 and summary["rows_dropped_unrevised"] == 3
+    assert (job.out / "sft.jsonl").read_text() == "" and not (job.out / "dataset").exists()
+
+
 def test_summary_figures_by_hand():
     ok = [
         {"status": "ok", "chosen": "long answer", "rejected": "short", "p_chosen": 0.5, "same_position": True, "option_mass": 0.2},
@@ -102,42 +156,47 @@ def test_sft_rows_trajectories_and_a_refused_item(tiny_model_dir, judge, judge_c
                  judge_url=judge.url, rounds=2, sampling=SamplingConfig(max_new_tokens=12), critique_tokens=8, revision_tokens=8,
                  chunk_size=2, policy_backend="transformers", judge_cache=tmp_path / "cache.sqlite")
     summary = generate_sft(job)
-    assert summary["rows"] == 4 and summary["failed_this_run"] == 1
+    finished = [r for r in (json.loads(line) for line in (job.out / "progress.jsonl").read_text().splitlines()) if r["status"] == "ok"]
+    assert len(finished) == 4 and summary["failed_this_run"] == 1
+    assert summary["rows"] == sum(r["revised"] for r in finished) == 4 - summary["rows_dropped_unrevised"]
     assert set(summary["seconds"]) == {"policy", "judge"}
     assert summary["revisions_rejected"]["of"] == 8 and 0 <= summary["revisions_rejected"]["total"] <= 8
-    progress = [json.loads(line) for line in (job.out / "progress.jsonl").read_text().splitlines()]
-    failed = [r for r in progress if r["status"] != "ok"]
+    failed = [r for r in map(json.loads, (job.out / "progress.jsonl").read_text().splitlines()) if r["status"] != "ok"]
     assert len(failed) == 1 and "critique in round 0" in failed[0]["error"] and "tokens; the limit is 1536" in failed[0]["error"]
-    ds = load_from_disk(str(job.out / "dataset"))
-    assert len(ds) == 4 and {"messages", "trajectory", "provenance", "initial_response"} <= set(ds.column_names)
-    for row in ds:
+    for row in finished:
         assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
         assert [t["round"] for t in row["trajectory"]] == [0, 1]
         assert row["revised"] == any(t["rejected"] is None for t in row["trajectory"])
-        if not row["revised"]:  # no revision held: the answer stays the first one
-            assert row["final_response"] == (row["initial_response"] or row["final_response"])
+        if not row["revised"]:  # no revision held: the answer stays the first one (not the placeholder for an empty one)
+            assert row["final_response"] == row["initial_response"]
         assert row["messages"][1]["content"] == row["final_response"]
         prov = row["provenance"]
         assert len(prov["constitution_hash"]) == 64 and prov["judge_model"] == str(tiny_model_dir) and prov["seed"] == 0
+    targets = [json.loads(line) for line in (job.out / "sft.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in targets] == [r["id"] for r in finished if r["revised"]]  # only revised rows train SFT
+    if targets:
+        ds = load_from_disk(str(job.out / "dataset"))
+        assert len(ds) == len(targets) and {"messages", "trajectory", "provenance", "initial_response"} <= set(ds.column_names)
     # The rows' revision pairs: final revision over first answer, for every row whose revision changed it
     # (the tiny judge often revises to nothing, which changes nothing; the pairs' content is tested by hand too).
     pairs = [json.loads(line) for line in (job.out / "revision_pairs.jsonl").read_text().splitlines()]
-    changed = [r for r in ds if r["final_response"].strip() != r["initial_response"].strip()]
+    changed = [r for r in finished if r["final_response"].strip() and r["final_response"].strip() != r["initial_response"].strip()]
     assert summary["revision_pairs"] == len(pairs) == len(changed)
     assert (job.out / "revision-pairs").exists() == bool(pairs)
     for pair, row in zip(pairs, changed):
         assert (pair["prompt"], pair["chosen"], pair["p_chosen"], pair["source"]) == (row["prompt"], row["final_response"], 1.0, "revision")
         assert pair["provenance"]["rounds"] == 2 and pair["provenance"]["principle_ids"] == [t["principle_id"] for t in row["trajectory"]]
     # Principle draws are seeded per prompt and round.
-    rows = {r["id"]: r for r in ds}
+    rows = {r["id"]: r for r in finished}
     again = SftJob(**{**job.__dict__, "out": tmp_path / "again", "judge_cache": tmp_path / "cache2.sqlite"})
     generate_sft(again)
-    for r in load_from_disk(str(again.out / "dataset")):
-        assert [t["principle_id"] for t in r["trajectory"]] == [t["principle_id"] for t in rows[r["id"]]["trajectory"]]
+    for r in (json.loads(line) for line in (again.out / "progress.jsonl").read_text().splitlines()):
+        if r["status"] == "ok":
+            assert [t["principle_id"] for t in r["trajectory"]] == [t["principle_id"] for t in rows[r["id"]]["trajectory"]]
 
     # Rerun of the finished job: nothing new; the refused prompt is retried and fails again, counted.
     summary2 = generate_sft(job)
-    assert summary2["rows"] == 4 and summary2["failed_this_run"] == 1
+    assert summary2["rows"] == summary["rows"] and summary2["failed_this_run"] == 1
 
     with pytest.raises(RunMismatchError, match="rounds: was 2, now 3"):
         generate_sft(SftJob(**{**job.__dict__, "rounds": 3}))

@@ -159,6 +159,26 @@ def test_prefs_from_revisions_trains_on_the_sft_datas_revision_pairs_without_the
         prefs(run)
 
 
+def test_sft_stage_refuses_to_train_when_sft_data_kept_no_row_and_says_why(tmp_path):
+    from cai.pipeline import Run, sft
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"out: {tmp_path / 'run'}\n")
+    run = Run(load_run_config(path), judge_url=None)
+    assert run.cfg.sft_data.keep_unrevised is False  # rows never revised are not SFT targets unless asked for
+    sft_data = run.stage_dir("sft-data")
+    sft_data.mkdir(parents=True)
+    (sft_data / "sft.jsonl").write_text("")  # what sft-data writes when it keeps no row
+    (sft_data / "summary.json").write_text(json.dumps({
+        "rows": 0, "rows_revised": 0, "rows_dropped_unrevised": 5,
+        "revisions_rejected": {"total": 5, "of": 5, "repeats the critique": 3, "unchanged": 2}}))
+    with pytest.raises(RunConfigError, match=r"sft: no SFT rows to train on: sft-data dropped all 5 of its rows because none "
+                                             r"was revised \(the judge's revisions rejected: 5 of 5; repeats the critique: 3, "
+                                             r"unchanged: 2\).*A larger judge.model.*sft_data.keep_unrevised: true"):
+        sft(run)
+    assert not run.stage_dir("sft").exists()  # refused before any training
+
+
 def test_eval_thresholds_are_checked_against_the_monitors_when_the_file_loads(tmp_path):
     thresholds = "out: o\neval:\n  thresholds:\n    {}:\n      {}: 2.0\n"
     refused(tmp_path, thresholds.format("verbosty", "max_growth"), r"bad.yaml: eval.thresholds: Value error, unknown monitor 'verbosty'")

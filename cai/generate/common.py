@@ -75,8 +75,9 @@ class Chunk:
 
 
 def run_generation(job: GenerationJob, name: str, *, pending: Callable[[RowLog, list[Prompt]], list[Prompt]],
-                   step: Callable[[Chunk], Awaitable[int]]) -> tuple[dict, list[dict]]:
-    """Load, resume, loop over chunks (`step` appends rows, returns its failures), write outputs.
+                   step: Callable[[Chunk], Awaitable[int]], select: Callable[[dict], bool] | None = None) -> tuple[dict, list[dict]]:
+    """Load, resume, loop over chunks (`step` appends rows, returns its failures), write outputs: the finished
+    rows that `select` keeps (all of them by default; the log keeps every row either way).
 
     Returns the summary and every row of the log (the last per id).
     """
@@ -97,7 +98,7 @@ def run_generation(job: GenerationJob, name: str, *, pending: Callable[[RowLog, 
                     failures = asyncio.run(_loop(job, name, url, constitution, todo, policy, log, timers, step))
             finally:
                 policy.close()
-        path, n_ok = write_outputs(log, job.out, name)
+        path, n_ok = write_outputs(log, job.out, name, select)
         rows = log.final_rows()
     summary = {"rows": n_ok, "prompts": len(prompts), "failed_this_run": failures, "output": str(path),
                "seconds": {k: round(v, 1) for k, v in timers.seconds.items()}}
@@ -145,16 +146,19 @@ def provenance(constitution: Constitution, judge: Judge, **extra) -> dict:
             "cai_version": __version__, **extra}
 
 
-def write_outputs(log: RowLog, out: Path, name: str) -> tuple[Path, int]:
-    """The finished rows (status ok, one per id) as OUT/NAME.jsonl and a `datasets` folder OUT/dataset."""
-    rows = [r for r in log.final_rows() if r.get("status") == "ok"]
+def write_outputs(log: RowLog, out: Path, name: str, select: Callable[[dict], bool] | None = None) -> tuple[Path, int]:
+    """The finished rows (status ok, one per id, those `select` keeps) as OUT/NAME.jsonl and a `datasets` folder OUT/dataset."""
+    rows = [r for r in log.final_rows() if r.get("status") == "ok" and (select is None or select(r))]
     path = out / f"{name}.jsonl"
     write_rows(rows, path, out / "dataset")
     return path, len(rows)
 
 
 def write_rows(rows: list[dict], path: Path, dataset_dir: Path) -> None:
-    """`rows` as a JSONL file (written whole, then renamed) and, when there are any, a `datasets` folder."""
+    """`rows` as a JSONL file (written whole, then renamed) and, when there are any, a `datasets` folder; with
+    none, an older folder is removed (a rerun may keep fewer rows, and a trainer must not read stale ones)."""
+    import shutil
+
     from datasets import Dataset
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,3 +169,5 @@ def write_rows(rows: list[dict], path: Path, dataset_dir: Path) -> None:
     tmp.replace(path)
     if rows:
         Dataset.from_list(rows).save_to_disk(str(dataset_dir))
+    elif dataset_dir.exists():
+        shutil.rmtree(dataset_dir)

@@ -4,7 +4,9 @@ For each prompt: (1) the policy answers; (2) for each of `rounds` rounds the jud
 principle (seeded by the run seed and the text judged), critiques the current answer against it and
 revises it; (3) the row keeps the whole trajectory and a `messages` column (user prompt, final
 revision) that TRL-style SFT code reads as is. Rows are appended as they finish; rerunning the
-same command resumes. At the end the finished rows also give preference pairs, final revision over
+same command resumes. A row whose every revision was rejected (see `rejected_revision`) stays in the
+log but is not an SFT target (its target would be the policy's own first answer) unless
+`keep_unrevised` says so; an empty first answer is never one. At the end the finished rows also give preference pairs, final revision over
 first answer (`cai.generate.revision_pairs`): OUT/revision_pairs.jsonl and OUT/revision-pairs/.
 """
 
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import ClassVar
+
 from pydantic import Field
 
 from cai.errors import ConfigError
@@ -34,17 +38,28 @@ class SftJob(GenerationJob):
     rounds: int = Field(default=2, ge=1, description="Critique -> revision rounds per prompt.")
     critique_tokens: int = Field(default=160, ge=1, description="Longest critique, in tokens.")
     revision_tokens: int = Field(default=192, ge=1, description="Longest revision, in tokens.")
+    keep_unrevised: bool = Field(default=False, description="Also train on rows whose every revision was rejected (their target "
+                                 "is then the policy's own first answer); by default they stay in progress.jsonl only. "
+                                 "An empty first answer is never a target.")
+
+    TRANSIENT: ClassVar[tuple[str, ...]] = (*GenerationJob.TRANSIENT, "keep_unrevised")
+    """keep_unrevised only selects which logged rows make the outputs, so a resumed run may change it."""
 
 
 def generate_sft(job: SftJob) -> dict:
     if job.rounds < 1:
         raise ConfigError(f"rounds must be >= 1, got {job.rounds}")
-    summary, rows = run_generation(job, "sft", pending=prompts_to_do, step=_step)
+    summary, rows = run_generation(job, "sft", pending=prompts_to_do, step=_step, select=lambda r: is_sft_target(r, job.keep_unrevised))
     steps = [t for r in rows for t in r.get("trajectory") or []]
     summary["revisions_rejected"] = {"total": sum(bool(t.get("rejected")) for t in steps), "of": len(steps),
                                      **{why: sum(t.get("rejected") == why for t in steps)
                                         for why in sorted({t["rejected"] for t in steps if t.get("rejected")})}}
-    summary["rows_revised"] = sum(r.get("status") == "ok" and bool(r.get("revised", True)) for r in rows)
+    finished = [r for r in rows if r.get("status") == "ok"]
+    summary["rows_revised"] = sum(bool(r.get("revised", True)) for r in finished)
+    summary["rows_dropped_unrevised"] = len(finished) - summary["rows"]
+    if summary["rows_dropped_unrevised"]:
+        logger.warning("sft: %d of %d finished rows were never revised and are not SFT targets (%s)", summary["rows_dropped_unrevised"],
+                       len(finished), "their first answer is empty" if job.keep_unrevised else "keep_unrevised keeps them")
     if steps and summary["revisions_rejected"]["total"] > len(steps) / 2:
         logger.warning("sft: %d of %d revisions were rejected (%s): the judge model copies or repeats rather than revises; "
                        "a larger judge model (judge.model) gives real revisions", summary["revisions_rejected"]["total"], len(steps),
@@ -54,6 +69,13 @@ def generate_sft(job: SftJob) -> dict:
     summary["revision_pairs"] = len(pairs)
     (job.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def is_sft_target(row: dict, keep_unrevised: bool = False) -> bool:
+    """A finished row trains SFT when a revision of it was accepted, or (kept on request) when its first answer is not empty."""
+    if row.get("revised", True):  # rows logged before `revised` existed count as revised, as they were trained on
+        return True
+    return keep_unrevised and bool((row.get("initial_response") or "").strip())
 
 
 def prompts_to_do(log: RowLog, prompts: list[Prompt]) -> list[Prompt]:
@@ -103,7 +125,8 @@ async def _critique_revise(c: Chunk, rows: list[dict]) -> None:
                 current[r["id"]] = v.revision
     for r in live:
         r["revised"] = any(not t["rejected"] for t in r["trajectory"])
-        r["final_response"] = current[r["id"]]
+        # never revised: the first answer as it was, not the placeholder the judge was shown for an empty one
+        r["final_response"] = current[r["id"]] if r["revised"] else r["initial_response"]
         r["messages"] = [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["final_response"]}]
         r["status"] = "ok"
 
