@@ -66,6 +66,10 @@ def test_logprobs_and_values_read_off_generation_match_a_forward_pass(tmp_path, 
     float error), and the hooks must not change what is sampled. With the adapter merged into a copy
     of the weights for sampling, the same holds up to the merge's rounding."""
     trainer = build_trainer(ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "ppo", batch_size=6, response_length=12))
+    assert_rollout_statistics_match_a_forward_pass(trainer, merged, cache)
+
+
+def assert_rollout_statistics_match_a_forward_pass(trainer, merged: bool, cache: str) -> None:
     torch.manual_seed(3)
     with torch.no_grad():  # a non-zero adapter (lm_head included) and value head
         for p in trainer.params:
@@ -99,6 +103,45 @@ def test_logprobs_and_values_read_off_generation_match_a_forward_pass(tmp_path, 
     torch.testing.assert_close(logprobs[on], expected[on], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(values[on], expected_values[on], atol=1e-4, rtol=1e-4)
     assert logprobs[on].std() > 0.1 and values[on].std() > 1e-3  # a real spread, not constants that agree by accident
+
+
+def tiny_family_model(folder: Path, family: str, tokenizer_dir: Path) -> Path:
+    """A tiny random model of `family`, saved and loaded like a user's, with its logit transform made to bite:
+    Granite divides the LM head's output by logits_scaling, Gemma-2 soft-caps it, Cohere multiplies it by
+    logit_scale (all inside the causal LM's forward, after the head)."""
+    from transformers import (AutoTokenizer, CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig,
+                              GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    shape = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2, head_dim=32, initializer_range=0.2, bos_token_id=tok.bos_token_id or tok.eos_token_id,
+                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    config_cls, model_cls, extra = {
+        "llama": (LlamaConfig, LlamaForCausalLM, {}),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+        "gemma2": (Gemma2Config, Gemma2ForCausalLM, {"final_logit_softcapping": 2.0, "query_pre_attn_scalar": 32,
+                                                     "sliding_window": 4}),
+        "granite": (GraniteConfig, GraniteForCausalLM, {"logits_scaling": 8.0}),
+        "cohere": (CohereConfig, CohereForCausalLM, {"logit_scale": 4.0}),
+    }[family]
+    if family == "cohere":
+        shape.pop("head_dim")
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**shape, **extra))
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "granite", "cohere"])
+def test_rollout_statistics_of_models_that_transform_their_logits_match_a_forward_pass(tmp_path, tiny_model_dir, prompt_file,
+                                                                                         family):
+    """The old log-probs are those of the distribution the model's forward returns (and generate samples),
+    after any transform of the LM head's output (issue 27, item 1)."""
+    model = tiny_family_model(tmp_path / family, family, tiny_model_dir)
+    trainer = build_trainer(ppo_cfg(model, prompt_file, tmp_path / "ppo", batch_size=6, response_length=12))
+    assert_rollout_statistics_match_a_forward_pass(trainer, merged=True, cache="dynamic")
 
 
 def test_seeded_sampler_draws_from_the_softmax_at_the_temperature():

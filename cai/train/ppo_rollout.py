@@ -1,9 +1,11 @@
 """Sampling PPO rollouts with transformers' generate, keeping what PPO needs from the sampling passes.
 
-While `generate` runs, two hooks read each decoding step: one on the LM head (its input is the last
-hidden state, its output the logits) and one on the causal LM's forward (its `input_ids` are the
-tokens sampled at the step before). From them come, for every response position, the value head's
-prediction and the log-probability of the token that was sampled. These are exactly what a second
+While `generate` runs, hooks read each decoding step: one on the LM head (its input is the last
+hidden state) and two on the causal LM's forward (its `input_ids` are the tokens sampled at the step
+before; its output the logits generate samples from). From them come, for every response position,
+the value head's prediction and the log-probability of the token that was sampled. The logits are the
+forward's, not the head's: Granite divides the head's output by `logits_scaling`, Gemma-2 soft-caps
+it, Cohere multiplies it by `logit_scale`, and the update and the reference see the forward's. These are exactly what a second
 forward pass over query + response would compute (up to the arithmetic of the KV cache), so PPO
 skips that pass: for a small model it is a tenth of an iteration.
 
@@ -121,7 +123,7 @@ class _StepRecorder:
         self.logprobs: list[torch.Tensor] = []  # (B,) per step but the last, gathered when its token is known
         self.tokens: list[torch.Tensor] = []  # the tokens the logprobs were gathered for, to check against the output
         self.pending: torch.Tensor | None = None  # (B, V) log-softmax of the last step, waiting for its sampled token
-        self.broken = False  # a step came without input_ids: the statistics cannot be trusted
+        self.broken = False  # a step came without input_ids or logits: the statistics cannot be trusted
 
     def on_forward(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -135,9 +137,15 @@ class _StepRecorder:
             self.pending = None
 
     def on_head(self, module, args, output):
-        hidden = args[0][:, -1]
-        logits = output[:, -1] if output.dim() == 3 else output
-        self.values.append(self.value_head(hidden).squeeze(-1).float())
+        self.values.append(self.value_head(args[0][:, -1]).squeeze(-1).float())
+
+    def on_output(self, module, args, kwargs, output):
+        # The causal LM's logits, after whatever its forward does to the head's output (scaling, soft-capping).
+        logits = getattr(output, "logits", None)
+        if logits is None:
+            self.broken = True
+            return
+        logits = logits[:, -1] if logits.dim() == 3 else logits  # (B, V)
         self.pending = torch.log_softmax(logits.float() / self.temperature, dim=-1)
 
     def finish(self, generated: torch.Tensor, synced: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -227,6 +235,7 @@ def sample(policy, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tok
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
     recorder = _StepRecorder(policy.value_head, temperature)
     hooks = [base.register_forward_pre_hook(recorder.on_forward, with_kwargs=True),
+             base.register_forward_hook(recorder.on_output, with_kwargs=True),
              base.get_output_embeddings().register_forward_hook(recorder.on_head)]
     # Plain sampling at `temperature` (SeededSampler inside greedy search), whatever the model's
     # generation_config.json says: a repetition penalty, top-k or min-p there would sample from another
