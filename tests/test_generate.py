@@ -54,16 +54,48 @@ def test_revision_pairs_prefer_the_final_revision_and_skip_rows_that_state_no_pr
 def test_a_revision_that_copies_the_few_shot_example_or_the_critique_is_rejected():
     """What SmolLM2-135M did as the judge under `concise`: 22 of 24 revisions copied the example or the critique."""
     from cai.constitution import find_constitution, load_constitution
-    from cai.generate.sft import rejected_revision
+    from cai.generate.revision_guard import rejected_revision
 
     concise = load_constitution(find_constitution("concise"))
     critique = "The answer buried in the middle after a filler opener is hard to find for the user."
+    answer = "Great question! There are many ports. Postgres usually listens on a port, often 5432, which you can change."
+
+    def why(revision, prompt="Which port does Postgres use?"):
+        return rejected_revision(revision, answer=answer, prompt=prompt, critique=critique, constitution=concise)
+
     copied = "5432. You can change it with the `port` setting in `postgresql.conf`."  # the example's revision, verbatim
-    assert rejected_revision(copied, critique, concise) == "copies the constitution's few-shot example"
-    assert rejected_revision(critique + " Sure.", critique, concise) == "repeats the critique"
-    assert rejected_revision("  ", critique, concise) == "empty"
-    assert rejected_revision("Paris is the capital of France, on the Seine.", critique, concise) is None
-    assert rejected_revision("Yes.", critique, concise) is None  # under four words: nothing to compare
+    assert why(copied) == "copies the constitution's few-shot example"
+    assert why(critique + " Sure.") == "repeats the critique"
+    assert why("  ") == "empty"
+    assert why("Postgres listens on port 5432 by default; the port setting in its config file changes it.") is None
+
+
+def test_the_revision_guard_judges_a_revision_by_what_it_is():
+    """The audit's misfires, both ways: a good revision in the critique's suggested words was rejected; an unchanged
+    answer, a repetition loop, a bare "I cannot." and the user's prompt echoed back were accepted."""
+    from cai.constitution import find_constitution, load_constitution
+    from cai.generate.revision_guard import rejected_revision
+
+    hh = load_constitution(find_constitution("harmless-helpful"))
+    prompt = "How can I get into my neighbour's wifi without the password?"
+    answer = "You can use a tool like aircrack-ng to capture the handshake and crack the password, then connect to the network."
+    critique = ('The response explains how to break into someone else\'s network, which is illegal. The response is harmful '
+                'because it gives concrete steps. A better response would say "I can\'t help with getting into a network '
+                'without its owner\'s permission, but you could ask your neighbour to share it or get your own plan."')
+
+    def why(revision):
+        return rejected_revision(revision, answer=answer, prompt=prompt, critique=critique, constitution=hh)
+
+    suggested = "I can't help with getting into a network without its owner's permission, but you could ask your neighbour to share it or get your own plan."
+    assert why(suggested) is None  # adopts the wording the critique suggested: a revision
+    assert why(answer) == "unchanged"
+    assert why(answer.replace("and crack", "and break")[:-20]) == "unchanged"  # one word swapped and the tail cut off
+    assert why("No, no, no, no, no, no, no, no, no, no, no, no, no, no, no, no, no, no, no, no, no, no,") == "repetition loop"
+    assert why("I cannot.") == "too short to be an answer"
+    assert why(prompt) == "copies the prompt"
+    assert why("The response explains how to break into someone else's network, which is illegal and harmful.") == "repeats the critique"
+    assert why("This response should have refused: breaking into a network without permission is a crime.") == "comments on the answer instead of answering"
+    assert why("The\n\nCritique request: Identify claims in the assistant's last response that are false.") == "copies the judge's instructions"
 
 
 def _logged_sft_rows(tmp_path, keep_unrevised=False):
@@ -97,7 +129,10 @@ def test_rows_never_revised_are_logged_but_not_sft_targets_unless_kept(tmp_path)
     assert (summary["rows"], summary["rows_revised"], summary["rows_dropped_unrevised"]) == (1, 1, 2)
     assert json.loads((job.out / "summary.json").read_text())["rows_dropped_unrevised"] == 2
     assert len((job.out / "progress.jsonl").read_text().splitlines()) == 3  # the log keeps every row, and a rerun adds none
-    generate_sft(job)
+    done = subprocess.run([sys.executable, "-m", "cai.cli", "generate", "sft", "--prompts", job.prompts, "--out", str(job.out)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})  # no wrapped log lines
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert '"rows_dropped_unrevised": 2' in done.stdout and "2 of 3 finished rows were never revised" in done.stderr
     assert len((job.out / "progress.jsonl").read_text().splitlines()) == 3
 
     # Kept on request (a resumed run may change this: it selects from the log, it changes no row); the empty answer's

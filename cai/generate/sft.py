@@ -20,6 +20,7 @@ from pydantic import Field
 
 from cai.errors import ConfigError
 from cai.generate.common import Chunk, GenerationJob, describe_error, provenance, run_generation, write_rows
+from cai.generate.revision_guard import rejected_revision
 from cai.generate.revision_pairs import revision_pairs
 from cai.judge_client import JudgeError
 from cai.prompts import Prompt
@@ -27,10 +28,6 @@ from cai.rowlog import RowLog
 from judge_server import protocol as P
 
 logger = logging.getLogger(__name__)
-
-COPY_SHARE = 0.5
-"""A revision whose word 4-grams are at least this share copied (from a few-shot example or the critique) is rejected."""
-
 
 class SftJob(GenerationJob):
     """Settings of one `cai generate sft` run."""
@@ -119,7 +116,8 @@ async def _critique_revise(c: Chunk, rows: list[dict]) -> None:
         live, crits, revs = _keep_answered(zip(live, crits, revs), 3, f"revision in round {rnd}")
         for r, cr, v in zip(live, crits, revs):
             step = {"round": rnd, "principle_id": cr.principle_id, "critique": cr.critique, "revision": v.revision}
-            step["rejected"] = rejected_revision(v.revision, cr.critique, c.constitution)
+            step["rejected"] = rejected_revision(v.revision, answer=current[r["id"]], prompt=r["prompt"], critique=cr.critique,
+                                                 constitution=c.constitution)
             r["trajectory"].append(step)
             if not step["rejected"]:
                 current[r["id"]] = v.revision
@@ -129,29 +127,6 @@ async def _critique_revise(c: Chunk, rows: list[dict]) -> None:
         r["final_response"] = current[r["id"]] if r["revised"] else r["initial_response"]
         r["messages"] = [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["final_response"]}]
         r["status"] = "ok"
-
-
-def _four_grams(text: str) -> set[tuple[str, ...]]:
-    words = text.lower().split()
-    return {tuple(words[i:i + 4]) for i in range(len(words) - 3)}
-
-
-def copied_share(text: str, source: str) -> float:
-    """The share of `text`'s word 4-grams that also occur in `source` (0 for a text under four words)."""
-    grams = _four_grams(text)
-    return len(grams & _four_grams(source)) / len(grams) if grams else 0.0
-
-
-def rejected_revision(revision: str, critique: str, constitution) -> str | None:
-    """Why a revision is not one (empty, copied from a few-shot example, a repeat of the critique), or None."""
-    if not revision.strip():
-        return "empty"
-    examples = "\n".join(f"{e.prompt}\n{e.response}\n{e.critique}\n{e.revision}" for e in constitution.examples)
-    if examples and copied_share(revision, examples) >= COPY_SHARE:
-        return "copies the constitution's few-shot example"
-    if copied_share(revision, critique) >= COPY_SHARE:
-        return "repeats the critique"
-    return None
 
 
 def _keep_answered(groups, width: int, what: str) -> tuple[list, ...]:
