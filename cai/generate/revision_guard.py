@@ -7,11 +7,13 @@ example, or its instructions ("Critique request: ..."). Each would teach SFT to 
 
 - changed from the answer: at least MIN_CHANGED_WORDS words differ (punctuation and case aside; a
   tail the token limit cut off does not count as a change);
-- not a loop: at least MIN_DISTINCT_SHARE of its word 4-grams are distinct;
+- not a loop: at least MIN_DISTINCT_SHARE of its word 4-grams are distinct, and no run of LOOP_RUN
+  words comes twice;
 - long enough to be an answer: at least MIN_WORDS words;
 - not a copy of the prompt, the few-shot example or the critique: under COPY_SHARE of its word
-  4-grams occur there. Text the critique puts in double quotes is a suggested wording and may be
-  adopted; only the critique's own analysis counts as a copy;
+  4-grams occur there, and no run of LOOP_RUN words from the critique speaks of the user, the
+  response or the assistant. Text the critique puts in double quotes is a suggested wording and may
+  be adopted; only the critique's own analysis counts as a copy;
 - speaks to the user, not about the answer: its opening does not discuss "the response", "the
   assistant" or "the user" as a critique does ("The response is harmful because ...").
 
@@ -39,6 +41,10 @@ MIN_CHANGED_WORDS = 2
 MIN_DISTINCT_SHARE = 0.5
 """A revision with fewer distinct word 4-grams than this share of them is a repetition loop."""
 
+LOOP_RUN = 8
+"""A run of this many words said twice is a loop too (a sentence repeated), as is one taken from the critique's analysis
+that speaks of the user, the response or the assistant."""
+
 TEMPLATE_MARKERS = ("critique request:", "revision request:", "reply with the revised response only",
                     "here is a conversation between a user and an ai assistant")
 """Phrases of the judge's own prompts (judge_server/templates.py): a revision holding one copies its instructions."""
@@ -46,6 +52,7 @@ TEMPLATE_MARKERS = ("critique request:", "revision request:", "reply with the re
 _META = re.compile(r"\b(?:the|this|that) (?:assistant'?s? ?|original |previous |revised |last |ai'?s? )?"
                    r"(?:response|revision|critique|assistant)\b|\bthe user\b|\brevised version\b")
 _META_OPENING = 120  # characters: a critique states its subject first; an answer may mention "the response" later
+_META_WORDS = {"user", "user's", "response", "response's", "assistant", "assistant's", "ai", "ai's", "critique", "revision"}
 _QUOTED = re.compile(r"\"[^\"]*\"|\u201c[^\u201d]*\u201d")
 _WORD = re.compile(r"[^\w']+")
 
@@ -56,6 +63,10 @@ def _words(text: str) -> list[str]:
 
 def _four_grams(words: list[str]) -> list[tuple[str, ...]]:
     return [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
+
+
+def _runs(words: list[str]) -> list[tuple[str, ...]]:
+    return [tuple(words[i:i + LOOP_RUN]) for i in range(len(words) - LOOP_RUN + 1)]
 
 
 def copied_share(text: str, source: str) -> float:
@@ -92,7 +103,8 @@ def rejected_revision(revision: str, *, answer: str, prompt: str, critique: str,
     if len(words) < MIN_WORDS:
         return "too short to be an answer"
     grams = _four_grams(words)
-    if grams and len(set(grams)) < MIN_DISTINCT_SHARE * len(grams):
+    runs = _runs(words)
+    if (grams and len(set(grams)) < MIN_DISTINCT_SHARE * len(grams)) or len(set(runs)) < len(runs):
         return "repetition loop"
     if changed_words(revision, answer) < MIN_CHANGED_WORDS:
         return "unchanged"
@@ -101,7 +113,8 @@ def rejected_revision(revision: str, *, answer: str, prompt: str, critique: str,
     examples = "\n".join(f"{e.prompt}\n{e.response}\n{e.critique}\n{e.revision}" for e in constitution.examples)
     if examples and copied_share(revision, examples) >= COPY_SHARE:
         return "copies the constitution's few-shot example"
-    if copied_share(revision, _QUOTED.sub(" ", critique)) >= COPY_SHARE:
+    analysis = _QUOTED.sub(" ", critique)
+    if copied_share(revision, analysis) >= COPY_SHARE or any(_META_WORDS & set(run) for run in set(runs) & set(_runs(_words(analysis)))):
         return "repeats the critique"
     if _META.search(lowered[:_META_OPENING]):
         return "comments on the answer instead of answering"
