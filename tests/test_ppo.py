@@ -744,3 +744,57 @@ def test_the_trainer_tells_the_scorer_where_its_rows_start(tmp_path, tiny_model_
     trainer.rollout(0)
     every = [trainer.prompts[i] for i in trainer.prompt_indices(0)]
     assert seen == [(every[2:], 2), (every[2:], 2)]
+
+
+# -- merged rollouts under bf16 (issue 27, item 2) ----------------------------------------------------
+
+
+def test_under_bf16_merged_rollouts_keep_the_whole_adapter(tmp_path, tiny_model_dir, prompt_file):
+    """Under bf16 autocast (forced on the CPU) a merged W + BA would be rounded to bf16 at the matmul, and an
+    adapter small next to W (|BA| / |W| about 4e-3, as early in training) rounded partly away: sampling would
+    run another policy than the one the update trains. So `merged_adapter` leaves the adapter unmerged there,
+    and what is sampled is the policy itself, bit for bit."""
+    trainer = build_trainer(ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "ppo", precision="bf16", batch_size=4,
+                                    lora_target_modules=["q_proj", "v_proj"]))
+    lm = trainer.model.lm
+    torch.manual_seed(0)
+    with torch.no_grad():  # lora_B from zero to a delta of |BA| / |W| ~ 4e-3
+        for name, p in lm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 3e-4)
+        layer = lm.base_model.model.model.layers[0].self_attn.q_proj
+        ratio = (layer.get_delta_weight("default").norm() / layer.base_layer.weight.float().norm()).item()
+    assert 1e-3 < ratio < 1e-2, ratio
+    ids = torch.randint(5, 500, (3, 9), device=trainer.device)
+    with torch.no_grad(), trainer._autocast():
+        with_adapter = lm(input_ids=ids).logits.float()
+        with lm.disable_adapter():
+            base = lm(input_ids=ids).logits.float()
+        with merged_adapter(lm) as ok:
+            merged = lm(input_ids=ids).logits.float()
+    assert (with_adapter - base).abs().max() > 1e-3  # the adapter does something
+    assert not ok and torch.equal(merged, with_adapter), ((merged - with_adapter).norm() / (with_adapter - base).norm()).item()
+    assert trainer.cfg.merged_rollouts  # on by default; under fp32 the same call merges (tests above)
+
+
+@pytest.mark.slow
+def test_under_bf16_the_first_minibatch_ratio_stays_one_after_updates(tmp_path, tiny_model_dir, prompt_file):
+    """bf16 forced on the CPU, merged rollouts asked for: after 3 updates that move the adapter, the first (here
+    only) minibatch of each iteration has no clipped token and a ratio within bf16's rounding of 1 (generate's
+    KV-cached steps and the update's forward round differently in bf16: about 1e-2 nats at most per token)."""
+    from cai.train.ppo import PPOTrainer
+
+    trainer = build_trainer(ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "ppo", precision="bf16", batch_size=8, mini_batches=1,
+                                    ppo_epochs=1, lr=2e-2))
+    for i in range(3):
+        trainer.ppo_iteration(i)
+    moved = max(p.abs().max().item() for n, p in trainer.model.named_parameters() if "lora_B" in n)
+    assert moved > 1e-3, moved
+    r = trainer.rollout(3)
+    with torch.no_grad(), trainer._autocast():
+        logits, _ = trainer.trained(r.full, r.full_mask, trainer.cfg.response_length)
+    new = PPOTrainer._response_logprobs(trainer, logits, r.responses)
+    ratio = (new - r.logprobs)[r.mask.bool()].exp()
+    assert (ratio - 1).abs().max() < 0.03, ratio
+    record, _ = trainer.update(r)
+    assert record["ppo/policy/clipfrac"] == 0.0 and record["ppo/policy/approxkl"] < 1e-4, record

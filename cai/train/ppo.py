@@ -7,8 +7,8 @@ layer) reads the policy's last hidden state, so the critic shares the policy's f
 the judge for gold scores, a vLLM engine) and hands them to `PPOTrainer`.
 
 Each iteration, in this order (the numbered phases; `rollout` is 1-3, `update` 4-7):
-1. rollout: sample `batch_size` responses with transformers' generate (the adapter merged into a
-   temporary copy of the weights meanwhile) or vLLM, both stopping on the same EOS ids; cut each at
+1. rollout: sample `batch_size` responses with transformers' generate (in float32 the adapter merged
+   into a temporary copy of the weights meanwhile) or vLLM, both stopping on the same EOS ids; cut each at
    its first EOS;
 2. score: decode and score with the reward model, the judge or a rule; responses with no EOS
    lose `missing_eos_penalty`;
@@ -63,7 +63,7 @@ from cai.train.ppo_math import (AdaptiveKLController, FixedKLController, entropy
                                 kl_per_token, masked_whiten, policy_loss, value_loss)
 from cai.train.ppo_policy import PolicyWithValue
 from cai.train.ppo_rollout import sample
-from cai.train.precision import autocast
+from cai.train.precision import autocast, uses_bf16
 from cai.train.rewards import Scorer
 
 logger = logging.getLogger(__name__)
@@ -117,8 +117,8 @@ class PPOTrainer:
         self.trained, self.optimizer = self.accelerator.prepare(policy, optimizer)
         self.params = [p for p in self.trained.parameters() if p.requires_grad]  # after prepare: FSDP's shards
         self.sharded = is_sharded(self.model)
-        if self.sharded and cfg.merged_rollouts:
-            logger.info("ppo: weights sharded (FSDP): rollouts sample through the unmerged adapter")
+        if cfg.merged_rollouts and (self.sharded or uses_bf16(cfg.precision, self.device)):  # see ppo_rollout.merged_adapter
+            logger.info("ppo: weights sharded (FSDP) or in bf16: rollouts sample through the unmerged adapter")
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
         self.queries = [self._encode_query(p) for p in prompts]

@@ -64,7 +64,9 @@ class PPOSettings(BaseModel):
     precision: Precision = Field(default="auto", description=PRECISION_HELP)
     merged_rollouts: bool = Field(default=True, description="With transformers rollouts, sample with the adapter merged into a "
                                   "temporary copy of the adapted weights (15% faster on CPU; the copy costs those layers' "
-                                  "memory again while sampling). Off: sample through the unmerged adapter.")
+                                  "memory again while sampling). Off: sample through the unmerged adapter. Never merged under "
+                                  "FSDP, nor in bf16, where the merged sum would be rounded to bf16 and part of the adapter "
+                                  "lost.")
     gather_for_generation: bool = Field(default=True, description="Under FSDP: keep each layer's gathered weights across the "
                                         "decoding steps of a rollout (one all-gather per layer per rollout instead of per "
                                         "step; the whole model then sits on every process while sampling, like TRL's "

@@ -18,7 +18,10 @@ With `merged=True` the LoRA adapter is merged into a temporary copy of each adap
 duration of the sampling (`merged_adapter`), so each decoding step is one matmul per layer instead
 of three plus peft's Python: 15% of SmolLM2's rollout on CPU. The trained weights are never touched
 (peft's own merge/unmerge adds and subtracts in place, which does not give the weights back bit for
-bit); the copies cost one adapted layer's worth of memory each, freed when sampling ends.
+bit); the copies cost one adapted layer's worth of memory each, freed when sampling ends. Under bf16
+autocast, or with bf16 base weights, nothing is merged: W + BA would meet the matmul in bf16, and an
+adapter small next to W (as early in training) would be partly rounded away, so the rollouts would
+come from another policy than the one the update trains.
 
 Sampling itself does not draw from torch's random generator: `SeededSampler` picks each token by
 inverse-CDF sampling from the softmax at the sampling temperature, with the uniform number a hash of
@@ -174,6 +177,12 @@ def _mergeable(layer) -> bool:
             and not layer.merged and not any(a in layer.lora_variant or layer.lora_bias.get(a) for a in layer.active_adapters))
 
 
+def _merges_exactly(weight: torch.Tensor) -> bool:
+    """Whether W + BA reaches the matmul in float32: a float32 weight and no autocast on its device. In bf16
+    the sum is rounded to W's precision, where a delta under half an ulp of W vanishes."""
+    return weight.dtype == torch.float32 and not torch.is_autocast_enabled(weight.device.type)
+
+
 def _merged_weight(layer, weight: torch.Tensor) -> torch.Tensor:
     """A new tensor W + sum of the active adapters' deltas; W itself is not written."""
     adapters = [a for a in layer.active_adapters if a in layer.lora_A or a in layer.lora_embedding_A]
@@ -190,15 +199,16 @@ def merged_adapter(lm) -> Iterator[bool]:
     """Inside: every adapted layer runs W + delta (a fresh tensor) with its adapter switched off. Yields True.
 
     The original weight Parameters are put back on exit, untouched. Yields False and changes nothing
-    when `lm` is not a peft model or has a layer whose adapter is not a plain weight delta (DoRA,
-    LoRA bias, quantised base layers); the caller then samples with the adapter as it is.
+    when `lm` is not a peft model, has a layer whose adapter is not a plain weight delta (DoRA, LoRA
+    bias, quantised base layers), or would run the merged weight in less than float32 (a base weight
+    not float32, or autocast on): the caller then samples with the adapter as it is.
     """
     from peft.tuners.lora import LoraLayer
 
     from cai.train.adapters import adapter_disabled
 
     layers = [m for m in lm.modules() if isinstance(m, LoraLayer)] if hasattr(lm, "disable_adapter") else []
-    if not layers or not all(_mergeable(m) for m in layers):
+    if not layers or not all(_mergeable(m) for m in layers) or not all(_merges_exactly(m.base_layer.weight) for m in layers):
         yield False
         return
     originals = []
