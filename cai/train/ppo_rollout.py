@@ -5,9 +5,9 @@ hidden state) and two on the causal LM's forward (its `input_ids` are the tokens
 before; its output the logits generate samples from). From them come, for every response position,
 the value head's prediction and the log-probability of the token that was sampled. The logits are the
 forward's, not the head's: Granite divides the head's output by `logits_scaling`, Gemma-2 soft-caps
-it, Cohere multiplies it by `logit_scale`, and the update and the reference see the forward's. These are exactly what a second
-forward pass over query + response would compute (up to the arithmetic of the KV cache), so PPO
-skips that pass: for a small model it is a tenth of an iteration.
+it, Cohere multiplies it by `logit_scale`, and the update and the reference see the forward's. These
+are exactly what a second forward pass over query + response would compute (up to the arithmetic of
+the KV cache), so PPO skips that pass: for a small model it is a tenth of an iteration.
 
 Only one step's log-softmax (batch x vocabulary) is held at a time, so memory does not grow with the
 response length. If the hooks do not see the steps they expect (a model whose generate calls its
