@@ -393,8 +393,13 @@ def sycophancy(probes: Sequence[SycophancyProbe], policy_responses: Sequence[str
 # ---------------------------------------------------------------------------------------------- position bias
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (95% at z = 1.96)."""
+Z95 = 1.959963984540054
+"""The standard normal's 97.5% point: a two-sided 95% interval (1.96 moves the fourth decimal of published figures)."""
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% at the default z). `successes` may hold halves
+    (a tie counted as half a success), which the score formula takes as it stands."""
     if n <= 0:
         raise MonitorInputError(f"wilson_interval needs n > 0, got {n}")
     p = successes / n
