@@ -1,7 +1,9 @@
 """The judge's inference engines: what `JudgeService` asks of a model, and the in-process vLLM engine.
 
 An engine builds prompts from chat messages (`encode`), generates text, and reads the
-log-probability that the next token spells each of a few options ("A"/"B", "1".."10"). Two kinds:
+log-probability that the next token spells each of a few options ("A"/"B", "1".."10"), and that
+an answer spells a first token then a second (the rating "10" where a tokenizer writes "1", "0",
+as Qwen's and Gemma's do digit by digit). Two kinds:
 
 - `VLLMEngine` (here): a vLLM async engine inside the server process. It reads the raw
   log-softmax of exactly the option tokens (vLLM's `logprob_token_ids`), wherever they rank.
@@ -14,6 +16,7 @@ so the prompt is exact and its length is checked before anything is sent.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import math
@@ -73,13 +76,14 @@ class Engine(ABC):
     async def option_logprobs(self, prompt: Prompt, options: list[str]) -> list[float]:
         """For each option, log P(the next token spells it) (with or without a leading space); -inf when unseen."""
 
-    def splits(self, text: str) -> bool:
-        """Whether `text` is known to take more than one token (so a caller reads it one token at a time with `then`)."""
-        return False
+    @abstractmethod
+    async def continued_logprobs(self, prompt: Prompt, first: str, then: str) -> tuple[float, float]:
+        """log P(the answer's first token spells `first` (with or without a leading space) and its next token is exactly
+        `then`), and log P of `first`'s spellings whose next token the engine could not see (-inf when it saw them all)."""
 
-    def then(self, prompt: Prompt, text: str) -> Prompt:
-        """`prompt` followed by the single token `text`."""
-        return Prompt(prompt.messages, prompt.prefix + text)
+    def splits(self, text: str) -> bool:
+        """Whether `text` is known to take more than one token."""
+        return False
 
     def backend_states(self) -> list[dict] | None:
         """Each remote backend's health and load (see `BackendPool.states`); None for an engine in this process."""
@@ -121,11 +125,17 @@ class TokenizedEngine(Engine):
     def splits(self, text: str) -> bool:
         return not self.token_ids(text)
 
-    def then(self, prompt: Prompt, text: str) -> Prompt:
-        (first, *_) = self.token_ids(text) or (None,)
-        if first is None:
-            raise ValueError(f"{text!r} is not one token of {self.model_name}'s tokenizer")
-        return Prompt(prompt.messages, prompt.prefix + text, [*prompt.ids, first])
+    async def continued_logprobs(self, prompt: Prompt, first: str, then: str) -> tuple[float, float]:
+        """Each spelling of `first` as one token, then the token `then` after it: one request for the first position and one
+        per spelling for the next, all at once (they share the prompt, so a prefix cache computes it once)."""
+        firsts = self.token_ids(first)
+        (next_id, *more) = self.tokenizer.encode(then, add_special_tokens=False) or [None]
+        if next_id is None or more or not firsts:
+            raise ValueError(f"{first!r} then {then!r} is not two tokens of {self.model_name}'s tokenizer")
+        lp_first, *lp_next = await asyncio.gather(self.token_logprobs(prompt.ids, list(firsts)),
+                                                  *(self.token_logprobs([*prompt.ids, f], [next_id]) for f in firsts))
+        steps = [(lp_first.get(f, -math.inf), after.get(next_id, -math.inf)) for f, after in zip(firsts, lp_next)]
+        return logsumexp([a + b for a, b in steps if b > -math.inf]), logsumexp([a for a, b in steps if b == -math.inf])
 
     async def option_logprobs(self, prompt: Prompt, options: list[str]) -> list[float]:
         groups = [self.token_ids(o) for o in options]

@@ -9,7 +9,8 @@ the same numbers the in-process engine reads); otherwise from the top-20 log-pro
 Without it (`ChatEngine`): `/v1/chat/completions`, the server's own chat template; the assistant
 turn is opened with the judge's prefix by a final assistant message the server continues
 (`continue_final_message`, a vLLM and SGLang extension), and options are read from the top-20
-log-probabilities of the first token.
+log-probabilities of the first token; a second token (the "0" of a rating "10" written "1", "0")
+is read by appending the first to the prefix and asking again.
 
 Every answer is checked for the shape the API promises; anything else is that request's
 `BackendError`, naming the backend.
@@ -17,11 +18,12 @@ Every answer is checked for the shape the API promises; anything else is that re
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from typing import Any
 
-from judge_server.backends import Backend, BackendError, BackendPool, backend_keys
+from judge_server.backends import Backend, BackendError, BackendPool, backend_keys, check_key_transport, scrubbed
 from judge_server.engine import Engine, Generation, Prompt, TokenizedEngine, logsumexp
 from judge_server.settings import BACKEND_KEY_ENV, ServerSettings
 
@@ -32,8 +34,9 @@ TOP_K = 20  # the most log-probabilities OpenAI's API (and vLLM's default cap) r
 def start_openai_engine(settings: ServerSettings) -> Engine:
     """The engine for `--backend openai`: completions with the tokenizer when it can be loaded, chat completions otherwise."""
     b = settings.backends
-    pool = BackendPool(b.backend_url, backend_keys(b.backend_url, b.backend_key_file, BACKEND_KEY_ENV),
-                       timeout=b.backend_timeout, check_every=b.backend_check_every)
+    keys = backend_keys(b.backend_url, b.backend_key_file, BACKEND_KEY_ENV)
+    check_key_transport(b.backend_url, keys, b.backend_allow_http_key)
+    pool = BackendPool(b.backend_url, keys, timeout=b.backend_timeout, check_every=b.backend_check_every)
     tokenizer = None if b.backend_api == "chat" else _tokenizer(b.backend_tokenizer or b.backend_model, required=b.backend_api == "completions")
     if tokenizer is None:
         logger.info("judge backend: %s by chat completions on %d server(s)", b.backend_model, len(pool.backends))
@@ -91,7 +94,7 @@ def _choice(backend: Backend, doc: dict, path: str) -> dict:
 
 def _number(backend: Backend, value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value > 1e-6:
-        raise BackendError(backend.name, f"{what} is {value!r}, not a log-probability")
+        raise BackendError(backend.name, f"{what} is {scrubbed(repr(value), backend.key, 60)}, not a log-probability")
     return float(value)
 
 
@@ -144,7 +147,7 @@ class CompletionsEngine(_Remote, TokenizedEngine):
             raise BackendError(backend.name, "answer of /v1/completions has no log-probabilities (is logprobs supported?)")
         out: dict[int, float] = {}
         for key, value in top[0].items():
-            lp = _number(backend, value, f"log-probability of token {str(key)[:40]!r}")
+            lp = _number(backend, value, f"log-probability of token {scrubbed(repr(key), backend.key, 40)}")
             if isinstance(key, str) and key.startswith("token_id:") and key[9:].isdigit():
                 out[int(key[9:])] = lp
             elif (tid := self._id_of_text(key)) is not None:
@@ -187,6 +190,21 @@ class ChatEngine(_Remote, Engine):
         return Generation(text=text.strip(), prompt_tokens=p, completion_tokens=c)
 
     async def option_logprobs(self, prompt: Prompt, options: list[str]) -> list[float]:
+        top = await self._top(prompt)
+        return [logsumexp([lp for token, lp in top if token in (o, " " + o)]) for o in options]
+
+    async def continued_logprobs(self, prompt: Prompt, first: str, then: str) -> tuple[float, float]:
+        """The server cannot be handed a token, only text: each spelling of `first` seen in the top 20 is appended to the
+        assistant's prefix, which the server continues, and `then` is read from the top 20 after it. One that does not
+        show `then` there is unseen (its share is below the 20th log-probability, but not known)."""
+        top = await self._top(prompt)
+        firsts = [(token, lp) for token, lp in top if token in (first, " " + first)]
+        after = await asyncio.gather(*(self._top(Prompt(prompt.messages, prompt.prefix + token)) for token, _ in firsts))
+        seen = [(lp, logsumexp([n for t, n in nxt if t == then])) for (_, lp), nxt in zip(firsts, after)]
+        return logsumexp([a + b for a, b in seen if b > -math.inf]), logsumexp([a for a, b in seen if b == -math.inf])
+
+    async def _top(self, prompt: Prompt) -> list[tuple[str, float]]:
+        """The top-20 (token text, log-prob) of the first position after the prompt."""
         body = self._body(prompt, max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=TOP_K)
         backend, doc = await self.pool.post("/v1/chat/completions", body)
         logprobs = _choice(backend, doc, "/v1/chat/completions").get("logprobs")
@@ -195,11 +213,10 @@ class ChatEngine(_Remote, Engine):
         if not isinstance(top, list):
             raise BackendError(backend.name, "answer of /v1/chat/completions has no top log-probabilities (is logprobs supported?)")
         self._count(doc)
-        found: dict[str, list[float]] = {o: [] for o in options}
+        out = []
         for entry in top:
             if not isinstance(entry, dict) or not isinstance(entry.get("token"), str):
                 raise BackendError(backend.name, "a top log-probability of /v1/chat/completions has no token")
-            lp = _number(backend, entry.get("logprob"), f"log-probability of token {entry['token'][:40]!r}")
-            if entry["token"].strip() in found and entry["token"] in (entry["token"].strip(), " " + entry["token"].strip()):
-                found[entry["token"].strip()].append(lp)
-        return [logsumexp(found[o]) for o in options]
+            out.append((entry["token"], _number(backend, entry.get("logprob"),
+                                                f"log-probability of token {scrubbed(repr(entry['token']), backend.key, 40)}")))
+        return out

@@ -145,6 +145,9 @@ class ScoreResult(_Model):
     expected_rating: float
     rating_probs: list[float] = Field(description="P(rating = 1..10), normalised over the ten ratings.")
     option_mass: float
+    unsplit_mass: float = Field(default=0.0, description="Probability of a first token '1' whose next token the judge could "
+                                "not see (a top-20 read that did not show '0' after it): counted as rating 1, though it may be "
+                                "10. 0 when every '1' was followed to its next token.")
     principle_id: str
     constitution_hash: str
     model: str

@@ -24,6 +24,12 @@ def serve(settings: ServerSettings) -> None:
     from cai.constitution import find_constitution, load_constitution
 
     settings.check_bind()
+    if settings.backends.backend == "openai":  # a key refused for plain http: said before anything starts
+        from judge_server.backends import backend_keys, check_key_transport
+        from judge_server.settings import BACKEND_KEY_ENV
+
+        b = settings.backends
+        check_key_transport(b.backend_url, backend_keys(b.backend_url, b.backend_key_file, BACKEND_KEY_ENV), b.backend_allow_http_key)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")  # uvicorn's own lines look alike
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per backend request
     _stop_with_parent()

@@ -89,19 +89,20 @@ class JudgeService:
         ratings = [str(r) for r in range(1, 11)]
         if any(self.engine.splits(r) for r in ratings[:9]):
             raise RuntimeError(f"tokenizer of {self.engine.model_name} has no single tokens for the digits 1-9")
-        lp = await self.engine.option_logprobs(prompt, ratings)
+        # A rating of 10 is one token ("10", " 10") or, with digit-by-digit tokenizers (Qwen, Gemma, Llama 2), "1" then "0": that
+        # share of the first token "1" is a 10, not a 1.
+        lp, (lp_ten, lp_unsplit) = await asyncio.gather(self.engine.option_logprobs(prompt, ratings),
+                                                        self.engine.continued_logprobs(prompt, "1", "0"))
         probs = [math.exp(v) for v in lp]
         mass = sum(probs)
-        if self.engine.splits("10"):
-            # "10" is "1" then "0": split P("1") by P("0" | "1").
-            (follow,) = await self.engine.option_logprobs(self.engine.then(prompt, "1"), ["0"])
-            p_zero = min(1.0, math.exp(follow))
-            probs[9], probs[0] = probs[0] * p_zero, probs[0] * (1 - p_zero)
+        moved = min(math.exp(lp_ten), probs[0])
+        probs[0], probs[9] = probs[0] - moved, probs[9] + moved
         total = sum(probs)
         norm = [p / total for p in probs] if total > 0 else [0.1] * 10
         expected = sum((r + 1) * p for r, p in enumerate(norm))
         return P.ScoreResult(score=(expected - 5.5) / 4.5, expected_rating=expected, rating_probs=norm, option_mass=min(mass, 1.0),
-                             principle_id=principle.id, constitution_hash=c.hash, model=self.engine.model_name)
+                             unsplit_mass=min(math.exp(lp_unsplit), 1.0), principle_id=principle.id, constitution_hash=c.hash,
+                             model=self.engine.model_name)
 
     # -- helpers --------------------------------------------------------------------------
     def _pick(self, c: Constitution, principle_id: str | None, seed: int, *content: str) -> Principle:

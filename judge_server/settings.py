@@ -42,6 +42,8 @@ class BackendSettings(BaseModel):
                                                                 "much was seen). auto: completions when the tokenizer is known.")
     backend_key_file: Path | None = Field(default=None, description="File holding the backends' API key: one line for all, or "
                                           f"one line per --backend-url in order. Default: ${BACKEND_KEY_ENV}, else no key.")
+    backend_allow_http_key: bool = Field(default=False, description="Send the backends' API key over plain http:// to hosts "
+                                         "beyond loopback (a trusted private network). Default: refused at start-up; use https://.")
     backend_timeout: float = Field(default=120.0, gt=0, description="Seconds to wait for a backend's answer; past it the "
                                    "backend is taken out and the request goes to another.")
     backend_check_every: float = Field(default=5.0, gt=0, description="Seconds between health checks of each backend; one "
@@ -79,9 +81,11 @@ class BackendSettings(BaseModel):
             return []
         args = []
         for name in type(self).model_fields:  # the flag is the field's name, as settings_command makes it
-            value = getattr(self, name)
-            if value is not None:
-                args += ["--" + name.replace("_", "-"), ",".join(value) if isinstance(value, list) else str(value)]
+            value, flag = getattr(self, name), "--" + name.replace("_", "-")
+            if isinstance(value, bool):  # a switch: --name / --no-name
+                args.append(flag if value else "--no-" + flag[2:])
+            elif value is not None:
+                args += [flag, ",".join(value) if isinstance(value, list) else str(value)]
         return args
 
 

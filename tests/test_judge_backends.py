@@ -308,4 +308,127 @@ def test_backend_flags_repeat_or_comma_separate_and_run_configs_take_them(tmp_pa
     backends = load_run_config(config).judge.backends
     flags = backends.command_line()
     assert flags[:6] == ["--backend", "openai", "--backend-url", "http://gpu1:8000", "--backend-model", "big"]
-    assert not any("key" in f and f != "--backend-key-file" for f in flags)
+    assert not any("key" in f and f not in ("--backend-key-file", "--no-backend-allow-http-key") for f in flags)
+
+
+def _digit_ids(tiny_model_dir) -> dict[str, int]:
+    """Ids of the tiny tokenizer's digit tokens; like Qwen's, it spells "10" as "1" then "0"."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = {t: tok.encode(t, add_special_tokens=False)[0] for t in ["1", "9", "0", "<|im_end|>"]}
+    assert tok.encode("10", add_special_tokens=False) == [ids["1"], ids["0"]]
+    return ids
+
+
+def test_a_rating_of_10_spelled_1_then_0_is_read_as_10_on_both_remote_engines(tiny_model_dir, judge_constitution, tmp_path):
+    """The judge rates 10 (P("1") 0.9, then P("0" | "1") 0.99) or 9 (0.1): 10 gets 0.891, 1 only 0.009, on the exact
+    completions read and on the chat top-20 read. A chat backend whose top 20 after "1" lacks "0" says how much it
+    could not split (unsplit_mass) rather than passing it off as a read 1."""
+    p10, p1, p9 = 0.9 * 0.99, 0.9 * 0.01, 0.1
+    expected = 10 * p10 + 1 * p1 + 9 * p9
+    ids = _digit_ids(tiny_model_dir)
+    for api in ("completions", "chat"):
+        with FakeOpenAI(ids=ids) as fake:
+            backends = _backends(fake.url, tokenizer=str(tiny_model_dir) if api == "completions" else None, model="fake", backend_api=api)
+            with LocalJudge(str(tiny_model_dir), judge_constitution, log_path=tmp_path / f"{api}.log", env=_env(), backends=backends) as server:
+                fake.mode = "digits"
+                score = _post(server.url, "/v1/score", {"prompt": "Hi", "response": "Hello!"}).json()
+                if api == "chat":
+                    fake.AFTER_ONE = {"<|im_end|>": -0.01}  # the top 20 after "1" does not show "0"
+                    cut = _post(server.url, "/v1/score", {"prompt": "Hi", "response": "Hello!"}).json()
+        assert score["rating_probs"][9] == pytest.approx(p10, abs=1e-6), (api, score)
+        assert score["rating_probs"][0] == pytest.approx(p1, abs=1e-6), api
+        assert score["expected_rating"] == pytest.approx(expected, abs=1e-5), api
+        assert score["score"] == pytest.approx((expected - 5.5) / 4.5, abs=1e-5), api  # 0.96; read as "1": -0.82
+        assert score["unsplit_mass"] == pytest.approx(0.0, abs=1e-6), api
+    assert cut["unsplit_mass"] == pytest.approx(0.9, abs=1e-6) and cut["rating_probs"][0] == pytest.approx(0.9, abs=1e-6)
+
+
+def test_a_garbage_number_is_scrubbed_and_bounded_in_the_error(tiny_model_dir, judge_constitution, tmp_path):
+    """A proxy that puts the request's headers where a log-probability belongs: the 502 names the backend and the fault,
+    never the key, and stays short."""
+    key = "sk-live-0123456789abcdef"
+    with FakeOpenAI() as fake:
+        backends = _backends(fake.url, tokenizer=str(tiny_model_dir), model="fake")
+        with LocalJudge(str(tiny_model_dir), judge_constitution, log_path=tmp_path / "judge.log", env=_env(CAI_BACKEND_API_KEY=key),
+                        backends=backends) as server:
+            fake.mode = "garbage_number"
+            resp = _post(server.url, "/v1/compare", COMPARE)
+    assert resp.status_code == 502, resp.text
+    err = resp.json()["error"]
+    assert err["type"] == "backend_error" and "not a log-probability" in err["message"] and "backend 1 (http://127.0.0.1:" in err["message"]
+    assert "sk-live" not in resp.text and "0123456789abcdef" not in resp.text
+    assert len(err["message"]) <= 400, len(err["message"])
+    assert key not in (tmp_path / "judge.log").read_text(errors="replace")
+
+
+def test_a_key_is_not_sent_over_plain_http_beyond_loopback(monkeypatch):
+    """A key over http:// to another host is refused at start-up, naming the backend and the flag; loopback, https
+    and --backend-allow-http-key are accepted."""
+    from cai.errors import CaiError
+    from judge_server.openai_engine import start_openai_engine
+    from judge_server.settings import ServerSettings
+
+    key = "sk-secret-http-1"
+    monkeypatch.setenv("CAI_BACKEND_API_KEY", key)
+    with pytest.raises(CaiError) as refused:
+        start_openai_engine(ServerSettings(backends=_backends("https://a.example", "http://10.1.2.3:8000", backend_api="chat")))
+    message = str(refused.value)
+    assert "backend 2 (http://10.1.2.3:8000)" in message and "--backend-allow-http-key" in message and key not in message
+    for backends in (_backends("https://a.example", "http://127.0.0.1:9", "http://localhost:9", backend_api="chat"),
+                     _backends("http://10.1.2.3:8000", backend_api="chat", backend_allow_http_key=True)):
+        asyncio.run(start_openai_engine(ServerSettings(backends=backends)).aclose())
+    monkeypatch.delenv("CAI_BACKEND_API_KEY")  # no key: nothing to protect
+    asyncio.run(start_openai_engine(ServerSettings(backends=_backends("http://10.1.2.3:8000", backend_api="chat"))).aclose())
+    # The server's own command line: a clear error before anything starts, and the flag round-trips through LocalJudge's flags.
+    cmd = [sys.executable, "-m", "judge_server", *_backends("http://10.1.2.3:8000", backend_api="chat").command_line()]
+    out = subprocess.run(cmd, env={**os.environ, "CAI_BACKEND_API_KEY": key}, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "backend 1 (http://10.1.2.3:8000)" in out.stdout + out.stderr, out.stdout + out.stderr
+    assert key not in out.stdout + out.stderr and "Traceback" not in out.stdout + out.stderr
+    flags = _backends("http://10.1.2.3:8000", backend_allow_http_key=True).command_line()
+    assert "--backend-allow-http-key" in flags and "True" not in flags
+
+
+def _states(judge_url: str) -> list[dict]:
+    return httpx.get(f"{judge_url}/v1/backends", headers={"Authorization": f"Bearer {JUDGE_KEY}"}, timeout=5.0).json()
+
+
+def test_a_poison_request_does_not_take_a_healthy_fleet_out(tiny_model_dir, judge_constitution, tmp_path):
+    """One request that makes every backend answer 500 gets a typed 502 after two backends; asked again (as the client
+    retries it), it still takes no backend out, and the other requests are answered."""
+    with FakeOpenAI() as one, FakeOpenAI() as two, FakeOpenAI() as three:
+        backends = _backends(one.url, two.url, three.url, model="fake", backend_api="chat", backend_check_every=60.0, backend_timeout=5.0)
+        with LocalJudge(str(tiny_model_dir), judge_constitution, log_path=tmp_path / "judge.log", env=_env(), backends=backends) as server:
+            for fake in (one, two, three):
+                fake.poison = "POISON-7c1"
+            posts = one.posts + two.posts + three.posts
+            for _ in range(4):
+                resp = _post(server.url, "/v1/compare", {**COMPARE, "prompt": "POISON-7c1"})
+                assert resp.status_code == 502, resp.text
+                err = resp.json()["error"]
+                assert err["type"] == "backend_error" and "HTTP 500" in err["message"], err
+            tried = one.posts + two.posts + three.posts - posts
+            for _ in range(4):
+                assert _post(server.url, "/v1/compare", COMPARE).status_code == 200
+            states = _states(server.url)
+    assert all(s["healthy"] and s["failures"] == 0 for s in states), states
+    assert tried <= 4 * 2 * 2, tried  # each order of each poison compare was tried on two backends, no more
+
+
+def test_a_429_is_back_pressure_not_a_failure(tiny_model_dir, judge_constitution, tmp_path):
+    """A backend answering 429 stays in: the request goes to another, or waits the Retry-After, and is answered."""
+    with FakeOpenAI() as one, FakeOpenAI() as two:
+        backends = _backends(one.url, two.url, model="fake", backend_api="chat", backend_check_every=60.0, backend_timeout=10.0)
+        with LocalJudge(str(tiny_model_dir), judge_constitution, log_path=tmp_path / "judge.log", env=_env(), backends=backends) as server:
+            one.busy_posts = 1000
+            for _ in range(4):
+                assert _post(server.url, "/v1/compare", COMPARE).status_code == 200
+            assert all(s["healthy"] and s["failures"] == 0 for s in _states(server.url)), _states(server.url)
+            one.busy_posts = two.busy_posts = 2  # both busy for a moment: wait, not fail
+            started = time.monotonic()
+            assert _post(server.url, "/v1/compare", COMPARE).status_code == 200
+            waited = time.monotonic() - started
+            states = _states(server.url)
+    assert waited >= 0.9, waited  # Retry-After: 1 was honoured
+    assert all(s["healthy"] and s["failures"] == 0 for s in states), states

@@ -137,6 +137,42 @@ def test_score_is_an_expectation_over_ratings(judge):
     assert -1.0 <= res.score <= 1.0
 
 
+def test_score_reads_a_10_spelled_1_then_0(judge, tiny_model_dir, judge_constitution):
+    """The tiny tokenizer has " 10" as one token but writes "10" as "1", "0" (as Qwen's does): P(10) is P(" 10") plus
+    P("1") P("0" | "1") plus P(" 1") P("0" | " 1"), and rating 1 keeps only the rest. Checked against transformers'
+    forward pass of the same model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cai.constitution import load_constitution
+    from judge_server import templates
+
+    res = call(judge, lambda c: c.score(P.ScoreRequest(prompt=Q, response=A, principle_id="harmful-content")))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    principle = load_constitution(judge_constitution).principle("harmful-content")
+    text = tok.apply_chat_template(templates.score_messages(principle, Q, A), tokenize=False, add_generation_prompt=True)
+    ids = tok.encode(text + templates.SCORE_PREFIX, add_special_tokens=False)
+
+    def next_probs(prefix: list[int]) -> torch.Tensor:  # (V,)
+        with torch.no_grad():
+            return torch.softmax(model(torch.tensor([prefix])).logits[0, -1].double(), -1)
+
+    def single(text: str) -> list[int]:  # the one-token spellings, with and without a leading space
+        spellings = [tok.encode(v, add_special_tokens=False) for v in (text, " " + text)]
+        return [s[0] for s in spellings if len(s) == 1]
+
+    first, zero = next_probs(ids), tok.encode("0", add_special_tokens=False)[0]
+    assert single("10") and tok.encode("10", add_special_tokens=False) == [single("1")[0], zero]
+    probs = [sum(first[t].item() for t in single(str(r))) for r in range(1, 11)]
+    ten = sum(first[t].item() * next_probs([*ids, t])[zero].item() for t in single("1"))
+    probs[0], probs[9] = probs[0] - ten, probs[9] + ten
+    exact = [p / sum(probs) for p in probs]
+    assert res.rating_probs == pytest.approx(exact, abs=2e-5)
+    assert ten / sum(probs) > 1e-4  # what a reading without the "1", "0" path misses: larger than the tolerance
+    assert res.unsplit_mass == 0.0
+
+
 def test_batches_match_single_requests(judge):
     reqs = [P.CompareRequest(prompt=Q, response_a=a, response_b=b, principle_ids=["harmful-content"]) for a, b in [(A, B), (B, A), (A, A + "!")]]
 
