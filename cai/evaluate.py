@@ -166,6 +166,14 @@ def human_pairs(path: str, limit: int, seed: int) -> list[dict]:
     return pairs[:limit]
 
 
+def human_agreement(results: list, labelled: list[dict]) -> dict:
+    """How often the judge sided with the people's majority on the labelled pairs (chosen shown as A), a judge
+    tie counting half, as `cai judge eval` counts it; with its Wilson interval."""
+    from cai.judge_eval import agreement
+
+    return yardsticks.rate([agreement(r.p_a, pair.get("p_chosen", 1.0)) for r, pair in zip(results, labelled, strict=True)]).as_dict()
+
+
 def run_eval(job: EvalJob) -> dict[str, Any]:
     from cai.constitution import find_constitution, load_constitution
     from cai.judge_client import judge_endpoint
@@ -214,7 +222,7 @@ def run_eval(job: EvalJob) -> dict[str, Any]:
     low, high = monitors.wilson_interval(round(hard), n)
     trust = {"same_position": yardsticks.rate(same).as_dict(),
              "option_mass": yardsticks.mean([r.option_mass for r in results], seed=job.seed).as_dict(),
-             "human_agreement": yardsticks.rate([r.p_a > 0.5 for r in human]).as_dict() if human else None,
+             "human_agreement": human_agreement(human, labelled) if human else None,
              "human_pairs": job.human_pairs}
     # 4. monitors
     lengths, hacking = training_history(job.training)

@@ -5,8 +5,10 @@ same judge model compares the same human-labelled pairs (HH-RLHF transcripts, or
 rejected rows with an optional soft human label `p_chosen`) in both orders, and the run reports,
 each with a 95% interval:
 
-- agreement: the share of pairs where the judge prefers the people's choice (p > 0.5), overall and
-  per principle (the principle drawn for that pair, or every principle with `each_principle`);
+- agreement: the share of pairs where the judge sides with the people's majority (the answer more
+  than half of them preferred: `p_chosen` >= 0.5 reads as "chosen", as the reward model's accuracy
+  does), a judge at exactly 0.5 counting half (its ties are also counted apart), overall and per
+  principle (the principle drawn for that pair, or every principle with `each_principle`);
 - position consistency: the share of pairs where the two orders did not pick the same slot;
 - option mass: how much probability the judge put on the option tokens at all;
 - label entropy: the mean binary entropy (bits) of its soft labels (1 = always undecided);
@@ -15,7 +17,8 @@ each with a 95% interval:
   neither agreeing nor calibrated.
 
 With two or more constitutions each one after the first gets a paired change in agreement on the
-same pairs. Writes OUT/judge-eval.json, OUT/judged.jsonl (every judgement) and OUT/judge-eval.html
+same pairs (Newcombe's interval and McNemar's exact test when no judgement tied, else a bootstrap over
+pairs); the page and the JSON say how many such comparisons were made. Writes OUT/judge-eval.json, OUT/judged.jsonl (every judgement) and OUT/judge-eval.html
 (plots). Answers go through the judge cache, so a killed run restarted with the same command only
 asks what it had not.
 """
@@ -92,6 +95,15 @@ def ece(probs: np.ndarray, targets: np.ndarray, bins: int = ECE_BINS) -> float:
     return float(sum(b["n"] * abs(b["mean_p"] - b["mean_y"]) for b in reliability_bins(probs, targets, bins)) / len(probs))
 
 
+def agreement(p_judge_chosen: float, p_people_chosen: float) -> float:
+    """1.0 when the judge sides with the people's majority, 0.0 when against it, 0.5 when the judge is
+    undecided (exactly 0.5: what a fully position-biased judge gives). The people's side is "chosen" when
+    p_people_chosen >= 0.5, as the reward model's held-out accuracy reads its labels (cai.train.tasks.rm_metrics)."""
+    if p_judge_chosen == 0.5:
+        return 0.5
+    return float((p_judge_chosen > 0.5) == (p_people_chosen >= 0.5))
+
+
 def _bootstrapped(statistic, n: int, seed: int) -> yardsticks.Estimate:
     if n == 0:
         return yardsticks.Estimate(None, None, None, 0)
@@ -104,13 +116,14 @@ def figures(judged: list[dict], seed: int) -> dict[str, Any]:
     p = np.array([r["p_a"] for r in judged], dtype=float)
     y = np.array([r["y_a"] for r in judged], dtype=float)
     n = len(judged)
-    per_principle: dict[str, list[bool]] = {}
+    per_principle: dict[str, list[float]] = {}
     for r in judged:
         for pid, agrees in r["by_principle"].items():
             per_principle.setdefault(pid, []).append(agrees)
     return {
         "n_pairs": n,
         "agreement": yardsticks.rate([r["agree"] for r in judged]).as_dict(),
+        "agreement_ties": sum(r["agree"] == 0.5 for r in judged),
         "position_consistency": yardsticks.rate([not r["same_position"] for r in judged]).as_dict(),
         "option_mass": yardsticks.mean([r["option_mass"] for r in judged], seed=seed).as_dict(),
         "label_entropy_bits": yardsticks.mean([entropy_bits(x) for x in p], seed=seed).as_dict(),
@@ -175,11 +188,12 @@ def _judge_one(job: JudgeEvalJob, name: str, constitution, pairs: list[dict], ch
         mine = results[i * per_pair:(i + 1) * per_pair]
         p_a = float(np.mean([r.p_a for r in mine]))
         p_chosen_human = pair.get("p_chosen", 1.0)
-        by_principle = {r.principle_ids[0]: (r.p_a > 0.5) == first for r in mine}
+        # Everything below reads the same direction: the judge's and the people's probability that A is better.
+        by_principle = {r.principle_ids[0]: agreement(r.p_a if first else 1.0 - r.p_a, p_chosen_human) for r in mine}
         rows.append({
             "pair": i, "constitution": name, "constitution_hash": constitution.hash, "model": mine[0].model,
             "chosen_in_a": first, "p_a": p_a, "y_a": p_chosen_human if first else 1.0 - p_chosen_human,
-            "p_chosen": p_a if first else 1.0 - p_a, "agree": (p_a > 0.5) == first,
+            "p_chosen": p_a if first else 1.0 - p_a, "agree": agreement(p_a if first else 1.0 - p_a, p_chosen_human),
             "same_position": float(np.mean([r.same_position for r in mine])) > 0.5,
             "option_mass": float(np.mean([r.option_mass for r in mine])), "by_principle": by_principle,
         })
@@ -214,11 +228,15 @@ def run_judge_eval(job: JudgeEvalJob) -> dict[str, Any]:
               for name, rows in judged.items()}
     first = job.constitutions[0]
     for name in job.constitutions[1:]:
-        change = yardsticks.change([float(r["agree"]) for r in judged[first]], [float(r["agree"]) for r in judged[name]], seed=job.seed)
-        report[name]["agreement_change_vs_first"] = {"from": first, **change.as_dict(), "excludes_zero": change.excludes_zero}
+        before, after = [r["agree"] for r in judged[first]], [r["agree"] for r in judged[name]]
+        ties = 0.5 in before or 0.5 in after  # half-agreements are not 0/1: the bootstrap takes them
+        change = yardsticks.change(before, after, seed=job.seed) if ties else yardsticks.paired_rate_change(before, after)
+        report[name]["agreement_change_vs_first"] = {"from": first, **change.as_dict(), "moved": change.moved}
     doc = {"pairs": job.pairs, "n_pairs": len(pairs), "each_principle": job.each_principle, "seed": job.seed,
-           "interval": "95%: Wilson for shares, percentile bootstrap over pairs otherwise; changes paired on the same pairs",
-           "constitutions": report}
+           "interval": "95%: Wilson for shares (a tie counts half), percentile bootstrap over pairs otherwise; agreement "
+                       "changes paired on the same pairs: Newcombe's interval and McNemar's exact test at 5% (a bootstrap "
+                       "when a judgement tied)",
+           "comparisons": len(job.constitutions) - 1, "constitutions": report}
     write_text_atomic(out / "judged.jsonl", "".join(json.dumps(r) + "\n" for rows in judged.values() for r in rows))
     write_text_atomic(out / "judge-eval.json", json.dumps(doc, indent=2))
     write_text_atomic(out / "judge-eval.html", render_html(doc))
@@ -248,7 +266,7 @@ def render_html(doc: dict) -> str:
     body = "".join(f"<tr><td>{label}</td>" + "".join(f"<td>{_fmt(r[key])}</td>" for r in rows.values()) + "</tr>"
                    for label, key in keys)
     changes = "".join(f"<li>{html.escape(name)} vs {html.escape(r['agreement_change_vs_first']['from'])}: agreement change "
-                      f"{_fmt(r['agreement_change_vs_first'])}{'' if r['agreement_change_vs_first']['excludes_zero'] else ' (within noise)'}</li>"
+                      f"{_fmt(r['agreement_change_vs_first'])}{'' if r['agreement_change_vs_first']['moved'] else ' (within noise)'}</li>"
                       for name, r in rows.items() if "agreement_change_vs_first" in r)
     principle_tables = "".join(
         f"<h3>{html.escape(name)}: agreement per principle</h3><table><tr><th>principle</th><th>agreement</th></tr>"
@@ -261,5 +279,6 @@ def render_html(doc: dict) -> str:
 <style>body{{font-family:sans-serif;max-width:60rem;margin:2rem auto}}td,th{{padding:.2rem .6rem;border-bottom:1px solid #ddd;text-align:left}}
 img{{max-width:48%}}</style></head><body>
 <h1>Judge against human labels</h1>
-<p>{doc['n_pairs']} pairs from {html.escape(doc['pairs'])}; {html.escape(doc['interval'])}. Agreement near 0.5 is chance.</p>
+<p>{doc['n_pairs']} pairs from {html.escape(doc['pairs'])}; {html.escape(doc['interval'])}; {doc['comparisons']} agreement
+comparison(s) at 5% each. Agreement near 0.5 is chance.</p>
 <table><tr><th></th>{head}</tr>{body}</table><ul>{changes}</ul>{images}{principle_tables}</body></html>"""

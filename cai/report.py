@@ -224,7 +224,8 @@ def _yardstick_view(table: Any) -> dict[str, Any] | None:
         subset = text(r.get("subset"))
         rows.append({"label": text(r.get("label")), "subset": f"{subset}, n={fmt(r.get('n'))}", "cells": cells, "deltas": deltas})
     return {"models": [MODEL_LABELS.get(m, m) for m in models], "changes": changes, "rows": rows, "moved": moved,
-            "interval": text(table.get("interval")), "n_harmful": fmt(table.get("n_harmful")), "n_benign": fmt(table.get("n_benign"))}
+            "interval": text(table.get("interval")), "n_harmful": fmt(table.get("n_harmful")), "n_benign": fmt(table.get("n_benign")),
+            "comparisons": table.get("comparisons") if is_number(table.get("comparisons")) else None}
 
 
 def _eval_view(doc: dict[str, Any]) -> dict[str, Any]:

@@ -37,3 +37,18 @@ def test_the_shipped_human_pairs_are_single_turn_hh_pairs_and_a_missing_file_nam
     assert [p["prompt"] for p in human_pairs("hh-harmless", limit=5, seed=0)] == [p["prompt"] for p in pairs[:5]]
     with pytest.raises(DatasetError, match=r"nope.jsonl: no such file .*or a built-in set: hh-harmless"):
         human_pairs(str(tmp_path / "nope.jsonl"), limit=4, seed=0)
+
+
+def test_judge_agreement_with_people_follows_their_majority_and_counts_a_tie_half():
+    from cai.evaluate import human_agreement
+    from judge_server import protocol as P
+
+    def judged(p_a: float) -> P.CompareResult:
+        return P.CompareResult(p_a=p_a, p_a_shown_first=p_a, p_a_shown_second=p_a, same_position=False, option_mass=1.0,
+                               votes=[], principle_ids=["p"], constitution_hash="h", model="m")
+
+    labelled = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": "b", "p_chosen": 0.1},
+                {"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a", "rejected": "b", "p_chosen": 0.2}]
+    # The judge prefers chosen (slot A) on all but the last, where it is undecided: right, wrong (people chose b), right, half.
+    got = human_agreement([judged(0.9), judged(0.9), judged(0.7), judged(0.5)], labelled)
+    assert got["value"] == pytest.approx(2.5 / 4) and got["n"] == 4

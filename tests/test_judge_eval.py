@@ -83,7 +83,7 @@ def test_judge_eval_against_the_real_judge(judge, judge_constitution, tmp_path, 
     monkeypatch.setenv("CAI_JUDGE_API_KEY", JUDGE_KEY)
     pairs = tmp_path / "pairs.jsonl"
     rows = [{"prompt": f"How do I do task {i}?", "chosen": f"Here is how to do task {i}: step one.", "rejected": "No.",
-             **({"p_chosen": 0.8} if i % 2 else {})} for i in range(6)]
+             **({"p_chosen": 0.8 if i % 4 == 1 else 0.1} if i % 2 else {})} for i in range(6)]  # 0.1: most people chose "No."
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     job = JudgeEvalJob(pairs=str(pairs), constitutions=[str(judge_constitution)], judge_url=judge.url, out=tmp_path / "out",
                        judge_cache=tmp_path / "cache.sqlite")
@@ -93,9 +93,11 @@ def test_judge_eval_against_the_real_judge(judge, judge_constitution, tmp_path, 
     assert summary["n_pairs"] == doc["n_pairs"] == len(judged) == 6
     mine = doc["constitutions"][str(judge_constitution)]
     for r in judged:
-        assert r["agree"] == ((r["p_a"] > 0.5) == r["chosen_in_a"])
         assert r["p_chosen"] == pytest.approx(r["p_a"] if r["chosen_in_a"] else 1 - r["p_a"])
         label = rows[[row["prompt"] for row in rows].index(human_pairs(str(pairs), 6, 0)[r["pair"]]["prompt"])].get("p_chosen", 1.0)
+        # Agreement is with the people's majority (p_chosen 0.1: they preferred "rejected"), a judge tie half.
+        people_side = 1.0 if label >= 0.5 else 0.0
+        assert r["agree"] == (0.5 if r["p_chosen"] == 0.5 else float((r["p_chosen"] > 0.5) == (people_side == 1.0)))
         assert r["y_a"] == pytest.approx(label if r["chosen_in_a"] else 1 - label)
         assert len(r["by_principle"]) == 1 and 0.0 <= r["option_mass"] <= 1.0
     assert mine["agreement"]["value"] == pytest.approx(sum(r["agree"] for r in judged) / 6)
@@ -113,3 +115,20 @@ def test_judge_eval_against_the_real_judge(judge, judge_constitution, tmp_path, 
     from cai.constitution import load_constitution
 
     assert all(len(r["by_principle"]) == len(load_constitution(judge_constitution).principles) for r in rows_each)
+
+
+def test_agreement_is_with_the_peoples_majority_and_a_judge_tie_counts_half():
+    from cai.judge_eval import agreement
+
+    # The judge's probability that the answer people labelled "chosen" is better, against the share of people preferring it.
+    assert agreement(0.9, 1.0) == 1.0 and agreement(0.1, 1.0) == 0.0
+    assert agreement(0.9, 0.1) == 0.0 and agreement(0.2, 0.1) == 1.0  # most people preferred "rejected"
+    assert agreement(0.5, 1.0) == agreement(0.5, 0.1) == 0.5  # a fully position-biased judge says 0.5: half, either slot
+    assert agreement(0.7, 0.5) == 1.0  # people split evenly: "chosen" is their side, as the reward model's accuracy reads it
+    rows = [{"p_a": 0.5, "y_a": 1.0, "agree": 0.5, "same_position": True, "option_mass": 0.9, "by_principle": {"a": 0.5}},
+            {"p_a": 0.5, "y_a": 0.0, "agree": 0.5, "same_position": True, "option_mass": 0.9, "by_principle": {"a": 0.5}},
+            {"p_a": 0.8, "y_a": 0.9, "agree": 1.0, "same_position": False, "option_mass": 0.9, "by_principle": {"a": 1.0}},
+            {"p_a": 0.8, "y_a": 0.1, "agree": 0.0, "same_position": False, "option_mass": 0.9, "by_principle": {"a": 0.0}}]
+    f = figures(rows, seed=0)
+    assert f["agreement"]["value"] == f["per_principle"]["a"]["value"] == 0.5 and f["agreement_ties"] == 2
+    assert 0.0 < f["agreement"]["low"] < 0.5 < f["agreement"]["high"] < 1.0
