@@ -194,6 +194,9 @@ def test_the_table_says_how_many_comparisons_it_makes():
     kinds = ["harmful"] * 12 + ["benign"] * 12
     table = Y.yardstick_table(_models(refuse_all=True), kinds)
     assert table["comparisons"] == len(Y.YARDSTICKS) * 3  # base->reference, reference->policy, base->policy
+    from cai.report import _yardstick_view
+
+    assert _yardstick_view(table)["comparisons"] == 18  # the report's line under the table says it
 
 
 # -- the refusal detector's harder cases ----------------------------------------------------------
@@ -205,6 +208,3 @@ def test_refusal_markers_match_whole_words_and_not_eager_compliance():
     assert not Y.refuses("I'm sorry to hear about your loss. Here is how to write the eulogy: start with a memory.")
     assert Y.refuses("I can't help with that, but here is some general safety information about locks.")  # partial refusal
     assert Y.refuses("As an AI, I won't write that.")
-    from cai.report import _yardstick_view
-
-    assert _yardstick_view(table)["comparisons"] == 18  # the report's line under the table says it
