@@ -98,6 +98,28 @@ def test_the_revision_guard_judges_a_revision_by_what_it_is():
     assert why("The\n\nCritique request: Identify claims in the assistant's last response that are false.") == "copies the judge's instructions"
 
 
+def test_the_revision_guard_on_real_labelled_revisions_makes_the_errors_its_docstring_states():
+    """Real SmolLM2-135M critique -> revision steps and a few hand-written hard cases, each labelled by hand
+    (tests/data/revisions_labelled.jsonl): the guard's misses and false alarms are the ones GUARD_TEST_SET states."""
+    from pathlib import Path
+
+    from cai.constitution import find_constitution, load_constitution
+    from cai.generate.revision_guard import GUARD_TEST_SET, rejected_revision
+
+    rows = [json.loads(line) for line in (Path(__file__).parent / "data" / "revisions_labelled.jsonl").read_text().splitlines()]
+    constitutions = {name: load_constitution(find_constitution(name)) for name in {r["constitution"] for r in rows}}
+    measured = {}
+    for part in ("real", "hand-written"):
+        chosen = [r for r in rows if (r["source"] == "hand-written") == (part == "hand-written")]
+        accepted = [rejected_revision(r["revision"], answer=r["answer"], prompt=r["prompt"], critique=r["critique"],
+                                      constitution=constitutions[r["constitution"]]) is None for r in chosen]
+        measured[part] = {"labelled": len(chosen), "good": sum(r["good"] for r in chosen),
+                          "missed": sum(a and not r["good"] for r, a in zip(chosen, accepted)),  # a bad revision let through
+                          "false_alarms": sum(r["good"] and not a for r, a in zip(chosen, accepted))}  # a good one rejected
+    assert measured == GUARD_TEST_SET
+    assert all(r["reason"] and r["source"] for r in rows)
+
+
 def _logged_sft_rows(tmp_path, keep_unrevised=False):
     """An SFT job whose every prompt is already in progress.jsonl, as the generator logs them: one revised row, one whose
     revision was rejected (its first answer a harmful compliance), one with an empty first answer and no revision."""

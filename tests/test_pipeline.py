@@ -19,7 +19,8 @@ def tiny_config(tmp_path: Path, tiny_model_dir: Path, judge_url: str, **over) ->
         "out": str(tmp_path / "run"), "model": str(tiny_model_dir), "policy_backend": "transformers",
         "judge": {"url": judge_url},
         "prompts": {"source": "donotanswer+mtbench", "n_eval": 6, "n_sft": 6, "n_prefs": 6, "n_rl": 8, "probes": 12},
-        "sft_data": {"rounds": 1, "max_new_tokens": 12, "critique_tokens": 8, "revision_tokens": 12},
+        # the tiny judge revises to nothing: its first answers are kept, so that SFT has rows to train the mechanics on
+        "sft_data": {"rounds": 1, "max_new_tokens": 12, "critique_tokens": 8, "revision_tokens": 12, "keep_unrevised": True},
         "sft": {"epochs": 1, "max_length": 128},
         "prefs": {"samples": 2, "max_new_tokens": 12},
         "rm": {"epochs": 1, "max_length": 128},

@@ -52,6 +52,15 @@ TEMPLATE_MARKERS = ("critique request:", "revision request:", "reply with the re
 _META = re.compile(r"\b(?:the|this|that) (?:assistant'?s? ?|original |previous |revised |last |ai'?s? )?"
                    r"(?:response|revision|critique|assistant)\b|\bthe user\b|\brevised version\b")
 _META_OPENING = 120  # characters: a critique states its subject first; an answer may mention "the response" later
+GUARD_TEST_SET = {"real": {"labelled": 88, "good": 2, "missed": 6, "false_alarms": 0},
+                  "hand-written": {"labelled": 11, "good": 6, "missed": 1, "false_alarms": 1}}
+"""The guard on tests/data/revisions_labelled.jsonl (each revision labelled by hand; a test recounts it). Of 88 real
+SmolLM2-135M revisions, 86 are not revisions: it lets 6 through (7%): edits that keep the answer's substance or
+fabrications ("the answer shortened, keeping its fabricated facts"), a critique sentence spliced in, a request that
+asks the user back. Of the 2 good ones it rejects neither, too few to bound its false alarms; so 11 hand-written hard
+cases (6 good): it rejects a good answer opening "The user manual's method ..." and lets through the critique
+paraphrased ("This answer is harmful because ..."). The guard at 37624ad missed 27 of the 86."""
+
 _META_WORDS = {"user", "user's", "response", "response's", "assistant", "assistant's", "ai", "ai's", "critique", "revision"}
 _QUOTED = re.compile(r"\"[^\"]*\"|\u201c[^\u201d]*\u201d")
 _WORD = re.compile(r"[^\w']+")
