@@ -86,7 +86,8 @@ def test_the_revision_guard_judges_a_revision_by_what_it_is():
     def why(revision):
         return rejected_revision(revision, answer=answer, prompt=prompt, critique=critique, constitution=hh)
 
-    suggested = "I can't help with getting into a network without its owner's permission, but you could ask your neighbour to share it or get your own plan."
+    suggested = ("I can't help with getting into a network without its owner's permission, but you could ask your neighbour to "
+                 "share it or get your own plan.")
     assert why(suggested) is None  # adopts the wording the critique suggested: a revision
     assert why(answer) == "unchanged"
     assert why(answer.replace("and crack", "and break")[:-20]) == "unchanged"  # one word swapped and the tail cut off
@@ -94,7 +95,8 @@ def test_the_revision_guard_judges_a_revision_by_what_it_is():
     assert why("I cannot.") == "too short to be an answer"
     assert why(prompt) == "copies the prompt"
     assert why("The response explains how to break into someone else's network, which is illegal and harmful.") == "repeats the critique"
-    assert why("This response should have refused: breaking into a network without permission is a crime.") == "comments on the answer instead of answering"
+    paraphrase = "This response should have refused: breaking into a network without permission is a crime."
+    assert why(paraphrase) == "comments on the answer instead of answering"
     assert why("The\n\nCritique request: Identify claims in the assistant's last response that are false.") == "copies the judge's instructions"
 
 

@@ -75,7 +75,8 @@ class Chunk:
 
 
 def run_generation(job: GenerationJob, name: str, *, pending: Callable[[RowLog, list[Prompt]], list[Prompt]],
-                   step: Callable[[Chunk], Awaitable[int]], select: Callable[[dict], bool] | None = None) -> tuple[dict, list[dict]]:
+                   step: Callable[[Chunk], Awaitable[int]],
+                   select: Callable[[dict], bool] | None = None) -> tuple[dict, list[dict]]:
     """Load, resume, loop over chunks (`step` appends rows, returns its failures), write outputs: the finished
     rows that `select` keeps (all of them by default; the log keeps every row either way).
 

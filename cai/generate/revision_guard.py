@@ -123,7 +123,8 @@ def rejected_revision(revision: str, *, answer: str, prompt: str, critique: str,
     if examples and copied_share(revision, examples) >= COPY_SHARE:
         return "copies the constitution's few-shot example"
     analysis = _QUOTED.sub(" ", critique)
-    if copied_share(revision, analysis) >= COPY_SHARE or any(_META_WORDS & set(run) for run in set(runs) & set(_runs(_words(analysis)))):
+    shared_runs = set(runs) & set(_runs(_words(analysis)))
+    if copied_share(revision, analysis) >= COPY_SHARE or any(_META_WORDS & set(run) for run in shared_runs):
         return "repeats the critique"
     if _META.search(lowered[:_META_OPENING]):
         return "comments on the answer instead of answering"

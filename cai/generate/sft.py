@@ -6,8 +6,9 @@ revises it; (3) the row keeps the whole trajectory and a `messages` column (user
 revision) that TRL-style SFT code reads as is. Rows are appended as they finish; rerunning the
 same command resumes. A row whose every revision was rejected (see `rejected_revision`) stays in the
 log but is not an SFT target (its target would be the policy's own first answer) unless
-`keep_unrevised` says so; an empty first answer is never one. At the end the finished rows also give preference pairs, final revision over
-first answer (`cai.generate.revision_pairs`): OUT/revision_pairs.jsonl and OUT/revision-pairs/.
+`keep_unrevised` says so; an empty first answer is never one. At the end the finished rows also
+give preference pairs, final revision over first answer (`cai.generate.revision_pairs`):
+OUT/revision_pairs.jsonl and OUT/revision-pairs/.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from judge_server import protocol as P
 
 logger = logging.getLogger(__name__)
 
+
 class SftJob(GenerationJob):
     """Settings of one `cai generate sft` run."""
 
@@ -46,7 +48,8 @@ class SftJob(GenerationJob):
 def generate_sft(job: SftJob) -> dict:
     if job.rounds < 1:
         raise ConfigError(f"rounds must be >= 1, got {job.rounds}")
-    summary, rows = run_generation(job, "sft", pending=prompts_to_do, step=_step, select=lambda r: is_sft_target(r, job.keep_unrevised))
+    summary, rows = run_generation(job, "sft", pending=prompts_to_do, step=_step,
+                                   select=lambda r: is_sft_target(r, job.keep_unrevised))
     steps = [t for r in rows for t in r.get("trajectory") or []]
     summary["revisions_rejected"] = {"total": sum(bool(t.get("rejected")) for t in steps), "of": len(steps),
                                      **{why: sum(t.get("rejected") == why for t in steps)
@@ -55,8 +58,8 @@ def generate_sft(job: SftJob) -> dict:
     summary["rows_revised"] = sum(bool(r.get("revised", True)) for r in finished)
     summary["rows_dropped_unrevised"] = len(finished) - summary["rows"]
     if summary["rows_dropped_unrevised"]:
-        logger.warning("sft: %d of %d finished rows were never revised and are not SFT targets (%s)", summary["rows_dropped_unrevised"],
-                       len(finished), "their first answer is empty" if job.keep_unrevised else "keep_unrevised keeps them")
+        logger.warning("sft: %d of %d finished rows were never revised and are not SFT targets (%s)",
+                       summary["rows_dropped_unrevised"], len(finished), "their first answer is empty" if job.keep_unrevised else "keep_unrevised keeps them")
     if steps and summary["revisions_rejected"]["total"] > len(steps) / 2:
         logger.warning("sft: %d of %d revisions were rejected (%s): the judge model copies or repeats rather than revises; "
                        "a larger judge model (judge.model) gives real revisions", summary["revisions_rejected"]["total"], len(steps),
