@@ -52,6 +52,7 @@ TEMPLATE_MARKERS = ("critique request:", "revision request:", "reply with the re
 _META = re.compile(r"\b(?:the|this|that) (?:assistant'?s? ?|original |previous |revised |last |ai'?s? )?"
                    r"(?:response|revision|critique|assistant)\b|\bthe user\b|\brevised version\b")
 _META_OPENING = 120  # characters: a critique states its subject first; an answer may mention "the response" later
+
 GUARD_TEST_SET = {"real": {"labelled": 88, "good": 2, "missed": 6, "false_alarms": 0},
                   "hand-written": {"labelled": 11, "good": 6, "missed": 1, "false_alarms": 1}}
 """The guard on tests/data/revisions_labelled.jsonl (each revision labelled by hand; a test recounts it). Of 88 real
