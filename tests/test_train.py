@@ -65,11 +65,11 @@ def test_resume_after_a_crash_gives_the_same_losses(tmp_path, tiny_model_dir):
     calls = {"n": 0}
     real_loss = task.loss
 
-    def failing_loss(model, items):
+    def failing_loss(model, items, counts):
         calls["n"] += 1
         if calls["n"] == 9:  # inside step 5, after the checkpoint at step 4
             raise RuntimeError("simulated crash")
-        return real_loss(model, items)
+        return real_loss(model, items, counts)
 
     task.loss = failing_loss
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -177,28 +177,76 @@ def test_reward_model_on_human_labels_beats_chance(tmp_path):
     assert ev["accuracy"] > 0.55, ev
 
 
+# Rows of very different lengths (1 to 57 words), so that token means of different rows' groups differ.
+UNEVEN_SFT = [{"messages": [{"role": "user", "content": f"Say hello {i}"},
+                            {"role": "assistant", "content": " ".join(["hello"] * (1 + 7 * i))}]} for i in range(9)]
+UNEVEN_PAIRS = [{"prompt": f"How do I do thing {i}?", "chosen": " ".join(["safe"] * (1 + 9 * (i % 4))),
+                 "rejected": " ".join(["danger"] * (1 + 5 * (i % 3))), "p_chosen": [0.9, 0.3, 1.0][i % 3]} for i in range(9)]
+
+
+def _metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_steps(a: list[dict], b: list[dict], rel: float) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x["tokens"] == y["tokens"], x["step"]
+        for k in x:
+            if k not in ("seconds", "step", "processes", "tokens"):
+                assert y[k] == pytest.approx(x[k], rel=rel, abs=1e-6), (x["step"], k)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_accumulated_micro_batches_equal_the_batch_at_once(tmp_path, tiny_model_dir, kind):
+    """grad_accum=2 micro-batches of 2 rows equal one batch of 4 (the same rows: micro_batches cuts the same
+    permutation): the step's loss is the mean over all its tokens (DPO: pairs, and the RPO NLL's tokens),
+    not the mean of the micro-batches' means, so the losses, gradient norms and adapter agree."""
+    rows = UNEVEN_SFT[:8] if kind == "sft" else UNEVEN_PAIRS[:8]
+    extra = {"rpo_alpha": 1.0, "beta": 0.5} if kind == "dpo" else {}
+    runs = {}
+    for name, batch, accum in (("once", 4, 1), ("accum", 2, 2)):
+        c = cfg(tmp_path, tiny_model_dir, kind, rows, batch_size=batch, grad_accum=accum, max_length=128, epochs=2,
+                out=str(tmp_path / name), **extra)
+        run_training(c)
+        runs[name] = c
+    assert len(_metrics(Path(runs["once"].out))) == 4
+    _same_steps(_metrics(Path(runs["once"].out)), _metrics(Path(runs["accum"].out)), rel=1e-5)
+    once, accum = _adapter(Path(runs["once"].out)), _adapter(Path(runs["accum"].out))
+    for k in once:
+        assert torch.allclose(accum[k], once[k], rtol=1e-4, atol=1e-6), k
+
+
 @pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path, tiny_model_dir):
-    """torchrun with 2 CPU processes (gloo DDP): each process takes half of every micro-batch and the
-    gradients are averaged, so the losses track a single-process run (each logged loss is the mean
-    of the two halves' token-means, hence approx) and the logged tokens are the whole step's."""
-    import os
-    import subprocess
+@pytest.mark.parametrize("kind", ["sft", "rm", "dpo"])
+def test_two_processes_train_like_one(tmp_path, tiny_model_dir, kind):
+    """torchrun with 2 CPU processes (gloo DDP) against 1 process, on rows of very different lengths: each
+    process weights its token (pair) mean by its share of the step's tokens (pairs), so the gradients DDP
+    averages are the one-process gradients. 9 rows in micro-batches of 4, 2 per step: each epoch's single-row
+    micro-batch leaves process 1 with none; it joins the collectives with zero weight. Losses, gradient norms, the
+    logged metrics and tokens, and the adapter equal the one-process run's to float tolerance."""
     import sys
 
-    data = write_jsonl(tmp_path / "sft.jsonl", SFT)
-    args = ["-m", "cai.cli", "train", "sft", "--model", str(tiny_model_dir), "--data", data, "--epochs", "2", "--batch-size", "4",
-            "--eval-fraction", "0"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
-    subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], check=True, env=env, capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args, "--out", str(tmp_path / "two")],
-                   check=True, env=env, capture_output=True)
-    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    from tests.fsdp_on_cpu import launch, run_ok
+
+    data = write_jsonl(tmp_path / "rows.jsonl", UNEVEN_SFT if kind == "sft" else UNEVEN_PAIRS)
+    args = ["train", kind, "--model", str(tiny_model_dir), "--data", data, "--epochs", "2", "--batch-size", "4", "--grad-accum", "2",
+            "--max-length", "128", "--eval-fraction", "0", "--lr", "5e-3", *(["--rpo-alpha", "1.0"] if kind == "dpo" else [])]
+    run_ok([sys.executable, "-m", "cai.cli", *args, "--out", str(tmp_path / "one")])
+    run_ok(launch([*args, "--out", str(tmp_path / "two")], fsdp=False))
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert {r["processes"] for r in one} == {1} and {r["processes"] for r in two} == {2}
-    assert [r["tokens"] for r in two] == [r["tokens"] for r in one]
-    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=0.01)
-    assert (tmp_path / "two" / "final" / "adapter_config.json").exists()
+    assert len(one) == 3  # micro-batches of 4, 4, 1 rows per epoch, 2 per step: [4, 4], [1, 4], [4, 1]
+    _same_steps(one, two, rel=1e-5)
+    assert one[-1]["loss"] < one[0]["loss"]  # it trained
+    a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
+    assert set(a) == set(b) and any("lora_B" in k for k in a)
+    # Different padding widths round differently (losses agree to 1e-6 here), and Adam scales each element by its own
+    # gradient's RMS, so elements with near-zero gradients carry that rounding into the weights: 2e-5 seen on weights
+    # of 0.1 (lr 5e-3 per step), a relative (Frobenius) error of 1.6e-5 at most.
+    for k in a:
+        assert torch.allclose(b[k], a[k], rtol=1e-3, atol=1e-4), (k, (b[k] - a[k]).abs().max().item())
+        assert ((b[k] - a[k]).norm() / a[k].norm()).item() < 1e-4, k
 
 
 def test_a_truncated_pair_conditions_both_sides_on_the_same_prompt_tokens(tiny_model_dir):
@@ -291,11 +339,11 @@ pin_config(cfg, Path(cfg.out))
 task = build_task(cfg, Path(cfg.out))
 real, calls = task.loss, {"n": 0}
 
-def crashing(model, items):  # every process crashes in the same micro-batch
+def crashing(model, items, counts):  # every process crashes in the same micro-batch
     calls["n"] += 1
     if calls["n"] == int(sys.argv[2]):
         raise RuntimeError("simulated crash")
-    return real(model, items)
+    return real(model, items, counts)
 
 task.loss = crashing
 train(cfg, task, Path(cfg.out))

@@ -38,8 +38,10 @@ class TrainSettings(BaseModel):
     max_length: int = Field(default=512, ge=8, description="Tokens per sequence (prompt + response).")
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient-norm clip.")
     beta: float = Field(default=0.1, gt=0, description="dpo: the KL strength beta.")
-    rpo_alpha: float = Field(default=0.0, ge=0, description="dpo: weight of the chosen answers' per-token NLL added to the loss "
-                             "(RPO; TRL's rpo_alpha, 1.0 in its paper): keeps DPO from lowering the chosen answers with the rejected.")
+    rpo_alpha: float = Field(default=0.0, ge=0, description="dpo: weight of the preferred answers' NLL added to the loss (RPO; "
+                             "TRL's rpo_alpha, 1.0 in its paper): a token mean over the preferred answers of the whole optimiser step "
+                             "(TRL pools the tokens too, per micro-batch); the preferred answer is chosen where p_chosen >= 0.5, "
+                             "else rejected. Keeps DPO from lowering both answers at once.")
     checkpoint_every: int = Field(default=50, ge=1, description="Optimiser steps between checkpoints (resumable).")
     precision: Precision = Field(default="auto", description=PRECISION_HELP)
     seed: int = Field(default=0, description="Seeds the split, data order and initialisation.")

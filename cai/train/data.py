@@ -90,6 +90,11 @@ class Tokenised:
     input_ids: list[int]
     loss_mask: list[int]  # 1 on the response tokens
 
+    @property
+    def n_targets(self) -> int:
+        """Response tokens the losses learn or score: masked ones after position 0 (which nothing predicts)."""
+        return sum(self.loss_mask[1:])
+
 
 def tokenise_chat(tokenizer, messages: list[dict], where: str, max_length: int) -> Tokenised:
     """A conversation ending with the assistant turn to learn or score, masked to that turn."""
@@ -141,6 +146,11 @@ class Pair:
     chosen: Tokenised
     rejected: Tokenised
     p_chosen: float
+
+    @property
+    def preferred(self) -> Tokenised:
+        """The answer the label prefers (RPO's NLL target): chosen when p_chosen >= 0.5, else rejected."""
+        return self.chosen if self.p_chosen >= 0.5 else self.rejected
 
 
 def tokenise_pairs(rows: list[dict], tokenizer, source: str, max_length: int) -> list[Pair]:

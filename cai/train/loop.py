@@ -2,13 +2,18 @@
 
 1. Data order: epoch e visits the rows in `randperm(n, seed + e)`; micro-batch k of the run is
    therefore a pure function of (seed, k), so a resumed run sees exactly the batches it missed.
-2. Each optimiser step accumulates `grad_accum` micro-batches (loss / grad_accum), clips, steps.
+2. Each optimiser step accumulates `grad_accum` micro-batches, clips, steps. Its loss is the mean over
+   all the step's tokens (SFT; pairs for rm/dpo), not a mean of micro-batch means: each micro-batch's
+   loss is its share, its sum divided by the whole step's count (`Task.counts`).
 3. Every `checkpoint_every` steps a checkpoint (`cai.train.checkpoint`) goes to OUT/checkpoint; a
    restarted run loads it and goes on, with the same losses as an uninterrupted run.
 4. Metrics per step to OUT/metrics.jsonl; the loss curve to OUT/loss.png at the end.
 
 Runs on CPU (float32) and GPU (bfloat16 autocast; `precision`) from the same code; under `accelerate launch`
-each process takes every world_size-th row of a batch and gradients are averaged by accelerate.
+each process takes every world_size-th row of a micro-batch, its share of the step's count as above, and
+scales it by world_size because DDP averages the gradients: the average is then the one-process
+gradient, whatever the rows' lengths. A process with no row in a micro-batch still runs forward and
+backward (DDP and FSDP need every process in the collectives), on one row at zero weight.
 Under accelerate's FSDP (examples/accelerate/fsdp.yaml) the same loop shards the weights: every
 process then gathers checkpoints and the final artefact with the others and evaluates with them.
 """
@@ -41,13 +46,17 @@ class Task:
 
     model: torch.nn.Module
     train_items: list
-    loss: Callable[[torch.nn.Module, list], tuple[torch.Tensor, dict[str, float]]]
-    """(model, micro-batch items) -> (loss, metrics); items are collated inside."""
+    loss: Callable[[torch.nn.Module, list, dict[str, float]], tuple[torch.Tensor, dict[str, float]]]
+    """(model, micro-batch items, counts) -> (loss, metrics); items are collated inside. `counts` are the whole
+    step's (`counts` of all its rows): loss and metrics are these items' shares, sums divided by them, so
+    the shares of all micro-batches and processes add up to the step's means."""
     save: Callable[[torch.nn.Module, Path, dict | None], None]
     """Write the final artefact (adapter or model) to a folder; the third argument is the trained weights
     gathered whole when the model is sharded (FSDP), else None (the model's own tensors are whole)."""
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None
     tokens: Callable[[list], int] = len
+    counts: Callable[[list], dict[str, float]] = lambda items: {"rows": float(len(items))}
+    """items -> what the loss averages over, summed (SFT: target tokens; rm: pairs; dpo: pairs and NLL tokens)."""
 
 
 def micro_batches(n_items: int, cfg: TrainConfig) -> list[list[int]]:
@@ -96,23 +105,28 @@ def train(cfg: TrainConfig, task: Task, out: Path) -> dict[str, Any]:
         while step < steps:
             step_started = time.perf_counter()
             window = batches[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]
+            # Every process holds every row, so each knows the whole step's counts without a collective.
+            counts = task.counts([task.train_items[i] for ids in window for i in ids])
             sums: dict[str, float] = {}
             tokens = 0
             for ids in window:
-                # Under accelerate launch each process takes its share of the micro-batch.
-                mine = ids[accelerator.process_index::accelerator.num_processes] or ids[:1]
-                items = [task.train_items[i] for i in mine]
+                # Under accelerate launch each process takes its share of the micro-batch; one with none runs
+                # a row at zero weight, since DDP/FSDP need every process's forward and backward.
+                mine = ids[accelerator.process_index::accelerator.num_processes]
+                weight = 1.0 if mine else 0.0
+                items = [task.train_items[i] for i in mine or ids[:1]]
                 with autocast(cfg.precision, accelerator.device):
-                    loss, logged = task.loss(model, items)
-                accelerator.backward(loss / len(window))
+                    loss, logged = task.loss(model, items, counts)
+                accelerator.backward(loss * (weight * accelerator.num_processes))  # DDP averages: times world sums the shares
                 for k, v in {"loss": loss.item(), **logged}.items():
-                    sums[k] = sums.get(k, 0.0) + v / len(window)
-                tokens += task.tokens(items)
+                    sums[k] = sums.get(k, 0.0) + v * weight
+                tokens += task.tokens(items) if mine else 0
             if accelerator.num_processes > 1:
-                # Each process saw its share of the rows: log the whole step (tokens summed, metrics averaged).
-                totals = accelerator.reduce(torch.tensor([float(tokens), *sums.values()], device=accelerator.device), "sum")
+                # Each process holds its shares of the step: their sums are the whole step's tokens and means.
+                totals = accelerator.reduce(torch.tensor([float(tokens), *sums.values()], dtype=torch.float64,
+                                                        device=accelerator.device), "sum")
                 tokens = int(totals[0].item())
-                sums = {k: v / accelerator.num_processes for k, v in zip(sums, totals[1:].tolist())}
+                sums = dict(zip(sums, totals[1:].tolist()))
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -3,6 +3,10 @@
 Soft labels: `p_chosen` is the judge's probability that `chosen` is better (0.5 to 1 after
 `cai generate prefs` orders each pair). Every loss below is the cross-entropy against that
 probability; with p_chosen = 1 it is the usual hard-label loss.
+
+Shares: each loss is a sum over its tokens (pairs) divided by a count that defaults to the batch's own.
+Passed the count of a whole optimiser step (all its micro-batches, all processes), it returns this part's
+share, and the shares of any split add up to the step's mean over all its tokens (pairs) at once.
 """
 
 from __future__ import annotations
@@ -26,14 +30,22 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.gather(logp, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
 
 
-def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def _share(total: torch.Tensor, count: torch.Tensor | float | None, own: torch.Tensor) -> torch.Tensor:
+    """total / count, with this batch's own count when none is given (never below 1: an empty mask gives 0)."""
+    n = own if count is None else torch.as_tensor(count, dtype=total.dtype, device=total.device)
+    return total / n.to(device=total.device, dtype=total.dtype).clamp(min=1.0)
+
+
+def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+             tokens_total: float | None = None) -> torch.Tensor:
     """Next-token cross-entropy on the assistant tokens only.
 
     logits: (B, T, V), input_ids: (B, T), loss_mask: (B, T) with 1 on tokens to learn.
-    loss = - sum_t m_t log p(x_t | x_<t) / sum_t m_t, over t >= 1.
+    loss = - sum_t m_t log p(x_t | x_<t) / N, over t >= 1, N = sum_t m_t (or `tokens_total`: a share).
     """
     logp = token_logprobs(logits[:, :-1], input_ids[:, 1:])  # (B, T-1)
-    return -masked_mean(logp, loss_mask[:, 1:])
+    mask = loss_mask[:, 1:].to(logp.dtype)
+    return _share(-(logp * mask).sum(), tokens_total, mask.sum())
 
 
 def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -42,46 +54,67 @@ def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: 
     return (logp * loss_mask[:, 1:].to(logp.dtype)).sum(-1)
 
 
-def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, p_chosen: torch.Tensor | None = None) -> torch.Tensor:
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, p_chosen: torch.Tensor | None = None,
+                       pairs_total: float | None = None) -> torch.Tensor:
     """Reward-model loss. r_chosen, r_rejected, p_chosen: (B,).
 
     P(chosen > rejected) = sigmoid(r_c - r_r);
-    loss = - [p log sigmoid(r_c - r_r) + (1 - p) log sigmoid(r_r - r_c)], mean over the batch.
+    loss = - sum_i [p log sigmoid(r_c - r_r) + (1 - p) log sigmoid(r_r - r_c)] / B (or `pairs_total`: a share).
     """
     margin = r_chosen - r_rejected
     if p_chosen is None:
         p_chosen = torch.ones_like(margin)
-    return -(p_chosen * F.logsigmoid(margin) + (1 - p_chosen) * F.logsigmoid(-margin)).mean()
+    total = -(p_chosen * F.logsigmoid(margin) + (1 - p_chosen) * F.logsigmoid(-margin)).sum()
+    return _share(total, pairs_total, torch.tensor(float(len(margin))))
+
+
+def preferred_tokens(p_chosen: torch.Tensor, chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor) -> torch.Tensor:
+    """Response tokens of each pair's preferred side (RPO's NLL target): chosen where p_chosen >= 0.5. -> (B,)"""
+    return torch.where(p_chosen >= 0.5, chosen_tokens, rejected_tokens)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
              beta: float, p_chosen: torch.Tensor | None = None, rpo_alpha: float = 0.0,
-             chosen_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None,
+             pairs_total: float | None = None, nll_tokens_total: float | None = None,
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sigmoid DPO with soft labels. Inputs: (B,) summed response log-probs; beta > 0.
 
     h = beta * [(log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r))]
-    loss = - [p log sigmoid(h) + (1 - p) log sigmoid(-h)]   (the label-weighted form; p = 1 is DPO)
-    With rpo_alpha > 0 (RPO, Pang et al. 2024): + rpo_alpha * mean(-log pi(y_c) / chosen_tokens), the
-    chosen answers' per-token NLL, which stops DPO from pushing both answers down at once.
-    Returns the mean loss and the implicit rewards beta * (log pi - log ref) for logging.
+    loss = - sum_i [p log sigmoid(h) + (1 - p) log sigmoid(-h)] / B   (label-weighted; p = 1 is DPO)
+    With rpo_alpha > 0 (RPO, Pang et al. 2024): + rpo_alpha * NLL, the preferred answers' negative
+    log-likelihood pooled over their tokens (as TRL's cross-entropy over the batch's chosen tokens):
+    NLL = - sum_i log pi(y_i*) / sum_i |y_i*|, y_i* = y_c where p >= 0.5, else y_r (the answer the label
+    prefers: swapping a pair's sides and p -> 1 - p leaves the loss unchanged). chosen_tokens and
+    rejected_tokens: (B,) response lengths. pairs_total / nll_tokens_total replace B and sum_i |y_i*| to
+    return a share of a whole step (see the module docstring); the metrics are shares in the same way.
+    Returns the loss and the implicit rewards beta * (log pi - log ref) for logging.
     """
     chosen_reward = beta * (policy_chosen - ref_chosen)
     rejected_reward = beta * (policy_rejected - ref_rejected)
     h = chosen_reward - rejected_reward
     if p_chosen is None:
         p_chosen = torch.ones_like(h)
-    loss = -(p_chosen * F.logsigmoid(h) + (1 - p_chosen) * F.logsigmoid(-h)).mean()
+    pairs = torch.tensor(float(len(h)))
+
+    def mean(x: torch.Tensor) -> torch.Tensor:  # over pairs, or a share of the step's pairs
+        return _share(x.sum(), pairs_total, pairs)
+
+    loss = mean(-(p_chosen * F.logsigmoid(h) + (1 - p_chosen) * F.logsigmoid(-h)))
     metrics = {}
     if rpo_alpha > 0:
-        if chosen_tokens is None:
-            raise ValueError("rpo_alpha needs chosen_tokens, the number of response tokens of each chosen answer")
-        nll = -(policy_chosen / chosen_tokens.clamp(min=1).to(policy_chosen.dtype)).mean()
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("rpo_alpha needs chosen_tokens and rejected_tokens, the response lengths of each pair's two answers")
+        preferred = p_chosen >= 0.5
+        logp = torch.where(preferred, policy_chosen, policy_rejected)
+        tokens = preferred_tokens(p_chosen, chosen_tokens, rejected_tokens)
+        nll = _share(-logp.sum(), nll_tokens_total, tokens.sum())
         loss = loss + rpo_alpha * nll
-        metrics["nll/chosen"] = nll.detach()
+        metrics["nll/preferred"] = nll.detach()
     metrics |= {
-        "rewards/chosen": chosen_reward.detach().mean(),
-        "rewards/rejected": rejected_reward.detach().mean(),
-        "rewards/margins": h.detach().mean(),
-        "rewards/accuracy": (h.detach() > 0).float().mean(),
+        "rewards/chosen": mean(chosen_reward.detach()),
+        "rewards/rejected": mean(rejected_reward.detach()),
+        "rewards/margins": mean(h.detach()),
+        "rewards/accuracy": mean((h.detach() > 0).float()),
     }
     return loss, metrics

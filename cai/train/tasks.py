@@ -1,12 +1,16 @@
 """The three trainers as `Task`s for the shared loop: SFT, reward model, DPO.
 
-- sft: causal LM, loss on the assistant tokens only; saves a peft adapter (or the model).
+- sft: causal LM, loss on the assistant tokens only (a mean over all the step's tokens); saves a peft
+  adapter (or the model).
 - rm: sequence-classification head (one score) on a LoRA backbone, Bradley-Terry on soft labels;
   held-out accuracy, mean margin and calibration (ECE, Brier) in the summary.
 - dpo: sigmoid DPO with soft labels; the reference log-probs come from the same weights before
   training (adapter disabled), so no second model copy is held. They are computed inside the
   loop, on the training device and under the same autocast as the policy, so at step 0 the
   policy's and the reference's log-probs are the same numbers and the implicit reward margin is 0.
+  With rpo_alpha, the preferred answers' NLL is pooled over the step's tokens (`dpo_loss`).
+
+Each loss is a share of its optimiser step (`Task.loss`): divided by the step's counts (`Task.counts`).
 """
 
 from __future__ import annotations
@@ -88,18 +92,23 @@ def _sft(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
     eval_items = tokenise_sft(eval_rows, tokenizer, cfg.data, cfg.max_length) if eval_rows else []
     pad = tokenizer.pad_token_id
 
-    def loss(model, items):
+    def counts(items):
+        return {"tokens": float(sum(t.n_targets for t in items))}
+
+    def loss(model, items, counts):
         b = _device_batch(model, items, pad)
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        return sft_loss(logits, b["input_ids"], b["loss_mask"]), {}
+        return sft_loss(logits, b["input_ids"], b["loss_mask"], counts["tokens"]), {}
 
     def evaluate(model):
         if not eval_items:
             return {}
-        losses = [loss(model, eval_items[i:i + cfg.batch_size])[0].item() for i in range(0, len(eval_items), cfg.batch_size)]
-        return {"eval_loss": sum(losses) / len(losses), "eval_rows": len(eval_items)}
+        whole = counts(eval_items)  # the held-out token mean, pooled over the chunks
+        chunks = [eval_items[i:i + cfg.batch_size] for i in range(0, len(eval_items), cfg.batch_size)]
+        return {"eval_loss": sum(loss(model, chunk, whole)[0].item() for chunk in chunks), "eval_rows": len(eval_items)}
 
-    return Task(model, train_items, loss, _saver(tokenizer), evaluate, tokens=lambda items: sum(len(t.input_ids) for t in items))
+    return Task(model, train_items, loss, _saver(tokenizer), evaluate, tokens=lambda items: sum(len(t.input_ids) for t in items),
+                counts=counts)
 
 
 # -- reward model ---------------------------------------------------------------------------
@@ -120,11 +129,11 @@ def _rm(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
         r = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.squeeze(-1).float()  # (2B,)
         return r[:len(items)], r[len(items):]
 
-    def loss(model, items):
+    def loss(model, items, counts):
         rc, rr = rewards(model, items)
         p = torch.tensor([it.p_chosen for it in items], device=rc.device)
-        margin = (rc - rr).detach()
-        return bradley_terry_loss(rc, rr, p), {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
+        margin, n = (rc - rr).detach(), counts["pairs"]
+        return bradley_terry_loss(rc, rr, p, n), {"accuracy": (margin > 0).sum().item() / n, "margin": margin.sum().item() / n}
 
     def evaluate(model):
         if not eval_items:
@@ -136,7 +145,8 @@ def _rm(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
         return rm_metrics(margins, [p.p_chosen for p in eval_items], seed=cfg.seed)
 
     return Task(model, train_items, loss, _saver(tokenizer), evaluate,
-                tokens=lambda items: sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in items))
+                tokens=lambda items: sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in items),
+                counts=lambda items: {"pairs": float(len(items))})
 
 
 def rm_metrics(margins: list[float], p_chosen: list[float], seed: int = 0, bins: int = 5) -> dict[str, float]:
@@ -188,27 +198,32 @@ def _dpo(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
 
     reference = _Reference(cfg, logps, train_items + eval_items, out / "ref_logprobs.pt")
 
-    def loss(model, items):
+    def counts(items):
+        return {"pairs": float(len(items)), "nll_tokens": float(sum(it.preferred.n_targets for it in items))}
+
+    def loss(model, items, counts):
         pc, pr = logps(model, items)
         rc, rr = reference(model, items)
         p = torch.tensor([it.p_chosen for it in items], device=pc.device)
-        tokens = torch.tensor([sum(it.chosen.loss_mask) for it in items], device=pc.device)
-        value, metrics = dpo_loss(pc, pr, rc.to(pc.device), rr.to(pc.device), cfg.beta, p, cfg.rpo_alpha, tokens)
+        tc = torch.tensor([it.chosen.n_targets for it in items], device=pc.device)
+        tr = torch.tensor([it.rejected.n_targets for it in items], device=pc.device)
+        value, metrics = dpo_loss(pc, pr, rc.to(pc.device), rr.to(pc.device), cfg.beta, p, cfg.rpo_alpha, tc, tr,
+                                  pairs_total=counts["pairs"], nll_tokens_total=counts["nll_tokens"])
         return value, {k: v.item() for k, v in metrics.items()}
 
     def evaluate(model):
         if not eval_items:
             return {}
+        whole = counts(eval_items)  # held-out means over all pairs (and NLL tokens), pooled over the chunks
         sums: dict[str, float] = {}
-        chunks = range(0, len(eval_items), cfg.batch_size)
-        for i in chunks:
-            _, metrics = loss(model, eval_items[i:i + cfg.batch_size])
+        for i in range(0, len(eval_items), cfg.batch_size):
+            _, metrics = loss(model, eval_items[i:i + cfg.batch_size], whole)
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v / len(chunks)
+                sums[k] = sums.get(k, 0.0) + v
         return {f"eval_{k}": v for k, v in sums.items()}
 
     return Task(model, train_items, loss, _saver(tokenizer), evaluate,
-                tokens=lambda items: sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in items))
+                tokens=lambda items: sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in items), counts=counts)
 
 
 class _Reference:
