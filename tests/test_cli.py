@@ -91,8 +91,8 @@ def test_options_from_flags_and_config_merge_into_the_settings_model(tmp_path):
 def test_demo_config_runs_end_to_end_and_a_judge_that_cannot_revise_is_named(tiny_model_dir, judge, tmp_path, monkeypatch):
     """`cai demo` (what `make demo` runs) is `cai run` on the shipped demo config, here on the tiny model against the
     session's judge server (to save a second engine start). The tiny judge's random weights write empty revisions,
-    which sft-data rejects, so the demo's prefs.source (revisions) has nothing to train on and `cai demo` says why and
-    what to do; the same config with prefs.source both then runs every stage to the report."""
+    which sft-data rejects, so no row was revised, SFT has nothing to train on and `cai demo` stops there saying why and
+    what to do; the same config with sft_data.keep_unrevised and prefs.source both then runs every stage to the report."""
     import yaml
 
     from cai.run_config import DEMO_CONFIG, demo_config
@@ -107,12 +107,15 @@ def test_demo_config_runs_end_to_end_and_a_judge_that_cannot_revise_is_named(tin
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--model", str(tiny_model_dir), "--judge-url", judge.url])
     assert result.exit_code == 1, result.output
     line = " ".join(result.output.split())
-    assert "prefs.source 'revisions' gave no pairs to train on: sft-data rejected 48 of the judge's 48 revisions (empty: 48)" in line, line
+    assert ("sft: no SFT rows to train on: sft-data dropped all 48 of its rows because none was revised (the judge's revisions "
+            "rejected: 48 of 48; empty: 48)") in line, line
+    assert "sft_data.keep_unrevised: true" in line, line
     stages = {s["name"]: s["status"] for s in json.loads((tmp_path / "demo" / "stages.json").read_text())["stages"]}
-    assert stages == {"prompts": "done", "sft-data": "done", "sft": "done", "prefs": "running", "rm": "pending", "dpo": "pending",
+    assert stages == {"prompts": "done", "sft-data": "done", "sft": "running", "prefs": "pending", "rm": "pending", "dpo": "pending",
                       "eval": "pending"}
 
-    both = cfg.model_copy(update={"out": str(tmp_path / "both"), "prefs": cfg.prefs.model_copy(update={"source": "both"})})
+    both = cfg.model_copy(update={"out": str(tmp_path / "both"), "prefs": cfg.prefs.model_copy(update={"source": "both"}),
+                                  "sft_data": cfg.sft_data.model_copy(update={"keep_unrevised": True})})
     (tmp_path / "both.yaml").write_text(yaml.safe_dump(both.model_dump(mode="json")))
     result = CliRunner().invoke(app, ["run", str(tmp_path / "both.yaml")])
     assert result.exit_code == 0, result.output

@@ -13,7 +13,7 @@ import pytest
 from datasets import load_from_disk
 
 from cai.generate.prefs import PrefsJob, generate_prefs, prompts_to_do, summarise
-from cai.generate.sft import SftJob, generate_sft
+from cai.generate.sft import SftJob, generate_sft, is_sft_target
 from cai.pinning import RunMismatchError
 from cai.policy import SamplingConfig
 from cai.prompts import Prompt
@@ -286,7 +286,8 @@ def test_killed_sft_run_resumes_without_loss_or_duplicates(tiny_model_dir, judge
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "cai.cli", "generate", "sft", "--prompts", str(src), "--out", str(out), "--policy", str(tiny_model_dir),
            "--constitution", str(judge_constitution), "--judge-url", judge.url, "--rounds", "1", "--max-new-tokens", "8",
-           "--critique-tokens", "24", "--revision-tokens", "24", "--chunk-size", "1", "--policy-backend", "transformers", "--judge-cache", str(tmp_path / "c.sqlite")]
+           "--critique-tokens", "24", "--revision-tokens", "24", "--chunk-size", "1", "--policy-backend", "transformers", "--judge-cache", str(tmp_path / "c.sqlite"),
+           "--keep-unrevised"]  # the tiny judge revises nothing; keep its rows so sft.jsonl shows what resuming kept
     env = {**os.environ, "CAI_JUDGE_API_KEY": JUDGE_KEY}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     progress = out / "progress.jsonl"
@@ -303,7 +304,10 @@ def test_killed_sft_run_resumes_without_loss_or_duplicates(tiny_model_dir, judge
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    ids = [json.loads(line)["id"] for line in progress.read_text().splitlines()]
+    logged = [json.loads(line) for line in progress.read_text().splitlines()]
+    ids = [r["id"] for r in logged]
     assert len(ids) == len(set(ids)) == 8  # every prompt exactly once
+    targets = sorted(r["id"] for r in logged if is_sft_target(r, keep_unrevised=True))
+    assert targets, "no row had a first answer to keep"
     final = [json.loads(line) for line in (out / "sft.jsonl").read_text().splitlines()]
-    assert sorted(r["id"] for r in final) == sorted(ids)
+    assert sorted(r["id"] for r in final) == targets
