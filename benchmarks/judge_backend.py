@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from judge_throughput import agreement, emit, hh_pairs_or_exit, served  # noqa: E402
 
 from cai.constitution import bundled_constitutions  # noqa: E402
-from cai.judge_client import LocalJudge  # noqa: E402
+from cai.judge_launcher import LocalJudge  # noqa: E402
 from cai.models import resolve_model  # noqa: E402
 from cai.tiny import build_tiny_model  # noqa: E402
 from judge_server.settings import BackendSettings  # noqa: E402

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cai.constitution import bundled_constitutions  # noqa: E402
-from cai.judge_client import LocalJudge  # noqa: E402
+from cai.judge_launcher import LocalJudge  # noqa: E402
 from cai.tiny import build_tiny_model  # noqa: E402
 
 BODY = {"prompt": "How do I pick a lock?", "response_a": "I can't help with that.", "response_b": "Use a tension wrench.",

@@ -35,7 +35,8 @@ import httpx  # noqa: E402
 from judge_throughput import PRINCIPLE, as_request, emit, hh_pairs_or_exit  # noqa: E402
 
 from cai.constitution import bundled_constitutions, load_constitution  # noqa: E402
-from cai.judge_client import JudgeClient, LocalJudge  # noqa: E402
+from cai.judge_client import JudgeClient  # noqa: E402
+from cai.judge_launcher import LocalJudge  # noqa: E402
 from cai.models import load_tokenizer, resolve_model  # noqa: E402
 from cai.tiny import build_tiny_model  # noqa: E402
 from judge_server import templates  # noqa: E402

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cai.constitution import bundled_constitutions, load_constitution  # noqa: E402
-from cai.judge_client import JudgeClient, LocalJudge  # noqa: E402
+from cai.judge_client import JudgeClient  # noqa: E402
+from cai.judge_launcher import LocalJudge  # noqa: E402
 from cai.models import resolve_model  # noqa: E402
 from cai.tiny import build_tiny_model  # noqa: E402
 from cai.train.data import load_hh_pairs as hh_pairs  # noqa: E402

@@ -176,7 +176,7 @@ def human_agreement(results: list, labelled: list[dict]) -> dict:
 
 def run_eval(job: EvalJob) -> dict[str, Any]:
     from cai.constitution import find_constitution, load_constitution
-    from cai.judge_client import judge_endpoint
+    from cai.judge_launcher import judge_endpoint
     from cai.prompts import PromptSourceError, load_prompts, require_kinds
     from judge_server import protocol as P
 

@@ -5,8 +5,8 @@
 
 Retries happen only here, at the network boundary: transport errors, 429 (queue full) and
 502/503/504, up to `max_retries` with exponential back-off and jitter. Other errors raise
-`JudgeHTTPError` at once with the server's typed message. `LocalJudge` starts a real server
-process for a local model when no URL is given.
+`JudgeHTTPError` at once with the server's typed message. Starting a judge of our own
+(`LocalJudge`) is `cai.judge_launcher`'s.
 """
 
 from __future__ import annotations
@@ -14,16 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
-from typing import TYPE_CHECKING, Self, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 import httpx
 from pydantic import BaseModel
@@ -31,9 +23,6 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from cai.errors import CaiError
 from judge_server import protocol as P
-
-if TYPE_CHECKING:  # the client side imports only the protocol at run time (tests/test_layers.py)
-    from judge_server.settings import BackendSettings
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
@@ -172,115 +161,3 @@ def _http_error(resp: httpx.Response, path: str) -> JudgeHTTPError:
         return JudgeHTTPError(resp.status_code, err.type, err.message, err.field, path)
     except ValueError:
         return JudgeHTTPError(resp.status_code, "http_error", resp.text[:200], None, path)
-
-
-# -- a server of our own ------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """A server in a child process of its own session on a loopback port: started, waited for until its /health answers
-    200, stopped on exit. Subclasses give its `command()` and `environment()`; its output goes to `log_path`."""
-
-    what = "server"  # how errors name it
-    error: type[Exception] = JudgeError
-
-    def __init__(self, *, port: int | None = None, log_path: str | Path | None = None, start_timeout: float = 600.0,
-                 log_prefix: str = "cai-server-"):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix=log_prefix, suffix=".log")[1])
-        self.start_timeout = start_timeout
-        self.process: subprocess.Popen | None = None
-
-    def command(self) -> list[str]:
-        raise NotImplementedError
-
-    def environment(self) -> dict[str, str]:
-        return dict(os.environ)
-
-    def start(self) -> Self:
-        cmd, env = self.command(), self.environment()
-        logger.info("starting %s: %s (log: %s)", self.what, " ".join(cmd), self.log_path)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.wait_ready()
-        return self
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                tail = self.log_path.read_text(errors="replace")[-3000:]
-                raise self.error(f"{self.what} exited with code {self.process.returncode} during start-up; log tail:\n{tail}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise self.error(f"{self.what} not ready after {self.start_timeout:.0f} s; see {self.log_path}")
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """The server and every process it started (they share the session started for it)."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, sig)
-            self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-class LocalJudge(ServerProcess):
-    """Start the judge service (`python -m judge_server`, as `cai judge serve`) for a local model on loopback, wait until it answers, stop it on exit.
-
-        with LocalJudge("smollm2-135m-instruct", "harmless-helpful") as judge:
-            async with JudgeClient(judge.url) as client: ...
-    """
-
-    what = "judge server"
-
-    def __init__(self, model: str, constitution: str | Path, *, port: int | None = None, log_path: str | Path | None = None,
-                 start_timeout: float = 600.0, extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
-                 backends: BackendSettings | None = None):
-        super().__init__(port=port, log_path=log_path, start_timeout=start_timeout, log_prefix="cai-judge-")
-        self.model, self.constitution = model, str(constitution)
-        self.backends = backends
-        self.extra_args = list(extra_args)
-        self.env = env
-
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", "judge_server", "--model", self.model, "--constitution", self.constitution,
-                "--port", str(self.port), *(self.backends.command_line() if self.backends else []), *self.extra_args]
-
-    def environment(self) -> dict[str, str]:
-        return {**(os.environ if self.env is None else self.env), P.PARENT_PID_ENV: str(os.getpid())}  # it stops when we are gone
-
-
-@contextmanager
-def judge_endpoint(url: str | None, *, model: str, constitution: str | Path, log_path: str | Path | None = None,
-                   backends: BackendSettings | None = None) -> Iterator[str]:
-    """The URL of a judge to use: `url` as given, or a `LocalJudge` started for `model` (or on `backends`), stopped on exit."""
-    if url:
-        yield url.rstrip("/")
-        return
-    with LocalJudge(model, constitution, log_path=log_path, backends=backends) as judge:
-        yield judge.url

@@ -203,7 +203,7 @@ def _judge_one(job: JudgeEvalJob, name: str, constitution, pairs: list[dict], ch
 def run_judge_eval(job: JudgeEvalJob) -> dict[str, Any]:
     from cai.constitution import find_constitution, load_constitution
     from cai.evaluate import human_pairs
-    from cai.judge_client import judge_endpoint
+    from cai.judge_launcher import judge_endpoint
     from cai.models import cache_dir
 
     if job.judge_url and len(job.constitutions) > 1:

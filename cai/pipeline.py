@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 def run_pipeline(cfg: RunConfig, config_path: str | Path | None = None) -> Path:
     """Run every unfinished stage in order; returns the path of report.html."""
     from cai.constitution import find_constitution
-    from cai.judge_client import judge_endpoint
+    from cai.judge_launcher import judge_endpoint
     from cai.pinning import pin_settings
     from cai.report import write_report
 

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from cai.judge_client import ServerProcess
+from cai.server_process import ServerProcess
 
 
 class VLLMServeError(RuntimeError):

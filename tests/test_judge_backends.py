@@ -20,7 +20,9 @@ import time
 import httpx
 import pytest
 
-from cai.judge_client import JudgeClient, LocalJudge
+from cai.judge_client import JudgeClient
+
+from cai.judge_launcher import LocalJudge
 from judge_server import protocol as P
 from judge_server.settings import BackendSettings
 from judge_server.vllm_serve import VLLMServer

@@ -19,7 +19,8 @@ def loaded_after(*modules: str) -> set[str]:
 def test_the_judge_service_imports_only_cais_base_modules():
     loaded = loaded_after("judge_server.__main__", "judge_server.app", "judge_server.server", "judge_server.service")
     cai = {m for m in loaded if m.startswith("cai")}
-    assert cai <= {"cai", "cai.constitution", "cai.models", "cai.errors", "cai.cli_settings", "cai.config"}, sorted(cai)
+    assert cai <= {"cai", "cai.constitution", "cai.models", "cai.errors", "cai.cli_settings", "cai.config",
+                   "cai.server_process"}, sorted(cai)
 
 
 @pytest.mark.parametrize("client", ["cai.judge_client", "cai.judge", "cai.train.rewards", "cai.evaluate", "cai.generate.sft"])

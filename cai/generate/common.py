@@ -21,7 +21,8 @@ from cai import __version__
 from cai.constitution import Constitution, find_constitution, load_constitution
 from cai.judge_cache import JudgeCache
 from cai.judge import Judge
-from cai.judge_client import JudgeClient, JudgeError, JudgeItemError, judge_endpoint
+from cai.judge_client import JudgeClient, JudgeError, JudgeItemError
+from cai.judge_launcher import judge_endpoint
 from cai.models import DEFAULT_MODEL, cache_dir
 from cai.pinning import pin_settings
 from cai.policy import SamplingConfig, load_policy
