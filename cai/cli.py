@@ -16,6 +16,7 @@ from rich.table import Table
 
 from cai.constitution import ConstitutionError, bundled_constitutions, find_constitution, load_constitution
 from cai.errors import CaiError
+from cai.models import DEFAULT_MODEL
 
 app = typer.Typer(
     help="cai: Constitutional AI and RLAIF. A constitution file in, an AI judge, synthetic data and a better model out.",
@@ -145,7 +146,7 @@ def constitution_list() -> None:
 
 @models_app.command("convert")
 def models_convert(
-    name: Annotated[str, typer.Argument(help="Embedded model name.")] = "smollm2-135m-instruct",
+    name: Annotated[str, typer.Argument(help="Embedded model name.")] = DEFAULT_MODEL,
     force: Annotated[bool, typer.Option(help="Convert again even if cached.")] = False,
 ) -> None:
     """Convert an embedded GGUF model into the cache once (later calls return at once)."""

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from cai.errors import CaiError
 
+DEFAULT_CONSTITUTION = "harmless-helpful"  # the shipped constitution every command judges by unless told otherwise
 MAX_FILE_BYTES = 1_000_000
 TEXT_SUFFIXES = (".txt", ".md")  # plain-text constitutions: see cai/constitution_text.py
 

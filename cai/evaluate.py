@@ -28,6 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai import monitors, yardsticks
+from cai.constitution import DEFAULT_CONSTITUTION
 from cai.progress import progress_bar
 from cai.sycophancy import load_sycophancy_probes
 from cai.train import ppo_metrics as M
@@ -49,7 +50,7 @@ class EvalJob(BaseModel):
     out: Path = Field(description="Output folder for eval.json and responses.jsonl.")
     judge_url: str | None = Field(default=None, description="A running judge server; none starts one for judge_model.")
     judge_model: str | None = Field(default=None, description="Judge model when starting one (default: the reference).")
-    constitution: str = Field(default="harmless-helpful", description="Constitution file or shipped name the judge uses.")
+    constitution: str = Field(default=DEFAULT_CONSTITUTION, description="Constitution file or shipped name the judge uses.")
     limit: int | None = Field(default=None, ge=1, description="Use at most this many held-out prompts.")
     probes: int | None = Field(default=None, ge=1, description="Use the first N sycophancy probes (default all).")
     max_new_tokens: int = Field(default=128, ge=1, description="Longest answer of each model, in tokens.")

@@ -38,8 +38,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai import yardsticks
+from cai.constitution import DEFAULT_CONSTITUTION
 from cai.errors import CaiError
 from cai.files import write_text_atomic
+from cai.models import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +56,10 @@ class JudgeEvalJob(BaseModel):
     pairs: str = Field(default="hh-harmless", description="Human-labelled pairs: HH-RLHF chosen/rejected transcripts, "
                        "prompt/chosen/rejected rows (optional p_chosen: the share of people preferring chosen), "
                        "or hh-harmless (48 shipped HH-RLHF pairs).")
-    constitutions: list[str] = Field(default=["harmless-helpful"], min_length=1, max_length=8,
+    constitutions: list[str] = Field(default=[DEFAULT_CONSTITUTION], min_length=1, max_length=8,
                                      description="Constitution files or shipped names, compared side by side (comma-separated).")
     out: Path = Field(description="Output folder for judge-eval.json, judged.jsonl and judge-eval.html.")
-    judge_model: str = Field(default="smollm2-135m-instruct", description="The judge model; a judge is started for each constitution.")
+    judge_model: str = Field(default=DEFAULT_MODEL, description="The judge model; a judge is started for each constitution.")
     judge_url: str | None = Field(default=None, description="A running judge server instead (it serves one constitution, so "
                                   "only one may be given).")
     limit: int = Field(default=64, ge=1, description="Use at most this many pairs (seeded order).")

@@ -13,11 +13,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from cai.constitution import DEFAULT_CONSTITUTION
 from cai.errors import ConfigError
 from cai.evaluate import EvalJob
-from cai.monitors import Thresholds
 from cai.generate.prefs import PrefsJob
 from cai.generate.sft import SftJob
+from cai.models import DEFAULT_MODEL
+from cai.monitors import Thresholds
 from cai.train.config import TrainSettings
 from cai.train.ppo_config import PPOSettings
 from judge_server.settings import BackendSettings
@@ -34,7 +36,7 @@ class _Section(BaseModel):
 class JudgeSection(_Section):
     model: str | None = Field(default=None, description="Judge model to serve (default: the policy model).")
     url: str | None = Field(default=None, description="Use a running judge server instead of starting one.")
-    constitution: str = Field(default="harmless-helpful", description="Constitution file or shipped name.")
+    constitution: str = Field(default=DEFAULT_CONSTITUTION, description="Constitution file or shipped name.")
     backends: BackendSettings = Field(default_factory=BackendSettings, description="The model behind a judge the run starts: "
                                       "its own vLLM engine (default), or OpenAI-compatible servers (backend: openai, "
                                       "backend_url: [...], backend_model: NAME).")
@@ -108,7 +110,7 @@ class EvalSection(_Section):
 
 class RunConfig(_Section):
     out: str = Field(description="Run folder: one sub-folder per stage, report.html at the top.")
-    model: str = Field(default="smollm2-135m-instruct", description="Starting policy: folder, hub id or embedded name.")
+    model: str = Field(default=DEFAULT_MODEL, description="Starting policy: folder, hub id or embedded name.")
     seed: int = 0
     policy_backend: Literal["auto", "vllm", "transformers"] = "auto"
     judge: JudgeSection = Field(default_factory=JudgeSection)

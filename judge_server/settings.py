@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from cai.constitution import DEFAULT_CONSTITUTION
 from cai.errors import CaiError
 from cai.models import DEFAULT_MODEL
 from judge_server.protocol import API_KEY_ENV
@@ -98,7 +99,7 @@ class ServerSettings(BaseModel):
 
     model: str = Field(default=DEFAULT_MODEL, description="Judge model of the in-process vLLM engine: folder, hub id or embedded "
                        "name (with --backend openai, see --backend-model).")
-    constitution: str = Field(default="harmless-helpful", description="Constitution YAML file or shipped name; edits are "
+    constitution: str = Field(default=DEFAULT_CONSTITUTION, description="Constitution YAML file or shipped name; edits are "
                               "picked up without a restart.")
     host: str = Field(default="127.0.0.1", description="Bind address. Anything but loopback needs an API key.")
     port: int = Field(default=8321, ge=0, le=65535, description="TCP port.")

@@ -18,9 +18,9 @@ from typing import Any, ClassVar, Iterator, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai import __version__
-from cai.constitution import Constitution, find_constitution, load_constitution
-from cai.judge_cache import JudgeCache
+from cai.constitution import DEFAULT_CONSTITUTION, Constitution, find_constitution, load_constitution
 from cai.judge import Judge
+from cai.judge_cache import JudgeCache
 from cai.judge_client import JudgeClient, JudgeError, JudgeItemError
 from cai.judge_launcher import judge_endpoint
 from cai.models import DEFAULT_MODEL, cache_dir
@@ -43,7 +43,7 @@ class GenerationJob(BaseModel):
     out: Path = Field(description="Output folder: progress.jsonl (the resumable log), NAME.jsonl, dataset/, summary.json, "
                       "run.json. Rerun the same command to resume a killed run.")
     policy: str = Field(default=DEFAULT_MODEL, description="Model that writes the responses (folder, hub id or embedded name).")
-    constitution: str = Field(default="harmless-helpful", description="Constitution file or shipped name; a judge given by URL "
+    constitution: str = Field(default=DEFAULT_CONSTITUTION, description="Constitution file or shipped name; a judge given by URL "
                               "must serve the same one.")
     judge_url: str | None = Field(default=None, description="A running judge; none starts one for judge_model on loopback.")
     judge_model: str | None = Field(default=None, description="Model for a judge started here (default: the policy).")
