@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import yaml
 
 from cai.errors import CaiError
+from cai.files import json_lines
 
 logger = logging.getLogger(__name__)
 
@@ -124,13 +125,9 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    for lineno, line in _text_lines(path):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PromptSourceError(f"{path}, line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    for lineno, row, error in json_lines(line for _, line in _text_lines(path)):
+        if error is not None:
+            raise PromptSourceError(f"{path}, line {lineno}: invalid JSON ({error.msg} at column {error.colno})")
         yield f"{path}, line {lineno}", row
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import jinja2
 
-from cai.files import write_text_atomic
+from cai.files import json_lines, write_text_atomic
 from cai.report_plots import PANELS, is_number, length_bars, metric_panel, reward_hacking_plot
 
 logger = logging.getLogger(__name__)
@@ -74,13 +74,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         logger.warning("report: skipping unreadable %s: %s", path, e)
         return []
     rows, bad = [], 0
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
+    for _, row, _ in json_lines(text.splitlines()):
         if isinstance(row, dict):
             rows.append(row)
         else:

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cai.files import json_lines
 from cai.pinning import RunMismatchError
 
 logger = logging.getLogger(__name__)
@@ -45,14 +46,11 @@ class RowLog:
             with open(self.path, "r+b") as f:
                 f.truncate(end)
             raw = raw[:end]
-        for lineno, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                self._remember(row)
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise RunMismatchError(f"{self.path}, line {lineno}: not a row written by cai ({e}); move the file away or use a new --out") from None
+        for lineno, row, error in json_lines(raw.decode("utf-8").splitlines()):
+            if error is not None or not isinstance(row, dict) or not isinstance(row.get("id"), (str, int)):
+                why = error or "no row id"
+                raise RunMismatchError(f"{self.path}, line {lineno}: not a row written by cai ({why}); move the file away or use a new --out")
+            self._remember(row)
 
     def _remember(self, row: dict) -> None:
         key = row["id"]
