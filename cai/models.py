@@ -65,10 +65,6 @@ class ResolvedModel:
     path: str  # a local folder, or a hub id
     source: Literal["local", "hub", "embedded"]
 
-    @property
-    def is_local(self) -> bool:
-        return self.source != "hub"
-
 
 def cache_dir() -> Path:
     root = os.environ.get("CAI_CACHE_DIR") or Path.home() / ".cache" / "cai"

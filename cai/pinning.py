@@ -9,7 +9,6 @@ the run started) counts as its default today, so upgrading cai mid-run does not 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,9 @@ class RunMismatchError(CaiError, ValueError):
     """The output folder holds a run made with other settings (or files cai did not write)."""
 
 
-def pin_settings(folder: Path, settings: BaseModel | Any, *, file: str = "run.json", resuming: bool = True,
+def pin_settings(folder: Path, settings: BaseModel | dict[str, Any], *, file: str = "run.json", resuming: bool = True,
                  exclude: tuple[str, ...] = (), extra: dict[str, Any] | None = None) -> None:
-    """Refuse `settings` (a pydantic model, a dataclass or a dict, less the `exclude` keys, plus `extra`)
+    """Refuse `settings` (a pydantic model or a dict, less the `exclude` keys, plus `extra`)
     if they differ from those pinned in FOLDER/FILE; then write them there.
 
     `resuming=False` says there is nothing to resume from (a trainer with no checkpoint yet): the
@@ -55,17 +54,12 @@ def pin_settings(folder: Path, settings: BaseModel | Any, *, file: str = "run.js
     write_text_atomic(path, text)  # every process of a launch pins; none may read another's half-written file
 
 
-def _as_dict(settings: Any) -> dict[str, Any]:
-    if isinstance(settings, BaseModel):
-        data = settings.model_dump(mode="json")
-    elif dataclasses.is_dataclass(settings):
-        data = dataclasses.asdict(settings)
-    else:
-        data = dict(settings)
+def _as_dict(settings: BaseModel | dict[str, Any]) -> dict[str, Any]:
+    data = settings.model_dump(mode="json") if isinstance(settings, BaseModel) else dict(settings)
     return json.loads(json.dumps(data, default=str))  # paths and tuples as JSON has them
 
 
-def _defaults(settings: Any) -> dict[str, Any]:
+def _defaults(settings: BaseModel | dict[str, Any]) -> dict[str, Any]:
     """Dotted keys of the settings that have a default (what an older file may lack)."""
     out: dict[str, Any] = {}
     if isinstance(settings, BaseModel):
@@ -73,12 +67,6 @@ def _defaults(settings: Any) -> dict[str, Any]:
             if not field.is_required():
                 value = field.get_default(call_default_factory=True)
                 out[name] = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
-    elif dataclasses.is_dataclass(settings):
-        for f in dataclasses.fields(settings):
-            if f.default is not dataclasses.MISSING:
-                out[f.name] = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                out[f.name] = _as_dict(f.default_factory()) if dataclasses.is_dataclass(f.default_factory) else f.default_factory()
     return _flatten(json.loads(json.dumps(out, default=str)))
 
 
