@@ -1,11 +1,14 @@
 """The judge's HTTP layer: a thin FastAPI router over `JudgeService`.
 
-`build_app(settings)` is the factory (tests and `cai judge serve` both call it); the vLLM engine
-starts in `lifespan` and lives on `app.state`. Every error is an `ErrorResponse` JSON body with
-a type and a message - never a stack trace.
+`router` holds the routes; each reads the service, the constitution store and the metrics from
+`request.app.state`. The four judging operations (critique, revise, compare, score) each get a
+single-item route and a batch route from `_judging_routes`. `build_app(settings)` is the factory
+(tests and `cai judge serve` both call it); the engine starts in the lifespan. Every error is an
+`ErrorResponse` JSON body with a type and a message - never a stack trace.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: `_judging_routes` annotates each route's body with the
+# operation's request model, a variable, and FastAPI reads the body type from that annotation.
 
 import asyncio
 import hmac
@@ -13,12 +16,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from cai.constitution import UnknownPrincipleError
@@ -85,6 +90,13 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _Answer(Exception):
+    """Carries a ready error response out of `_run` to the exception handler."""
+
+    def __init__(self, response: JSONResponse):
+        self.response = response
+
+
 def start_engine(settings: ServerSettings) -> Engine:
     """The engine the settings ask for: vLLM in this process, or OpenAI-compatible servers."""
     if settings.backends.backend == "openai":
@@ -97,166 +109,162 @@ def start_engine(settings: ServerSettings) -> Engine:
 
 
 def build_app(settings: ServerSettings, engine_factory: Callable[[ServerSettings], Engine] = start_engine) -> FastAPI:
+    """The judge's app for these settings; its engine is `engine_factory(settings)`, started in the app's lifespan."""
     store = ConstitutionStore(settings.constitution)  # a bad file fails here, before the engine starts
-    metrics = Metrics()
-    api_key = settings.api_key.get_secret_value() if settings.api_key else None
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        engine = engine_factory(settings)
-        app.state.service = JudgeService(engine, store, settings.max_queue)
-        try:
-            # The first request through a fresh CPU engine is many times slower: pay it before serving. On a
-            # backend it checks the servers answer the model's log-probabilities before anything is admitted.
-            await app.state.service.compare(P.CompareRequest(prompt="Hi", response_a="Hello!", response_b="Hey."))
-            logger.info("judge ready: %s, constitution %s", engine.model_name, store.current().short_hash)
-            yield
-        finally:
-            await engine.aclose()
-
-    app = FastAPI(title="cai judge", version="1", lifespan=lifespan,
+    app = FastAPI(title="cai judge", version="1", lifespan=partial(_lifespan, engine_factory),
                   responses={code: {"model": P.ErrorResponse} for code in (401, 409, 413, 422, 429, 500, 502, 503)})
     app.state.settings = settings
     app.state.store = store
-    app.state.metrics = metrics
-
-    @app.middleware("http")
-    async def auth_and_metrics(request: Request, call_next):
-        started = time.perf_counter()
-        path = request.url.path
-        # Label metrics by route, not raw path: unknown paths would grow the label set without bound.
-        endpoint = path if path in {getattr(r, "path", None) for r in app.routes} else "other"
-        if api_key is not None and path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
-                metrics.requests.labels(endpoint, "401").inc()
-                return _error(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                              headers={"WWW-Authenticate": "Bearer"})
-        try:
-            response = await call_next(request)
-        except Exception:  # noqa: BLE001 - the last line of defence: log it, answer typed JSON
-            logger.exception("unhandled error on %s", path)
-            response = _error(500, "internal", "internal error in the judge; the server log has details")
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-        return response
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        errs = exc.errors()
-        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
-        if first.get("type") == "json_invalid":
-            detail = (first.get("ctx") or {}).get("error", "")
-            return _error(422, "invalid_request", f"body is not valid JSON: {detail}".rstrip(": "))
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
-        return _error(422, "invalid_request", f"{'.'.join(loc) or 'body'}: {first['msg']}{more}", field=".".join(loc) or None)
-
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException):
-        kinds = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
-        message = "could not parse the request body as UTF-8 JSON" if exc.status_code == 400 else str(exc.detail)
-        return _error(exc.status_code, kinds.get(exc.status_code, "invalid_request"), message)
-
-    async def run(request: Request, endpoint: str, items: int, work: Awaitable[R]) -> R:
-        """Admission, then the typed-error mapping every judging route shares."""
-        service: JudgeService = request.app.state.service
-        try:
-            with service.admit(items):
-                metrics.queue.set(service.pending)
-                result = await work
-        except OverloadedError as e:
-            work.close()
-            raise _Answer(_error(429, "overloaded", str(e), headers={"Retry-After": "1"})) from None
-        except ITEM_ERRORS as e:
-            status, body = _item_error(e)
-            raise _Answer(_error(status, body.type, body.message, body.field)) from None
-        finally:
-            metrics.queue.set(service.pending)
-        metrics.items.labels(endpoint).inc(items)
-        eng = service.engine
-        metrics.tokens.labels("prompt").set(eng.prompt_tokens_total)
-        metrics.tokens.labels("completion").set(eng.completion_tokens_total)
-        metrics.tokens.labels("cached").set(eng.cached_tokens_total)
-        return result
-
-    @app.exception_handler(_Answer)
-    async def _answer(request: Request, exc: _Answer):
-        return exc.response
-
-    def svc(request: Request) -> JudgeService:
-        return request.app.state.service
-
-    @app.post("/v1/critique", response_model=P.CritiqueResult)
-    async def critique(req: P.CritiqueRequest, request: Request):
-        return await run(request, "critique", 1, svc(request).critique(req))
-
-    @app.post("/v1/critique/batch", response_model=P.CritiqueBatchResult)
-    async def critique_batch(req: P.CritiqueBatch, request: Request):
-        s = svc(request)
-        return P.CritiqueBatchResult(results=await run(request, "critique", len(req.items), _all(s.critique, req.items)))
-
-    @app.post("/v1/revise", response_model=P.ReviseResult)
-    async def revise(req: P.ReviseRequest, request: Request):
-        return await run(request, "revise", 1, svc(request).revise(req))
-
-    @app.post("/v1/revise/batch", response_model=P.ReviseBatchResult)
-    async def revise_batch(req: P.ReviseBatch, request: Request):
-        s = svc(request)
-        return P.ReviseBatchResult(results=await run(request, "revise", len(req.items), _all(s.revise, req.items)))
-
-    @app.post("/v1/compare", response_model=P.CompareResult)
-    async def compare(req: P.CompareRequest, request: Request):
-        return await run(request, "compare", 1, svc(request).compare(req))
-
-    @app.post("/v1/compare/batch", response_model=P.CompareBatchResult)
-    async def compare_batch(req: P.CompareBatch, request: Request):
-        s = svc(request)
-        return P.CompareBatchResult(results=await run(request, "compare", len(req.items), _all(s.compare, req.items)))
-
-    @app.post("/v1/score", response_model=P.ScoreResult)
-    async def score(req: P.ScoreRequest, request: Request):
-        return await run(request, "score", 1, svc(request).score(req))
-
-    @app.post("/v1/score/batch", response_model=P.ScoreBatchResult)
-    async def score_batch(req: P.ScoreBatch, request: Request):
-        s = svc(request)
-        return P.ScoreBatchResult(results=await run(request, "score", len(req.items), _all(s.score, req.items)))
-
-    @app.get("/health", response_model=P.Health)
-    async def health(request: Request):
-        s = svc(request)
-        states = s.engine.backend_states()
-        return P.Health(status="ok", model=s.engine.model_name, constitution_hash=store.current().hash,
-                        queue_depth=s.pending, max_queue=s.max_queue,
-                        backends_up=sum(b["healthy"] for b in states) if states is not None else None,
-                        backends_total=len(states) if states is not None else None)
-
-    @app.get("/v1/constitution", response_model=P.ConstitutionInfo)
-    async def constitution():
-        c = store.current()
-        return P.ConstitutionInfo(name=c.name, hash=c.hash, path=str(store.path), reload_error=store.reload_error,
-                                  principles=[P.PrincipleInfo(**p.model_dump()) for p in c.principles])
-
-    @app.get("/v1/backends", response_model=list[P.BackendState])
-    async def backends(request: Request):
-        """With --backend openai: each backend's health and load (empty for the in-process engine)."""
-        return [P.BackendState(**state) for state in svc(request).engine.backend_states() or []]
-
-    @app.get("/metrics")
-    async def prometheus():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
+    app.state.metrics = Metrics()
+    app.middleware("http")(_auth_and_metrics)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, _http)
+    app.add_exception_handler(_Answer, _answer)
+    app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     return app
 
 
-class _Answer(Exception):
-    """Carries a ready error response out of `run` to the exception handler."""
+@asynccontextmanager
+async def _lifespan(engine_factory: Callable[[ServerSettings], Engine], app: FastAPI):
+    settings, store = app.state.settings, app.state.store
+    engine = engine_factory(settings)
+    app.state.service = JudgeService(engine, store, settings.max_queue)
+    try:
+        # The first request through a fresh CPU engine is many times slower: pay it before serving. On a
+        # backend it checks the servers answer the model's log-probabilities before anything is admitted.
+        await app.state.service.compare(P.CompareRequest(prompt="Hi", response_a="Hello!", response_b="Hey."))
+        logger.info("judge ready: %s, constitution %s", engine.model_name, store.current().short_hash)
+        yield
+    finally:
+        await engine.aclose()
 
-    def __init__(self, response: JSONResponse):
-        self.response = response
+
+async def _auth_and_metrics(request: Request, call_next):
+    started = time.perf_counter()
+    path = request.url.path
+    metrics: Metrics = request.app.state.metrics
+    api_key = request.app.state.settings.api_key
+    # Label metrics by route, not raw path: unknown paths would grow the label set without bound.
+    endpoint = path if path in {getattr(r, "path", None) for r in request.app.routes} else "other"
+    if api_key is not None and path not in OPEN_PATHS:
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.get_secret_value().encode()):
+            metrics.requests.labels(endpoint, "401").inc()
+            return _error(401, "unauthorized", "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                          headers={"WWW-Authenticate": "Bearer"})
+    try:
+        response = await call_next(request)
+    except Exception:  # noqa: BLE001 - the last line of defence: log it, answer typed JSON
+        logger.exception("unhandled error on %s", path)
+        response = _error(500, "internal", "internal error in the judge; the server log has details")
+    metrics.requests.labels(endpoint, str(response.status_code)).inc()
+    metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+    return response
+
+
+async def _invalid(request: Request, exc: RequestValidationError):
+    errs = exc.errors()
+    first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return _error(422, "invalid_request", f"body is not valid JSON: {detail}".rstrip(": "))
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+    return _error(422, "invalid_request", f"{'.'.join(loc) or 'body'}: {first['msg']}{more}", field=".".join(loc) or None)
+
+
+async def _http(request: Request, exc: HTTPException):
+    kinds = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+    message = "could not parse the request body as UTF-8 JSON" if exc.status_code == 400 else str(exc.detail)
+    return _error(exc.status_code, kinds.get(exc.status_code, "invalid_request"), message)
+
+
+async def _answer(request: Request, exc: _Answer):
+    return exc.response
+
+
+def _service(request: Request) -> JudgeService:
+    return request.app.state.service
+
+
+async def _run(request: Request, endpoint: str, items: int, work: Awaitable[R]) -> R:
+    """Admission, then the typed-error mapping every judging route shares."""
+    service = _service(request)
+    metrics: Metrics = request.app.state.metrics
+    try:
+        with service.admit(items):
+            metrics.queue.set(service.pending)
+            result = await work
+    except OverloadedError as e:
+        work.close()
+        raise _Answer(_error(429, "overloaded", str(e), headers={"Retry-After": "1"})) from None
+    except ITEM_ERRORS as e:
+        status, body = _item_error(e)
+        raise _Answer(_error(status, body.type, body.message, body.field)) from None
+    finally:
+        metrics.queue.set(service.pending)
+    metrics.items.labels(endpoint).inc(items)
+    eng = service.engine
+    metrics.tokens.labels("prompt").set(eng.prompt_tokens_total)
+    metrics.tokens.labels("completion").set(eng.completion_tokens_total)
+    metrics.tokens.labels("cached").set(eng.cached_tokens_total)
+    return result
+
+
+router = APIRouter()
+
+
+def _judging_routes(operation: str, item: type[BaseModel], result: type[BaseModel], batch: type[BaseModel],
+                    batch_result: type[BaseModel]) -> None:
+    """POST /v1/<operation> (one item: its error is the response's) and /v1/<operation>/batch (many: an item's own
+    error stands in its place) on `router`, both answered by `JudgeService.<operation>`."""
+
+    async def single(req: item, request: Request):
+        return await _run(request, operation, 1, getattr(_service(request), operation)(req))
+
+    async def many(req: batch, request: Request):
+        judge = getattr(_service(request), operation)
+        return batch_result(results=await _run(request, operation, len(req.items), _all(judge, req.items)))
+
+    router.add_api_route(f"/v1/{operation}", single, methods=["POST"], response_model=result, name=operation)
+    router.add_api_route(f"/v1/{operation}/batch", many, methods=["POST"], response_model=batch_result, name=f"{operation}_batch")
+
+
+_judging_routes("critique", P.CritiqueRequest, P.CritiqueResult, P.CritiqueBatch, P.CritiqueBatchResult)
+_judging_routes("revise", P.ReviseRequest, P.ReviseResult, P.ReviseBatch, P.ReviseBatchResult)
+_judging_routes("compare", P.CompareRequest, P.CompareResult, P.CompareBatch, P.CompareBatchResult)
+_judging_routes("score", P.ScoreRequest, P.ScoreResult, P.ScoreBatch, P.ScoreBatchResult)
+
+
+@router.get("/health", response_model=P.Health)
+async def health(request: Request):
+    s = _service(request)
+    states = s.engine.backend_states()
+    return P.Health(status="ok", model=s.engine.model_name, constitution_hash=request.app.state.store.current().hash,
+                    queue_depth=s.pending, max_queue=s.max_queue,
+                    backends_up=sum(b["healthy"] for b in states) if states is not None else None,
+                    backends_total=len(states) if states is not None else None)
+
+
+@router.get("/v1/constitution", response_model=P.ConstitutionInfo)
+async def constitution(request: Request):
+    store: ConstitutionStore = request.app.state.store
+    c = store.current()
+    return P.ConstitutionInfo(name=c.name, hash=c.hash, path=str(store.path), reload_error=store.reload_error,
+                              principles=[P.PrincipleInfo(**p.model_dump()) for p in c.principles])
+
+
+@router.get("/v1/backends", response_model=list[P.BackendState])
+async def backends(request: Request):
+    """With --backend openai: each backend's health and load (empty for the in-process engine)."""
+    return [P.BackendState(**state) for state in _service(request).engine.backend_states() or []]
+
+
+@router.get("/metrics")
+async def prometheus(request: Request):
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 ITEM_ERRORS = (UnknownPrincipleError, UnknownConstitutionError, PromptTooLongError, BackendError, BackendUnavailableError)
