@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from cai.cli_settings import flags_for
 from cai.constitution import DEFAULT_CONSTITUTION
 from cai.errors import CaiError
 from cai.models import DEFAULT_MODEL
@@ -78,16 +79,7 @@ class BackendSettings(BaseModel):
 
     def command_line(self) -> list[str]:
         """These settings as `cai judge serve` / `python -m judge_server` flags (nothing for the default in-process engine)."""
-        if self.backend == "vllm":
-            return []
-        args = []
-        for name in type(self).model_fields:  # the flag is the field's name, as settings_command makes it
-            value, flag = getattr(self, name), "--" + name.replace("_", "-")
-            if isinstance(value, bool):  # a switch: --name / --no-name
-                args.append(flag if value else "--no-" + flag[2:])
-            elif value is not None:
-                args += [flag, ",".join(value) if isinstance(value, list) else str(value)]
-        return args
+        return flags_for(self) if self.backend != "vllm" else []
 
 
 class InsecureBindError(CaiError, ValueError):
