@@ -1,13 +1,19 @@
-"""The package's layers, checked in a fresh interpreter: the judge service imports only cai's base modules,
-and the client side of the judge only its protocol."""
+"""The package's layers, checked in a fresh interpreter: the judge service (every module of `judge_server/`)
+imports only cai's base modules, and the client side of the judge only its protocol."""
 
 from __future__ import annotations
 
 import json
+import pkgutil
 import subprocess
 import sys
 
 import pytest
+
+import judge_server
+
+SERVICE_MODULES = ["judge_server", *(f"judge_server.{m.name}" for m in pkgutil.iter_modules(judge_server.__path__))]
+CAI_BASE_MODULES = {"cai", "cai.constitution", "cai.models", "cai.errors", "cai.cli_settings", "cai.config", "cai.server_process"}
 
 
 def loaded_after(*modules: str) -> set[str]:
@@ -17,12 +23,15 @@ def loaded_after(*modules: str) -> set[str]:
 
 
 def test_the_judge_service_imports_only_cais_base_modules():
-    loaded = loaded_after("judge_server.__main__", "judge_server.app", "judge_server.server", "judge_server.service")
-    cai = {m for m in loaded if m.startswith("cai")}
-    assert cai <= {"cai", "cai.constitution", "cai.models", "cai.errors", "cai.cli_settings", "cai.config",
-                   "cai.server_process"}, sorted(cai)
+    assert {"judge_server.__main__", "judge_server.app", "judge_server.server", "judge_server.service"} <= set(SERVICE_MODULES)
+    loaded = loaded_after(*SERVICE_MODULES)
+    assert {m for m in loaded if m.startswith("cai")} <= CAI_BASE_MODULES, sorted(loaded)
 
 
-@pytest.mark.parametrize("client", ["cai.judge_client", "cai.judge", "cai.train.rewards", "cai.evaluate", "cai.generate.sft"])
+@pytest.mark.parametrize("client", [
+    "cai.judge_client", "cai.judge_launcher", "cai.judge", "cai.train.rewards", "cai.evaluate", "cai.generate.sft",
+    pytest.param("cai.run_config", marks=pytest.mark.xfail(strict=True, reason="the run config's judge.backends is "
+                                                           "judge_server.settings.BackendSettings, a service module")),
+])
 def test_the_judge_client_side_imports_only_the_protocol(client):
     assert {m for m in loaded_after(client) if m.startswith("judge_server")} <= {"judge_server", "judge_server.protocol"}
