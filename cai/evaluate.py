@@ -23,12 +23,13 @@ import asyncio
 import json
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from cai import monitors, yardsticks
-from cai.constitution import DEFAULT_CONSTITUTION
+from cai.generate.common import DEFAULT_POLICY_BACKEND, PolicyBackend
+from cai.judge import JudgeSettings
 from cai.progress import progress_bar
 from cai.sycophancy import load_sycophancy_probes
 from cai.train import ppo_metrics as M
@@ -36,10 +37,8 @@ from cai.train import ppo_metrics as M
 logger = logging.getLogger(__name__)
 
 
-class EvalJob(BaseModel):
+class EvalJob(JudgeSettings):
     """Settings of one `cai eval` run (its command-line options are made from these fields)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     policy: str = Field(description="The trained policy: a model folder (e.g. a merged PPO or DPO model).")
     reference: str = Field(description="What it is compared with: usually the SFT model it started from.")
@@ -48,9 +47,6 @@ class EvalJob(BaseModel):
     prompts: str = Field(description="Held-out prompts (name or file; see `cai prompts list`), each marked harmful or benign: "
                          "a built-in set, or a file whose rows have \"kind\": \"harmful\" or \"benign\".")
     out: Path = Field(description="Output folder for eval.json and responses.jsonl.")
-    judge_url: str | None = Field(default=None, description="A running judge server; none starts one for judge_model.")
-    judge_model: str | None = Field(default=None, description="Judge model when starting one (default: the reference).")
-    constitution: str = Field(default=DEFAULT_CONSTITUTION, description="Constitution file or shipped name the judge uses.")
     limit: int | None = Field(default=None, ge=1, description="Use at most this many held-out prompts.")
     probes: int | None = Field(default=None, ge=1, description="Use the first N sycophancy probes (default all).")
     max_new_tokens: int = Field(default=128, ge=1, description="Longest answer of each model, in tokens.")
@@ -61,8 +57,8 @@ class EvalJob(BaseModel):
     human_pairs: str | None = Field(default=None, description="Human-labelled pairs (HH-RLHF chosen/rejected transcripts, or "
                                     "prompt/chosen/rejected rows), or hh-harmless (48 shipped HH-RLHF pairs): how often the judge agrees with the humans.")
     human_limit: int = Field(default=64, ge=1, description="Use at most this many of the human-labelled pairs.")
-    policy_backend: Literal["auto", "vllm", "transformers"] = Field(default="transformers", description="Answers sampled with transformers or vllm (auto: vllm "
-                                "when installed).")
+    policy_backend: PolicyBackend = Field(default=DEFAULT_POLICY_BACKEND, description="Answers sampled with transformers or vllm "
+                                          "(auto: vllm when installed).")
     seed: int = Field(default=0, description="Seeds the judge's principle draws and the intervals' bootstrap.")
     thresholds: monitors.Thresholds = Field(default_factory=dict, description="Per-monitor threshold overrides, e.g. "
                                                   "{verbosity: {max_growth: 2.0}} (in --config).")
@@ -82,30 +78,23 @@ def _answers(label: str, model: str, prompts: list[str], job: EvalJob) -> list[t
     return [(s[0].text, s[0].tokens) for s in samples]
 
 
-async def _compare(url: str, constitution, prompts: list[str], policy: list[str], reference: list[str], seed: int,
-                   chunk: int = 32) -> list:
+async def _judge(job: EvalJob, constitution_path: Path, prompts: list[str], policy: list[str], reference: list[str],
+                 labelled: list[dict]) -> tuple[list, list]:
+    """The judge's comparisons of policy (as A) and reference on each held-out prompt, and of the labelled pairs' chosen
+    (as A) and rejected answers."""
+    from cai.constitution import load_constitution
+    from cai.judge import compare_all, open_judge
     from judge_server import protocol as P
 
-    reqs = [P.CompareRequest(prompt=p, response_a=P.or_placeholder(a), response_b=P.or_placeholder(b), seed=seed + i)
+    ours = [P.CompareRequest(prompt=p, response_a=P.or_placeholder(a), response_b=P.or_placeholder(b), seed=job.seed + i)
             for i, (p, a, b) in enumerate(zip(prompts, policy, reference))]
-    return await _judged(url, constitution, reqs, "eval: judge comparisons", chunk)
-
-
-async def _judged(url: str, constitution, reqs: list, label: str, chunk: int = 32) -> list:
-    from cai.judge import Judge, first_error
-    from cai.judge_client import JudgeClient
-
-    results = []
-    async with JudgeClient(url) as client:
-        judge = await Judge.connect(client, None, constitution)  # refused if the server judges by another constitution
-        with progress_bar("pairs") as bar:
-            task = bar.add_task(label, total=len(reqs))
-            for i in range(0, len(reqs), chunk):  # in chunks, so the bar moves; the client batches each chunk
-                answers = await judge.compare_many(reqs[i:i + chunk])
-                first_error(answers)  # a win rate needs every comparison
-                results += answers
-                bar.update(task, advance=len(answers))
-    return results
+    humans = [P.CompareRequest(prompt=h["prompt"], response_a=h["chosen"], response_b=h["rejected"], seed=job.seed + i)
+              for i, h in enumerate(labelled)]
+    async with open_judge(job, constitution=load_constitution(constitution_path), constitution_path=constitution_path,
+                          default_model=job.reference, log_path=Path(job.out) / "judge.log") as judge:
+        results = await compare_all(judge, ours, "eval: judge comparisons")
+        human = await compare_all(judge, humans, "eval: judge on human-labelled pairs") if humans else []
+    return results, human
 
 
 def training_history(training: Path | None) -> tuple[list[dict], list[dict]]:
@@ -176,10 +165,8 @@ def human_agreement(results: list, labelled: list[dict]) -> dict:
 
 
 def run_eval(job: EvalJob) -> dict[str, Any]:
-    from cai.constitution import find_constitution, load_constitution
-    from cai.judge_launcher import judge_endpoint
+    from cai.constitution import find_constitution
     from cai.prompts import PromptSourceError, load_prompts, require_kinds
-    from judge_server import protocol as P
 
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,15 +194,7 @@ def run_eval(job: EvalJob) -> dict[str, Any]:
     table["paths"] = {"base": job.base, "reference": job.reference, "policy": job.policy}
 
     # 3. judged comparisons, and how far the judge can be trusted
-    constitution_path = find_constitution(job.constitution)
-    constitution = load_constitution(constitution_path)
-    with judge_endpoint(job.judge_url, model=job.judge_model or job.reference, constitution=constitution_path,
-                        log_path=out / "judge.log") as url:
-        results = asyncio.run(_compare(url, constitution, prompts, pol_text[:n], ref_text[:n], job.seed))
-        human = asyncio.run(_judged(url, constitution, [P.CompareRequest(prompt=h["prompt"], response_a=h["chosen"],
-                                                                         response_b=h["rejected"], seed=job.seed + i)
-                                                        for i, h in enumerate(labelled)], "eval: judge on human-labelled pairs")
-                            ) if labelled else []
+    results, human = asyncio.run(_judge(job, find_constitution(job.constitution), prompts, pol_text[:n], ref_text[:n], labelled))
     wins = [r.p_a for r in results]
     same = [r.same_position for r in results]
     deltas = [float(a - b) for (_, a), (_, b) in zip(policy[:n], reference[:n])]

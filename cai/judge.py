@@ -1,5 +1,8 @@
-"""The one connection to a judge that every stage uses: the generators, PPO, `cai eval` and the demo.
+"""The one connection to a judge that every stage uses: the generators, PPO, `cai eval`, `cai judge eval` and the demo.
 
+`open_judge(settings, ...)` is how a job gets one: the judge at `judge_url` or one started here for a
+model (`cai.judge_launcher`), a `JudgeClient` with the job's retries, the answer cache, and the
+constitution pinned. `JudgeConnection` and `JudgeSettings` are the settings every judged job shares.
 `Judge.connect(client, cache, constitution)` checks that the server serves the constitution the job
 was given (its hash) and pins every request to it; batch calls go through the content-addressed
 cache (`cai.judge_cache`), when one is given, and `JudgeClient`'s bounded concurrency and retries,
@@ -11,13 +14,38 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
-from cai.constitution import Constitution
+from pydantic import BaseModel, ConfigDict, Field
+
+from cai.constitution import DEFAULT_CONSTITUTION, Constitution
 from cai.errors import CaiError
 from cai.judge_cache import JudgeCache
 from cai.judge_client import JudgeClient, JudgeError
+from cai.judge_launcher import judge_endpoint
+from cai.progress import progress_bar
 from judge_server import protocol as P
+
+
+class JudgeConnection(BaseModel):
+    """Where a job's judge is and how hard to try reaching it: settings (and options) of every job that asks a judge."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    judge_url: str | None = Field(default=None, description="A running judge server; none starts one for judge_model on loopback.")
+    judge_model: str | None = Field(default=None, description="Model for a judge started here (default: the policy; in "
+                                    "`cai eval`, the reference).")
+    judge_retries: int = Field(default=6, ge=1, description="Tries per judge call on transport errors, 429 and 503 (back-off "
+                               "with jitter); raise it to ride out a judge restart within one run.")
+
+
+class JudgeSettings(JudgeConnection):
+    """A judge connection and the one constitution the job judges by."""
+
+    constitution: str = Field(default=DEFAULT_CONSTITUTION, description="Constitution file or shipped name; a judge given by URL "
+                              "must serve the same one.")
 
 
 class ConstitutionMismatchError(CaiError, ValueError):
@@ -76,6 +104,45 @@ class Judge:
         return await self._many("score", self.client.score_many, reqs, P.ScoreResult)
 
 
+@asynccontextmanager
+async def open_judge(conn: JudgeConnection, *, constitution: Constitution | None, constitution_path: str | Path | None = None,
+                     default_model: str | None = None, cache: Path | None = None, log_path: Path | None = None,
+                     api_key: str | None = None) -> AsyncIterator[Judge]:
+    """A `Judge` connected and pinned to `constitution` (None: to the one the server serves now), caching its answers in
+    the file `cache` when given.
+
+    The judge is the one at `conn.judge_url` or, without a URL, one started here for `conn.judge_model` (else
+    `default_model`) on `constitution_path`, its output in `log_path`, stopped on exit.
+    """
+    model = conn.judge_model or default_model
+    if not conn.judge_url and (model is None or constitution_path is None):
+        raise ValueError(f"open_judge: no judge_url, so a judge is started here, which needs a model (got {model!r}) and a "
+                         f"constitution file (got {constitution_path!r})")
+    cached = JudgeCache(cache) if cache is not None else None  # a bad cache path is refused before a judge starts
+    try:
+        # Starting a judge of our own blocks this loop until it answers; nothing else runs on it yet.
+        with judge_endpoint(conn.judge_url, model=model, constitution=constitution_path, log_path=log_path) as url:
+            async with JudgeClient(url, api_key=api_key, max_retries=conn.judge_retries) as client:
+                yield await Judge.connect(client, cached, constitution)
+    finally:
+        if cached is not None:
+            cached.close()
+
+
+async def compare_all(judge: Judge, reqs: Sequence[P.CompareRequest], label: str, *, chunk: int = 32) -> list[P.CompareResult]:
+    """Every comparison of `reqs` through `judge`, in chunks so the progress bar moves (the client batches each chunk);
+    raises the first `JudgeError`, for figures that need every pair judged (a win rate, an agreement)."""
+    results: list[P.CompareResult] = []
+    with progress_bar("pairs") as bar:
+        task = bar.add_task(label, total=len(reqs))
+        for i in range(0, len(reqs), chunk):
+            answers = await judge.compare_many(reqs[i:i + chunk])
+            first_error(answers)
+            results += answers
+            bar.update(task, advance=len(answers))
+    return results
+
+
 def first_error(results: Sequence) -> None:
     """Raise the first JudgeError among batch results (for callers that cannot go on without every answer)."""
     for r in results:
@@ -92,12 +159,10 @@ class SyncJudge:
         self._thread = threading.Thread(target=self._loop.run_forever, name="cai-judge", daemon=True)
         self._thread.start()
         self.url = url
-
-        async def connect() -> Judge:
-            return await Judge.connect(JudgeClient(url, api_key=api_key), None, constitution)
-
+        self._opened = AsyncExitStack()
         try:
-            self.judge = self._run(connect())
+            self.judge = self._run(self._opened.enter_async_context(
+                open_judge(JudgeConnection(judge_url=url), constitution=constitution, api_key=api_key)))
         except BaseException:
             self._stop_loop()
             raise
@@ -110,7 +175,7 @@ class SyncJudge:
 
     def close(self) -> None:
         if self._thread.is_alive():
-            self._run(self.judge.client.aclose())
+            self._run(self._opened.aclose())
             self._stop_loop()
 
     def _stop_loop(self) -> None:

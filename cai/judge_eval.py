@@ -35,12 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from cai import yardsticks
 from cai.constitution import DEFAULT_CONSTITUTION
 from cai.errors import CaiError
 from cai.files import write_text_atomic
+from cai.judge import JudgeConnection
 from cai.models import DEFAULT_MODEL
 
 logger = logging.getLogger(__name__)
@@ -48,20 +49,17 @@ logger = logging.getLogger(__name__)
 ECE_BINS = 10
 
 
-class JudgeEvalJob(BaseModel):
+class JudgeEvalJob(JudgeConnection):
     """Settings of one `cai judge eval` run (its command-line options are made from these fields)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     pairs: str = Field(default="hh-harmless", description="Human-labelled pairs: HH-RLHF chosen/rejected transcripts, "
                        "prompt/chosen/rejected rows (optional p_chosen: the share of people preferring chosen), "
                        "or hh-harmless (48 shipped HH-RLHF pairs).")
     constitutions: list[str] = Field(default=[DEFAULT_CONSTITUTION], min_length=1, max_length=8,
-                                     description="Constitution files or shipped names, compared side by side (comma-separated).")
+                                     description="Constitution files or shipped names, compared side by side (comma-separated); "
+                                     "a judge given by judge_url serves one, so only one then.")
     out: Path = Field(description="Output folder for judge-eval.json, judged.jsonl and judge-eval.html.")
     judge_model: str = Field(default=DEFAULT_MODEL, description="The judge model; a judge is started for each constitution.")
-    judge_url: str | None = Field(default=None, description="A running judge server instead (it serves one constitution, so "
-                                  "only one may be given).")
     limit: int = Field(default=64, ge=1, description="Use at most this many pairs (seeded order).")
     each_principle: bool = Field(default=False, description="Judge every pair under every principle (slower); default: one "
                                  "principle drawn per pair, as `cai generate prefs` does.")
@@ -156,34 +154,19 @@ def _requests(pairs: list[dict], chosen_first: list[bool], principle_ids: list[s
     return reqs
 
 
-async def _ask(url: str, constitution, reqs: list, cache_path: Path, label: str, chunk: int = 16) -> list:
-    from cai.judge import Judge, first_error
-    from cai.judge_cache import JudgeCache
-    from cai.judge_client import JudgeClient
-    from cai.progress import progress_bar
+def _judge_one(job: JudgeEvalJob, name: str, constitution, constitution_path: Path, pairs: list[dict], chosen_first: list[bool],
+               out: Path, cache_path: Path) -> list[dict]:
+    from cai.judge import compare_all, open_judge
 
-    cache = JudgeCache(cache_path)
-    results: list = []
-    try:
-        async with JudgeClient(url) as client:
-            judge = await Judge.connect(client, cache, constitution)  # refused if the server judges by another constitution
-            with progress_bar("pairs") as bar:
-                task = bar.add_task(label, total=len(reqs))
-                for i in range(0, len(reqs), chunk):
-                    answers = await judge.compare_many(reqs[i:i + chunk])
-                    first_error(answers)  # agreement needs every pair judged
-                    results += answers
-                    bar.update(task, advance=len(answers))
-    finally:
-        cache.close()
-    return results
-
-
-def _judge_one(job: JudgeEvalJob, name: str, constitution, pairs: list[dict], chosen_first: list[bool], url: str,
-               cache_path: Path) -> list[dict]:
     ids = [p.id for p in constitution.principles] if job.each_principle else None
-    results = asyncio.run(_ask(url, constitution, _requests(pairs, chosen_first, ids, job.seed), cache_path,
-                               f"judge eval: {constitution.name}"))
+
+    async def ask() -> list:
+        async with open_judge(job, constitution=constitution, constitution_path=constitution_path, cache=cache_path,
+                              log_path=out / "judge.log") as judge:
+            return await compare_all(judge, _requests(pairs, chosen_first, ids, job.seed), f"judge eval: {constitution.name}",
+                                     chunk=16)
+
+    results = asyncio.run(ask())
     per_pair = len(ids) if ids else 1
     rows = []
     for i, (pair, first) in enumerate(zip(pairs, chosen_first)):
@@ -205,7 +188,6 @@ def _judge_one(job: JudgeEvalJob, name: str, constitution, pairs: list[dict], ch
 def run_judge_eval(job: JudgeEvalJob) -> dict[str, Any]:
     from cai.constitution import find_constitution, load_constitution
     from cai.evaluate import human_pairs
-    from cai.judge_launcher import judge_endpoint
     from cai.models import cache_dir
 
     if job.judge_url and len(job.constitutions) > 1:
@@ -224,8 +206,7 @@ def run_judge_eval(job: JudgeEvalJob) -> dict[str, Any]:
     chosen_first = _placements(pairs, job.seed)
     judged: dict[str, list[dict]] = {}
     for name, constitution in constitutions.items():
-        with judge_endpoint(job.judge_url, model=job.judge_model, constitution=paths[name], log_path=out / "judge.log") as url:
-            judged[name] = _judge_one(job, name, constitution, pairs, chosen_first, url, cache_path)
+        judged[name] = _judge_one(job, name, constitution, paths[name], pairs, chosen_first, out, cache_path)
     report = {name: {"hash": rows[0]["constitution_hash"], "model": rows[0]["model"], **figures(rows, job.seed)}
               for name, rows in judged.items()}
     first = job.constitutions[0]

@@ -191,6 +191,21 @@ def test_summary_figures_by_hand():
     assert s["mean_chars_chosen"] == 6.0 and s["mean_chars_rejected"] == 4.0
 
 
+def test_a_run_folder_pinned_before_the_judge_settings_were_shared_still_resumes(tmp_path):
+    """run.json as `cai generate sft` wrote it when GenerationJob declared its judge fields itself (another key order)."""
+    from cai.pinning import pin_settings
+
+    old = {"prompts": "p", "policy": "smollm2-135m-instruct", "constitution": "harmless-helpful", "judge_model": None,
+           "limit": None, "seed": 0, "sampling": {"max_new_tokens": 128, "temperature": 0.7, "top_p": 0.95}, "rounds": 2,
+           "critique_tokens": 160, "revision_tokens": 192, "constitution_hash": "h" * 64}
+    (tmp_path / "run.json").write_text(json.dumps(old, indent=2))
+    job = SftJob(prompts="p", out=tmp_path, judge_url="http://127.0.0.1:9", judge_retries=2)  # transient: not pinned
+    pin_settings(tmp_path, job, exclude=job.TRANSIENT, extra={"constitution_hash": "h" * 64})
+    with pytest.raises(RunMismatchError, match="judge_model: was None, now 'other'"):
+        pin_settings(tmp_path, job.model_copy(update={"judge_model": "other"}), exclude=job.TRANSIENT,
+                     extra={"constitution_hash": "h" * 64})
+
+
 # -- end to end against the session's judge ------------------------------------------------
 
 

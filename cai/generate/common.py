@@ -15,14 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from cai import __version__
-from cai.constitution import DEFAULT_CONSTITUTION, Constitution, find_constitution, load_constitution
-from cai.judge import Judge
-from cai.judge_cache import JudgeCache
-from cai.judge_client import JudgeClient, JudgeError, JudgeItemError
-from cai.judge_launcher import judge_endpoint
+from cai.constitution import Constitution, find_constitution, load_constitution
+from cai.judge import Judge, JudgeSettings, open_judge
+from cai.judge_client import JudgeError, JudgeItemError
 from cai.models import DEFAULT_MODEL, cache_dir
 from cai.pinning import pin_settings
 from cai.policy import SamplingConfig, load_policy
@@ -33,30 +31,28 @@ from cai.rowlog import RowLog
 logger = logging.getLogger(__name__)
 
 
-class GenerationJob(BaseModel):
+PolicyBackend = Literal["auto", "vllm", "transformers"]
+"""How a job samples its models' answers (`cai.policy.load_policy`): vLLM, transformers, or auto (vLLM when installed)."""
+
+DEFAULT_POLICY_BACKEND: PolicyBackend = "auto"
+
+
+class GenerationJob(JudgeSettings):
     """Settings both generators share (each adds its own); pinned in OUT/run.json but for the transient ones.
     `cai generate sft|prefs` make their options from these fields."""
-
-    model_config = ConfigDict(extra="forbid")
 
     prompts: str = Field(description="Prompt source: built-in set(s), JSONL or datasets folder; join with '+'.")
     out: Path = Field(description="Output folder: progress.jsonl (the resumable log), NAME.jsonl, dataset/, summary.json, "
                       "run.json. Rerun the same command to resume a killed run.")
     policy: str = Field(default=DEFAULT_MODEL, description="Model that writes the responses (folder, hub id or embedded name).")
-    constitution: str = Field(default=DEFAULT_CONSTITUTION, description="Constitution file or shipped name; a judge given by URL "
-                              "must serve the same one.")
-    judge_url: str | None = Field(default=None, description="A running judge; none starts one for judge_model on loopback.")
-    judge_model: str | None = Field(default=None, description="Model for a judge started here (default: the policy).")
     limit: int | None = Field(default=None, ge=0, description="Use only N prompts (after the seeded shuffle).")
     seed: int = Field(default=0, description="Seeds prompt order, principle draws and sampling.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Policy sampling.")
     chunk_size: int = Field(default=8, ge=1, description="Prompts per policy batch; rows are written per chunk.")
-    policy_backend: Literal["auto", "vllm", "transformers"] = Field(default="auto", description="Policy sampling: vllm, "
-                                                                    "transformers, or auto (vLLM when installed).")
+    policy_backend: PolicyBackend = Field(default=DEFAULT_POLICY_BACKEND, description="Policy sampling: vllm, transformers, or "
+                                          "auto (vLLM when installed).")
     judge_cache: Path | None = Field(default=None, description="SQLite cache of judge answers (default "
                                      "~/.cache/cai/judge-cache.sqlite); reruns don't ask twice.")
-    judge_retries: int = Field(default=6, ge=1, description="Tries per judge call on transport errors, 429 and 503 (back-off "
-                               "with jitter); raise it to ride out a judge restart within one run.")
 
     TRANSIENT: ClassVar[tuple[str, ...]] = ("out", "judge_url", "judge_cache", "chunk_size", "policy_backend", "judge_retries")
     """Settings a resumed run may change (where it runs, not what it makes): left out of run.json."""
@@ -95,9 +91,7 @@ def run_generation(job: GenerationJob, name: str, *, pending: Callable[[RowLog, 
         if todo:
             policy = load_policy(job.policy, backend=job.policy_backend, batch_size=job.chunk_size)
             try:
-                with judge_endpoint(job.judge_url, model=job.judge_model or job.policy, constitution=constitution_path,
-                                    log_path=job.out / "judge.log") as url:
-                    failures = asyncio.run(_loop(job, name, url, constitution, todo, policy, log, timers, step))
+                failures = asyncio.run(_loop(job, name, constitution_path, constitution, todo, policy, log, timers, step))
             finally:
                 policy.close()
         path, n_ok = write_outputs(log, job.out, name, select)
@@ -107,20 +101,16 @@ def run_generation(job: GenerationJob, name: str, *, pending: Callable[[RowLog, 
     return summary, rows
 
 
-async def _loop(job, name, url, constitution, todo, policy, log, timers, step) -> int:
-    cache = JudgeCache(job.judge_cache or cache_dir() / "judge-cache.sqlite")
+async def _loop(job, name, constitution_path, constitution, todo, policy, log, timers, step) -> int:
     failures = 0
-    try:
-        async with JudgeClient(url, max_retries=job.judge_retries) as client:
-            judge = await Judge.connect(client, cache, constitution)
-            with progress_bar("prompts") as bar:
-                task = bar.add_task(f"{name}: prompts", total=len(todo))
-                for start in range(0, len(todo), job.chunk_size):
-                    chunk = todo[start:start + job.chunk_size]
-                    failures += await step(Chunk(chunk, job, constitution, judge, policy, log, timers))
-                    bar.update(task, advance=len(chunk))
-    finally:
-        cache.close()
+    async with open_judge(job, constitution=constitution, constitution_path=constitution_path, default_model=job.policy,
+                          cache=job.judge_cache or cache_dir() / "judge-cache.sqlite", log_path=job.out / "judge.log") as judge:
+        with progress_bar("prompts") as bar:
+            task = bar.add_task(f"{name}: prompts", total=len(todo))
+            for start in range(0, len(todo), job.chunk_size):
+                chunk = todo[start:start + job.chunk_size]
+                failures += await step(Chunk(chunk, job, constitution, judge, policy, log, timers))
+                bar.update(task, advance=len(chunk))
     return failures
 
 
