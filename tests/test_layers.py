@@ -1,5 +1,6 @@
 """The package's layers, checked in a fresh interpreter: the judge service (every module of `judge_server/`)
-imports only cai's base modules, and the client side of the judge only its protocol."""
+imports only cai's base modules; the client side of the judge only its protocol; the side that starts a judge
+from a config also its settings (to write the judge's command line), never its engine, app or service."""
 
 from __future__ import annotations
 
@@ -30,8 +31,13 @@ def test_the_judge_service_imports_only_cais_base_modules():
 
 @pytest.mark.parametrize("client", [
     "cai.judge_client", "cai.judge_launcher", "cai.judge", "cai.train.rewards", "cai.evaluate", "cai.generate.sft",
-    pytest.param("cai.run_config", marks=pytest.mark.xfail(strict=True, reason="the run config's judge.backends is "
-                                                           "judge_server.settings.BackendSettings, a service module")),
 ])
 def test_the_judge_client_side_imports_only_the_protocol(client):
     assert {m for m in loaded_after(client) if m.startswith("judge_server")} <= {"judge_server", "judge_server.protocol"}
+
+
+@pytest.mark.parametrize("starter", ["cai.run_config", "cai.pipeline"])
+def test_what_starts_a_judge_from_a_config_imports_its_settings_not_its_engine(starter):
+    """`cai run`'s judge.backends is the service's own BackendSettings, written back as flags (`flags_for`)."""
+    loaded = {m for m in loaded_after(starter) if m.startswith("judge_server")}
+    assert loaded <= {"judge_server", "judge_server.protocol", "judge_server.settings"}, sorted(loaded)
