@@ -5,30 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from cai.errors import ConfigError
 from cai.train.precision import PRECISION_HELP, Precision
+from cai.train.settings import LoraSettings, OptimiserSettings
 
 
 TrainConfigError = ConfigError
 """A training config that can't be used (the name trainers' callers know); the message names the file and field."""
 
 
-class TrainSettings(BaseModel):
+class TrainSettings(OptimiserSettings, LoraSettings):
     """How SFT, a reward model or DPO trains: every setting with its default (what a `cai run` config's
-    `sft:`, `rm:` and `rl.dpo:` sections hold)."""
-
-    model_config = ConfigDict(extra="forbid")
+    `sft:`, `rm:` and `rl.dpo:` sections hold); the LoRA and optimiser settings are those PPO shares."""
 
     eval_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, description="Held-out share of the rows (seeded split).")
     lora: bool = Field(default=True, description="Train a LoRA adapter (peft); false (--full) trains all weights.",
                        json_schema_extra={"cli": "--lora/--full"})
-    lora_r: int = Field(default=8, ge=1, description="LoRA rank.")
-    lora_alpha: int = Field(default=16, ge=1, description="LoRA alpha (the adapter's scale is alpha / r).")
-    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA adapter's input.")
-    lora_target_modules: list[str] | str = Field(default="all-linear", description="Modules to adapt: all-linear, or names "
-                                                 "(comma-separated on the command line), e.g. q_proj,v_proj.")
     lr: float = Field(default=1e-4, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
     batch_size: int = Field(default=4, ge=1, description="Rows (pairs for rm/dpo) per micro-batch.")
@@ -36,7 +30,6 @@ class TrainSettings(BaseModel):
     epochs: int = Field(default=1, ge=1, description="Passes over the training rows.")
     max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimiser steps.")
     max_length: int = Field(default=512, ge=8, description="Tokens per sequence (prompt + response).")
-    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient-norm clip.")
     beta: float = Field(default=0.1, gt=0, description="dpo: the KL strength beta.")
     rpo_alpha: float = Field(default=0.0, ge=0, description="dpo: weight of the preferred answers' NLL added to the loss (RPO; "
                              "TRL's rpo_alpha, 1.0 in its paper): a token mean over the preferred answers of the whole optimiser step "

@@ -59,8 +59,7 @@ from cai.train.checkpoint import (has_checkpoint, is_sharded, launch_record, loa
                                   truncate_log)
 from cai.train.losses import masked_mean, token_logprobs
 from cai.train.ppo_config import PPOConfig
-from cai.train.ppo_math import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_penalised_rewards,
-                                kl_per_token, masked_whiten, policy_loss, value_loss)
+from cai.train.ppo_math import entropy_from_logits, gae, kl_penalised_rewards, kl_per_token, masked_whiten, policy_loss, value_loss
 from cai.train.ppo_policy import PolicyWithValue
 from cai.train.ppo_rollout import sample
 from cai.train.precision import autocast, uses_bf16
@@ -119,8 +118,7 @@ class PPOTrainer:
         self.sharded = is_sharded(self.model)
         if cfg.merged_rollouts and (self.sharded or uses_bf16(cfg.precision, self.device)):  # see ppo_rollout.merged_adapter
             logger.info("ppo: weights sharded (FSDP) or in bf16: rollouts sample through the unmerged adapter")
-        self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
-                       else FixedKLController(cfg.kl_coef))
+        self.kl_ctl = cfg.controller()
         self.queries = [self._encode_query(p) for p in prompts]
 
     def close(self) -> None:

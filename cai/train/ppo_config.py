@@ -1,20 +1,47 @@
-"""PPO's settings in one place: `PPOSettings` (what a `cai run` config's `rl.ppo:` section holds) and
-`PPOConfig`, one `cai train ppo` run (the settings plus the starting policy, reward, prompts and output).
+"""PPO's settings in one place: `KLSettings` (the KL penalty, one typed piece), `PPOSettings` (what a
+`cai run` config's `rl.ppo:` section holds) and `PPOConfig`, one `cai train ppo` run (the settings plus
+the starting policy, reward, prompts and output).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cai.train.precision import PRECISION_HELP, Precision
+from cai.train.settings import LoraSettings, OptimiserSettings
+
+if TYPE_CHECKING:
+    from cai.train.ppo_math import AdaptiveKLController, FixedKLController
 
 
-class PPOSettings(BaseModel):
-    """How PPO trains; every setting with its default."""
+class KLSettings(BaseModel):
+    """The KL penalty against the reference policy: its estimator and coefficient, fixed or adaptive."""
 
     model_config = ConfigDict(extra="forbid")
+
+    kl_coef: float = Field(default=0.05, ge=0, description="Initial KL penalty coefficient.")
+    kl_estimator: Literal["k1", "k3"] = Field(default="k1", description="Per-token KL estimator folded into the rewards.")
+    adaptive_kl: bool = Field(default=False, description="Adapt kl_coef towards kl_target (Ziegler et al.).",
+                              json_schema_extra={"cli": "--adaptive-kl/--fixed-kl"})
+    kl_target: float = Field(default=6.0, gt=0, description="Target KL per sequence (nats) for adaptive_kl.")
+    kl_horizon: int = Field(default=10000, ge=1, description="Adaptive controller's horizon in samples.")
+
+    def controller(self) -> FixedKLController | AdaptiveKLController:
+        """The coefficient's controller: adaptive towards kl_target (Ziegler et al.) or fixed at kl_coef."""
+        from cai.train.ppo_math import AdaptiveKLController, FixedKLController
+
+        if self.adaptive_kl:
+            return AdaptiveKLController(self.kl_coef, self.kl_target, self.kl_horizon)
+        return FixedKLController(self.kl_coef)
+
+
+class PPOSettings(OptimiserSettings, LoraSettings, KLSettings):
+    """How PPO trains; every setting with its default. The LoRA and optimiser settings are those the other
+    trainers share; LoRA dropout, like the model's own dropout, is off in every PPO pass, so the update's
+    ratio pi/pi_old is 1 before the first step.
+    """
 
     gold_judge_every: int = Field(default=0, ge=0, description="Every N iterations also score the samples with the judge "
                                   "(eval/judge_score) to watch for reward hacking; 0 = never.")
@@ -29,12 +56,6 @@ class PPOSettings(BaseModel):
                                            "passes run out of memory.")
     response_length: int = Field(default=64, ge=1, description="Most tokens per response.")
     temperature: float = Field(default=1.0, gt=0, description="Sampling temperature (log-probs use the same).")
-    kl_coef: float = Field(default=0.05, ge=0, description="Initial KL penalty coefficient.")
-    kl_estimator: Literal["k1", "k3"] = Field(default="k1", description="Per-token KL estimator folded into the rewards.")
-    adaptive_kl: bool = Field(default=False, description="Adapt kl_coef towards kl_target (Ziegler et al.).",
-                              json_schema_extra={"cli": "--adaptive-kl/--fixed-kl"})
-    kl_target: float = Field(default=6.0, gt=0, description="Target KL per sequence (nats) for adaptive_kl.")
-    kl_horizon: int = Field(default=10000, ge=1, description="Adaptive controller's horizon in samples.")
     gamma: float = Field(default=1.0, ge=0, le=1, description="Discount over the response tokens.")
     lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda.")
     cliprange: float = Field(default=0.2, gt=0, description="Policy ratio clip epsilon.")
@@ -45,13 +66,6 @@ class PPOSettings(BaseModel):
     missing_eos_penalty: float | None = Field(default=1.0, description="Subtracted from the score of responses cut at "
                                               "response_length without EOS; null = no penalty.")
     lr: float = Field(default=5e-5, gt=0, description="AdamW learning rate (adapter and value head).")
-    lora_r: int = Field(default=8, ge=1, description="LoRA rank.")
-    lora_alpha: int = Field(default=16, ge=1, description="LoRA alpha (the adapter's scale is alpha / r).")
-    lora_target_modules: list[str] | str = Field(default="all-linear", description="Modules to adapt: all-linear, or names "
-                                                 "(comma-separated on the command line), e.g. q_proj,v_proj.")
-    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="LoRA dropout; like the model's own dropout it is off in "
-                                "every PPO pass, so the update's ratio pi/pi_old is 1 before the first step.")
-    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient-norm clip.")
     checkpoint_every: int = Field(default=10, ge=1, description="Iterations between checkpoints (resumable).")
     log_samples_every: int = Field(default=10, ge=1, description="Iterations between sample rows in samples.jsonl and the log.")
     rollout_backend: Literal["transformers", "vllm"] = Field(default="transformers", description="Who samples the rollouts: "

@@ -57,7 +57,7 @@ def load_policy(cfg: PPOConfig, device: torch.device):
     """(policy, tokenizer) for `cfg.model`: LoRA and the value head initialised from `cfg.seed`, on `device`,
     in eval mode: dropout stays off in every PPO pass, sampling and update alike (as in TRL and
     summarize_from_feedback); with it on in the update only, pi/pi_old != 1 before any step."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     from cai.models import load_tokenizer, resolve_model
@@ -69,8 +69,7 @@ def load_policy(cfg: PPOConfig, device: torch.device):
     # The base is frozen (and also the reference): bf16 under bf16 autocast; adapter and value head float32.
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=base_dtype(cfg.precision, device, frozen=True))
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
-    lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.lora_target_modules)
-    policy = trainable_in_fp32(PolicyWithValue(get_peft_model(lm, lora), lm.config.hidden_size)).to(device)
+    policy = PolicyWithValue(get_peft_model(lm, cfg.peft_config("CAUSAL_LM")), lm.config.hidden_size)
+    policy = trainable_in_fp32(policy).to(device)
     policy.eval()
     return policy, tokenizer

@@ -47,15 +47,13 @@ def build_task(cfg: TrainConfig, out: Path) -> Task:
 
 
 def _lora(cfg: TrainConfig, model, task_type: str):
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     from cai.train.precision import trainable_in_fp32
 
     if not cfg.lora:
         return model
-    lora = LoraConfig(task_type=task_type, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.lora_target_modules)
-    return trainable_in_fp32(get_peft_model(model, lora))
+    return trainable_in_fp32(get_peft_model(model, cfg.peft_config(task_type)))
 
 
 def _base_dtype(cfg: TrainConfig) -> torch.dtype:
