@@ -207,7 +207,7 @@ def prefs(run: Run) -> dict:
     its labels say more about position than quality, and the stage says to use the revision pairs."""
     from cai import monitors
     from cai.generate.common import write_rows
-    from cai.generate.prefs import PrefsJob, generate_prefs
+    from cai.generate.prefs import PREFS_TEMPERATURE, PrefsJob, generate_prefs
     from cai.policy import SamplingConfig
     from cai.train.data import load_rows
 
@@ -218,7 +218,7 @@ def prefs(run: Run) -> dict:
         summary["judge"] = generate_prefs(PrefsJob(
             prompts=run.prompt_file("prefs"), out=out, policy=run.sft_model, judge_model=c.judge.model or c.model,
             constitution=c.judge.constitution, judge_url=run.judge_url, samples=c.prefs.samples, n_principles=c.prefs.n_principles,
-            seed=c.seed, sampling=SamplingConfig(max_new_tokens=c.prefs.max_new_tokens, temperature=1.0),
+            seed=c.seed, sampling=SamplingConfig(max_new_tokens=c.prefs.max_new_tokens, temperature=PREFS_TEMPERATURE),
             policy_backend=c.policy_backend))
         judged = load_rows(out / "prefs.jsonl")
         rows += [{**{k: r[k] for k in PAIR_COLUMNS}, "source": "judge"} for r in judged]

@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import math
+
 from pydantic import Field, field_validator
 
 from cai.errors import ConfigError
@@ -26,16 +27,21 @@ from judge_server import protocol as P
 logger = logging.getLogger(__name__)
 
 
+PREFS_TEMPERATURE = 1.0
+"""The policy's default sampling temperature for pairs: diverse samples make informative pairs."""
+
+
 class PrefsJob(GenerationJob):
     """Settings of one `cai generate prefs` run."""
 
-    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=1.0),
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=PREFS_TEMPERATURE),
                                      description="Policy sampling (diverse samples make informative pairs).")
+
     @field_validator("sampling", mode="before")
     @classmethod
     def _diverse_by_default(cls, given):
-        """Sampling given in part (say only max_new_tokens) still samples at temperature 1.0 unless it says otherwise."""
-        return {"temperature": 1.0, **given} if isinstance(given, dict) else given
+        """Sampling given in part (say only max_new_tokens) still samples at PREFS_TEMPERATURE unless it says otherwise."""
+        return {"temperature": PREFS_TEMPERATURE, **given} if isinstance(given, dict) else given
 
     samples: int = Field(default=2, ge=2, description="K responses per prompt; every distinct pair is labelled.")
     n_principles: int = Field(default=1, ge=1, description="Principles ensembled per comparison (sampled per pair, seeded).")
