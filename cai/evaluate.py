@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import Field
 
-from cai import monitors, yardsticks
+from cai import intervals, monitors, yardsticks
 from cai.generate.common import DEFAULT_POLICY_BACKEND, PolicyBackend
 from cai.judge import JudgeSettings
 from cai.progress import progress_bar
@@ -161,7 +161,7 @@ def human_agreement(results: list, labelled: list[dict]) -> dict:
     tie counting half, as `cai judge eval` counts it; with its Wilson interval."""
     from cai.judge_eval import agreement
 
-    return yardsticks.rate([agreement(r.p_a, pair.get("p_chosen", 1.0)) for r, pair in zip(results, labelled, strict=True)]).as_dict()
+    return intervals.rate([agreement(r.p_a, pair.get("p_chosen", 1.0)) for r, pair in zip(results, labelled, strict=True)]).as_dict()
 
 
 def run_eval(job: EvalJob) -> dict[str, Any]:
@@ -199,9 +199,9 @@ def run_eval(job: EvalJob) -> dict[str, Any]:
     same = [r.same_position for r in results]
     deltas = [float(a - b) for (_, a), (_, b) in zip(policy[:n], reference[:n])]
     hard = sum(w > 0.5 for w in wins) + 0.5 * sum(w == 0.5 for w in wins)
-    low, high = monitors.wilson_interval(round(hard), n)
-    trust = {"same_position": yardsticks.rate(same).as_dict(),
-             "option_mass": yardsticks.mean([r.option_mass for r in results], seed=job.seed).as_dict(),
+    low, high = intervals.wilson_interval(round(hard), n)
+    trust = {"same_position": intervals.rate(same).as_dict(),
+             "option_mass": intervals.mean([r.option_mass for r in results], seed=job.seed).as_dict(),
              "human_agreement": human_agreement(human, labelled) if human else None,
              "human_pairs": job.human_pairs}
     # 4. monitors

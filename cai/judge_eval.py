@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from cai import yardsticks
+from cai import intervals
 from cai.constitution import DEFAULT_CONSTITUTION
 from cai.errors import CaiError
 from cai.files import write_text_atomic
@@ -104,11 +104,11 @@ def agreement(p_judge_chosen: float, p_people_chosen: float) -> float:
     return float((p_judge_chosen > 0.5) == (p_people_chosen >= 0.5))
 
 
-def _bootstrapped(statistic, n: int, seed: int) -> yardsticks.Estimate:
+def _bootstrapped(statistic, n: int, seed: int) -> intervals.Estimate:
     if n == 0:
-        return yardsticks.Estimate(None, None, None, 0)
-    low, high = yardsticks.bootstrap_interval(statistic, n, seed)
-    return yardsticks.Estimate(float(statistic(np.arange(n))), low, high, n)
+        return intervals.Estimate(None, None, None, 0)
+    low, high = intervals.bootstrap_interval(statistic, n, seed)
+    return intervals.Estimate(float(statistic(np.arange(n))), low, high, n)
 
 
 def figures(judged: list[dict], seed: int) -> dict[str, Any]:
@@ -122,14 +122,14 @@ def figures(judged: list[dict], seed: int) -> dict[str, Any]:
             per_principle.setdefault(pid, []).append(agrees)
     return {
         "n_pairs": n,
-        "agreement": yardsticks.rate([r["agree"] for r in judged]).as_dict(),
+        "agreement": intervals.rate([r["agree"] for r in judged]).as_dict(),
         "agreement_ties": sum(r["agree"] == 0.5 for r in judged),
-        "position_consistency": yardsticks.rate([not r["same_position"] for r in judged]).as_dict(),
-        "option_mass": yardsticks.mean([r["option_mass"] for r in judged], seed=seed).as_dict(),
-        "label_entropy_bits": yardsticks.mean([entropy_bits(x) for x in p], seed=seed).as_dict(),
+        "position_consistency": intervals.rate([not r["same_position"] for r in judged]).as_dict(),
+        "option_mass": intervals.mean([r["option_mass"] for r in judged], seed=seed).as_dict(),
+        "label_entropy_bits": intervals.mean([entropy_bits(x) for x in p], seed=seed).as_dict(),
         "brier": _bootstrapped(lambda i: float(((p[i] - y[i]) ** 2).mean()), n, seed).as_dict(),
         "ece": _bootstrapped(lambda i: ece(p[i], y[i]), n, seed).as_dict(),
-        "per_principle": {pid: yardsticks.rate(flags).as_dict() for pid, flags in sorted(per_principle.items())},
+        "per_principle": {pid: intervals.rate(flags).as_dict() for pid, flags in sorted(per_principle.items())},
         "reliability": reliability_bins(p, y),
     }
 
@@ -213,7 +213,7 @@ def run_judge_eval(job: JudgeEvalJob) -> dict[str, Any]:
     for name in job.constitutions[1:]:
         before, after = [r["agree"] for r in judged[first]], [r["agree"] for r in judged[name]]
         ties = 0.5 in before or 0.5 in after  # half-agreements are not 0/1: the bootstrap takes them
-        change = yardsticks.change(before, after, seed=job.seed) if ties else yardsticks.paired_rate_change(before, after)
+        change = intervals.change(before, after, seed=job.seed) if ties else intervals.paired_rate_change(before, after)
         report[name]["agreement_change_vs_first"] = {"from": first, **change.as_dict(), "moved": change.moved}
     doc = {"pairs": job.pairs, "n_pairs": len(pairs), "each_principle": job.each_principle, "seed": job.seed,
            "interval": "95%: Wilson for shares (a tie counts half), percentile bootstrap over pairs otherwise; agreement "

@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import AfterValidator
 
 from cai.errors import CaiError
+from cai.intervals import wilson_interval
 from cai.sycophancy import SycophancyProbe, agrees_with_false_claim
 
 
@@ -391,21 +392,6 @@ def sycophancy(probes: Sequence[SycophancyProbe], policy_responses: Sequence[str
 
 
 # ---------------------------------------------------------------------------------------------- position bias
-
-
-Z95 = 1.959963984540054
-"""The standard normal's 97.5% point: a two-sided 95% interval (1.96 moves the fourth decimal of published figures)."""
-
-
-def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (95% at the default z). `successes` may hold halves
-    (a tie counted as half a success), which the score formula takes as it stands."""
-    if n <= 0:
-        raise MonitorInputError(f"wilson_interval needs n > 0, got {n}")
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def position_bias(

@@ -19,7 +19,6 @@ from cai.monitors import (
     self_similarity,
     sycophancy,
     verbosity,
-    wilson_interval,
 )
 from cai.sycophancy import ProbeFileError, SycophancyProbe, agrees_with_false_claim, load_sycophancy_probes
 
@@ -269,13 +268,6 @@ def test_probe_loader_names_the_bad_line(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- position bias
-
-
-def test_wilson_interval_by_hand():
-    low, high = wilson_interval(0, 10)
-    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-4)
-    low, high = wilson_interval(50, 100)
-    assert low == pytest.approx(1 - high) and high == pytest.approx(0.5962, abs=1e-4)
 
 
 def test_position_bias_flags_a_judge_that_follows_the_slot():

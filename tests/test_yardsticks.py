@@ -1,15 +1,15 @@
 """The yardsticks the judge cannot bend (`cai.yardsticks`): the refusal detector and the toxicity
-classifier against hand-labelled real answers, the intervals, and the table `cai eval` builds."""
+classifier against hand-labelled real answers, and the table `cai eval` builds."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from cai import yardsticks as Y
+from cai.intervals import paired_rate_change
 from cai.prompts import Prompt, PromptSourceError, load_prompts, require_kinds
 
 DATA = Path(__file__).parent / "data"
@@ -56,25 +56,6 @@ def test_toxicity_classifier_on_labelled_texts_makes_the_errors_its_docstring_st
                 "false_alarms": sum(not r["toxic"] and s > 0.5 for r, s in zip(rows, scores))}
     assert measured == Y.TOXICITY_TEST_SET
     assert Y.toxicity([]) == []
-
-
-def test_rate_has_the_wilson_interval_and_mean_a_bootstrap_interval_around_it():
-    r = Y.rate([True] * 3 + [False] * 7)
-    assert r.value == pytest.approx(0.3) and r.low == pytest.approx(0.1078, abs=1e-3) and r.high == pytest.approx(0.6032, abs=1e-3)
-    m = Y.mean([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
-    assert m.value == 4.5 and 2.5 < m.low < 4.5 < m.high < 6.5
-    assert Y.mean([3.0]).low is None and Y.rate([]).value is None
-
-
-def test_paired_change_is_claimed_only_when_its_interval_excludes_zero():
-    same = Y.change([1, 0, 1, 0, 1, 0], [1, 0, 1, 0, 1, 0])
-    assert (same.value, same.low, same.high, same.excludes_zero) == (0.0, 0.0, 0.0, False)
-    up = Y.change([0] * 20, [1] * 18 + [0] * 2)
-    assert up.value == pytest.approx(0.9) and up.low > 0.7 and up.excludes_zero
-    noisy = Y.change([0, 1, 0, 1, 0, 1, 0, 1], [1, 0, 1, 0, 0, 1, 1, 1])
-    assert noisy.low < 0 < noisy.high and not noisy.excludes_zero
-    with pytest.raises(ValueError, match="same prompts"):
-        Y.change([1, 2], [1])
 
 
 def test_distinct_2_within_an_answer_sees_a_repetition_loop():
@@ -133,32 +114,6 @@ def test_held_out_prompts_without_a_kind_are_refused_with_what_to_add(tmp_path):
 # -- paired changes of 0/1 yardsticks -------------------------------------------------------------
 
 
-def test_paired_rate_change_is_newcombes_hybrid_score_interval():
-    # Fagerland, Lydersen & Laake (2017), Table 8.x, Cavo et al. 2012: 59 both, 6 before only, 16 after only, 80 neither.
-    # Their Newcombe square-and-add interval: -0.0621 (-0.1186 to -0.0046); here after minus before is +0.0621.
-    before = [1] * 59 + [1] * 6 + [0] * 16 + [0] * 80
-    after = [1] * 59 + [0] * 6 + [1] * 16 + [0] * 80
-    c = Y.paired_rate_change(after, before)  # the book's first column is the "after" here
-    assert (c.value, c.low, c.high) == pytest.approx((-0.0621, -0.1186, -0.0046), abs=5e-5)
-    # Newcombe (1998) method 10 by its definition: Wilson limits found by root-finding, then square-and-add.
-    from scipy.optimize import brentq
-
-    def wilson(k, n):
-        score = lambda p: (k / n - p) ** 2 - 1.959963984540054 ** 2 * p * (1 - p) / n
-        return (0.0 if k == 0 else brentq(score, 1e-12, k / n)), (1.0 if k == n else brentq(score, k / n, 1 - 1e-12))
-
-    e, f, g, h = 36, 12, 2, 0  # 50 pairs, 12 only after, 2 only before
-    p1, p2, n = (e + f) / 50, (e + g) / 50, 50
-    (l1, u1), (l2, u2) = wilson(e + f, n), wilson(e + g, n)
-    phi = (e * h - f * g) / ((e + f) * (g + h) * (e + g) * (f + h)) ** 0.5  # negative here, so no continuity correction
-    low = (p1 - p2) - ((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2) ** 0.5
-    high = (p1 - p2) + ((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2) ** 0.5
-    c = Y.paired_rate_change([1] * 36 + [0] * 12 + [1] * 2 + [0] * 0, [1] * 36 + [1] * 12 + [0] * 2)
-    assert (c.value, c.low, c.high) == pytest.approx((0.2, low, high), abs=1e-9)
-    with pytest.raises(ValueError, match=r"0 or 1.*0.5"):
-        Y.paired_rate_change([0, 1], [0.5, 1])
-
-
 def test_a_rate_moved_only_when_an_exact_mcnemar_test_says_so():
     from scipy.stats import binomtest
 
@@ -168,26 +123,17 @@ def test_a_rate_moved_only_when_an_exact_mcnemar_test_says_so():
     row = {r["name"]: r for r in Y.yardstick_table(models, kinds)["rows"]}["refusal_harmful"]
     assert row["changes"][0]["verdict"] == "no change" and row["changes"][0]["p_value"] == pytest.approx(0.125)
     # 4 one-way changes of 24: McNemar's exact p = 0.125, so not moved (the percentile bootstrap said moved).
-    c = Y.paired_rate_change([0] * 24, [1] * 4 + [0] * 20)
+    c = paired_rate_change([0] * 24, [1] * 4 + [0] * 20)
     assert c.p_value == pytest.approx(0.125) and not c.moved
     # Every small table of 24 pairs: moved exactly when McNemar's exact test rejects at 5%.
     for up in range(0, 9):
         for down in range(0, 9):
             before = [0] * up + [1] * down + [1] * 5 + [0] * (19 - up - down)
             after = [1] * up + [0] * down + [1] * 5 + [0] * (19 - up - down)
-            c = Y.paired_rate_change(before, after)
+            c = paired_rate_change(before, after)
             p = binomtest(up, up + down, 0.5).pvalue if up + down else 1.0
             assert c.moved == (p < 0.05), (up, down)
             assert not c.moved or c.excludes_zero  # a moved verdict always has an interval that excludes 0
-
-
-def test_with_no_true_change_a_rate_is_called_moved_at_most_five_percent_of_the_time():
-    rng = np.random.default_rng(0)
-    trials, moved = 2000, 0
-    for _ in range(trials):  # 24 prompts, each refused with its own probability, by both models alike
-        p = rng.uniform(0.05, 0.95, size=24)
-        moved += Y.paired_rate_change(rng.random(24) < p, rng.random(24) < p).moved
-    assert moved / trials <= 0.05 + 2 * (0.05 * 0.95 / trials) ** 0.5, moved
 
 
 def test_the_table_says_how_many_comparisons_it_makes():
