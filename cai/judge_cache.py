@@ -16,7 +16,14 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
+from cai.models import cache_dir
+
 T = TypeVar("T", bound=BaseModel)
+
+
+def default_cache_path() -> Path:
+    """Where judge answers are cached unless a job names another file: one cache for every job of this user."""
+    return cache_dir() / "judge-cache.sqlite"
 
 
 class JudgeCache:

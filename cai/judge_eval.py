@@ -188,7 +188,7 @@ def _judge_one(job: JudgeEvalJob, name: str, constitution, constitution_path: Pa
 def run_judge_eval(job: JudgeEvalJob) -> dict[str, Any]:
     from cai.constitution import find_constitution, load_constitution
     from cai.evaluate import human_pairs
-    from cai.models import cache_dir
+    from cai.judge_cache import default_cache_path
 
     if job.judge_url and len(job.constitutions) > 1:
         raise JudgeEvalError(f"--judge-url {job.judge_url} serves one constitution, and {len(job.constitutions)} were given; "
@@ -202,7 +202,7 @@ def run_judge_eval(job: JudgeEvalJob) -> dict[str, Any]:
         raise JudgeEvalError(f"{job.pairs}: no pairs short enough to judge (each pair is kept to 1500 characters)")
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
-    cache_path = job.judge_cache or cache_dir() / "judge-cache.sqlite"
+    cache_path = job.judge_cache or default_cache_path()
     chosen_first = _placements(pairs, job.seed)
     judged: dict[str, list[dict]] = {}
     for name, constitution in constitutions.items():

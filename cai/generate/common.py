@@ -20,8 +20,9 @@ from pydantic import Field
 from cai import __version__
 from cai.constitution import Constitution, find_constitution, load_constitution
 from cai.judge import Judge, JudgeSettings, open_judge
+from cai.judge_cache import default_cache_path
 from cai.judge_client import JudgeError, JudgeItemError
-from cai.models import DEFAULT_MODEL, cache_dir
+from cai.models import DEFAULT_MODEL
 from cai.pinning import pin_settings
 from cai.policy import SamplingConfig, load_policy
 from cai.progress import progress_bar
@@ -104,7 +105,7 @@ def run_generation(job: GenerationJob, name: str, *, pending: Callable[[RowLog, 
 async def _loop(job, name, constitution_path, constitution, todo, policy, log, timers, step) -> int:
     failures = 0
     async with open_judge(job, constitution=constitution, constitution_path=constitution_path, default_model=job.policy,
-                          cache=job.judge_cache or cache_dir() / "judge-cache.sqlite", log_path=job.out / "judge.log") as judge:
+                          cache=job.judge_cache or default_cache_path(), log_path=job.out / "judge.log") as judge:
         with progress_bar("prompts") as bar:
             task = bar.add_task(f"{name}: prompts", total=len(todo))
             for start in range(0, len(todo), job.chunk_size):
