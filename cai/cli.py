@@ -14,7 +14,14 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from cai.constitution import ConstitutionError, bundled_constitutions, find_constitution, load_constitution
+from cai.constitution import (
+    TEXT_SUFFIXES,
+    ConstitutionError,
+    bundled_constitutions,
+    find_constitution,
+    load_constitution,
+    to_yaml,
+)
 from cai.errors import CaiError
 from cai.models import DEFAULT_MODEL
 
@@ -111,8 +118,6 @@ def constitution_convert(
 
     Example: cai constitution convert my-principles.md -o constitutions/mine.yaml
     """
-    from cai.constitution_text import TEXT_SUFFIXES, to_yaml
-
     if file.suffix.lower() not in TEXT_SUFFIXES:
         _fail(f"{file}: convert reads .txt or .md files; {file.suffix or 'no suffix'} given")
     try:

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from cai.cli import app
 from cai.constitution import find_constitution, load_constitution
-from cai.constitution_text import CRITIQUE_TEMPLATE, MAX_PRINCIPLE_CHARS, REVISION_TEMPLATE
+from cai.constitution.text import CRITIQUE_TEMPLATE, MAX_PRINCIPLE_CHARS, REVISION_TEMPLATE
 from tests.test_constitution import problems_of, write
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "plain-constitution.md"

@@ -1,27 +1,6 @@
-"""Constitutions: the plain-text files of principles that steer the AI judge.
-
-A constitution is a YAML file (or a plain `.txt`/`.md` list of principles, see
-`cai.constitution_text`):
-
-    name: harmless-helpful          # short identifier, letters/digits/-/_
-    description: >                  # one paragraph for humans
-      ...
-    principles:
-      - id: avoid-harm              # unique within the file
-        critique: ...               # asks the judge to critique a response
-        revision: ...               # asks the judge to rewrite it
-        comparison: ...             # the question for A/B preference labels
-        weight: 1.0                 # optional sampling weight (default 1)
-    examples:                       # optional few-shot critique/revision demos
-      - prompt: ...
-        response: ...
-        critique: ...
-        revision: ...
-        principle: avoid-harm       # optional, must name a principle above
-
-`load_constitution` validates it and reports every problem with the file path,
-the line and the field, so a person editing the file can fix it in one pass.
-"""
+"""The constitution model: `Constitution` and its principles and examples, parsed from YAML text and
+validated with every problem's line and field (`parse_constitution`, `validate_constitution_data`), and
+its content hash."""
 
 from __future__ import annotations
 
@@ -29,17 +8,12 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, Iterable
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from cai.errors import CaiError
-
-DEFAULT_CONSTITUTION = "harmless-helpful"  # the shipped constitution every command judges by unless told otherwise
-MAX_FILE_BYTES = 1_000_000
-TEXT_SUFFIXES = (".txt", ".md")  # plain-text constitutions: see cai/constitution_text.py
 
 NonEmptyText = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=8000)]
 Identifier = Annotated[
@@ -192,34 +166,7 @@ class ConstitutionError(CaiError, ValueError):
         super().__init__("\n".join(str(p) for p in problems))
 
 
-# -- loading ----------------------------------------------------------------
-
-
-def load_constitution(path: str | Path) -> Constitution:
-    """Read, parse and validate a constitution file, raising ConstitutionError with every problem."""
-    path = Path(path)
-    shown = str(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConstitutionError(shown, [Problem(shown, None, "", "file not found")]) from None
-    except IsADirectoryError:
-        raise ConstitutionError(shown, [Problem(shown, None, "", "is a directory, expected a .yaml, .txt or .md file")]) from None
-    except OSError as e:
-        raise ConstitutionError(shown, [Problem(shown, None, "", f"cannot read: {e.strerror}")]) from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise ConstitutionError(shown, [Problem(shown, None, "", f"file is {len(raw)} bytes; the limit is {MAX_FILE_BYTES}")])
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        msg = f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); save the file as UTF-8"
-        raise ConstitutionError(shown, [Problem(shown, line, "", msg)]) from None
-    if path.suffix.lower() in TEXT_SUFFIXES:
-        from cai.constitution_text import parse_text_constitution
-
-        return parse_text_constitution(text, source=shown, stem=path.stem)
-    return parse_constitution(text, source=shown)
+# -- parsing ----------------------------------------------------------------
 
 
 def parse_constitution(text: str, *, source: str = "<string>") -> Constitution:
@@ -308,21 +255,3 @@ def _parse_yaml(text: str, source: str) -> tuple[Any, dict[tuple, int], list[Pro
         return constructor.construct_object(node, deep=True)
 
     return build(root, ()), lines, problems
-
-
-def find_constitution(name_or_path: str | Path) -> Path:
-    """A path as given, or the name of a constitution shipped in `constitutions/` (e.g. 'harmless-helpful')."""
-    path = Path(name_or_path)
-    if path.exists() or path.suffix.lower() in {".yaml", ".yml", *TEXT_SUFFIXES}:
-        return path
-    shipped = bundled_constitutions()
-    if str(name_or_path) in shipped:
-        return shipped[str(name_or_path)]
-    raise ConstitutionError(str(name_or_path), [Problem(str(name_or_path), None, "", f"no such file, and not a shipped constitution ({', '.join(sorted(shipped))})")])
-
-
-def bundled_constitutions() -> dict[str, Path]:
-    """The constitutions shipped with cai, by file stem."""
-    folder = Path(__file__).resolve().parent.parent / "constitutions"
-    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
-

@@ -29,9 +29,10 @@ from typing import Any
 
 import yaml
 
-from cai.constitution import TEXT_SUFFIXES, Constitution, ConstitutionError, Problem, validate_constitution_data
+from cai.constitution.model import Constitution, ConstitutionError, Problem, validate_constitution_data
 
-__all__ = ["TEXT_SUFFIXES", "parse_text_constitution", "to_yaml"]
+TEXT_SUFFIXES = (".txt", ".md")
+"""The suffixes of a plain-text constitution; any other file is read as YAML."""
 
 CRITIQUE_TEMPLATE = "Identify specific ways in which the assistant's last response falls short of this principle: {principle}"
 REVISION_TEMPLATE = ("Rewrite the assistant's response so that it follows this principle: {principle} "
