@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> dict:
 
     import cai.train.ppo
     import cai.train.ppo_rollout
-    from cai.train.ppo import PPOConfig, build_trainer
+    from cai.train.ppo import PPOJob, build_trainer
 
     source = source_version([cai.train.ppo.__file__, cai.train.ppo_rollout.__file__])
 
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> dict:
         tokenizer.save_pretrained(rm_dir)  # cai's scorer reads the reward model's own tokenizer
         log(f"made a reward model from the policy with a seeded score head: {rm_dir}")
 
-    cfg = PPOConfig(
+    cfg = PPOJob(
         model=args.policy, reward=rm_dir, prompts=prompts, out=os.path.join(tmp.name, "out"),
         max_prompt_length=args.max_prompt_length, iterations=args.iterations, batch_size=args.batch_size,
         mini_batches=args.mini_batches, ppo_epochs=args.ppo_epochs, response_length=args.response_length,

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cai.train.config import TrainConfig  # noqa: E402
+from cai.train.settings import TrainJob  # noqa: E402
 from cai.train.data import load_hh_pairs  # noqa: E402
 from cai.train.run import run_training  # noqa: E402
 
@@ -110,7 +110,7 @@ def main() -> None:
         sft_rows = [{"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["chosen"]}]} for p in pairs]
         data = {"sft": write(tmp / "sft.jsonl", sft_rows), "rm": write(tmp / "pairs.jsonl", pairs), "dpo": str(tmp / "pairs.jsonl")}
         for kind in () if args.skip_throughput else ("sft", "rm", "dpo"):
-            cfg = TrainConfig(kind=kind, model=args.model, data=data[kind], out=str(tmp / kind), batch_size=args.batch_size,
+            cfg = TrainJob(kind=kind, model=args.model, data=data[kind], out=str(tmp / kind), batch_size=args.batch_size,
                               max_length=args.max_length, max_steps=args.steps + 1, eval_fraction=0.0, checkpoint_every=10_000,
                               precision=args.precision)
             run_training(cfg)
@@ -125,7 +125,7 @@ def main() -> None:
             data_file = args.rm_out.with_name(args.rm_out.name + "-pairs.jsonl") if args.rm_out else tmp / "rm-acc.jsonl"
             if args.rm_out:
                 args.rm_out.parent.mkdir(parents=True, exist_ok=True)
-            cfg = TrainConfig(kind="rm", model=args.model, data=write(data_file, subset), out=str(args.rm_out or tmp / "rm-acc"),
+            cfg = TrainJob(kind="rm", model=args.model, data=write(data_file, subset), out=str(args.rm_out or tmp / "rm-acc"),
                               batch_size=8, max_length=args.max_length, epochs=1, eval_fraction=args.eval_pairs / len(subset),
                               checkpoint_every=10 if args.rm_out else 10_000)
             report["rm_accuracy"] = {"train_pairs": len(subset) - args.eval_pairs, **run_training(cfg)["eval"]}

@@ -233,7 +233,7 @@ def _serve(settings) -> None:
 
 def _register_judge_serve() -> None:
     """`cai judge serve`: its options made from judge_server.settings.ServerSettings (as `python -m judge_server`)."""
-    from cai.cli_settings import settings_command
+    from cai.cli_options import settings_command
     from judge_server.settings import ServerSettings
 
     doc = """Serve critique, revision, comparison and scoring over HTTP for one constitution.
@@ -245,7 +245,7 @@ def _register_judge_serve() -> None:
 
 def _register_judge_eval() -> None:
     """`cai judge eval`: its options made from cai.judge_eval.JudgeEvalJob."""
-    from cai.cli_settings import settings_command
+    from cai.cli_options import settings_command
     from cai.judge_eval import JudgeEvalJob
 
     doc = """The judge against human labels, under one or more constitutions side by side: agreement (overall and per
@@ -268,7 +268,7 @@ def _run_judge_eval(job):
 
 def _register_generate_commands() -> None:
     """`cai generate sft|prefs`: their options made from the job models (cai/generate/sft.py, prefs.py)."""
-    from cai.cli_settings import settings_command
+    from cai.cli_options import settings_command
     from cai.generate.prefs import PrefsJob, generate_prefs
     from cai.generate.sft import SftJob, generate_sft
 
@@ -329,15 +329,15 @@ def _run_ppo(cfg):
 
 
 def _register_train_commands() -> None:
-    """`cai train sft|rm|dpo|ppo`: every option made from the settings models (cai/train/config.py, ppo_config.py)."""
-    from cai.cli_settings import settings_command
-    from cai.train.config import TrainConfig
-    from cai.train.ppo_config import PPOConfig
+    """`cai train sft|rm|dpo|ppo`: every option made from the settings models (cai/train/settings.py, ppo_settings.py)."""
+    from cai.cli_options import settings_command
+    from cai.train.ppo_settings import PPOJob
+    from cai.train.settings import TrainJob
 
     for kind in ("sft", "rm", "dpo"):
-        train_app.command(kind)(settings_command(TrainConfig, _print_summary(_run_training), fixed={"kind": kind}, doc=_TRAIN_DOCS[kind],
+        train_app.command(kind)(settings_command(TrainJob, _print_summary(_run_training), fixed={"kind": kind}, doc=_TRAIN_DOCS[kind],
                                                  on_error=_fail))
-    train_app.command("ppo")(settings_command(PPOConfig, _print_summary(_run_ppo), doc=_TRAIN_DOCS["ppo"], on_error=_fail))
+    train_app.command("ppo")(settings_command(PPOJob, _print_summary(_run_ppo), doc=_TRAIN_DOCS["ppo"], on_error=_fail))
 
 
 # -- run, eval, report ---------------------------------------------------------------
@@ -408,7 +408,7 @@ def _run_eval(job) -> None:
 
 def _register_eval() -> None:
     """`cai eval`: its options made from cai.evaluate.EvalJob."""
-    from cai.cli_settings import settings_command
+    from cai.cli_options import settings_command
     from cai.evaluate import EvalJob
 
     doc = """Each model on held-out prompts by yardsticks the judge cannot bend (refusal on harmful prompts,
@@ -456,7 +456,7 @@ def demo(
         _fail(str(e))
 
 
-# The commands whose options are made from settings models (cai/cli_settings.py).
+# The commands whose options are made from settings models (cai/cli_options.py).
 _register_generate_commands()
 _register_train_commands()
 _register_judge_serve()

@@ -34,8 +34,8 @@ from pydantic import BaseModel
 
 from cai.files import write_text_atomic
 from cai.run_config import RunConfig, RunConfigError
-from cai.train.config import TrainConfig, TrainSettings
-from cai.train.ppo_config import PPOConfig
+from cai.train.ppo_settings import PPOJob
+from cai.train.settings import TrainJob, TrainSettings
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def _train(run: Run, kind: str, model: str, data: Path, out: Path, section: Trai
     from cai.models import merge_lora
     from cai.train.run import run_training
 
-    cfg = TrainConfig(**_seeded(run, section), kind=kind, model=model, data=str(data), out=str(out))
+    cfg = TrainJob(**_seeded(run, section), kind=kind, model=model, data=str(data), out=str(out))
     summary = run_training(cfg)
     if merge:
         if cfg.lora:
@@ -262,7 +262,7 @@ def ppo(run: Run) -> dict:
     from cai.train.ppo import run_ppo
 
     out = run.stage_dir("ppo")
-    cfg = PPOConfig(**_seeded(run, run.cfg.rl.ppo), model=run.sft_model, reward=str(run.stage_dir("rm") / "final"),
+    cfg = PPOJob(**_seeded(run, run.cfg.rl.ppo), model=run.sft_model, reward=str(run.stage_dir("rm") / "final"),
                     prompts=run.prompt_file("rl"), out=str(out), judge_url=run.judge_url)
     summary = run_ppo(cfg)
     merge_lora(out / "final", out / "merged")

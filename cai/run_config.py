@@ -20,8 +20,8 @@ from cai.generate.prefs import PrefsJob
 from cai.generate.sft import SftJob
 from cai.models import DEFAULT_MODEL
 from cai.monitors import Thresholds
-from cai.train.config import TrainSettings
-from cai.train.ppo_config import PPOSettings
+from cai.train.ppo_settings import PPOSettings
+from cai.train.settings import TrainSettings
 from judge_server.settings import BackendSettings
 
 
@@ -139,9 +139,9 @@ def demo_config(*, out: str | None = None, model: str | None = None, judge_url: 
 
 def load_run_config(path: str | Path, out: str | None = None) -> RunConfig:
     """The YAML run config, with `out` overriding its run folder; errors name the file and the dotted field."""
-    from cai.config import load_config
+    from cai.settings_file import load_settings
 
     try:
-        return load_config(path, {"out": out}, schema=RunConfig)
+        return load_settings(path, {"out": out}, schema=RunConfig)
     except ConfigError as e:
         raise RunConfigError(str(e)) from None

@@ -6,7 +6,7 @@ and cai's base modules, not the `cai` command line.
 
 import typer
 
-from cai.cli_settings import settings_command
+from cai.cli_options import settings_command
 from judge_server.settings import ServerSettings
 
 

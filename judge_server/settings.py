@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from cai.cli_settings import flags_for
+from cai.cli_options import flags_for
 from cai.constitution import DEFAULT_CONSTITUTION
 from cai.errors import CaiError
 from cai.models import DEFAULT_MODEL

@@ -72,7 +72,7 @@ def test_eval_refuses_held_out_prompts_without_harmful_or_benign_before_loading_
 def test_options_from_flags_and_config_merge_into_the_settings_model(tmp_path):
     """Flags override --config, a nested section given in part keeps the file's other values, and
     cai generate prefs samples at temperature 1.0 unless told otherwise."""
-    from cai.cli_settings import settings_command
+    from cai.cli_options import settings_command
     from cai.generate.prefs import PrefsJob
 
     seen = []

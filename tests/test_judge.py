@@ -41,7 +41,7 @@ def test_sync_judge_scores_with_one_connection_pinned_to_the_served_constitution
 
 
 def test_every_judged_job_takes_its_judge_settings_and_policy_backend_from_one_place():
-    from cai.cli_settings import settings_command
+    from cai.cli_options import settings_command
     from cai.evaluate import EvalJob
     from cai.generate.common import DEFAULT_POLICY_BACKEND, GenerationJob
     from cai.generate.prefs import PrefsJob

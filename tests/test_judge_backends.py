@@ -288,7 +288,7 @@ def test_backend_flags_repeat_or_comma_separate_and_run_configs_take_them(tmp_pa
     import typer
     from typer.testing import CliRunner
 
-    from cai.cli_settings import settings_command
+    from cai.cli_options import settings_command
     from cai.run_config import load_run_config
     from judge_server.settings import ServerSettings
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
+from cai.errors import ConfigError
 from cai.pinning import RunMismatchError
-from cai.config import load_config
-from cai.train.config import TrainConfigError
+from cai.settings_file import load_settings
 from cai.train.losses import token_logprobs
-from cai.train.ppo import PPOConfig, build_trainer, run_ppo
+from cai.train.ppo import PPOJob, build_trainer, run_ppo
 from cai.train.ppo_rollout import SeededSampler, merged_adapter, sample, seeded_uniforms
 
 # -- config --------------------------------------------------------------------------------
@@ -23,16 +23,16 @@ from cai.train.ppo_rollout import SeededSampler, merged_adapter, sample, seeded_
 
 def test_config_errors_name_the_problem(tmp_path):
     base = dict(model="m", reward="rule:length", prompts="p", out="o")
-    with pytest.raises(TrainConfigError, match=r"batch_size \(8\) must be divisible by mini_batches \(3\)"):
-        load_config(None, {**base, "batch_size": 8, "mini_batches": 3}, schema=PPOConfig)
-    with pytest.raises(TrainConfigError, match="judge_url is needed"):
-        load_config(None, {**base, "reward": "judge"}, schema=PPOConfig)
-    with pytest.raises(TrainConfigError, match="drop lm_head"):
-        load_config(None, {**base, "rollout_backend": "vllm", "lora_target_modules": ["lm_head", "q_proj"]}, schema=PPOConfig)
+    with pytest.raises(ConfigError, match=r"batch_size \(8\) must be divisible by mini_batches \(3\)"):
+        load_settings(None, {**base, "batch_size": 8, "mini_batches": 3}, schema=PPOJob)
+    with pytest.raises(ConfigError, match="judge_url is needed"):
+        load_settings(None, {**base, "reward": "judge"}, schema=PPOJob)
+    with pytest.raises(ConfigError, match="drop lm_head"):
+        load_settings(None, {**base, "rollout_backend": "vllm", "lora_target_modules": ["lm_head", "q_proj"]}, schema=PPOJob)
     bad = tmp_path / "ppo.yaml"
     bad.write_text("model: m\nreward: rule:length\nprompts: p\nout: o\nkl_coeff: 0.1\n")
-    with pytest.raises(TrainConfigError, match=r"ppo.yaml: kl_coeff: Extra inputs"):
-        load_config(bad, {}, schema=PPOConfig)
+    with pytest.raises(ConfigError, match=r"ppo.yaml: kl_coeff: Extra inputs"):
+        load_settings(bad, {}, schema=PPOJob)
 
 
 # -- real runs on the tiny model -------------------------------------------------------------
@@ -47,11 +47,11 @@ def prompt_file(tmp_path_factory) -> str:
     return str(path)
 
 
-def ppo_cfg(tiny_model_dir, prompt_file, out, **kw) -> PPOConfig:
+def ppo_cfg(tiny_model_dir, prompt_file, out, **kw) -> PPOJob:
     settings = dict(model=str(tiny_model_dir), reward="rule:share=e", prompts=prompt_file, out=str(out), batch_size=16, mini_batches=2,
                     ppo_epochs=4, response_length=8, lr=5e-3, kl_coef=0.01, missing_eos_penalty=None,
                     lora_target_modules=["lm_head", "q_proj", "v_proj"], seed=1)
-    return PPOConfig(**{**settings, **kw})
+    return PPOJob(**{**settings, **kw})
 
 
 def metrics(out: Path) -> list[dict]:
@@ -305,11 +305,11 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_model_d
     assert_crash_and_resume_repeat(straight, crash_at_iteration=4)
 
 
-def assert_crash_and_resume_repeat(straight: PPOConfig, crash_at_iteration: int) -> None:
+def assert_crash_and_resume_repeat(straight: PPOJob, crash_at_iteration: int) -> None:
     """Run `straight` again in another folder, crash it while scoring iteration `crash_at_iteration`,
     rerun it as a user would, and require every logged metric of the finished run to equal the
     uninterrupted run's (`straight`, already run)."""
-    from cai.train.config import pin_config
+    from cai.train.settings import pin_trainer_settings
     from cai.train.rewards import RuleScorer
 
     checkpointed = (crash_at_iteration - 1) // straight.checkpoint_every * straight.checkpoint_every
@@ -324,7 +324,7 @@ def assert_crash_and_resume_repeat(straight: PPOConfig, crash_at_iteration: int)
             raise RuntimeError("simulated crash")
         return rule(prompts, responses, first_row=first_row)
 
-    pin_config(crashy, Path(crashy.out))
+    pin_trainer_settings(crashy, Path(crashy.out))
     trainer = build_trainer(crashy, scorer=crashing)
     try:
         with pytest.raises(RuntimeError, match="simulated crash"):
@@ -362,14 +362,14 @@ def test_changed_settings_refuse_to_resume(tmp_path, tiny_model_dir, prompt_file
 @pytest.fixture(scope="module")
 def reward_model(tmp_path_factory, tiny_model_dir) -> Path:
     """A reward model trained for two steps by `cai train rm`, as its final/ folder."""
-    from cai.train.config import TrainConfig
+    from cai.train.settings import TrainJob
     from cai.train.run import run_training
 
     folder = tmp_path_factory.mktemp("rm")
     pairs = folder / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": p, "chosen": "Sure, here is a calm answer.", "rejected": "No."}) + "\n"
                              for p in PROMPTS))
-    run_training(TrainConfig(kind="rm", model=str(tiny_model_dir), data=str(pairs), out=str(folder / "rm"), max_steps=2,
+    run_training(TrainJob(kind="rm", model=str(tiny_model_dir), data=str(pairs), out=str(folder / "rm"), max_steps=2,
                              eval_fraction=0.0, batch_size=4))
     return folder / "rm" / "final"
 
@@ -392,13 +392,13 @@ def test_reward_model_from_cai_train_rm_scores_the_rollouts(tmp_path, tiny_model
 def test_a_policy_that_says_nothing_is_scored_not_a_crash(tmp_path, tiny_model_dir, prompt_file, reward_model):
     """Every rollout starts with EOS (the LM head is pushed to it), so every decoded answer is empty:
     the reward model scores the documented placeholder, and the run (and a rerun of it) finishes."""
-    from cai.train.config import pin_config
+    from cai.train.settings import pin_trainer_settings
     from cai.train.rewards import load_scorer
     from judge_server.protocol import EMPTY_RESPONSE
 
     cfg = ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "ppo", reward=str(reward_model), iterations=2, batch_size=4,
                   checkpoint_every=1, log_samples_every=1)
-    pin_config(cfg, Path(cfg.out))
+    pin_trainer_settings(cfg, Path(cfg.out))
     trainer = build_trainer(cfg)
     eos = trainer.tokenizer.eos_token_id
 
@@ -438,13 +438,13 @@ def test_a_reward_that_pays_for_length_trips_the_verbosity_monitor(tmp_path, tin
     from cai.evaluate import training_history
     from cai.models import merge_lora
     from cai.monitors import verbosity
-    from cai.train.config import TrainConfig
+    from cai.train.settings import TrainJob
     from cai.train.run import run_training
 
     short = tmp_path / "short.jsonl"
     short.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "Ok, sure thing."}]}) + "\n"
                              for p in PROMPTS))
-    run_training(TrainConfig(kind="sft", model=str(tiny_model_dir), data=str(short), out=str(tmp_path / "sft"), epochs=30, lr=1e-3,
+    run_training(TrainJob(kind="sft", model=str(tiny_model_dir), data=str(short), out=str(tmp_path / "sft"), epochs=30, lr=1e-3,
                              batch_size=8, eval_fraction=0.0, lora_target_modules=["lm_head", "q_proj", "v_proj"]))
     sft_model = merge_lora(tmp_path / "sft" / "final", tmp_path / "sft" / "merged")
     out = tmp_path / "ppo"
@@ -537,11 +537,11 @@ def test_vllm_rollouts_sample_from_the_synced_adapter(tmp_path, tiny_model_dir, 
 CRASHING_RUN = '''
 import json, sys
 from pathlib import Path
-from cai.train.config import pin_config
-from cai.train.ppo import PPOConfig, build_trainer
+from cai.train.settings import pin_trainer_settings
+from cai.train.ppo import PPOJob, build_trainer
 from cai.train.rewards import RuleScorer
 
-cfg = PPOConfig(**json.loads(Path(sys.argv[1]).read_text()))
+cfg = PPOJob(**json.loads(Path(sys.argv[1]).read_text()))
 rule, calls = RuleScorer(cfg.reward), {"n": 0}
 
 def crashing(prompts, responses, *, first_row=0):  # every process crashes while scoring the same iteration
@@ -550,7 +550,7 @@ def crashing(prompts, responses, *, first_row=0):  # every process crashes while
         raise RuntimeError("simulated crash")
     return rule(prompts, responses, first_row=first_row)
 
-pin_config(cfg, Path(cfg.out))
+pin_trainer_settings(cfg, Path(cfg.out))
 build_trainer(cfg, scorer=crashing).train()
 '''
 
@@ -624,9 +624,9 @@ import json, sys
 from pathlib import Path
 import torch.distributed as dist
 from cai.train.checkpoint import sharded_units
-from cai.train.ppo import PPOConfig, build_trainer
+from cai.train.ppo import PPOJob, build_trainer
 
-trainer = build_trainer(PPOConfig(**json.loads(Path(sys.argv[1]).read_text())))
+trainer = build_trainer(PPOJob(**json.loads(Path(sys.argv[1]).read_text())))
 real, calls = dist.all_gather_single, {"n": 0}
 
 def counted(*args, **kwargs):  # the collective FSDP2 gathers a unit's weights with
@@ -673,11 +673,11 @@ def test_a_batch_the_processes_cannot_share_is_refused(tmp_path, tiny_model_dir,
     from cai.train.ppo import check_processes
 
     check_processes(ppo_cfg(tiny_model_dir, prompt_file, tmp_path, batch_size=8, mini_batches=2), 2, False)
-    with pytest.raises(TrainConfigError, match=r"batch_size \(6\) must be divisible by the 4 processes"):
+    with pytest.raises(ConfigError, match=r"batch_size \(6\) must be divisible by the 4 processes"):
         check_processes(ppo_cfg(tiny_model_dir, prompt_file, tmp_path, batch_size=6, mini_batches=2), 4, False)
-    with pytest.raises(TrainConfigError, match=r"batch_size / mini_batches = 2\) of at least 4 rows"):
+    with pytest.raises(ConfigError, match=r"batch_size / mini_batches = 2\) of at least 4 rows"):
         check_processes(ppo_cfg(tiny_model_dir, prompt_file, tmp_path, batch_size=8, mini_batches=4), 4, False)
-    with pytest.raises(TrainConfigError, match="'vllm' runs in one process"):
+    with pytest.raises(ConfigError, match="'vllm' runs in one process"):
         check_processes(ppo_cfg(tiny_model_dir, prompt_file, tmp_path), 2, True)
 
 

@@ -13,10 +13,9 @@ from cai.generate.sft import SftJob
 from cai.pinning import pin_settings
 from cai.policy import SamplingConfig
 from cai.run_config import RunConfig
-from cai.train.config import TrainConfig, TrainSettings
-from cai.train.ppo_config import KLSettings, PPOConfig, PPOSettings
 from cai.train.ppo_math import AdaptiveKLController, FixedKLController
-from cai.train.settings import LoraSettings, OptimiserSettings
+from cai.train.ppo_settings import KLSettings, PPOJob, PPOSettings
+from cai.train.settings import LoraSettings, OptimiserSettings, TrainJob, TrainSettings
 
 SHARED = [*LoraSettings.model_fields, *OptimiserSettings.model_fields]
 
@@ -134,8 +133,8 @@ out: o
 """
 
 
-@pytest.mark.parametrize("pinned,cfg", [(PINNED_PPO, PPOConfig(model="m", reward="rule:length", prompts="p", out="o")),
-                                        (PINNED_SFT, TrainConfig(kind="sft", model="m", data="d", out="o"))], ids=["ppo", "sft"])
+@pytest.mark.parametrize("pinned,cfg", [(PINNED_PPO, PPOJob(model="m", reward="rule:length", prompts="p", out="o")),
+                                        (PINNED_SFT, TrainJob(kind="sft", model="m", data="d", out="o"))], ids=["ppo", "sft"])
 def test_a_run_pinned_before_the_shared_pieces_still_resumes(tmp_path, pinned, cfg):
     assert set(cfg.model_dump()) == set(yaml.safe_load(pinned))  # the dumped shape stayed flat
     (tmp_path / "config.yaml").write_text(pinned)

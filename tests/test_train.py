@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cai.config import load_config
-from cai.train.config import TrainConfig, TrainConfigError
+from cai.errors import ConfigError
+from cai.settings_file import load_settings
 from cai.train.data import DatasetError, load_rows, tokenise_pairs, tokenise_sft
 from cai.train.loop import train
 from cai.train.run import run_training
+from cai.train.settings import TrainJob
 from cai.train.tasks import build_task, rm_metrics
 
 PAIRS = [
@@ -28,11 +29,11 @@ def write_jsonl(path: Path, rows) -> str:
     return str(path)
 
 
-def cfg(tmp_path, tiny_model_dir, kind, rows, **kw) -> TrainConfig:
+def cfg(tmp_path, tiny_model_dir, kind, rows, **kw) -> TrainJob:
     data = write_jsonl(tmp_path / f"{kind}.jsonl", rows)
     base = dict(kind=kind, model=str(tiny_model_dir), data=data, out=str(tmp_path / f"out-{kind}"), batch_size=4, max_length=64,
                 eval_fraction=0.0, lr=5e-3, checkpoint_every=2)
-    return TrainConfig(**{**base, **kw})
+    return TrainJob(**{**base, **kw})
 
 
 def test_one_sft_step_changes_the_adapter_and_nothing_else(tmp_path, tiny_model_dir):
@@ -142,9 +143,9 @@ def test_data_errors_name_file_row_and_column(tmp_path, tiny_model_dir):
 def test_config_file_and_flag_errors(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("kind: sft\nmodel: m\ndata: d\nout: o\nlr: -1\nbatchsize: 2\n")
-    with pytest.raises(TrainConfigError, match=r"c.yaml: lr: Input should be greater than 0; batchsize: Extra inputs"):
-        load_config(path, {}, schema=TrainConfig)
-    c = load_config(None, {"kind": "dpo", "model": "m", "data": "d", "out": "o", "beta": 0.2, "lr": None}, schema=TrainConfig)
+    with pytest.raises(ConfigError, match=r"c.yaml: lr: Input should be greater than 0; batchsize: Extra inputs"):
+        load_settings(path, {}, schema=TrainJob)
+    c = load_settings(None, {"kind": "dpo", "model": "m", "data": "d", "out": "o", "beta": 0.2, "lr": None}, schema=TrainJob)
     assert c.beta == 0.2 and c.lr == 1e-4
 
 
@@ -170,7 +171,7 @@ def test_reward_model_on_human_labels_beats_chance(tmp_path):
     corpus = [p["prompt"] + "\n" + p["chosen"] + "\n" + p["rejected"] for p in pairs[300:]]
     model = build_tiny_model(tmp_path / "tiny-hh", vocab_size=4096, corpus=corpus)
     data = write_jsonl(tmp_path / "hh.jsonl", pairs)
-    c = TrainConfig(kind="rm", model=str(model), data=data, out=str(tmp_path / "rm"), lora=False, lr=1e-3, batch_size=16, epochs=2,
+    c = TrainJob(kind="rm", model=str(model), data=data, out=str(tmp_path / "rm"), lora=False, lr=1e-3, batch_size=16, epochs=2,
                     max_length=256, eval_fraction=300 / len(pairs), checkpoint_every=10_000)
     ev = run_training(c)["eval"]
     assert ev["eval_pairs"] == 300
@@ -330,12 +331,12 @@ def test_fsdp_shards_the_weights_and_trains_like_ddp(tmp_path, tiny_model_dir, k
 CRASHING_TRAIN = '''
 import json, sys
 from pathlib import Path
-from cai.train.config import TrainConfig, pin_config
+from cai.train.settings import TrainJob, pin_trainer_settings
 from cai.train.loop import train
 from cai.train.tasks import build_task
 
-cfg = TrainConfig(**json.loads(Path(sys.argv[1]).read_text()))
-pin_config(cfg, Path(cfg.out))
+cfg = TrainJob(**json.loads(Path(sys.argv[1]).read_text()))
+pin_trainer_settings(cfg, Path(cfg.out))
 task = build_task(cfg, Path(cfg.out))
 real, calls = task.loss, {"n": 0}
 

@@ -34,8 +34,8 @@ import torch
 
 from cai.train.checkpoint import (has_checkpoint, is_sharded, launch_record, load_checkpoint, save_checkpoint, trainable_state,
                                   truncate_log)
-from cai.train.config import TrainConfig
 from cai.train.precision import autocast
+from cai.train.settings import TrainJob
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Task:
     """items -> what the loss averages over, summed (SFT: target tokens; rm: pairs; dpo: pairs and NLL tokens)."""
 
 
-def micro_batches(n_items: int, cfg: TrainConfig) -> list[list[int]]:
+def micro_batches(n_items: int, cfg: TrainJob) -> list[list[int]]:
     """Every micro-batch of the run, in order: a pure function of the config (exact resume)."""
     out = []
     for epoch in range(cfg.epochs):
@@ -68,12 +68,12 @@ def micro_batches(n_items: int, cfg: TrainConfig) -> list[list[int]]:
     return out
 
 
-def total_steps(n_items: int, cfg: TrainConfig) -> int:
+def total_steps(n_items: int, cfg: TrainJob) -> int:
     steps = math.ceil(len(micro_batches(n_items, cfg)) / cfg.grad_accum)
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 
-def train(cfg: TrainConfig, task: Task, out: Path) -> dict[str, Any]:
+def train(cfg: TrainJob, task: Task, out: Path) -> dict[str, Any]:
     from accelerate import Accelerator
 
     from cai.progress import progress_bar

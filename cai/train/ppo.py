@@ -58,10 +58,10 @@ from cai.train.adapters import adapter_disabled
 from cai.train.checkpoint import (has_checkpoint, is_sharded, launch_record, load_checkpoint, save_checkpoint, trainable_state,
                                   truncate_log)
 from cai.train.losses import masked_mean, token_logprobs
-from cai.train.ppo_config import PPOConfig
 from cai.train.ppo_math import entropy_from_logits, gae, kl_penalised_rewards, kl_per_token, masked_whiten, policy_loss, value_loss
 from cai.train.ppo_policy import PolicyWithValue
 from cai.train.ppo_rollout import sample
+from cai.train.ppo_settings import PPOJob
 from cai.train.precision import autocast, uses_bf16
 from cai.train.rewards import Scorer
 
@@ -94,7 +94,7 @@ class Rollout:
 class PPOTrainer:
     """PPO over `prompts` for `policy`, scored by `scorer`; everything it needs is passed in (see `run_ppo`)."""
 
-    def __init__(self, cfg: PPOConfig, *, policy: PolicyWithValue, tokenizer, prompts: list[str], scorer: Scorer,
+    def __init__(self, cfg: PPOJob, *, policy: PolicyWithValue, tokenizer, prompts: list[str], scorer: Scorer,
                  gold_scorer: Scorer | None = None, vllm=None, accelerator=None):
         from accelerate import Accelerator
 
@@ -443,28 +443,28 @@ class PPOTrainer:
         self.tokenizer.save_pretrained(folder)
 
 
-def check_processes(cfg: PPOConfig, world: int, vllm: bool) -> None:
+def check_processes(cfg: PPOJob, world: int, vllm: bool) -> None:
     """Refuse, before any model loads, a batch that `world` processes cannot share (or vLLM rollouts across processes)."""
-    from cai.train.config import TrainConfigError
+    from cai.errors import ConfigError
 
     if world == 1:
         return
     if vllm:
-        raise TrainConfigError(f"rollout_backend 'vllm' runs in one process; this launch has {world}. Use rollout_backend "
+        raise ConfigError(f"rollout_backend 'vllm' runs in one process; this launch has {world}. Use rollout_backend "
                                "'transformers' across processes, or launch one process")
     size = cfg.batch_size // cfg.mini_batches
     if cfg.batch_size % world or size < world:
-        raise TrainConfigError(f"batch_size ({cfg.batch_size}) must be divisible by the {world} processes, with minibatches "
+        raise ConfigError(f"batch_size ({cfg.batch_size}) must be divisible by the {world} processes, with minibatches "
                                f"(batch_size / mini_batches = {size}) of at least {world} rows: each process takes its share")
 
 
-def build_trainer(cfg: PPOConfig, *, scorer: Scorer | None = None, gold_scorer: Scorer | None = None) -> PPOTrainer:
+def build_trainer(cfg: PPOJob, *, scorer: Scorer | None = None, gold_scorer: Scorer | None = None) -> PPOTrainer:
     """The trainer and its collaborators for `cfg`: policy and tokenizer, prompts, the reward's scorer (or
     `scorer`), the judge for gold scores and, with vLLM rollouts, the engine."""
     from cai.models import resolve_model
     from cai.prompts import PromptSourceError, load_prompts
     from cai.judge import SyncJudge
-    from cai.train.ppo_policy import load_policy
+    from cai.train.ppo_policy import load_policy_with_value
     from cai.train.rewards import JudgeScorer, load_scorer
 
     # The prompts first: a bad prompt file is refused before a model loads or the judge is connected.
@@ -476,7 +476,7 @@ def build_trainer(cfg: PPOConfig, *, scorer: Scorer | None = None, gold_scorer: 
     accelerator = Accelerator(mixed_precision="no")  # one process, or this one's place in a launch
     check_processes(cfg, accelerator.num_processes, cfg.rollout_backend == "vllm")
     device = accelerator.device
-    policy, tokenizer = load_policy(cfg, device)
+    policy, tokenizer = load_policy_with_value(cfg, device)
     # One connection to the judge for the run, for the reward and the gold score alike; the API key comes
     # from $CAI_JUDGE_API_KEY in the client, the one place that reads it.
     needs_judge = (cfg.reward == "judge" and scorer is None) or (cfg.gold_judge_every and gold_scorer is None)
@@ -494,11 +494,11 @@ def build_trainer(cfg: PPOConfig, *, scorer: Scorer | None = None, gold_scorer: 
                       accelerator=accelerator)
 
 
-def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
-    from cai.train.config import pin_config
+def run_ppo(cfg: PPOJob) -> dict[str, Any]:
+    from cai.train.settings import pin_trainer_settings
 
     out = Path(cfg.out)
-    pin_config(cfg, out)
+    pin_trainer_settings(cfg, out)
     trainer = build_trainer(cfg)
     logger.info("ppo: %d prompts, %d trainable parameters, output %s", len(trainer.prompts),
                 sum(p.numel() for p in trainer.params), out)

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from cai.train.ppo_config import PPOConfig
+from cai.train.ppo_settings import PPOJob
 
 
 class PolicyWithValue(torch.nn.Module):
@@ -53,7 +53,7 @@ class PolicyWithValue(torch.nn.Module):
         return out.logits, self.value_head(hidden).squeeze(-1).float()
 
 
-def load_policy(cfg: PPOConfig, device: torch.device):
+def load_policy_with_value(cfg: PPOJob, device: torch.device):
     """(policy, tokenizer) for `cfg.model`: LoRA and the value head initialised from `cfg.seed`, on `device`,
     in eval mode: dropout stays off in every PPO pass, sampling and update alike (as in TRL and
     summarize_from_feedback); with it on in the update only, pi/pi_old != 1 before any step."""

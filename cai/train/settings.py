@@ -1,14 +1,19 @@
-"""Settings every trainer shares, written once: the LoRA adapter (`LoraSettings`) and the optimiser
-(`OptimiserSettings`). `TrainSettings` (SFT, reward model, DPO) and `PPOSettings` inherit them, so their
-fields stay top-level: the same flags (`--lora-r`) and the same keys in a `cai run` config and in a run
-folder's pinned `config.yaml`. The learning rate stays with each trainer, whose defaults differ.
+"""The trainers' settings. Written once and shared: the LoRA adapter (`LoraSettings`) and the optimiser
+(`OptimiserSettings`), which `TrainSettings` (SFT, reward model, DPO, below) and `PPOSettings`
+(`cai.train.ppo_settings`) inherit, so their fields stay top-level: the same flags (`--lora-r`) and the
+same keys in a `cai run` config and in a run folder's pinned `config.yaml`. The learning rate stays with
+each trainer, whose defaults differ. `TrainJob` is one `cai train sft|rm|dpo` run; `pin_trainer_settings`
+pins a trainer's output folder.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from cai.train.precision import PRECISION_HELP, Precision
 
 
 class LoraSettings(BaseModel):
@@ -36,3 +41,46 @@ class OptimiserSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient-norm clip.")
+
+
+class TrainSettings(OptimiserSettings, LoraSettings):
+    """How SFT, a reward model or DPO trains: every setting with its default (what a `cai run` config's
+    `sft:`, `rm:` and `rl.dpo:` sections hold); the LoRA and optimiser settings are those PPO shares."""
+
+    eval_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, description="Held-out share of the rows (seeded split).")
+    lora: bool = Field(default=True, description="Train a LoRA adapter (peft); false (--full) trains all weights.",
+                       json_schema_extra={"cli": "--lora/--full"})
+    lr: float = Field(default=1e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(default=4, ge=1, description="Rows (pairs for rm/dpo) per micro-batch.")
+    grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimiser step.")
+    epochs: int = Field(default=1, ge=1, description="Passes over the training rows.")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimiser steps.")
+    max_length: int = Field(default=512, ge=8, description="Tokens per sequence (prompt + response).")
+    beta: float = Field(default=0.1, gt=0, description="dpo: the KL strength beta.")
+    rpo_alpha: float = Field(default=0.0, ge=0, description="dpo: weight of the preferred answers' NLL added to the loss (RPO; "
+                             "TRL's rpo_alpha, 1.0 in its paper): a token mean over the preferred answers of the whole optimiser step "
+                             "(TRL pools the tokens too, per micro-batch); the preferred answer is chosen where p_chosen >= 0.5, "
+                             "else rejected. Keeps DPO from lowering both answers at once.")
+    checkpoint_every: int = Field(default=50, ge=1, description="Optimiser steps between checkpoints (resumable).")
+    precision: Precision = Field(default="auto", description=PRECISION_HELP)
+    seed: int = Field(default=0, description="Seeds the split, data order and initialisation.")
+
+
+class TrainJob(TrainSettings):
+    """One `cai train sft|rm|dpo` run: the settings plus what it trains on and where it writes."""
+
+    kind: Literal["sft", "rm", "dpo"] = Field(description="sft: messages; rm: reward model on pairs; dpo: policy on pairs.")
+    model: str = Field(description="Base model: folder, hub id or embedded name.")
+    data: str = Field(description="Training data: datasets folder, .jsonl or .json (as `cai generate` writes).")
+    out: str = Field(description="Output folder: adapter, checkpoints, metrics.jsonl, loss.png, config.yaml; rerun the same "
+                     "command to resume from its checkpoint.")
+
+
+def pin_trainer_settings(job: BaseModel, out: Path) -> None:
+    """OUT/config.yaml: a trainer's resolved settings. A checkpoint in OUT resumes only under the settings it was
+    made with (else the run would mix two); with no checkpoint the file is simply written."""
+    from cai.pinning import pin_settings
+    from cai.train.checkpoint import has_checkpoint
+
+    pin_settings(out, job, file="config.yaml", resuming=has_checkpoint(Path(out) / "checkpoint"))

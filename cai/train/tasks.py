@@ -24,15 +24,15 @@ import torch
 
 from cai.models import load_tokenizer, resolve_model
 from cai.train.checkpoint import is_sharded
-from cai.train.config import TrainConfig
 from cai.train.data import Pair, collate, load_rows, tokenise_pairs, tokenise_sft
 from cai.train.loop import Task
 from cai.train.losses import bradley_terry_loss, dpo_loss, sequence_logprobs, sft_loss
+from cai.train.settings import TrainJob
 
 logger = logging.getLogger(__name__)
 
 
-def build_task(cfg: TrainConfig, out: Path) -> Task:
+def build_task(cfg: TrainJob, out: Path) -> Task:
     path = resolve_model(cfg.model).path
     tokenizer = load_tokenizer(path)
     rows = load_rows(cfg.data)
@@ -46,7 +46,7 @@ def build_task(cfg: TrainConfig, out: Path) -> Task:
     return build(cfg, path, tokenizer, train_rows, eval_rows, out)
 
 
-def _lora(cfg: TrainConfig, model, task_type: str):
+def _lora(cfg: TrainJob, model, task_type: str):
     from peft import get_peft_model
 
     from cai.train.precision import trainable_in_fp32
@@ -56,7 +56,7 @@ def _lora(cfg: TrainConfig, model, task_type: str):
     return trainable_in_fp32(get_peft_model(model, cfg.peft_config(task_type)))
 
 
-def _base_dtype(cfg: TrainConfig) -> torch.dtype:
+def _base_dtype(cfg: TrainJob) -> torch.dtype:
     """bf16 for LoRA's frozen base under bf16 autocast on this machine's device type; float32 otherwise
     (`cai.train.precision`). Not accelerate's PartialState: made here, before the loop's Accelerator, it would
     fix the launch's distributed state without the loop's settings."""

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from typer.testing import CliRunner
 
 from cai.cli import app
-from cai.cli_settings import flags_for, settings_command
+from cai.cli_options import flags_for, settings_command
 from judge_server.protocol import API_KEY_ENV
 from judge_server.settings import BackendSettings, ServerSettings
 

@@ -6,7 +6,7 @@ description and default, booleans get `--name/--no-name` (or the field's `json_s
 list fields take comma-separated values (the flag may be repeated too), `Literal` fields list their choices, and a field that is itself
 a settings model (a generator's `sampling`) contributes its own fields as options, one level deep. `--config FILE` reads
 a YAML file of the same settings; flags given on the command line override it. What is wrong is
-reported by `load_config` with the file (or "flags") and the field named.
+reported by `load_settings` with the file (or "flags") and the field named.
 
 `flags_for(settings)` goes the other way, by the same naming rule (`_options`): the flags that command
 parses back into equal settings, for a job that starts a child process (a judge) on them.
@@ -37,7 +37,7 @@ def settings_command(schema: type[BaseModel], run: Callable[[BaseModel], None], 
     A `CaiError` (bad settings, or one the run raises) goes to `on_error(message)`, by default printed as
     one line on stderr with exit code 1: what the user can fix needs no traceback.
     """
-    from cai.config import load_config
+    from cai.settings_file import load_settings
 
     fixed = fixed or {}
     params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
@@ -77,12 +77,12 @@ def settings_command(schema: type[BaseModel], run: Callable[[BaseModel], None], 
             if k in lists:
                 parts = [p for given_once in v for p in given_once.split(",")]
                 v = parts if len(parts) > 1 or _takes_list_only(schema, k, nested) else parts[0]
-            if k in nested:  # merged into the nested model's values from --config, if any (load_config)
+            if k in nested:  # merged into the nested model's values from --config, if any (load_settings)
                 overrides.setdefault(nested[k], {})[k] = v
             else:
                 overrides[k] = v
         try:
-            run(load_config(config, {**overrides, **fixed}, schema=schema))
+            run(load_settings(config, {**overrides, **fixed}, schema=schema))
         except CaiError as e:
             (on_error or _print_error)(str(e))
 

@@ -1,5 +1,5 @@
 """PPO's settings in one place: `KLSettings` (the KL penalty, one typed piece), `PPOSettings` (what a
-`cai run` config's `rl.ppo:` section holds) and `PPOConfig`, one `cai train ppo` run (the settings plus
+`cai run` config's `rl.ppo:` section holds) and `PPOJob`, one `cai train ppo` run (the settings plus
 the starting policy, reward, prompts and output).
 """
 
@@ -101,7 +101,7 @@ class PPOSettings(OptimiserSettings, LoraSettings, KLSettings):
         return self
 
 
-class PPOConfig(PPOSettings):
+class PPOJob(PPOSettings):
     """One `cai train ppo` run."""
 
     model: str = Field(description="Starting policy (usually the merged SFT model): folder, hub id or embedded name.")
@@ -111,7 +111,7 @@ class PPOConfig(PPOSettings):
     judge_url: str | None = Field(default=None, description="Judge server for reward 'judge' and for gold_judge_every.")
 
     @model_validator(mode="after")
-    def _judge_given(self) -> PPOConfig:
+    def _judge_given(self) -> PPOJob:
         if (self.reward == "judge" or self.gold_judge_every) and not self.judge_url:
             raise ValueError("judge_url is needed when reward is 'judge' or gold_judge_every > 0")
         return self

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 from cai.errors import ConfigError, describe_validation_error
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any], schema: type[BaseModel]) -> Any:
+def load_settings(path: str | Path | None, overrides: dict[str, Any], schema: type[BaseModel]) -> Any:
     """Merge the YAML file (if any) with non-None overrides into `schema`; errors name the file and the field."""
     data: dict[str, Any] = {}
     where = str(path) if path else "flags"
