@@ -26,9 +26,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8, help="transformers batch size")
     args = ap.parse_args()
 
-    from cai.models import resolve_model, use_all_cpu_cores_for_vllm
+    from cai.models import resolve_model
     from cai.policy import Policy, SamplingConfig
     from cai.prompts import load_prompts
+    from cai.vllm_args import use_all_cpu_cores_for_vllm
 
     prompts = [p.text for p in load_prompts("mtbench", limit=args.prompts)]
     path = resolve_model(args.model).path

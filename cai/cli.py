@@ -155,12 +155,14 @@ def models_convert(
     force: Annotated[bool, typer.Option(help="Convert again even if cached.")] = False,
 ) -> None:
     """Convert an embedded GGUF model into the cache once (later calls return at once)."""
-    from cai.models import EMBEDDED, ModelResolutionError, embedded_model_path
+    from cai.embedded import EMBEDDED, embedded_model_path
+    from cai.errors import ModelResolutionError
+    from cai.models import cache_dir
 
     if name not in EMBEDDED:
         _fail(f"{name!r} is not an embedded model; embedded: {', '.join(EMBEDDED)}")
     try:
-        path = embedded_model_path(name, force=force)
+        path = embedded_model_path(name, cache_dir(), force=force)
     except ModelResolutionError as e:
         _fail(str(e))
     console.print(str(path), highlight=False)
@@ -169,7 +171,8 @@ def models_convert(
 @models_app.command("resolve")
 def models_resolve(name: Annotated[str, typer.Argument(help="Folder, hub id or embedded name.")]) -> None:
     """Print where a model name resolves to, and from which source."""
-    from cai.models import ModelResolutionError, resolve_model
+    from cai.errors import ModelResolutionError
+    from cai.models import resolve_model
 
     try:
         m = resolve_model(name)

@@ -17,6 +17,10 @@ class ConfigError(CaiError, ValueError):
     """Settings that can't be used (a config file, flags, a job's options); the message names the field."""
 
 
+class ModelResolutionError(CaiError, ValueError):
+    """A model name that is neither a usable folder, a hub id, nor an embedded model."""
+
+
 def describe_validation_error(error, where: str) -> str:
     """A pydantic ValidationError as one line: `WHERE: field.path: message; ...`."""
     problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())

@@ -61,7 +61,8 @@ class VllmPolicy:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
-        from cai.models import resolve_model, vllm_engine_args
+        from cai.models import resolve_model
+        from cai.vllm_args import vllm_engine_args
 
         self.name = model_name
         self.llm = LLM(model=resolve_model(model_name).path, seed=0,

@@ -162,7 +162,9 @@ class VLLMEngine(TokenizedEngine):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from cai.models import ModelResolutionError, resolve_model, vllm_engine_args
+        from cai.errors import ModelResolutionError
+        from cai.models import resolve_model
+        from cai.vllm_args import vllm_engine_args
 
         import torch
 

@@ -46,7 +46,8 @@ def start_openai_engine(settings: ServerSettings) -> Engine:
 
 
 def _tokenizer(name: str, *, required: bool):
-    from cai.models import ModelResolutionError, load_tokenizer
+    from cai.errors import ModelResolutionError
+    from cai.models import load_tokenizer
 
     try:
         tokenizer = load_tokenizer(name)

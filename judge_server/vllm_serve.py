@@ -2,7 +2,7 @@
 
 A backend for `--backend openai` on this machine: the tests start one to stand for the server a team
 already runs, the backend benchmark measures against one. The engine flags are those of every cai
-vLLM engine (`cai.models.vllm_engine_args`: float32, eager mode and a fixed KV cache on a CPU).
+vLLM engine (`cai.vllm_args.vllm_engine_args`: float32, eager mode and a fixed KV cache on a CPU).
 
     with VLLMServer("/path/to/model", served_name="judge") as server:
         ... server.url ...
@@ -37,7 +37,7 @@ class VLLMServer(ServerProcess):
         self.max_model_len, self.kv_cache_gib = max_model_len, kv_cache_gib
 
     def command(self) -> list[str]:
-        from cai.models import vllm_engine_args
+        from cai.vllm_args import vllm_engine_args
 
         args = vllm_engine_args(max_model_len=self.max_model_len, gpu_memory_utilization=0.85, kv_cache_gib=self.kv_cache_gib)
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model, "--served-model-name",

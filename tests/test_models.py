@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cai.models import ModelResolutionError, resolve_model
+from cai.errors import ModelResolutionError
+from cai.models import resolve_model
 from cai.tiny import build_tiny_model
 
 

@@ -28,7 +28,7 @@ class VllmRollouts:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
 
-        from cai.models import vllm_engine_args
+        from cai.vllm_args import vllm_engine_args
 
         self.llm = LLM(model=model_path, seed=seed, generation_config="vllm", enable_lora=True, max_lora_rank=max(8, lora_rank), max_loras=1,
                        **vllm_engine_args(max_model_len=max_len, cpu_kv_cache_gib=kv_cache_gib,
