@@ -1,10 +1,10 @@
 """One rule for every run folder: a rerun resumes only under the settings the run was started with.
 
 Trainers (SFT, RM, DPO, PPO), the generators and `cai run` all call `pin_settings`. The first run
-writes the settings into the folder (`config.yaml` for trainers, `run.json` for generators and the
-pipeline); a rerun compares, key by dotted key, and refuses any difference with the old and the new
-value, rather than mixing two runs in one folder. A setting absent from the file (added to cai since
-the run started) counts as its default today, so upgrading cai mid-run does not refuse a resume.
+writes the settings into the folder's `run.json`; a rerun compares, key by dotted key, and refuses any
+difference with the old and the new value, rather than mixing two runs in one folder. A setting absent
+from the file (added to cai since the run started) counts as its default today, so upgrading cai
+mid-run does not refuse a resume.
 """
 
 from __future__ import annotations
@@ -19,25 +19,33 @@ from pydantic import BaseModel
 from cai.errors import CaiError
 from cai.files import write_text_atomic
 
+PIN_FILE = "run.json"
+"""The file in a run folder that holds the settings it was started with."""
+
+LEGACY_TRAINER_PIN = "config.yaml"
+"""Where trainers pinned their settings before `run.json`: a trainer's folder (one with a `checkpoint/`)
+that has no `run.json` is compared against this file, so a run started then resumes, or is refused, as before."""
+
 
 class RunMismatchError(CaiError, ValueError):
     """The output folder holds a run made with other settings (or files cai did not write)."""
 
 
-def pin_settings(folder: Path, settings: BaseModel | dict[str, Any], *, file: str = "run.json", resuming: bool = True,
-                 exclude: tuple[str, ...] = (), extra: dict[str, Any] | None = None) -> None:
+def pin_settings(folder: Path, settings: BaseModel | dict[str, Any], *, resuming: bool = True, exclude: tuple[str, ...] = (),
+                 extra: dict[str, Any] | None = None) -> None:
     """Refuse `settings` (a pydantic model or a dict, less the `exclude` keys, plus `extra`)
-    if they differ from those pinned in FOLDER/FILE; then write them there.
+    if they differ from those pinned in FOLDER/run.json (or a trainer's legacy config.yaml); then write them to run.json.
 
     `resuming=False` says there is nothing to resume from (a trainer with no checkpoint yet): the
     file is overwritten without a comparison.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / file
+    path = folder / PIN_FILE
+    pinned = path if path.exists() or not (folder / "checkpoint").is_dir() else folder / LEGACY_TRAINER_PIN
     now = {k: v for k, v in _as_dict(settings).items() if k not in exclude} | (extra or {})
-    if resuming and path.exists():
-        saved, current = _flatten(_read(path)), _flatten(now)
+    if resuming and pinned.exists():
+        saved, current = _flatten(_read(pinned)), _flatten(now)
         before = dict(saved)
         for key, value in _defaults(settings).items():  # what the file lacks counts as today's default
             if key in current and not any(s == key or s.startswith(key + ".") or key.startswith(s + ".") for s in saved):
@@ -47,11 +55,7 @@ def pin_settings(folder: Path, settings: BaseModel | dict[str, Any], *, file: st
             details = "; ".join(f"{k}: was {before.get(k)!r}, now {current.get(k)!r}" for k in diff)
             raise RunMismatchError(f"{folder} holds a run made with other settings ({details}); rerun with the same settings to "
                                    "resume, or choose another --out")
-    if path.suffix == ".json":
-        text = json.dumps(now, indent=2)
-    else:
-        text = yaml.safe_dump(now, sort_keys=False)
-    write_text_atomic(path, text)  # every process of a launch pins; none may read another's half-written file
+    write_text_atomic(path, json.dumps(now, indent=2))  # every process of a launch pins; none may read another's half-written file
 
 
 def _as_dict(settings: BaseModel | dict[str, Any]) -> dict[str, Any]:

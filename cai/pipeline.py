@@ -17,7 +17,8 @@ One judge server serves every stage (started for a local model, or a given URL).
 each stage's status: a finished stage is skipped on a rerun; an interrupted one runs again and
 resumes through its own checkpoint or row log. The run's settings (cai/run_config.py, validated whole
 before any stage) are pinned in run.json: a rerun with other settings is refused rather than mixing
-two runs in one folder. Below: the loop over the stages, then each stage in the order it runs.
+two runs in one folder; run_config.yaml holds them resolved, every default filled in, for people to
+read. Below: the loop over the stages, then each stage in the order it runs.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def run_pipeline(cfg: RunConfig, config_path: str | Path | None = None) -> Path:
 
     run_dir = Path(cfg.out)
     pin_settings(run_dir, cfg)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False), encoding="utf-8")
+    write_text_atomic(run_dir / "run_config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     plan = stages(cfg)
     record = _load_record(run_dir, [name for name, _ in plan])
     todo = [(name, fn) for name, fn in plan if record[name]["status"] != "done"]

@@ -269,11 +269,11 @@ def render_report(run_dir: Path) -> str:
     status = {**{r["name"]: r["status"] for r in stages}, **{r["folder"]: r["status"] for r in stages if r["folder"]}}
     eval_doc = _read_json(run_dir / "eval" / "eval.json")
     config = None
-    if (run_dir / "config.yaml").is_file():
+    if (run_dir / "run_config.yaml").is_file():
         try:
-            config = (run_dir / "config.yaml").read_text(encoding="utf-8", errors="replace")
+            config = (run_dir / "run_config.yaml").read_text(encoding="utf-8", errors="replace")
         except OSError as e:
-            logger.warning("report: skipping unreadable %s: %s", run_dir / "config.yaml", e)
+            logger.warning("report: skipping unreadable %s: %s", run_dir / "run_config.yaml", e)
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE.parent), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     return env.get_template(TEMPLATE.name).render(

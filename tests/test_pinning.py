@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from pydantic import BaseModel, Field
 
 from cai.errors import CaiError
@@ -41,11 +42,39 @@ def test_a_setting_added_since_the_run_started_counts_as_its_default(tmp_path):
         pin_settings(tmp_path, Settings(out="o", section=Section(tokens=32)))
 
 
-def test_nothing_to_resume_overwrites_and_yaml_files_work_too(tmp_path):
-    pin_settings(tmp_path, Settings(out="o"), file="config.yaml")
-    pin_settings(tmp_path, Settings(out="o", seed=3), file="config.yaml", resuming=False)
+def test_nothing_to_resume_overwrites(tmp_path):
+    pin_settings(tmp_path, Settings(out="o"))
+    pin_settings(tmp_path, Settings(out="o", seed=3), resuming=False)
     with pytest.raises(RunMismatchError, match="seed: was 3, now 0"):
-        pin_settings(tmp_path, Settings(out="o"), file="config.yaml")
+        pin_settings(tmp_path, Settings(out="o"))
+
+
+# OUT/config.yaml as a trainer pinned it before every run folder pinned to run.json.
+LEGACY_TRAINER_PIN = """\
+out: o
+seed: 0
+section:
+  rounds: 1
+  tokens: 64
+"""
+
+
+def test_a_trainer_folder_pinned_in_config_yaml_resumes_under_its_settings_only(tmp_path):
+    (tmp_path / "config.yaml").write_text(LEGACY_TRAINER_PIN)
+    (tmp_path / "checkpoint").mkdir()
+    with pytest.raises(RunMismatchError, match="seed: was 0, now 1"):
+        pin_settings(tmp_path, Settings(out="o", seed=1))
+    assert not (tmp_path / "run.json").exists()
+    pin_settings(tmp_path, Settings(out="o"))  # resumes, and pins in run.json from now on
+    assert json.loads((tmp_path / "run.json").read_text()) == yaml.safe_load(LEGACY_TRAINER_PIN)
+    with pytest.raises(RunMismatchError, match=r"section\.rounds: was 1, now 2"):
+        pin_settings(tmp_path, Settings(out="o", section=Section(rounds=2)))
+
+
+def test_a_config_yaml_beside_no_checkpoint_is_not_a_pin(tmp_path):
+    (tmp_path / "config.yaml").write_text("seed: 5\n")  # e.g. the user's own run config kept in the folder
+    pin_settings(tmp_path, Settings(out="o"))
+    assert json.loads((tmp_path / "run.json").read_text())["seed"] == 0
 
 
 def test_a_file_cai_did_not_write_is_named(tmp_path):

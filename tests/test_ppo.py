@@ -349,10 +349,10 @@ def test_changed_settings_refuse_to_resume(tmp_path, tiny_model_dir, prompt_file
     run_ppo(c)
     with pytest.raises(RunMismatchError, match=r"other settings \(lr: was 0\.005, now 0\.001\)"):
         run_ppo(c.model_copy(update={"lr": 1e-3}))
-    # A run made before a setting existed (its config.yaml lacks it) resumes under that setting's default,
+    # A run made before a setting existed (its run.json lacks it) resumes under that setting's default,
     # and is still refused when the setting is given another value.
-    saved = Path(c.out) / "config.yaml"
-    saved.write_text("\n".join(line for line in saved.read_text().splitlines() if not line.startswith("merged_rollouts:")) + "\n")
+    saved = Path(c.out) / "run.json"
+    saved.write_text(json.dumps({k: v for k, v in json.loads(saved.read_text()).items() if k != "merged_rollouts"}))
     assert "merged_rollouts" not in saved.read_text()
     with pytest.raises(RunMismatchError, match=r"other settings \(merged_rollouts: was True, now False\)"):
         run_ppo(c.model_copy(update={"merged_rollouts": False}))

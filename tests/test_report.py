@@ -39,7 +39,7 @@ def _ppo_row(step: int) -> dict:
 def build_run(root: Path, *, stages: tuple[str, ...] = ("sft-data", "prefs", "sft", "rm", "ppo", "eval")) -> Path:
     """A run directory as the pipeline writes it, with small realistic numbers."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "config.yaml").write_text("model: smollm2-135m-instruct\nconstitution: harmless-helpful\nppo:\n  iterations: 20\n",
+    (root / "run_config.yaml").write_text("model: smollm2-135m-instruct\nconstitution: harmless-helpful\nppo:\n  iterations: 20\n",
                                       encoding="utf-8")
     order = ["sft-data", "prefs", "sft", "rm", "dpo", "ppo", "eval"]
     _json(root / "stages.json", {"stages": [
@@ -200,7 +200,7 @@ def test_truncated_metrics_line_is_skipped(tmp_path, caplog):
 
 def test_empty_run_dir_renders(tmp_path):
     html = write_report(tmp_path).read_text(encoding="utf-8")
-    assert "Evaluation not run" in html and "No stages.json" in html and "No config.yaml" in html
+    assert "Evaluation not run" in html and "No stages.json" in html and "No run_config.yaml" in html
     assert html.count(": not run") == 6
 
 

@@ -137,5 +137,6 @@ out: o
                                         (PINNED_SFT, TrainJob(kind="sft", model="m", data="d", out="o"))], ids=["ppo", "sft"])
 def test_a_run_pinned_before_the_shared_pieces_still_resumes(tmp_path, pinned, cfg):
     assert set(cfg.model_dump()) == set(yaml.safe_load(pinned))  # the dumped shape stayed flat
-    (tmp_path / "config.yaml").write_text(pinned)
-    pin_settings(tmp_path, cfg, file="config.yaml", resuming=True)  # no RunMismatchError
+    (tmp_path / "config.yaml").write_text(pinned)  # a trainer's folder from before run.json: config.yaml beside its checkpoint
+    (tmp_path / "checkpoint").mkdir()
+    pin_settings(tmp_path, cfg)  # no RunMismatchError

@@ -1,7 +1,7 @@
 """The trainers' settings. Written once and shared: the LoRA adapter (`LoraSettings`) and the optimiser
 (`OptimiserSettings`), which `TrainSettings` (SFT, reward model, DPO, below) and `PPOSettings`
 (`cai.train.ppo_settings`) inherit, so their fields stay top-level: the same flags (`--lora-r`) and the
-same keys in a `cai run` config and in a run folder's pinned `config.yaml`. The learning rate stays with
+same keys in a `cai run` config and in a run folder's pinned `run.json`. The learning rate stays with
 each trainer, whose defaults differ. `TrainJob` is one `cai train sft|rm|dpo` run; `pin_trainer_settings`
 pins a trainer's output folder.
 """
@@ -73,14 +73,14 @@ class TrainJob(TrainSettings):
     kind: Literal["sft", "rm", "dpo"] = Field(description="sft: messages; rm: reward model on pairs; dpo: policy on pairs.")
     model: str = Field(description="Base model: folder, hub id or embedded name.")
     data: str = Field(description="Training data: datasets folder, .jsonl or .json (as `cai generate` writes).")
-    out: str = Field(description="Output folder: adapter, checkpoints, metrics.jsonl, loss.png, config.yaml; rerun the same "
+    out: str = Field(description="Output folder: adapter, checkpoints, metrics.jsonl, loss.png, run.json; rerun the same "
                      "command to resume from its checkpoint.")
 
 
 def pin_trainer_settings(job: BaseModel, out: Path) -> None:
-    """OUT/config.yaml: a trainer's resolved settings. A checkpoint in OUT resumes only under the settings it was
+    """OUT/run.json: a trainer's resolved settings. A checkpoint in OUT resumes only under the settings it was
     made with (else the run would mix two); with no checkpoint the file is simply written."""
     from cai.pinning import pin_settings
     from cai.train.checkpoint import has_checkpoint
 
-    pin_settings(out, job, file="config.yaml", resuming=has_checkpoint(Path(out) / "checkpoint"))
+    pin_settings(out, job, resuming=has_checkpoint(Path(out) / "checkpoint"))
