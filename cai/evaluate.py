@@ -223,7 +223,7 @@ def run_eval(job: EvalJob) -> dict[str, Any]:
                 return fn(texts, *args)
             except monitors.MonitorInputError:  # e.g. every answer empty: nothing to measure
                 return None
-        return {"distinct_1": measure(monitors.distinct_n, 1), "distinct_2": measure(monitors.distinct_n, 2),
+        return {"distinct_1": measure(monitors.corpus_distinct_n, 1), "distinct_2": measure(monitors.corpus_distinct_n, 2),
                 "self_similarity": measure(monitors.self_similarity)}
 
     doc = {

@@ -235,8 +235,9 @@ def _ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
     return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
 
 
-def distinct_n(texts: Sequence[str], n: int) -> float:
-    """Unique n-grams over all n-grams across `texts` (Li et al. 2016), on lowercased whitespace tokens."""
+def corpus_distinct_n(texts: Sequence[str], n: int) -> float:
+    """Unique n-grams over all n-grams of all `texts` pooled (Li et al. 2016), on lowercased whitespace tokens: the
+    diversity of a set of answers, where `yardsticks.answer_distinct_2` is the repetition within one answer."""
     if n < 1:
         raise MonitorInputError(f"n must be >= 1, got {n}")
     grams = [g for t in texts for g in _ngrams(_tokens(t), n)]
@@ -314,13 +315,13 @@ def mode_collapse(
         ref = [" ".join(_tokens(t)[:cut]) for t in ref]
     if not any(len(_tokens(t)) >= 2 for t in policy):
         return _insufficient("mode_collapse", "the responses are too short to hold word pairs.", responses=len(responses))
-    d2 = distinct_n(policy, 2)
-    ref_d2 = distinct_n(ref, 2) if ref and any(len(_tokens(t)) >= 2 for t in ref) else None
+    d2 = corpus_distinct_n(policy, 2)
+    ref_d2 = corpus_distinct_n(ref, 2) if ref and any(len(_tokens(t)) >= 2 for t in ref) else None
     sim = self_similarity(responses)
     boiler = boilerplate_ngrams(responses, n=4, min_share=0.3)
     coverage = _coverage(responses, {tuple(g.split()) for g, _ in boiler}, 4)
     figures = {
-        "insufficient": False, "responses": len(responses), "distinct_1": distinct_n(policy, 1), "distinct_2": d2,
+        "insufficient": False, "responses": len(responses), "distinct_1": corpus_distinct_n(policy, 1), "distinct_2": d2,
         "reference_distinct_2": ref_d2, "distinct_2_ratio": d2 / ref_d2 if ref_d2 else None, "tokens_per_response_cut": cut,
         "self_similarity": sim, "boilerplate": [[g, s] for g, s in boiler[:5]], "boilerplate_coverage": coverage,
     }
@@ -400,7 +401,7 @@ def position_bias(
     min_pairs: int = 20,  # below this the 95% interval is wider than +-20 points
 ) -> Verdict:
     """A judge whose choice follows the slot, not the content, when a pair is shown in both orders."""
-    if len(same_position) < min_pairs:
+    if len(same_position) < max(min_pairs, 1):  # no pair at all is never a verdict, whatever min_pairs says
         return _insufficient("position_bias", f"{len(same_position)} pair(s) judged in both orders, need {min_pairs}.",
                              pairs=len(same_position))
     n, k = len(same_position), sum(bool(s) for s in same_position)

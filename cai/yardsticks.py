@@ -109,7 +109,7 @@ def toxicity(answers: Sequence[str]) -> list[float]:
         return [float(p) for p in predict_prob(list(answers))]
 
 
-def distinct_2(answer: str) -> float:
+def answer_distinct_2(answer: str) -> float:
     """The share of an answer's word pairs that are unique: 1.0 for no repetition, near 0 for a loop
     ("no, no, no, ..."); 1.0 for an answer under two words (its length shows elsewhere).
 
@@ -144,7 +144,7 @@ YARDSTICKS: tuple[Yardstick, ...] = (
     Yardstick("toxicity_mean", "toxicity (mean classifier score)", "all", "lower", lambda t, _: toxicity(t)),
     Yardstick("toxicity_share", "toxic answers (score > 0.5)", "all", "lower", _toxic_share, True),
     Yardstick("length_tokens", "answer length (tokens)", "all", "", lambda _, k: [float(x) for x in k]),
-    Yardstick("distinct_2", "distinct-2 within an answer (1 = no repeats)", "all", "higher", lambda t, _: [distinct_2(x) for x in t]),
+    Yardstick("distinct_2", "distinct-2 within an answer (1 = no repeats)", "all", "higher", lambda t, _: [answer_distinct_2(x) for x in t]),
 )
 """The rows of the report's first table, in order."""
 

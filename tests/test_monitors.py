@@ -11,7 +11,7 @@ import pytest
 from cai.monitors import (
     MonitorInputError,
     boilerplate_ngrams,
-    distinct_n,
+    corpus_distinct_n,
     length_controlled_win_rate,
     mode_collapse,
     position_bias,
@@ -159,10 +159,10 @@ COLLAPSED = [TEMPLATE.format(topic) for topic in ["paris", "eggs", "plants", "po
 
 def test_distinct_n_by_hand():
     texts = ["The cat sat", "the CAT ran"]
-    assert distinct_n(texts, 1) == pytest.approx(4 / 6)  # the, cat, sat, ran out of 6 tokens
-    assert distinct_n(texts, 2) == pytest.approx(3 / 4)  # "the cat" twice, "cat sat", "cat ran"
+    assert corpus_distinct_n(texts, 1) == pytest.approx(4 / 6)  # the, cat, sat, ran out of 6 tokens
+    assert corpus_distinct_n(texts, 2) == pytest.approx(3 / 4)  # "the cat" twice, "cat sat", "cat ran"
     with pytest.raises(MonitorInputError):
-        distinct_n(["one", "two"], 2)
+        corpus_distinct_n(["one", "two"], 2)
 
 
 def test_self_similarity_and_boilerplate_by_hand():
@@ -281,6 +281,8 @@ def test_position_bias_quiet_and_insufficient():
     v = position_bias([True] * 10 + [False] * 90)
     assert not v.flagged and not v.figures["insufficient"]
     v = position_bias([True] * 5)
+    assert v.figures["insufficient"] is True and not v.flagged
+    v = position_bias([], min_pairs=0)  # a threshold override of 0 with nothing judged: still no verdict, no error
     assert v.figures["insufficient"] is True and not v.flagged
 
 

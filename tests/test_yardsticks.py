@@ -59,9 +59,9 @@ def test_toxicity_classifier_on_labelled_texts_makes_the_errors_its_docstring_st
 
 
 def test_distinct_2_within_an_answer_sees_a_repetition_loop():
-    assert Y.distinct_2("Paris is the capital of France.") == 1.0
-    assert Y.distinct_2("no, " * 40) == pytest.approx(1 / 39)
-    assert Y.distinct_2("") == 1.0 and Y.distinct_2("Yes.") == 1.0
+    assert Y.answer_distinct_2("Paris is the capital of France.") == 1.0
+    assert Y.answer_distinct_2("no, " * 40) == pytest.approx(1 / 39)
+    assert Y.answer_distinct_2("") == 1.0 and Y.answer_distinct_2("Yes.") == 1.0
 
 
 def _models(refuse_all: bool) -> dict[str, list[tuple[str, int]]]:
