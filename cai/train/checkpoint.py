@@ -97,6 +97,29 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     tmp.rename(folder)
 
 
+def save_final(folder: Path, model: torch.nn.Module, tokenizer, weights: dict[str, torch.Tensor] | None = None,
+               value_head: torch.nn.Module | None = None) -> None:
+    """Write a trainer's final artefact to `folder`: `model.save_pretrained` (the peft adapter with any head it
+    trains, or the whole model when training fully), the tokenizer, and PPO's `value_head` as value_head.pt.
+
+    `weights`: the trained weights gathered whole (`trainable_state`) when the model is sharded, else None
+    (the modules' own tensors are whole); peft keeps the adapter's (and the reward head's) entries. With a
+    `value_head`, `model` is the policy's language model and `weights` the whole policy's, keyed "lm." and
+    "value_head."."""
+    folder = Path(folder)
+    if value_head is not None:
+        head = value_head.state_dict() if weights is None else _part(weights, "value_head.")
+        weights = None if weights is None else _part(weights, "lm.")
+    model.save_pretrained(folder, state_dict=weights)
+    if value_head is not None:
+        torch.save(head, folder / "value_head.pt")
+    tokenizer.save_pretrained(folder)
+
+
+def _part(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, Any]]:
     """Restore weights, optimiser and RNG states in place; returns (step, extra)."""
     folder = Path(folder)

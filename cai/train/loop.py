@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from cai.train.checkpoint import (has_checkpoint, is_sharded, launch_record, load_checkpoint, save_checkpoint, trainable_state,
-                                  truncate_log)
+from cai.train.checkpoint import (has_checkpoint, is_sharded, launch_record, load_checkpoint, save_checkpoint, save_final,
+                                  trainable_state, truncate_log)
 from cai.train.precision import autocast
 from cai.train.settings import TrainJob
 
@@ -50,9 +50,8 @@ class Task:
     """(model, micro-batch items, counts) -> (loss, metrics); items are collated inside. `counts` are the whole
     step's (`counts` of all its rows): loss and metrics are these items' shares, sums divided by them, so
     the shares of all micro-batches and processes add up to the step's means."""
-    save: Callable[[torch.nn.Module, Path, dict | None], None]
-    """Write the final artefact (adapter or model) to a folder; the third argument is the trained weights
-    gathered whole when the model is sharded (FSDP), else None (the model's own tensors are whole)."""
+    tokenizer: Any
+    """The model's tokenizer, saved with the final artefact in OUT/final (`save_final`)."""
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None
     tokens: Callable[[list], int] = len
     counts: Callable[[list], dict[str, float]] = lambda items: {"rows": float(len(items))}
@@ -153,7 +152,7 @@ def train(cfg: TrainJob, task: Task, out: Path) -> dict[str, Any]:
             summary["eval"] = task.evaluate(unwrapped)
     weights = trainable_state(unwrapped) if sharded else None
     if accelerator.is_main_process:
-        task.save(unwrapped, out / "final", weights)
+        save_final(out / "final", unwrapped, task.tokenizer, weights)
         summary["loss_plot"] = str(plot_losses(metrics_path, out / "loss.png"))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -55,8 +55,8 @@ import torch
 
 from cai.train import ppo_metrics as M
 from cai.train.adapters import adapter_disabled
-from cai.train.checkpoint import (has_checkpoint, is_sharded, launch_record, load_checkpoint, save_checkpoint, trainable_state,
-                                  truncate_log)
+from cai.train.checkpoint import (has_checkpoint, is_sharded, launch_record, load_checkpoint, save_checkpoint, save_final,
+                                  trainable_state, truncate_log)
 from cai.train.losses import masked_mean, token_logprobs
 from cai.train.ppo_math import entropy_from_logits, gae, kl_penalised_rewards, kl_per_token, masked_whiten, policy_loss, value_loss
 from cai.train.ppo_policy import PolicyWithValue
@@ -420,27 +420,13 @@ class PPOTrainer:
         weights = trainable_state(self.model) if self.sharded else None  # a collective under FSDP
         if not main:
             return {"iterations": cfg.iterations, "process": self.rank}
-        self.save(out / "final", weights)
+        save_final(out / "final", self.model.lm, self.tokenizer, weights, value_head=self.model.value_head)
         plot_losses(metrics_path, out / "loss.png", keys=(M.SCORES, M.KL, M.LOSS_POLICY))
         rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
         summary = {"iterations": cfg.iterations, **launch_record(self.accelerator, self.model),
                    "first": rows[0] if rows else None, "last": rows[-1] if rows else None}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
-
-    def save(self, folder: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
-        """The peft adapter, the tokenizer and value_head.pt; `weights`: the trained weights gathered whole
-        (`trainable_state`) when the policy is sharded."""
-        if weights is None:
-            self.model.lm.save_pretrained(folder)
-            torch.save(self.model.value_head.state_dict(), folder / "value_head.pt")
-        else:
-            def part(prefix: str) -> dict[str, torch.Tensor]:
-                return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-
-            self.model.lm.save_pretrained(folder, state_dict=part("lm."))
-            torch.save(part("value_head."), folder / "value_head.pt")
-        self.tokenizer.save_pretrained(folder)
 
 
 def check_processes(cfg: PPOJob, world: int, vllm: bool) -> None:

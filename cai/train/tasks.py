@@ -65,14 +65,6 @@ def _base_dtype(cfg: TrainJob) -> torch.dtype:
     return base_dtype(cfg.precision, torch.device("cuda" if torch.cuda.is_available() else "cpu"), frozen=cfg.lora)
 
 
-def _saver(tokenizer):
-    def save(model, folder: Path, weights: dict | None = None) -> None:
-        # None: the model's own tensors; peft keeps the adapter's (and the reward head's) entries of a passed dict
-        model.save_pretrained(folder, state_dict=weights)
-        tokenizer.save_pretrained(folder)
-    return save
-
-
 def _device_batch(model, items, pad_id):
     batch = collate(items, pad_id)
     device = next(model.parameters()).device
@@ -105,7 +97,7 @@ def _sft(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
         chunks = [eval_items[i:i + cfg.batch_size] for i in range(0, len(eval_items), cfg.batch_size)]
         return {"eval_loss": sum(loss(model, chunk, whole)[0].item() for chunk in chunks), "eval_rows": len(eval_items)}
 
-    return Task(model, train_items, loss, _saver(tokenizer), evaluate, tokens=lambda items: sum(len(t.input_ids) for t in items),
+    return Task(model, train_items, loss, tokenizer, evaluate, tokens=lambda items: sum(len(t.input_ids) for t in items),
                 counts=counts)
 
 
@@ -142,7 +134,7 @@ def _rm(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
             margins += (rc - rr).tolist()
         return rm_metrics(margins, [p.p_chosen for p in eval_items], seed=cfg.seed)
 
-    return Task(model, train_items, loss, _saver(tokenizer), evaluate,
+    return Task(model, train_items, loss, tokenizer, evaluate,
                 tokens=lambda items: sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in items),
                 counts=lambda items: {"pairs": float(len(items))})
 
@@ -220,7 +212,7 @@ def _dpo(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
                 sums[k] = sums.get(k, 0.0) + v
         return {f"eval_{k}": v for k, v in sums.items()}
 
-    return Task(model, train_items, loss, _saver(tokenizer), evaluate,
+    return Task(model, train_items, loss, tokenizer, evaluate,
                 tokens=lambda items: sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in items), counts=counts)
 
 
