@@ -16,7 +16,6 @@ import math
 
 from pydantic import Field, field_validator
 
-from cai.errors import ConfigError
 from cai.generate.common import Chunk, GenerationJob, describe_error, provenance, run_generation
 from cai.judge_client import JudgeError
 from cai.policy import SamplingConfig
@@ -49,8 +48,6 @@ class PrefsJob(GenerationJob):
 
 
 def generate_prefs(job: PrefsJob) -> dict:
-    if job.samples < 2:
-        raise ConfigError(f"samples must be >= 2 to make pairs, got {job.samples}")
     summary, rows = run_generation(job, "prefs", pending=prompts_to_do, step=_step)
     summary.update(summarise([r for r in rows if r.get("status") == "ok"], rows))
     (job.out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -19,7 +19,6 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from cai.errors import ConfigError
 from cai.generate.common import Chunk, GenerationJob, describe_error, provenance, run_generation, write_rows
 from cai.generate.revision_guard import rejected_revision
 from cai.generate.revision_pairs import revision_pairs
@@ -46,8 +45,6 @@ class SftJob(GenerationJob):
 
 
 def generate_sft(job: SftJob) -> dict:
-    if job.rounds < 1:
-        raise ConfigError(f"rounds must be >= 1, got {job.rounds}")
     summary, rows = run_generation(job, "sft", pending=prompts_to_do, step=_step,
                                    select=lambda r: is_sft_target(r, job.keep_unrevised))
     steps = [t for r in rows for t in r.get("trajectory") or []]
