@@ -26,7 +26,6 @@ asks what it had not.
 from __future__ import annotations
 
 import asyncio
-import html
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 from pydantic import Field
 
@@ -231,6 +231,12 @@ def run_judge_eval(job: JudgeEvalJob) -> dict[str, Any]:
 # -- the page ---------------------------------------------------------------------------------------
 
 
+TEMPLATE = Path(__file__).parent / "templates" / "judge_eval.html.j2"
+PAGE_FIGURES = [("agreement with people", "agreement"), ("position consistency", "position_consistency"),
+                ("option mass", "option_mass"), ("label entropy (bits)", "label_entropy_bits"), ("Brier", "brier"), ("ECE", "ece")]
+"""The page's table: its row labels and the keys of each constitution's figures."""
+
+
 def _fmt(e: dict | None) -> str:
     if not e or e.get("value") is None:
         return "-"
@@ -240,28 +246,13 @@ def _fmt(e: dict | None) -> str:
 
 
 def render_html(doc: dict) -> str:
+    """The page of a judge-eval.json document (cai/templates/judge_eval.html.j2), self-contained: inline CSS, embedded PNGs."""
     from cai.report_plots import agreement_bars, reliability_plot
 
     rows = doc["constitutions"]
-    keys = [("agreement with people", "agreement"), ("position consistency", "position_consistency"),
-            ("option mass", "option_mass"), ("label entropy (bits)", "label_entropy_bits"), ("Brier", "brier"), ("ECE", "ece")]
-    head = "".join(f"<th>{html.escape(name)}<br><small>{r['hash'][:12]}</small></th>" for name, r in rows.items())
-    body = "".join(f"<tr><td>{label}</td>" + "".join(f"<td>{_fmt(r[key])}</td>" for r in rows.values()) + "</tr>"
-                   for label, key in keys)
-    changes = "".join(f"<li>{html.escape(name)} vs {html.escape(r['agreement_change_vs_first']['from'])}: agreement change "
-                      f"{_fmt(r['agreement_change_vs_first'])}{'' if r['agreement_change_vs_first']['moved'] else ' (within noise)'}</li>"
-                      for name, r in rows.items() if "agreement_change_vs_first" in r)
-    principle_tables = "".join(
-        f"<h3>{html.escape(name)}: agreement per principle</h3><table><tr><th>principle</th><th>agreement</th></tr>"
-        + "".join(f"<tr><td>{html.escape(pid)}</td><td>{_fmt(e)}</td></tr>" for pid, e in r["per_principle"].items()) + "</table>"
-        for name, r in rows.items())
     plots = [agreement_bars({name: r["agreement"] for name, r in rows.items()}),
              reliability_plot({name: r["reliability"] for name, r in rows.items()})]
-    images = "".join(f'<img alt="plot" src="{uri}">' for uri in plots if uri)
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>cai judge eval</title>
-<style>body{{font-family:sans-serif;max-width:60rem;margin:2rem auto}}td,th{{padding:.2rem .6rem;border-bottom:1px solid #ddd;text-align:left}}
-img{{max-width:48%}}</style></head><body>
-<h1>Judge against human labels</h1>
-<p>{doc['n_pairs']} pairs from {html.escape(doc['pairs'])}; {html.escape(doc['interval'])}; {doc['comparisons']} agreement
-comparison(s) at 5% each. Agreement near 0.5 is chance.</p>
-<table><tr><th></th>{head}</tr>{body}</table><ul>{changes}</ul>{images}{principle_tables}</body></html>"""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE.parent), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["estimate"] = _fmt
+    return env.get_template(TEMPLATE.name).render(doc=doc, rows=rows, figures=PAGE_FIGURES, plots=plots)
