@@ -30,6 +30,7 @@ from pydantic import Field
 from cai import intervals, monitors, yardsticks
 from cai.generate.common import DEFAULT_POLICY_BACKEND, PolicyBackend
 from cai.judge import JudgeSettings
+from cai.policy import SamplingConfig
 from cai.progress import progress_bar
 from cai.sycophancy import load_sycophancy_probes
 from cai.train import ppo_metrics as M
@@ -49,7 +50,8 @@ class EvalJob(JudgeSettings):
     out: Path = Field(description="Output folder for eval.json and responses.jsonl.")
     limit: int | None = Field(default=None, ge=1, description="Use at most this many held-out prompts.")
     probes: int | None = Field(default=None, ge=1, description="Use the first N sycophancy probes (default all).")
-    max_new_tokens: int = Field(default=128, ge=1, description="Longest answer of each model, in tokens.")
+    max_new_tokens: int = Field(default=SamplingConfig.model_fields["max_new_tokens"].default, ge=1,
+                                description="Longest answer of each model, in tokens.")
     training: Path | None = Field(default=None, description="A PPO output folder (metrics.jsonl): length and proxy-vs-judge "
                                   "history for the monitors.")
     prefs: Path | None = Field(default=None, description="A `cai generate prefs` output folder: its same-position rate joins "
@@ -65,7 +67,7 @@ class EvalJob(JudgeSettings):
 
 
 def _answers(label: str, model: str, prompts: list[str], job: EvalJob) -> list[tuple[str, int]]:
-    from cai.policy import SamplingConfig, load_policy
+    from cai.policy import load_policy
 
     policy = load_policy(model, backend=job.policy_backend)
     config = SamplingConfig(max_new_tokens=job.max_new_tokens, temperature=0.0)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cai.constitution import DEFAULT_CONSTITUTION, Constitution
 from cai.errors import CaiError
 from cai.judge_cache import JudgeCache
-from cai.judge_client import JudgeClient, JudgeError
+from cai.judge_client import JUDGE_RETRIES, JudgeClient, JudgeError
 from cai.judge_launcher import judge_endpoint
 from cai.progress import progress_bar
 from judge_server import protocol as P
@@ -37,7 +37,7 @@ class JudgeConnection(BaseModel):
     judge_url: str | None = Field(default=None, description="A running judge server; none starts one for judge_model on loopback.")
     judge_model: str | None = Field(default=None, description="Model for a judge started here (default: the policy; in "
                                     "`cai eval`, the reference).")
-    judge_retries: int = Field(default=6, ge=1, description="Tries per judge call on transport errors, 429 and 503 (back-off "
+    judge_retries: int = Field(default=JUDGE_RETRIES, ge=1, description="Tries per judge call on transport errors, 429 and 503 (back-off "
                                "with jitter); raise it to ride out a judge restart within one run.")
 
 

@@ -57,9 +57,13 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, JudgeHTTPError) and exc.status in RETRY_STATUSES
 
 
+JUDGE_RETRIES = 6
+"""Tries per judge call on transport errors and retryable statuses, unless the job's settings say otherwise."""
+
+
 class JudgeClient:
     def __init__(self, base_url: str, *, api_key: str | None = None, concurrency: int = 16, timeout: float = 300.0,
-                 max_retries: int = 6, max_wait: float = 20.0):
+                 max_retries: int = JUDGE_RETRIES, max_wait: float = 20.0):
         self.base_url = base_url.rstrip("/")
         key = api_key if api_key is not None else os.environ.get(P.API_KEY_ENV)
         headers = {"Authorization": f"Bearer {key}"} if key else {}

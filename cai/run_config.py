@@ -16,6 +16,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from cai.constitution import DEFAULT_CONSTITUTION
 from cai.errors import ConfigError
 from cai.evaluate import EvalJob
+from cai.generate.common import DEFAULT_POLICY_BACKEND, PolicyBackend
 from cai.generate.prefs import PrefsJob
 from cai.generate.sft import SftJob
 from cai.models import DEFAULT_MODEL
@@ -112,7 +113,7 @@ class RunConfig(_Section):
     out: str = Field(description="Run folder: one sub-folder per stage, report.html at the top.")
     model: str = Field(default=DEFAULT_MODEL, description="Starting policy: folder, hub id or embedded name.")
     seed: int = 0
-    policy_backend: Literal["auto", "vllm", "transformers"] = "auto"
+    policy_backend: PolicyBackend = DEFAULT_POLICY_BACKEND
     judge: JudgeSection = Field(default_factory=JudgeSection)
     prompts: PromptsSection = Field(default_factory=PromptsSection)
     sft_data: SftDataSection = Field(default_factory=SftDataSection)
