@@ -4,8 +4,8 @@ OUT/checkpoint/state.pt holds the step (PPO: iteration), the trainable weights (
 or reward head; all weights when training fully), the optimiser state, the torch/Python/CUDA RNG
 states and an `extra` dict of whatever else a trainer must restore (PPO: the KL controller). It is
 written to a temporary folder and renamed, so a kill mid-write leaves the previous checkpoint whole.
-A restarted run loads it and repeats the uninterrupted run exactly; `truncate_log` first drops the
-lines a killed run had logged past the checkpoint.
+A restarted run loads it (`resume`) and repeats the uninterrupted run exactly; the main process first drops
+the lines a killed run had logged past the checkpoint (`truncate_log`).
 
 Under FSDP (accelerate's FSDP2: every parameter a DTensor holding this process's shard) the trainable
 weights and the optimiser state are gathered whole with torch's `torch.distributed.checkpoint.state_dict`
@@ -151,6 +151,18 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     # Checkpoints written before `extra` existed kept PPO's KL controller at the top level.
     extra = state.get("extra") or {k: state[k] for k in ("kl_ctl",) if k in state}
     return int(state["step"]), extra
+
+
+def resume(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, logs: tuple[Path, ...],
+           write: bool = True) -> tuple[int, dict[str, Any]]:
+    """Where a run starts: (0, {}) without a checkpoint in `folder`, else what `load_checkpoint` restores. Every
+    process loads; the one with `write=True` (the main one, which alone writes the logs) then drops the lines
+    of `logs` past that step, since several processes rewriting one file would race."""
+    step, extra = load_checkpoint(folder, model, optimizer) if has_checkpoint(folder) else (0, {})
+    if write:
+        for path in logs:
+            truncate_log(path, step)
+    return step, extra
 
 
 def truncate_log(path: Path, step: int) -> None:

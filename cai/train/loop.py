@@ -32,8 +32,7 @@ from typing import Any
 
 import torch
 
-from cai.train.checkpoint import (has_checkpoint, is_sharded, launch_record, load_checkpoint, save_checkpoint, save_final,
-                                  trainable_state, truncate_log)
+from cai.train.checkpoint import is_sharded, launch_record, resume, save_checkpoint, save_final, trainable_state
 from cai.train.precision import autocast
 from cai.train.settings import TrainJob
 
@@ -92,11 +91,10 @@ def train(cfg: TrainJob, task: Task, out: Path) -> dict[str, Any]:
     batches = micro_batches(len(task.train_items), cfg)
     steps = total_steps(len(task.train_items), cfg)
     ckpt = out / "checkpoint"
-    step = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer)[0] if has_checkpoint(ckpt) else 0
+    metrics_path = out / "metrics.jsonl"
+    step = resume(ckpt, accelerator.unwrap_model(model), optimizer, (metrics_path,), write=accelerator.is_main_process)[0]
     if step:
         logger.info("resuming from step %d of %d (%s)", step, steps, ckpt)
-    metrics_path = out / "metrics.jsonl"
-    truncate_log(metrics_path, step)
 
     model.train()
     with progress_bar("steps", disable=not accelerator.is_main_process) as bar:

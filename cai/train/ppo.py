@@ -55,8 +55,7 @@ import torch
 
 from cai.train import ppo_metrics as M
 from cai.train.adapters import adapter_disabled
-from cai.train.checkpoint import (has_checkpoint, is_sharded, launch_record, load_checkpoint, save_checkpoint, save_final,
-                                  trainable_state, truncate_log)
+from cai.train.checkpoint import is_sharded, launch_record, resume, save_checkpoint, save_final, trainable_state
 from cai.train.losses import masked_mean, token_logprobs
 from cai.train.ppo_math import entropy_from_logits, gae, kl_penalised_rewards, kl_per_token, masked_whiten, policy_loss, value_loss
 from cai.train.ppo_policy import PolicyWithValue
@@ -386,16 +385,12 @@ class PPOTrainer:
         cfg, out = self.cfg, self.out
         out.mkdir(parents=True, exist_ok=True)
         ckpt = out / "checkpoint"
-        start = 0
-        if has_checkpoint(ckpt):
-            start, extra = load_checkpoint(ckpt, self.model, self.optimizer)
-            self.kl_ctl.load_state_dict(extra["kl_ctl"])
-            logger.info("resuming PPO from iteration %d of %d (%s)", start, cfg.iterations, ckpt)
         metrics_path, samples_path = out / "metrics.jsonl", out / "samples.jsonl"
         main = self.accelerator.is_main_process  # the one that writes; every process computes the same record
-        if main:
-            truncate_log(metrics_path, start)
-            truncate_log(samples_path, start)
+        start, extra = resume(ckpt, self.model, self.optimizer, (metrics_path, samples_path), write=main)
+        if start:
+            self.kl_ctl.load_state_dict(extra["kl_ctl"])
+            logger.info("resuming PPO from iteration %d of %d (%s)", start, cfg.iterations, ckpt)
         with progress_bar("iterations", disable=not main) as bar:
             task = bar.add_task("ppo iterations", total=cfg.iterations, completed=start, info="")
             for iteration in range(start, cfg.iterations):
