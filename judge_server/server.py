@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 def serve(settings: ServerSettings) -> None:
     """Resolve the constitution (a file or a shipped name), refuse an unsafe bind, then serve until stopped."""
-    from cai.constitution import find_constitution, load_constitution
+    from cai.constitution import find_constitution
 
     settings.check_bind()
     if settings.backends.backend == "openai":  # a key refused for plain http: said before anything starts
@@ -34,9 +34,8 @@ def serve(settings: ServerSettings) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per backend request
     _stop_with_parent()
     path = find_constitution(settings.constitution)
-    load_constitution(path)  # a broken file is an error here, before the engine starts
     settings = settings.model_copy(update={"constitution": str(path)})
-    app = build_app(settings)
+    app = build_app(settings)  # loads the constitution: a broken file is an error here, before the engine starts
     # The port is bound now, before the engine starts: uvicorn binds only after the app's start-up, and
     # in those 30 s the vLLM engine opens ports of its own and could be given ours ("address already
     # in use", seen once in CI). Clients are refused until the judge is ready, as before.
