@@ -41,6 +41,7 @@ from cai import intervals
 from cai.constitution import DEFAULT_CONSTITUTION
 from cai.errors import CaiError
 from cai.files import write_text_atomic
+from cai.human_labels import agreement, human_pairs
 from cai.judge import JudgeConnection
 from cai.models import DEFAULT_MODEL
 
@@ -93,15 +94,6 @@ def ece(probs: np.ndarray, targets: np.ndarray, bins: int = ECE_BINS) -> float:
     if len(probs) == 0:
         return float("nan")
     return float(sum(b["n"] * abs(b["mean_p"] - b["mean_y"]) for b in reliability_bins(probs, targets, bins)) / len(probs))
-
-
-def agreement(p_judge_chosen: float, p_people_chosen: float) -> float:
-    """1.0 when the judge sides with the people's majority, 0.0 when against it, 0.5 when the judge is
-    undecided (exactly 0.5: what a fully position-biased judge gives). The people's side is "chosen" when
-    p_people_chosen >= 0.5, as the reward model's held-out accuracy reads its labels (cai.train.tasks.rm_metrics)."""
-    if p_judge_chosen == 0.5:
-        return 0.5
-    return float((p_judge_chosen > 0.5) == (p_people_chosen >= 0.5))
 
 
 def _bootstrapped(statistic, n: int, seed: int) -> intervals.Estimate:
@@ -187,7 +179,6 @@ def _judge_one(job: JudgeEvalJob, name: str, constitution, constitution_path: Pa
 
 def run_judge_eval(job: JudgeEvalJob) -> dict[str, Any]:
     from cai.constitution import find_constitution, load_constitution
-    from cai.evaluate import human_pairs
     from cai.judge_cache import default_cache_path
 
     if job.judge_url and len(job.constitutions) > 1:

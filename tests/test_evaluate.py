@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from cai.evaluate import human_pairs, prefs_same_position, training_history
+from cai.evaluate import prefs_same_position, training_history
+from cai.human_labels import human_pairs
 from cai.train import ppo_metrics as M
 
 
@@ -40,7 +41,7 @@ def test_the_shipped_human_pairs_are_single_turn_hh_pairs_and_a_missing_file_nam
 
 
 def test_judge_agreement_with_people_follows_their_majority_and_counts_a_tie_half():
-    from cai.evaluate import human_agreement
+    from cai.human_labels import human_agreement
     from judge_server import protocol as P
 
     def judged(p_a: float) -> P.CompareResult:

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cai.cli import app
-from cai.evaluate import human_pairs
+from cai.human_labels import human_pairs
 from cai.judge_eval import JudgeEvalError, JudgeEvalJob, _placements, ece, entropy_bits, figures, run_judge_eval
 from cai.report_plots import agreement_bars
 from cai.train.data import DatasetError
