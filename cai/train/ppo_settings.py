@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cai.train.precision import PRECISION_HELP, Precision
+from cai.train.precision import DEFAULT_PRECISION, PRECISION_HELP, Precision
 from cai.train.settings import LoraSettings, OptimiserSettings
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ class PPOSettings(OptimiserSettings, LoraSettings, KLSettings):
                                                "the GPU's memory vLLM takes at start (its weights and KV cache; training uses the "
                                                "rest, and a judge on the same GPU needs its own share). TRL's name. On a CPU "
                                                "the KV cache is a fixed 0.5 GiB.")
-    precision: Precision = Field(default="auto", description=PRECISION_HELP)
+    precision: Precision = Field(default=DEFAULT_PRECISION, description=PRECISION_HELP)
     merged_rollouts: bool = Field(default=True, description="With transformers rollouts, sample with the adapter merged into a "
                                   "temporary copy of the adapted weights (15% faster on CPU; the copy costs those layers' "
                                   "memory again while sampling). Off: sample through the unmerged adapter. Never merged under "

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import torch
 
 Precision = Literal["auto", "fp32", "bf16"]
+DEFAULT_PRECISION: Precision = "auto"
 PRECISION_HELP = "Autocast for forward passes: auto is bf16 on CUDA and fp32 elsewhere; bf16 or fp32 force one."
 
 

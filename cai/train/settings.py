@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cai.train.precision import PRECISION_HELP, Precision
+from cai.train.precision import DEFAULT_PRECISION, PRECISION_HELP, Precision
 
 
 class LoraSettings(BaseModel):
@@ -63,7 +63,7 @@ class TrainSettings(OptimiserSettings, LoraSettings):
                              "(TRL pools the tokens too, per micro-batch); the preferred answer is chosen where p_chosen >= 0.5, "
                              "else rejected. Keeps DPO from lowering both answers at once.")
     checkpoint_every: int = Field(default=50, ge=1, description="Optimiser steps between checkpoints (resumable).")
-    precision: Precision = Field(default="auto", description=PRECISION_HELP)
+    precision: Precision = Field(default=DEFAULT_PRECISION, description=PRECISION_HELP)
     seed: int = Field(default=0, description="Seeds the split, data order and initialisation.")
 
 
