@@ -68,9 +68,10 @@ class EvalJob(JudgeSettings):
 
 
 def _answers(label: str, model: str, prompts: list[str], job: EvalJob) -> list[tuple[str, int]]:
+    from cai.engine_logs import POLICY_ENGINE_LOG
     from cai.policy import load_policy
 
-    policy = load_policy(model, backend=job.policy_backend)
+    policy = load_policy(model, backend=job.policy_backend, engine_log=Path(job.out) / POLICY_ENGINE_LOG)
     config = SamplingConfig(max_new_tokens=job.max_new_tokens, temperature=0.0)
     try:
         with progress_bar("prompts") as bar:

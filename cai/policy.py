@@ -12,6 +12,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -38,8 +39,9 @@ class Sample:
     tokens: int
 
 
-def load_policy(model_name: str, *, backend: str = "auto", batch_size: int = 8):
-    """A policy sampler: backend "vllm", "transformers", or "auto" (vLLM when importable)."""
+def load_policy(model_name: str, *, backend: str = "auto", batch_size: int = 8, engine_log: Path | None = None):
+    """A policy sampler: backend "vllm", "transformers", or "auto" (vLLM when importable).
+    A vLLM engine's own output goes to `engine_log` (`cai.engine_logs`; a temp file when None)."""
     if backend not in ("auto", "vllm", "transformers"):
         from cai.errors import ConfigError
 
@@ -48,25 +50,29 @@ def load_policy(model_name: str, *, backend: str = "auto", batch_size: int = 8):
         import importlib.util
 
         backend = "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
-    return VllmPolicy(model_name) if backend == "vllm" else Policy(model_name, batch_size=batch_size)
+    return VllmPolicy(model_name, log_path=engine_log) if backend == "vllm" else Policy(model_name, batch_size=batch_size)
 
 
 class VllmPolicy:
     """vLLM's offline engine in this process (its workers are child processes)."""
 
-    def __init__(self, model_name: str, kv_cache_gib: float = 1.0):
+    def __init__(self, model_name: str, kv_cache_gib: float = 1.0, *, log_path: Path | None = None):
         import os
 
-        # vLLM logs its whole configuration at INFO; in a data job that buries the progress bar.
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        from vllm import LLM
-
+        from cai.engine_logs import EngineLog
         from cai.models import resolve_model
         from cai.vllm_args import vllm_engine_args
 
+        # vLLM logs its whole configuration at INFO; its log file keeps to what may matter.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         self.name = model_name
-        self.llm = LLM(model=resolve_model(model_name).path, seed=0,
-                       **vllm_engine_args(max_model_len=2048, cpu_kv_cache_gib=kv_cache_gib, gpu_memory_utilization=0.4))
+        path = resolve_model(model_name).path
+        self.engine_log = EngineLog(log_path)
+        with self.engine_log.starting():
+            from vllm import LLM
+
+            self.llm = LLM(model=path, seed=0,
+                           **vllm_engine_args(max_model_len=2048, cpu_kv_cache_gib=kv_cache_gib, gpu_memory_utilization=0.4))
         self.tokenizer = self.llm.get_tokenizer()
 
     def sample(self, prompts: list[str], *, n: int, config: SamplingConfig, seed: int | str,
@@ -78,15 +84,19 @@ class VllmPolicy:
         texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
         params = [SamplingParams(n=n, max_tokens=config.max_new_tokens, temperature=config.temperature,
                                  top_p=config.top_p if config.temperature > 0 else 1.0, seed=_seed_int(seed, p)) for p in prompts]
-        outs = self.llm.generate(texts, params, use_tqdm=False)
+        with self.engine_log.reporting("generating"):
+            outs = self.llm.generate(texts, params, use_tqdm=False)
         if on_batch is not None:
             on_batch(len(prompts))
         return [[Sample(text=c.text.strip(), finish_reason="stop" if c.finish_reason == "stop" else "length", tokens=len(c.token_ids))
                  for c in o.outputs] for o in outs]
 
     def close(self) -> None:
-        """Stop the engine's processes now (not at interpreter exit, when logging is gone)."""
-        self.llm.llm_engine.engine_core.shutdown()
+        """Stop the engine's processes now (not at interpreter exit, when logging is gone), then close its log."""
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        finally:
+            self.engine_log.close()
 
 
 class Policy:

@@ -19,6 +19,7 @@ from pydantic import Field
 
 from cai import __version__
 from cai.constitution import Constitution, find_constitution, load_constitution
+from cai.engine_logs import POLICY_ENGINE_LOG
 from cai.judge import Judge, JudgeSettings, open_judge
 from cai.judge_cache import default_cache_path
 from cai.judge_client import JudgeError, JudgeItemError
@@ -90,7 +91,8 @@ def run_generation(job: GenerationJob, name: str, *, pending: Callable[[RowLog, 
         logger.info("%s: %d prompts, %d already done, %d to go", name, len(prompts), len(prompts) - len(todo), len(todo))
         failures = 0
         if todo:
-            policy = load_policy(job.policy, backend=job.policy_backend, batch_size=job.chunk_size)
+            policy = load_policy(job.policy, backend=job.policy_backend, batch_size=job.chunk_size,
+                                 engine_log=job.out / POLICY_ENGINE_LOG)
             try:
                 failures = asyncio.run(_loop(job, name, constitution_path, constitution, todo, policy, log, timers, step))
             finally:

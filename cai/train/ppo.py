@@ -466,11 +466,12 @@ def build_trainer(cfg: PPOJob, *, scorer: Scorer | None = None, gold_scorer: Sco
     gold_scorer = gold_scorer or (JudgeScorer(judge) if cfg.gold_judge_every else None)
     vllm = None
     if cfg.rollout_backend == "vllm":
+        from cai.engine_logs import POLICY_ENGINE_LOG
         from cai.train.ppo_vllm import VllmRollouts
 
         vllm = VllmRollouts(resolve_model(cfg.model).path, lora_rank=cfg.lora_r,
                             max_len=cfg.max_prompt_length + cfg.response_length + 16, seed=cfg.seed,
-                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, log_path=Path(cfg.out) / POLICY_ENGINE_LOG)
     return PPOTrainer(cfg, policy=policy, tokenizer=tokenizer, prompts=prompts, scorer=scorer, gold_scorer=gold_scorer, vllm=vllm,
                       accelerator=accelerator)
 

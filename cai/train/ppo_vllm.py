@@ -24,15 +24,19 @@ logger = logging.getLogger(__name__)
 
 class VllmRollouts:
     def __init__(self, model_path: str, *, lora_rank: int, max_len: int, seed: int, kv_cache_gib: float = 0.5,
-                 gpu_memory_utilization: float = 0.3):
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        from vllm import LLM
-
+                 gpu_memory_utilization: float = 0.3, log_path: Path | None = None):
+        """The engine's own output goes to `log_path` (`cai.engine_logs`; a temp file when None)."""
+        from cai.engine_logs import EngineLog
         from cai.vllm_args import vllm_engine_args
 
-        self.llm = LLM(model=model_path, seed=seed, generation_config="vllm", enable_lora=True, max_lora_rank=max(8, lora_rank), max_loras=1,
-                       **vllm_engine_args(max_model_len=max_len, cpu_kv_cache_gib=kv_cache_gib,
-                                          gpu_memory_utilization=gpu_memory_utilization))
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        self.engine_log = EngineLog(log_path, "rollout engine")
+        with self.engine_log.starting():
+            from vllm import LLM
+
+            self.llm = LLM(model=model_path, seed=seed, generation_config="vllm", enable_lora=True, max_lora_rank=max(8, lora_rank),
+                           max_loras=1, **vllm_engine_args(max_model_len=max_len, cpu_kv_cache_gib=kv_cache_gib,
+                                                           gpu_memory_utilization=gpu_memory_utilization))
         self._adapter: Path | None = None
 
     def generate(self, queries: list[list[int]], adapter_dir: Path | None, iteration: int, *, max_tokens: int, temperature: float,
@@ -45,7 +49,8 @@ class VllmRollouts:
         lora = LoRARequest(f"ppo-{iteration}", iteration + 1, str(adapter_dir)) if adapter_dir else None
         params = [SamplingParams(n=1, max_tokens=max_tokens, temperature=temperature, top_p=1.0, seed=seed + i,
                                  stop_token_ids=list(stop_ids), skip_special_tokens=False) for i in range(len(queries))]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=q) for q in queries], params, lora_request=lora, use_tqdm=False)
+        with self.engine_log.reporting("generating"):
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=q) for q in queries], params, lora_request=lora, use_tqdm=False)
         return [list(o.outputs[0].token_ids)[:max_tokens] for o in outs]
 
     def sync_adapter(self, save, folder: Path, iteration: int) -> Path:
@@ -59,4 +64,7 @@ class VllmRollouts:
         return path
 
     def close(self) -> None:
-        self.llm.llm_engine.engine_core.shutdown()
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        finally:
+            self.engine_log.close()
