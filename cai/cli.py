@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import sys
+import threading
 from collections.abc import Callable
+from itertools import takewhile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,6 +19,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
+from cai import __version__
 from cai.constitution import (
     TEXT_SUFFIXES,
     ConstitutionError,
@@ -25,7 +31,56 @@ from cai.constitution import (
 from cai.errors import CaiError
 from cai.models import DEFAULT_MODEL
 
-app = typer.Typer(
+_interrupted = False  # set by Ctrl-C (SIGINT); whatever the job raises after it, the job was interrupted
+_reported = threading.Lock()
+INTERRUPT_GRACE_S = 10.0  # how long an interrupted job may take to unwind before it exits regardless
+
+
+def _on_interrupt(signum, frame) -> None:
+    # vLLM swallows a KeyboardInterrupt during its engine's start-up and waits on; the timer ends the job all the same
+    # (cai.reaper then stops what it started).
+    global _interrupted
+    if not _interrupted:
+        _interrupted = True
+        timer = threading.Timer(INTERRUPT_GRACE_S, _exit_interrupted)
+        timer.daemon = True  # a job that unwinds in time exits without waiting for it
+        timer.start()
+    raise KeyboardInterrupt
+
+
+def _report_interrupt() -> None:
+    if not _reported.acquire(blocking=False):
+        return
+    words = [a for a in sys.argv[1:] if a not in ("-v", "--verbose")]
+    command = " ".join(["cai", *takewhile(lambda a: not a.startswith("-"), words)])
+    err_console.print(f"interrupted: {command} stopped; run the same command again to resume", highlight=False, markup=False)
+
+
+def _exit_interrupted() -> None:
+    _report_interrupt()
+    sys.stderr.flush()
+    os._exit(130)
+
+
+class _Cli(typer.Typer):
+    """The `cai` app as its console script runs it: a watchdog (cai.reaper) ends every process the job started when
+    the job ends, however it ends, and Ctrl-C stops the job with one line on stderr and exit code 130."""
+
+    def __call__(self, *args, **kwargs):
+        from cai.reaper import watch
+
+        watch(os.getpid())
+        signal.signal(signal.SIGINT, _on_interrupt)
+        try:
+            return super().__call__(*args, **kwargs)
+        except BaseException:
+            if not _interrupted:
+                raise
+        _report_interrupt()
+        sys.exit(130)
+
+
+app = _Cli(
     help="cai: Constitutional AI and RLAIF. A constitution file in, an AI judge, synthetic data and a better model out.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -45,8 +100,17 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"cai {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print cai's version and exit.", callback=_print_version, is_eager=True)] = False,
+) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
@@ -57,7 +121,8 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    if not _interrupted:  # an error an interrupt caused is reported as the interrupt
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 

@@ -39,6 +39,14 @@ def test_python_dash_m_cai_is_the_cli():
     assert "Usage: cai train" in result.stdout
 
 
+def test_version():
+    from cai import __version__
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.output == f"cai {__version__}\n"
+
+
 def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
     bad = tmp_path / "sft.yaml"
     bad.write_text("kind: sft\nmodel: m\ndata: d\nout: o\nlr: -1\n")
