@@ -39,10 +39,14 @@ class EngineLog:
 
     def __init__(self, path: str | Path | None, what: str = "policy engine"):
         self.what = what
-        self.path = Path(path) if path else Path(tempfile.mkstemp(prefix="cai-engine-", suffix=".log")[1])
+        if path is None:
+            fd, path = tempfile.mkstemp(prefix="cai-engine-", suffix=".log")
+            os.close(fd)
+        self.path = Path(path)
         self._saved_fd: int | None = None
         self._file: IO[str] | None = None
         self._stderr: IO[str] | None = None
+        self._handlers: list[logging.StreamHandler] = []
         self._showwarning = warnings.showwarning
 
     def open(self) -> Self:
@@ -69,6 +73,10 @@ class EngineLog:
             self._stderr = sys.stderr
             sys.stderr = open(self._saved_fd, "w", buffering=1, encoding=sys.stderr.encoding,  # noqa: SIM115 (open until close())
                               errors="backslashreplace", closefd=False)
+            # Handlers that hold the stderr object itself (logging.basicConfig's) keep the terminal too.
+            self._handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler) and h.stream is self._stderr]
+            for handler in self._handlers:
+                handler.setStream(sys.stderr)
         return self
 
     def close(self) -> None:
@@ -77,6 +85,8 @@ class EngineLog:
             return
         warnings.showwarning = self._showwarning
         if self._stderr is not None:
+            for handler in self._handlers:
+                handler.setStream(self._stderr)
             sys.stderr.flush()
             sys.stderr = self._stderr
             self._stderr = None

@@ -18,7 +18,7 @@ def _generate(tmp_path, policy, judge_url: str, constitution) -> subprocess.Comp
            str(policy), "--constitution", str(constitution), "--judge-url", judge_url, "--policy-backend", "vllm",
            "--max-new-tokens", "8", "--judge-retries", "1", "--judge-cache", str(tmp_path / "cache.sqlite")]
     env = {**os.environ, "CAI_JUDGE_API_KEY": JUDGE_KEY, "COLUMNS": "500"}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_vllm_policy_output_goes_to_the_engine_log_not_the_terminal(judge, tiny_model_dir, judge_constitution, tmp_path):
@@ -48,3 +48,24 @@ def test_a_policy_engine_that_fails_to_start_shows_its_error_and_log(tiny_model_
     assert "policy engine failed while starting" in result.stderr
     assert "log tail:" in result.stderr and f"full log: {log}" in result.stderr
     assert "Traceback" in log.read_text()
+
+
+def test_an_open_engine_log_takes_fd_2_vllm_logs_and_warnings_while_cai_keeps_the_terminal(tmp_path):
+    script = """
+import logging, os, sys, warnings
+from cai.engine_logs import EngineLog
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+log = EngineLog(sys.argv[1]).open()
+os.write(2, b"written to fd 2\\n")
+logging.getLogger("vllm.engine").warning("vllm says")
+warnings.warn("a library warns")
+logging.getLogger("cai.job").info("cai says")
+log.close()
+logging.getLogger("cai.job").info("cai after")
+"""
+    path = tmp_path / "engine.log"
+    result = subprocess.run([sys.executable, "-c", script, str(path)], check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [f"cai.engine_logs: policy engine log: {path}", "cai.job: cai says", "cai.job: cai after"]
+    text = path.read_text()
+    assert "written to fd 2" in text and "vllm says" in text and "a library warns" in text and "cai says" not in text
