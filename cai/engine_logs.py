@@ -116,7 +116,7 @@ class EngineLog:
         """Turn an error raised while the engine is `doing` something into an `EngineError` with the log's tail."""
         try:
             yield
-        except (CaiError, KeyboardInterrupt):
+        except CaiError:
             raise
         except Exception as e:
             if self._file is not None:
