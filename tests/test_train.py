@@ -214,8 +214,11 @@ def test_accumulated_micro_batches_equal_the_batch_at_once(tmp_path, tiny_model_
     assert len(_metrics(Path(runs["once"].out))) == 4
     _same_steps(_metrics(Path(runs["once"].out)), _metrics(Path(runs["accum"].out)), rel=1e-5)
     once, accum = _adapter(Path(runs["once"].out)), _adapter(Path(runs["accum"].out))
+    # The steps' losses and gradient norms above are what a mean of micro-batch means breaks (by percents). The adapter
+    # after 4 AdamW steps carries float32 summation-order noise that Adam's per-element normalisation amplifies where a
+    # gradient is near zero: on one 2-core machine 2 of 34,816 DPO weights differed by 9e-6, hence atol 2e-5.
     for k in once:
-        assert torch.allclose(accum[k], once[k], rtol=1e-4, atol=1e-6), k
+        assert torch.allclose(accum[k], once[k], rtol=1e-4, atol=2e-5), k
 
 
 @pytest.mark.slow
