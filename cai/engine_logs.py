@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Self
 
 from cai.errors import CaiError
+from cai.files import log_tail
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +98,6 @@ class EngineLog:
         self._saved_fd = None
         self._file.close()
 
-    def tail(self, chars: int = 3000) -> str:
-        return self.path.read_text(encoding="utf-8", errors="replace")[-chars:]
-
     @contextmanager
     def starting(self) -> Iterator[Self]:
         """Open the log around the engine's start-up; a start that fails closes it and raises `EngineError`."""
@@ -122,7 +120,7 @@ class EngineLog:
             if self._file is not None:
                 self._file.flush()
             raise EngineError(f"{self.what} failed while {doing}: {type(e).__name__}: {e}\n"
-                              f"log tail:\n{self.tail()}\nfull log: {self.path}") from e
+                              f"log tail:\n{log_tail(self.path)}\nfull log: {self.path}") from e
 
     def _log_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
         self._file.write(warnings.formatwarning(message, category, filename, lineno, line))

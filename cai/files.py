@@ -17,6 +17,11 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def log_tail(path: Path, chars: int = 3000) -> str:
+    """The end of a child process's log, for an error that says why it failed (the full log's path goes with it)."""
+    return path.read_text(encoding="utf-8", errors="replace")[-chars:]
+
+
 def json_lines(lines: Iterable[str]) -> Iterator[tuple[int, Any, json.JSONDecodeError | None]]:
     """Each non-blank line of JSON-lines text, numbered from 1: (line number, value, None), or (line number, None,
     the error) for a line that is not JSON. What an unreadable line means (an error naming it, or a line skipped) is

@@ -18,6 +18,7 @@ from typing import Self
 import httpx
 
 from cai.errors import CaiError
+from cai.files import log_tail
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class ServerProcess:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                tail = self.log_path.read_text(errors="replace")[-3000:]
+                tail = log_tail(self.log_path)
                 raise self.error(f"{self.what} exited with code {self.process.returncode} during start-up; log tail:\n{tail}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:

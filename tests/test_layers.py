@@ -14,7 +14,7 @@ import pytest
 import judge_server
 
 SERVICE_MODULES = ["judge_server", *(f"judge_server.{m.name}" for m in pkgutil.iter_modules(judge_server.__path__))]
-CAI_BASE_MODULES = {"cai", "cai.constitution", "cai.constitution.model", "cai.constitution.text", "cai.constitution.files", "cai.models", "cai.embedded", "cai.vllm_args", "cai.errors", "cai.cli_options", "cai.settings_file", "cai.server_process"}
+CAI_BASE_MODULES = {"cai", "cai.constitution", "cai.constitution.model", "cai.constitution.text", "cai.constitution.files", "cai.models", "cai.embedded", "cai.vllm_args", "cai.errors", "cai.cli_options", "cai.settings_file", "cai.server_process", "cai.files"}
 
 
 def loaded_after(*modules: str) -> set[str]:
