@@ -49,6 +49,7 @@ class EngineLog:
         self._stderr: IO[str] | None = None
         self._handlers: list[logging.StreamHandler] = []
         self._showwarning = warnings.showwarning
+        self._saved_stream_var: str | None = None
 
     def open(self) -> Self:
         """Send the engine's output to the log from now on (before the engine starts, so its children inherit it)."""
@@ -61,6 +62,7 @@ class EngineLog:
         os.dup2(self._file.fileno(), 2)
         # vLLM's logger writes to sys.__stderr__ (fd 2), here and in the engine's children, which inherit the
         # variable; until vLLM sets that logger up, its lines (Triton checks on import) would reach cai's handler.
+        self._saved_stream_var = os.environ.get("VLLM_LOGGING_STREAM")
         os.environ["VLLM_LOGGING_STREAM"] = "ext://sys.__stderr__"
         vllm_logger = logging.getLogger("vllm")
         if not vllm_logger.handlers:
@@ -85,6 +87,10 @@ class EngineLog:
         if self._saved_fd is None:
             return
         warnings.showwarning = self._showwarning
+        if self._saved_stream_var is None:
+            os.environ.pop("VLLM_LOGGING_STREAM", None)
+        else:
+            os.environ["VLLM_LOGGING_STREAM"] = self._saved_stream_var
         if self._stderr is not None:
             for handler in self._handlers:
                 handler.setStream(self._stderr)

@@ -62,6 +62,7 @@ warnings.warn("a library warns")
 logging.getLogger("cai.job").info("cai says")
 log.close()
 logging.getLogger("cai.job").info("cai after")
+assert "VLLM_LOGGING_STREAM" not in os.environ, "close() leaves the engine's logging variable set"
 """
     path = tmp_path / "engine.log"
     result = subprocess.run([sys.executable, "-c", script, str(path)], check=False, capture_output=True, text=True, timeout=60)
