@@ -1,4 +1,4 @@
-"""cai's own PPO (`cai.train.ppo.PPOTrainer`) timed per iteration, as one JSON object: the twin of `_trl_ppo.py`.
+"""cai's own PPO (`cai.train.rl.ppo.PPOTrainer`) timed per iteration, as one JSON object: the twin of `_trl_ppo.py`.
 
 Run by `benchmarks/ppo_throughput.py` as a subprocess, next to TRL's PPO, with the same knobs:
 
@@ -23,7 +23,7 @@ the checkpoint); `peak_rss_mib` is `ru_maxrss` when the last iteration returns, 
 adapter save and matplotlib plot (`peak_rss_process_mib` is `ru_maxrss` at the very end); on CUDA also
 `torch.cuda.max_memory_allocated()`.
 
-`cai_ppo_source` records the git blob ids of `cai/train/ppo.py` and `ppo_rollout.py` as run and whether they
+`cai_ppo_source` records the git blob ids of `cai/train/rl/trainer.py`, `ppo.py` and `sampling.py` as run and whether they
 match HEAD, since those files change while the benchmark is in use.
 
 All logs go to stderr (stdout is redirected at the file-descriptor level while the trainer runs, since
@@ -82,11 +82,11 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    import cai.train.ppo
-    import cai.train.ppo_rollout
-    from cai.train.ppo import PPOJob, build_trainer
+    import cai.train.rl.ppo
+    import cai.train.rl.sampling
+    from cai.train.rl.ppo import PPOJob, build_trainer
 
-    source = source_version([cai.train.ppo.__file__, cai.train.ppo_rollout.__file__])
+    source = source_version([cai.train.rl.ppo.__file__, cai.train.rl.sampling.__file__])
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -1,4 +1,4 @@
-"""PPO throughput and memory: cai's PPO (`cai.train.ppo`) against TRL's (`trl.experimental.ppo`), as JSON.
+"""PPO throughput and memory: cai's PPO (`cai.train.rl.ppo`) against TRL's (`trl.experimental.ppo`), as JSON.
 
 For each model, one reward model (the policy with a seeded one-output score head) and one prompt file
 are made, then `_cai_ppo.py` and `_trl_ppo.py` run as subprocesses, one at a time, with the same batch
@@ -175,7 +175,7 @@ def summarise(runs: list[dict]) -> dict:
     met = {"speedup": speedup >= TARGETS["speedup"], "memory_ratio": memory_ratio <= TARGETS["memory_ratio"]}
     out["meets_targets"] = {**met, "all": all(met.values())}
     out["quiet_runs"] = all(r["quiet"] for r in runs)
-    # cai/train/ppo.py changes under work: say which version(s) these runs measured.
+    # cai/train/rl/ changes under work: say which version(s) these runs measured.
     sources = {json.dumps(r["cai_ppo_source"], sort_keys=True) for r in by["cai"] if "cai_ppo_source" in r}
     out["cai_ppo_source"] = [json.loads(x) for x in sorted(sources)]
     return out

@@ -391,15 +391,15 @@ def _run_training(cfg):
 
 
 def _run_ppo(cfg):
-    from cai.train.ppo import run_ppo
+    from cai.train.rl.ppo import run_ppo
 
     return run_ppo(cfg)
 
 
 def _register_train_commands() -> None:
-    """`cai train sft|rm|dpo|ppo`: every option made from the settings models (cai/train/settings.py, ppo_settings.py)."""
+    """`cai train sft|rm|dpo|ppo`: every option made from the settings models (cai/train/settings.py, rl/settings.py)."""
     from cai.cli_options import settings_command
-    from cai.train.ppo_settings import PPOJob
+    from cai.train.rl.settings import PPOJob
     from cai.train.settings import TrainJob
 
     for kind in ("sft", "rm", "dpo"):

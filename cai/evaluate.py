@@ -34,7 +34,7 @@ from cai.judge import JudgeSettings
 from cai.policy import SamplingConfig
 from cai.progress import progress_bar
 from cai.sycophancy import load_sycophancy_probes
-from cai.train import ppo_metrics as M
+from cai.train.rl import metrics as M
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from pydantic import BaseModel
 
 from cai.files import write_text_atomic
 from cai.run_config import RunConfig, RunConfigError
-from cai.train.ppo_settings import PPOJob
+from cai.train.rl.settings import PPOJob
 from cai.train.settings import TrainJob, TrainSettings
 
 logger = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ def rm(run: Run) -> dict:
 
 def ppo(run: Run) -> dict:
     from cai.train.merge import merge_lora
-    from cai.train.ppo import run_ppo
+    from cai.train.rl.ppo import run_ppo
 
     out = run.stage_dir("ppo")
     cfg = PPOJob(**_seeded(run, run.cfg.rl.ppo), model=run.sft_model, reward=str(run.stage_dir("rm") / "final"),

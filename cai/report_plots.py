@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cai.train import ppo_metrics as M
+from cai.train.rl import metrics as M
 
 FIGSIZE = (6.0, 3.0)
 DPI = 100

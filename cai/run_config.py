@@ -21,7 +21,7 @@ from cai.generate.prefs import PrefsJob
 from cai.generate.sft import SftJob
 from cai.models import DEFAULT_MODEL
 from cai.monitors import Thresholds
-from cai.train.ppo_settings import PPOSettings
+from cai.train.rl.settings import PPOSettings
 from cai.train.settings import TrainSettings
 from judge_server.settings import BackendSettings
 

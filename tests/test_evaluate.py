@@ -9,7 +9,7 @@ import pytest
 
 from cai.evaluate import prefs_same_position, training_history
 from cai.human_labels import human_pairs
-from cai.train import ppo_metrics as M
+from cai.train.rl import metrics as M
 
 
 def test_training_history_reads_lengths_and_proxy_vs_gold_and_skips_a_partial_line(tmp_path):

@@ -15,8 +15,8 @@ from cai.errors import ConfigError
 from cai.pinning import RunMismatchError
 from cai.settings_file import load_settings
 from cai.train.losses import token_logprobs
-from cai.train.ppo import PPOJob, build_trainer, run_ppo
-from cai.train.ppo_rollout import SeededSampler, merged_adapter, sample, seeded_uniforms
+from cai.train.rl.ppo import PPOJob, build_trainer, run_ppo
+from cai.train.rl.sampling import SeededSampler, merged_adapter, sample, seeded_uniforms
 
 # -- config --------------------------------------------------------------------------------
 
@@ -474,7 +474,7 @@ def test_vllm_rollouts_sample_from_the_synced_adapter(tmp_path, tiny_model_dir, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cai.models import stop_token_ids
-    from cai.train.ppo_vllm import VllmRollouts
+    from cai.train.rl.vllm_rollouts import VllmRollouts
     from tests.conftest import needs_vllm
 
     needs_vllm()
@@ -538,7 +538,7 @@ CRASHING_RUN = '''
 import json, sys
 from pathlib import Path
 from cai.train.settings import pin_trainer_settings
-from cai.train.ppo import PPOJob, build_trainer
+from cai.train.rl.ppo import PPOJob, build_trainer
 from cai.train.rewards import RuleScorer
 
 cfg = PPOJob(**json.loads(Path(sys.argv[1]).read_text()))
@@ -624,7 +624,7 @@ import json, sys
 from pathlib import Path
 import torch.distributed as dist
 from cai.train.checkpoint import sharded_units
-from cai.train.ppo import PPOJob, build_trainer
+from cai.train.rl.ppo import PPOJob, build_trainer
 
 trainer = build_trainer(PPOJob(**json.loads(Path(sys.argv[1]).read_text())))
 real, calls = dist.all_gather_single, {"n": 0}
@@ -670,7 +670,7 @@ def test_under_fsdp_each_layer_is_a_unit_gathered_once_per_rollout(tmp_path, tin
 
 
 def test_a_batch_the_processes_cannot_share_is_refused(tmp_path, tiny_model_dir, prompt_file):
-    from cai.train.ppo import check_processes
+    from cai.train.rl.ppo import check_processes
 
     check_processes(ppo_cfg(tiny_model_dir, prompt_file, tmp_path, batch_size=8, mini_batches=2), 2, False)
     with pytest.raises(ConfigError, match=r"batch_size \(6\) must be divisible by the 4 processes"):
@@ -700,7 +700,7 @@ def test_a_uniform_next_to_one_never_takes_a_zero_probability_last_token():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_logits_stop_sampling_with_a_typed_error_naming_the_row_and_step(bad):
-    from cai.train.ppo_rollout import NonFiniteLogitsError
+    from cai.train.rl.sampling import NonFiniteLogitsError
 
     logits = torch.tensor([[0.0, 1.0, 2.0], [0.5, bad, 1.0]])
     sampler = SeededSampler(0, torch.tensor([7, 9]), 1.0, 2)
@@ -782,7 +782,7 @@ def test_under_bf16_the_first_minibatch_ratio_stays_one_after_updates(tmp_path, 
     """bf16 forced on the CPU, merged rollouts asked for: after 3 updates that move the adapter, the first (here
     only) minibatch of each iteration has no clipped token and a ratio within bf16's rounding of 1 (generate's
     KV-cached steps and the update's forward round differently in bf16: about 1e-2 nats at most per token)."""
-    from cai.train.ppo import PPOTrainer
+    from cai.train.rl.ppo import PPOTrainer
 
     trainer = build_trainer(ppo_cfg(tiny_model_dir, prompt_file, tmp_path / "ppo", precision="bf16", batch_size=8, mini_batches=1,
                                     ppo_epochs=1, lr=2e-2))

@@ -1,4 +1,4 @@
-"""PPO's arithmetic (`cai.train.ppo_math`) against hand-computed values and plain loops."""
+"""PPO's arithmetic (`cai.train.rl.math`) against hand-computed values and plain loops."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cai.train.ppo_math import (AdaptiveKLController, FixedKLController, gae, kl_penalised_rewards, kl_per_token, masked_whiten,
+from cai.train.rl.math import (AdaptiveKLController, FixedKLController, gae, kl_penalised_rewards, kl_per_token, masked_whiten,
                                 policy_loss, value_loss)
 
 

@@ -13,8 +13,8 @@ from cai.generate.sft import SftJob
 from cai.pinning import pin_settings
 from cai.policy import SamplingConfig
 from cai.run_config import RunConfig
-from cai.train.ppo_math import AdaptiveKLController, FixedKLController
-from cai.train.ppo_settings import KLSettings, PPOJob, PPOSettings
+from cai.train.rl.math import AdaptiveKLController, FixedKLController
+from cai.train.rl.settings import KLSettings, PPOJob, PPOSettings
 from cai.train.settings import LoraSettings, OptimiserSettings, TrainJob, TrainSettings
 
 SHARED = [*LoraSettings.model_fields, *OptimiserSettings.model_fields]

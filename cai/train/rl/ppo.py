@@ -3,7 +3,7 @@
 The policy is the starting model (usually the SFT model) plus a fresh LoRA adapter; the reference
 is the same weights with the adapter disabled, so no second copy is held. A value head (one linear
 layer) reads the policy's last hidden state, so the critic shares the policy's forward pass
-(`cai.train.ppo_policy`). `run_ppo` builds the collaborators (policy, tokenizer, prompts, scorer,
+(`cai.train.rl.policy`). `run_ppo` builds the collaborators (policy, tokenizer, prompts, scorer,
 the judge for gold scores, a vLLM engine) and hands them to `PPOTrainer`.
 
 Each iteration, in this order (the numbered phases; `rollout` is 1-3, `update` 4-7):
@@ -53,14 +53,14 @@ from typing import Any
 
 import torch
 
-from cai.train import ppo_metrics as M
+from cai.train.rl import metrics as M
 from cai.train.adapters import adapter_disabled
 from cai.train.checkpoint import is_sharded, launch_record, resume, save_checkpoint, save_final, trainable_state
 from cai.train.losses import masked_mean, token_logprobs
-from cai.train.ppo_math import entropy_from_logits, gae, kl_penalised_rewards, kl_per_token, masked_whiten, policy_loss, value_loss
-from cai.train.ppo_policy import PolicyWithValue
-from cai.train.ppo_rollout import sample
-from cai.train.ppo_settings import PPOJob
+from cai.train.rl.math import entropy_from_logits, gae, kl_penalised_rewards, kl_per_token, masked_whiten, policy_loss, value_loss
+from cai.train.rl.policy import PolicyWithValue
+from cai.train.rl.sampling import sample
+from cai.train.rl.settings import PPOJob
 from cai.train.precision import autocast, uses_bf16
 from cai.train.rewards import Scorer
 
@@ -115,7 +115,7 @@ class PPOTrainer:
         self.trained, self.optimizer = self.accelerator.prepare(policy, optimizer)
         self.params = [p for p in self.trained.parameters() if p.requires_grad]  # after prepare: FSDP's shards
         self.sharded = is_sharded(self.model)
-        if cfg.merged_rollouts and (self.sharded or uses_bf16(cfg.precision, self.device)):  # see ppo_rollout.merged_adapter
+        if cfg.merged_rollouts and (self.sharded or uses_bf16(cfg.precision, self.device)):  # see sampling.merged_adapter
             logger.info("ppo: weights sharded (FSDP) or in bf16: rollouts sample through the unmerged adapter")
         self.kl_ctl = cfg.controller()
         self.queries = [self._encode_query(p) for p in prompts]
@@ -445,7 +445,7 @@ def build_trainer(cfg: PPOJob, *, scorer: Scorer | None = None, gold_scorer: Sco
     from cai.models import resolve_model
     from cai.prompts import PromptSourceError, load_prompts
     from cai.judge import SyncJudge
-    from cai.train.ppo_policy import load_policy_with_value
+    from cai.train.rl.policy import load_policy_with_value
     from cai.train.rewards import JudgeScorer, load_scorer
 
     # The prompts first: a bad prompt file is refused before a model loads or the judge is connected.
@@ -467,7 +467,7 @@ def build_trainer(cfg: PPOJob, *, scorer: Scorer | None = None, gold_scorer: Sco
     vllm = None
     if cfg.rollout_backend == "vllm":
         from cai.engine_logs import POLICY_ENGINE_LOG
-        from cai.train.ppo_vllm import VllmRollouts
+        from cai.train.rl.vllm_rollouts import VllmRollouts
 
         vllm = VllmRollouts(resolve_model(cfg.model).path, lora_rank=cfg.lora_r,
                             max_len=cfg.max_prompt_length + cfg.response_length + 16, seed=cfg.seed,

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from cai.train.ppo_settings import PPOJob
+from cai.train.rl.settings import PPOJob
 
 
 class PolicyWithValue(torch.nn.Module):

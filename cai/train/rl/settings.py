@@ -13,7 +13,7 @@ from cai.train.precision import DEFAULT_PRECISION, PRECISION_HELP, Precision
 from cai.train.settings import LoraSettings, OptimiserSettings
 
 if TYPE_CHECKING:
-    from cai.train.ppo_math import AdaptiveKLController, FixedKLController
+    from cai.train.rl.math import AdaptiveKLController, FixedKLController
 
 
 class KLSettings(BaseModel):
@@ -30,7 +30,7 @@ class KLSettings(BaseModel):
 
     def controller(self) -> FixedKLController | AdaptiveKLController:
         """The coefficient's controller: adaptive towards kl_target (Ziegler et al.) or fixed at kl_coef."""
-        from cai.train.ppo_math import AdaptiveKLController, FixedKLController
+        from cai.train.rl.math import AdaptiveKLController, FixedKLController
 
         if self.adaptive_kl:
             return AdaptiveKLController(self.kl_coef, self.kl_target, self.kl_horizon)
