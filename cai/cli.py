@@ -335,7 +335,7 @@ def _run_judge_eval(job):
 # -- generate -----------------------------------------------------------------------
 
 def _register_generate_commands() -> None:
-    """`cai generate sft|prefs`: their options made from the job models (cai/generate/sft.py, prefs.py)."""
+    """`cai generate sft|prefs`: their options made from the job models (cai/generate/sft.py, prefs.py); `merge` joins shards."""
     from cai.cli_options import settings_command
     from cai.generate.prefs import PrefsJob, generate_prefs
     from cai.generate.sft import SftJob, generate_sft
@@ -349,6 +349,24 @@ def _register_generate_commands() -> None:
     """}
     for name, schema, fn in (("sft", SftJob, generate_sft), ("prefs", PrefsJob, generate_prefs)):
         generate_app.command(name)(settings_command(schema, _print_summary(fn), doc=docs[name], on_error=_fail))
+
+    @generate_app.command("merge")
+    def generate_merge(  # options as defaults, not Annotated: the help of one is SftJob's, which a string annotation can't reach
+        shards: list[Path] = typer.Argument(help="Every shard's --out folder of one `cai generate sft|prefs --shard I/N` job."),
+        out: Path = typer.Option(..., "--out", help="New folder for the merged outputs, as the unsharded job writes them."),
+        keep_unrevised: bool = typer.Option(False, "--keep-unrevised/--no-keep-unrevised",
+                                            help="sft: " + SftJob.model_fields["keep_unrevised"].description),
+    ) -> None:
+        """Join the shards of a job into one dataset, each row once, in the unsharded job's order; the shards are only read.
+
+        Example: cai generate merge runs/sft-1 runs/sft-2 --out runs/sft-data
+        """
+        from cai.generate.merge import merge_shards
+
+        try:
+            console.print_json(json.dumps(merge_shards(shards, out, keep_unrevised=keep_unrevised)))
+        except CaiError as e:
+            _fail(str(e))
 
 
 # -- train --------------------------------------------------------------------------

@@ -37,14 +37,24 @@ class RowLog:
         log._file = open(log.path, "a", encoding="utf-8")
         return log
 
-    def _load(self) -> None:
+    @classmethod
+    def read(cls, path: str | Path) -> RowLog:
+        """The log's rows, read only (for `cai generate merge`): the file is left as it is, a partial last line in it skipped;
+        no file reads as no rows."""
+        log = cls(Path(path))
+        if log.path.exists():
+            log._load(repair=False)
+        return log
+
+    def _load(self, repair: bool = True) -> None:
         raw = self.path.read_bytes()
         end = raw.rfind(b"\n") + 1
         if end < len(raw):
             # A kill mid-write leaves a partial last line: it was never a finished row.
-            logger.warning("%s: dropping a partial last line (%d bytes) left by an interrupted run", self.path, len(raw) - end)
-            with open(self.path, "r+b") as f:
-                f.truncate(end)
+            if repair:
+                logger.warning("%s: dropping a partial last line (%d bytes) left by an interrupted run", self.path, len(raw) - end)
+                with open(self.path, "r+b") as f:
+                    f.truncate(end)
             raw = raw[:end]
         for lineno, row, error in json_lines(raw.decode("utf-8").splitlines()):
             if error is not None or not isinstance(row, dict) or not isinstance(row.get("id"), (str, int)):

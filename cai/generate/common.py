@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from cai import __version__
 from cai.constitution import Constitution, find_constitution, load_constitution
 from cai.engine_logs import POLICY_ENGINE_LOG
+from cai.files import write_text_atomic
 from cai.judge import Judge, JudgeSettings, open_judge
 from cai.judge_cache import default_cache_path
 from cai.judge_client import JudgeError, JudgeItemError
@@ -55,6 +57,23 @@ class GenerationJob(JudgeSettings):
                                           "auto (vLLM when installed).")
     judge_cache: Path | None = Field(default=None, description="SQLite cache of judge answers (default "
                                      "~/.cache/cai/judge-cache.sqlite); reruns don't ask twice.")
+    shard: str | None = Field(default=None, description="Make only share I of N of the job's rows, as I/N, counted from 1 "
+                              "(1/4 ... 4/4), each share on its own machine with its own --out: prompt i of the seeded, limited "
+                              "list goes to share i mod N + 1, its rows as the whole job makes them. "
+                              "`cai generate merge` joins the shares.")
+
+    @field_validator("shard")
+    @classmethod
+    def _one_of_n(cls, given: str | None) -> str | None:
+        if given is None:
+            return None
+        index, _, count = given.partition("/")
+        if not (index.strip().isdigit() and count.strip().isdigit()):
+            raise PydanticCustomError("shard", "--shard {given}: expected I/N, two whole numbers such as 1/4", {"given": given})
+        if not 1 <= int(index) <= int(count):
+            raise PydanticCustomError("shard", "--shard {given}: I must be from 1 to N (the shares of 2 machines are 1/2 and "
+                                      "2/2)", {"given": given})
+        return f"{int(index)}/{int(count)}"
 
     TRANSIENT: ClassVar[tuple[str, ...]] = ("out", "judge_url", "judge_cache", "chunk_size", "policy_backend", "judge_retries")
     """Settings a resumed run may change (where it runs, not what it makes): left out of run.json."""
@@ -74,10 +93,9 @@ class Chunk:
 
 
 def run_generation(job: GenerationJob, name: str, *, pending: Callable[[RowLog, list[Prompt]], list[Prompt]],
-                   step: Callable[[Chunk], Awaitable[int]],
-                   select: Callable[[dict], bool] | None = None) -> tuple[dict, list[dict]]:
-    """Load, resume, loop over chunks (`step` appends rows, returns its failures), write outputs: the finished
-    rows that `select` keeps (all of them by default; the log keeps every row either way).
+                   step: Callable[[Chunk], Awaitable[int]]) -> tuple[dict, list[dict]]:
+    """Load, take the job's shard of the prompts if it has one, resume, loop over chunks (`step` appends rows,
+    returns its failures). The generator then writes its outputs from the rows.
 
     Returns the summary and every row of the log (the last per id).
     """
@@ -85,6 +103,11 @@ def run_generation(job: GenerationJob, name: str, *, pending: Callable[[RowLog, 
     constitution = load_constitution(constitution_path)
     prompts = load_prompts(job.prompts, limit=job.limit, seed=job.seed, shuffle=True)
     pin_settings(job.out, job, exclude=job.TRANSIENT, extra={"constitution_hash": constitution.hash})
+    job_prompts = len(prompts)
+    if job.shard is not None:
+        prompts = shard_prompts(prompts, job.shard)
+        write_text_atomic(job.out / SHARD_FILE, json.dumps({"generator": name, "shard": job.shard, "job_prompts": job_prompts,
+                                                            "prompt_ids": [p.id for p in prompts]}))
     timers = Timers()
     with RowLog.open(job.out / "progress.jsonl") as log:
         todo = pending(log, prompts)
@@ -97,11 +120,21 @@ def run_generation(job: GenerationJob, name: str, *, pending: Callable[[RowLog, 
                 failures = asyncio.run(_loop(job, name, constitution_path, constitution, todo, policy, log, timers, step))
             finally:
                 policy.close()
-        path, n_ok = write_outputs(log, job.out, name, select)
         rows = log.final_rows()
-    summary = {"rows": n_ok, "prompts": len(prompts), "failed_this_run": failures, "output": str(path),
-               "seconds": {k: round(v, 1) for k, v in timers.seconds.items()}}
+    summary = {"prompts": len(prompts), "failed_this_run": failures, "seconds": {k: round(v, 1) for k, v in timers.seconds.items()}}
+    if job.shard is not None:
+        summary.update(shard=job.shard, job_prompts=job_prompts)
     return summary, rows
+
+
+SHARD_FILE = "shard.json"
+"""What a shard's folder holds beside run.json: its generator, I/N, the job's prompt count and its own prompts' ids in order."""
+
+
+def shard_prompts(prompts: list[Prompt], shard: str) -> list[Prompt]:
+    """Share I/N of the job's prompt list: those at positions i with i mod N == I - 1, in the list's order."""
+    index, count = map(int, shard.split("/"))
+    return prompts[index - 1::count]
 
 
 async def _loop(job, name, constitution_path, constitution, todo, policy, log, timers, step) -> int:
@@ -141,12 +174,13 @@ def provenance(constitution: Constitution, judge: Judge, **extra) -> dict:
             "cai_version": __version__, **extra}
 
 
-def write_outputs(log: RowLog, out: Path, name: str, select: Callable[[dict], bool] | None = None) -> tuple[Path, int]:
-    """The finished rows (status ok, one per id, those `select` keeps) as OUT/NAME.jsonl and a `datasets` folder OUT/dataset."""
-    rows = [r for r in log.final_rows() if r.get("status") == "ok" and (select is None or select(r))]
+def write_outputs(rows: list[dict], out: Path, name: str, select: Callable[[dict], bool] | None = None) -> dict:
+    """The finished rows of a log (status ok, those `select` keeps; all of them by default) as OUT/NAME.jsonl and a
+    `datasets` folder OUT/dataset. Returns the summary's `rows` (how many) and `output` (the JSONL file)."""
+    kept = [r for r in rows if r.get("status") == "ok" and (select is None or select(r))]
     path = out / f"{name}.jsonl"
-    write_rows(rows, path, out / "dataset")
-    return path, len(rows)
+    write_rows(kept, path, out / "dataset")
+    return {"rows": len(kept), "output": str(path)}
 
 
 def write_rows(rows: list[dict], path: Path, dataset_dir: Path) -> None:

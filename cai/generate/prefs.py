@@ -16,7 +16,7 @@ import math
 
 from pydantic import Field, field_validator
 
-from cai.generate.common import Chunk, GenerationJob, describe_error, provenance, run_generation
+from cai.generate.common import Chunk, GenerationJob, describe_error, provenance, run_generation, write_outputs
 from cai.judge_client import JudgeError
 from cai.policy import SamplingConfig
 from cai.prompts import Prompt
@@ -49,19 +49,30 @@ class PrefsJob(GenerationJob):
 
 def generate_prefs(job: PrefsJob) -> dict:
     summary, rows = run_generation(job, "prefs", pending=prompts_to_do, step=_step)
+    return write_prefs(job, rows, summary)
+
+
+def write_prefs(job: PrefsJob, rows: list[dict], summary: dict) -> dict:
+    """From the log's rows (one per id): OUT/prefs.jsonl and OUT/dataset (the labelled pairs) and the summary with its
+    figures, also in OUT/summary.json. `cai generate merge` writes a sharded job's rows with it too."""
+    summary.update(write_outputs(rows, job.out, "prefs"))
     summary.update(summarise([r for r in rows if r.get("status") == "ok"], rows))
     (job.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
 def prompts_to_do(log: RowLog, prompts: list[Prompt]) -> list[Prompt]:
-    """A prompt is done when all its pair rows were written (each row says how many) and none failed."""
-    written: dict[str, list[dict]] = {}
-    for r in log.final_rows():
-        written.setdefault(r["prompt_id"], []).append(r)
-    done = {pid for pid, rs in written.items()
-            if all(r["status"] in ("ok", "no_pair") for r in rs) and len(rs) >= rs[0].get("pairs_for_prompt", 1)}
+    done = done_prompts(log.final_rows())
     return [p for p in prompts if p.id not in done]
+
+
+def done_prompts(rows: list[dict]) -> set[str]:
+    """The prompts whose pair rows were all written (each row says how many) and none failed."""
+    written: dict[str, list[dict]] = {}
+    for r in rows:
+        written.setdefault(r["prompt_id"], []).append(r)
+    return {pid for pid, rs in written.items()
+            if all(r["status"] in ("ok", "no_pair") for r in rs) and len(rs) >= rs[0].get("pairs_for_prompt", 1)}
 
 
 async def _step(c: Chunk) -> int:

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from cai.generate.common import Chunk, GenerationJob, describe_error, provenance, run_generation, write_rows
+from cai.generate.common import Chunk, GenerationJob, describe_error, provenance, run_generation, write_outputs, write_rows
 from cai.generate.revision_guard import rejected_revision
 from cai.generate.revision_pairs import revision_pairs
 from cai.judge_client import JudgeError
@@ -45,8 +45,14 @@ class SftJob(GenerationJob):
 
 
 def generate_sft(job: SftJob) -> dict:
-    summary, rows = run_generation(job, "sft", pending=prompts_to_do, step=_step,
-                                   select=lambda r: is_sft_target(r, job.keep_unrevised))
+    summary, rows = run_generation(job, "sft", pending=prompts_to_do, step=_step)
+    return write_sft(job, rows, summary)
+
+
+def write_sft(job: SftJob, rows: list[dict], summary: dict) -> dict:
+    """From the log's rows (one per id): OUT/sft.jsonl and OUT/dataset (the SFT targets), the revision pairs, and the
+    summary with its figures, also in OUT/summary.json. `cai generate merge` writes a sharded job's rows with it too."""
+    summary.update(write_outputs(rows, job.out, "sft", select=lambda r: is_sft_target(r, job.keep_unrevised)))
     steps = [t for r in rows for t in r.get("trajectory") or []]
     summary["revisions_rejected"] = {"total": sum(bool(t.get("rejected")) for t in steps), "of": len(steps),
                                      **{why: sum(t.get("rejected") == why for t in steps)
@@ -76,8 +82,13 @@ def is_sft_target(row: dict, keep_unrevised: bool = False) -> bool:
 
 
 def prompts_to_do(log: RowLog, prompts: list[Prompt]) -> list[Prompt]:
-    done = log.done_ids()
+    done = done_prompts(log.final_rows())
     return [p for p in prompts if p.id not in done]
+
+
+def done_prompts(rows: list[dict]) -> set[str]:
+    """The prompts whose row is finished (a row's id is its prompt's)."""
+    return {r["id"] for r in rows if r.get("status") == "ok"}
 
 
 async def _step(c: Chunk) -> int:
