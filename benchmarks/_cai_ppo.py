@@ -84,9 +84,10 @@ def run(args: argparse.Namespace) -> dict:
 
     import cai.train.rl.ppo
     import cai.train.rl.sampling
+    import cai.train.rl.trainer
     from cai.train.rl.ppo import PPOJob, build_trainer
 
-    source = source_version([cai.train.rl.ppo.__file__, cai.train.rl.sampling.__file__])
+    source = source_version([cai.train.rl.trainer.__file__, cai.train.rl.ppo.__file__, cai.train.rl.sampling.__file__])
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -121,17 +122,17 @@ def run(args: argparse.Namespace) -> dict:
     # The peak of training itself: ru_maxrss as each iteration returns (the final checkpoint, adapter save and
     # the matplotlib loss plot come after the last one).
     peaks: list[float] = []
-    iteration = trainer.ppo_iteration
+    update = trainer.update  # the end of an iteration: train() calls update(rollout(i))
 
-    def timed_iteration(i: int):
-        out = iteration(i)
+    def timed_update(rollout):
+        out = update(rollout)
         if cuda:
             torch.cuda.synchronize()
         peaks.append(max_rss_mib())
-        log(f"iteration {i + 1}: {out[0]['seconds']:.2f}s, {out[0]['tokens']} tokens")
+        log(f"iteration {rollout.iteration + 1}: {out[0]['seconds']:.2f}s, {out[0]['tokens']} tokens")
         return out
 
-    trainer.ppo_iteration = timed_iteration
+    trainer.update = timed_update
 
     trainable = sum(p.numel() for p in trainer.params)
     log(f"trainable parameters (policy LoRA + value head): {trainable:,}; reference: adapter disabled")

@@ -670,7 +670,7 @@ def test_under_fsdp_each_layer_is_a_unit_gathered_once_per_rollout(tmp_path, tin
 
 
 def test_a_batch_the_processes_cannot_share_is_refused(tmp_path, tiny_model_dir, prompt_file):
-    from cai.train.rl.ppo import check_processes
+    from cai.train.rl.trainer import check_processes
 
     check_processes(ppo_cfg(tiny_model_dir, prompt_file, tmp_path, batch_size=8, mini_batches=2), 2, False)
     with pytest.raises(ConfigError, match=r"batch_size \(6\) must be divisible by the 4 processes"):

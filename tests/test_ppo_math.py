@@ -1,4 +1,4 @@
-"""PPO's arithmetic (`cai.train.rl.math`) against hand-computed values and plain loops."""
+"""PPO's arithmetic (`cai.train.rl.math`, `cai.train.rl.ppo`) against hand-computed values and plain loops."""
 
 from __future__ import annotations
 
@@ -7,9 +7,15 @@ import math
 import pytest
 import torch
 
-from cai.train.rl.math import (AdaptiveKLController, FixedKLController, gae, kl_penalised_rewards, kl_per_token, masked_whiten,
-                                policy_loss, value_loss)
-
+from cai.train.rl.math import (
+    AdaptiveKLController,
+    FixedKLController,
+    kl_penalised_rewards,
+    kl_per_token,
+    masked_whiten,
+    policy_loss,
+)
+from cai.train.rl.ppo import gae, value_loss
 
 
 def test_gae_matches_a_plain_loop_per_sequence():

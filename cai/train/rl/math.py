@@ -1,4 +1,6 @@
-"""The arithmetic of language-model PPO as pure functions, and the two KL controllers.
+"""The arithmetic online RL algorithms share, as pure functions: masked statistics and whitening, the
+per-token KL estimate, the clipped policy loss, entropy; and the two KL controllers. What only PPO uses
+(GAE, the clipped value loss) is in `cai.train.rl.ppo`.
 
 Conventions: a batch holds B responses padded to T tokens; `mask` (B, T) is 1 on the response's
 real tokens (up to and including EOS) and 0 after. Every function ignores masked-out positions.
@@ -58,24 +60,6 @@ def kl_penalised_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Ten
     return rewards
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over each response. rewards, values, mask: (B, T).
-
-    delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}, with V and A zero past
-    the end of the response (masked positions). Returns (advantages, returns = A + V), masked.
-    """
-    values = values * mask
-    advantages = torch.zeros_like(rewards)
-    next_value = torch.zeros_like(rewards[:, 0])
-    next_advantage = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
-        advantages[:, t] = next_advantage
-        next_value = values[:, t]
-    return advantages, (advantages + values) * mask
-
-
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-e, 1+e)), r = pi/pi_old. All (B, T)."""
@@ -87,16 +71,6 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
              "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask)}
     return loss, stats
-
-
-def value_loss(vpreds: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               cliprange_value: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """0.5 * mean over tokens of max((V - R)^2, (V_clipped - R)^2), V_clipped within old V +- e. All (B, T)."""
-    clipped = old_values + torch.clamp(vpreds - old_values, -cliprange_value, cliprange_value)
-    unclipped_error, clipped_error = (vpreds - returns) ** 2, (clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
-    return loss, {"clipfrac": masked_mean((clipped_error > unclipped_error).float(), mask),
-                  "error": masked_mean(unclipped_error, mask)}
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:

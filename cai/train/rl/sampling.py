@@ -1,13 +1,13 @@
-"""Sampling PPO rollouts with transformers' generate, keeping what PPO needs from the sampling passes.
+"""Sampling rollouts with transformers' generate, keeping what the update needs from the sampling passes.
 
 While `generate` runs, hooks read each decoding step: one on the LM head (its input is the last
 hidden state) and two on the causal LM's forward (its `input_ids` are the tokens sampled at the step
 before; its output the logits generate samples from). From them come, for every response position,
-the value head's prediction and the log-probability of the token that was sampled. The logits are the
+the value head's prediction (when the policy has one) and the log-probability of the token that was sampled. The logits are the
 forward's, not the head's: Granite divides the head's output by `logits_scaling`, Gemma-2 soft-caps
 it, Cohere multiplies it by `logit_scale`, and the update and the reference see the forward's. These
 are exactly what a second forward pass over query + response would compute (up to the arithmetic of
-the KV cache), so PPO skips that pass: for a small model it is a tenth of an iteration.
+the KV cache), so the trainer skips that pass: for a small PPO model it is a tenth of an iteration.
 
 Only one step's log-softmax (batch x vocabulary) is held at a time, so memory does not grow with the
 response length. If the hooks do not see the steps they expect (a model whose generate calls its
@@ -26,7 +26,7 @@ come from another policy than the one the update trains.
 Sampling itself does not draw from torch's random generator: `SeededSampler` picks each token by
 inverse-CDF sampling from the softmax at the sampling temperature, with the uniform number a hash of
 (seed, the row's key, the step). A row's draws therefore do not depend on which other rows share its
-batch, on the device or on how many processes split the batch: PPO across processes samples exactly
+batch, on the device or on how many processes split the batch: training across processes samples exactly
 the responses one process would, and a resumed run samples what the uninterrupted one did.
 """
 
@@ -119,10 +119,10 @@ class SeededSampler(LogitsProcessor):
 
 
 class _StepRecorder:
-    def __init__(self, value_head: torch.nn.Module, temperature: float):
+    def __init__(self, value_head: torch.nn.Module | None, temperature: float):
         self.value_head = value_head
         self.temperature = temperature
-        self.values: list[torch.Tensor] = []  # (B,) per step
+        self.values: list[torch.Tensor] = []  # (B,) per step, with a value head
         self.logprobs: list[torch.Tensor] = []  # (B,) per step but the last, gathered when its token is known
         self.tokens: list[torch.Tensor] = []  # the tokens the logprobs were gathered for, to check against the output
         self.pending: torch.Tensor | None = None  # (B, V) log-softmax of the last step, waiting for its sampled token
@@ -151,22 +151,25 @@ class _StepRecorder:
         logits = logits[:, -1] if logits.dim() == 3 else logits  # (B, V)
         self.pending = torch.log_softmax(logits.float() / self.temperature, dim=-1)
 
-    def finish(self, generated: torch.Tensor, synced: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(log-probs, values), each (B, n) for the n generated tokens, or None when the steps do not line up.
+    def finish(self, generated: torch.Tensor, synced: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(log-probs, values), each (B, n) for the n generated tokens (values None without a value head), or
+        None when the steps do not line up.
 
         `synced`: generate went on stepping after these rows ended, until every process's had (FSDP); the
         steps past the n-th are dropped."""
         n = generated.shape[1]
         if self.broken or n == 0:
             return None
-        if synced and len(self.values) > n:
+        if synced and len(self.tokens) + (self.pending is not None) > n:
             self.values, self.logprobs, self.tokens, self.pending = self.values[:n], self.logprobs[:n], self.tokens[:n], None
         if self.pending is not None and len(self.logprobs) == n - 1:
             self.logprobs.append(self.pending.gather(1, generated[:, -1:]).squeeze(1))
             self.tokens.append(generated[:, -1])
-        if len(self.values) != n or len(self.logprobs) != n or not torch.equal(torch.stack(self.tokens, 1), generated):
+        if self.value_head is not None and len(self.values) != n:
             return None
-        return torch.stack(self.logprobs, 1), torch.stack(self.values, 1)
+        if len(self.logprobs) != n or not torch.equal(torch.stack(self.tokens, 1), generated):
+            return None
+        return torch.stack(self.logprobs, 1), torch.stack(self.values, 1) if self.value_head is not None else None
 
 
 def _mergeable(layer) -> bool:
@@ -226,12 +229,12 @@ def merged_adapter(lm) -> Iterator[bool]:
 
 def sample(policy, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tokens: int, temperature: float, stop_ids: list[int],
            pad_id: int, seed: int, row_keys: torch.Tensor | None = None, merged: bool = False,
-           cache: str = "dynamic", synced: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+           cache: str = "dynamic", synced: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None] | None]:
     """Sample responses for left-padded `query` (B, Tq) with the policy's adapter on (merged into a copy of the
     weights while sampling when `merged`).
 
     Row r's tokens are a function of (seed, row_keys[r], the policy, its query) only (`SeededSampler`);
-    `row_keys` defaults to 0..B-1. PPO passes each row's position in the whole iteration's batch.
+    `row_keys` defaults to 0..B-1. The trainer passes each row's position in the whole iteration's batch.
     `cache="static"` decodes with transformers' preallocated KV cache (compiled on CUDA by generate).
     `synced`: every process of the launch calls this at once and their models' forward passes are
     collectives (FSDP), so generate steps until all processes' rows have ended (its `synced_gpus`).
@@ -239,17 +242,19 @@ def sample(policy, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tok
     A row ends at the first of `stop_ids` (`cai.models.stop_token_ids`, as vLLM rollouts stop).
     Returns the generated tokens (B, n), n <= max_new_tokens (generate stops once every row has
     ended; rows that ended earlier are padded), and the log-probs (at `temperature`) and values of
-    those tokens, (B, n) each, or None when they could not be recorded.
+    those tokens, (B, n) each (values None when the policy has no value head), or None when they
+    could not be recorded.
     """
     lm = policy.lm
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
     recorder = _StepRecorder(policy.value_head, temperature)
     hooks = [base.register_forward_pre_hook(recorder.on_forward, with_kwargs=True),
-             base.register_forward_hook(recorder.on_output, with_kwargs=True),
-             base.get_output_embeddings().register_forward_hook(recorder.on_head)]
+             base.register_forward_hook(recorder.on_output, with_kwargs=True)]
+    if policy.value_head is not None:
+        hooks.append(base.get_output_embeddings().register_forward_hook(recorder.on_head))
     # Plain sampling at `temperature` (SeededSampler inside greedy search), whatever the model's
     # generation_config.json says: a repetition penalty, top-k or min-p there would sample from another
-    # distribution than the one whose log-probs PPO optimises. generate() fills unset fields of a passed
+    # distribution than the one whose log-probs the update optimises. generate() fills unset fields of a passed
     # config from the model's own, so the model's is swapped out while sampling.
     own_config = base.generation_config
     base.generation_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(stop_ids),
@@ -268,5 +273,5 @@ def sample(policy, query: torch.Tensor, query_mask: torch.Tensor, *, max_new_tok
     generated = seqs[:, query.shape[1]:]
     stats = recorder.finish(generated, synced)
     if stats is None:
-        logger.warning("PPO: the generation steps seen by the hooks do not match the output; computing log-probs with a forward pass")
+        logger.warning("rollout: the generation steps seen by the hooks do not match the output; computing log-probs with a forward pass")
     return generated, stats

@@ -1,6 +1,8 @@
-"""PPO's settings in one place: `KLSettings` (the KL penalty, one typed piece), `PPOSettings` (what a
-`cai run` config's `rl.ppo:` section holds) and `PPOJob`, one `cai train ppo` run (the settings plus
-the starting policy, reward, prompts and output).
+"""The online RL trainers' settings in one place: `KLSettings` (the KL penalty, one typed piece),
+`RLSettings` (what every algorithm shares: prompts, batch, sampling, clipping, rollout backend,
+checkpoints), `RLJob` (a run's starting policy, reward, prompts and output), and per algorithm its
+settings (`PPOSettings`, what a `cai run` config's `rl.ppo:` section holds) and its job, the two joined:
+`class PPOJob(PPOSettings, RLJob)`.
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ class KLSettings(BaseModel):
         return FixedKLController(self.kl_coef)
 
 
-class PPOSettings(OptimiserSettings, LoraSettings, KLSettings):
-    """How PPO trains; every setting with its default. The LoRA and optimiser settings are those the other
-    trainers share; LoRA dropout, like the model's own dropout, is off in every PPO pass, so the update's
-    ratio pi/pi_old is 1 before the first step.
+class RLSettings(OptimiserSettings, LoraSettings, KLSettings):
+    """What every online RL algorithm sets; every setting with its default. The LoRA and optimiser settings
+    are those the other trainers share; LoRA dropout, like the model's own dropout, is off in every pass,
+    so the update's ratio pi/pi_old is 1 before the first step.
     """
 
     gold_judge_every: int = Field(default=0, ge=0, description="Every N iterations also score the samples with the judge "
@@ -56,13 +58,8 @@ class PPOSettings(OptimiserSettings, LoraSettings, KLSettings):
                                            "passes run out of memory.")
     response_length: int = Field(default=64, ge=1, description="Most tokens per response.")
     temperature: float = Field(default=1.0, gt=0, description="Sampling temperature (log-probs use the same).")
-    gamma: float = Field(default=1.0, ge=0, le=1, description="Discount over the response tokens.")
-    lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda.")
     cliprange: float = Field(default=0.2, gt=0, description="Policy ratio clip epsilon.")
-    cliprange_value: float = Field(default=0.2, gt=0, description="Value prediction clip around the old values.")
-    vf_coef: float = Field(default=0.1, ge=0, description="Weight of the value loss.")
     ent_coef: float = Field(default=0.0, ge=0, description="Weight of the entropy bonus.")
-    whiten_rewards: bool = Field(default=False, description="Whiten per-token rewards before GAE.")
     missing_eos_penalty: float | None = Field(default=1.0, description="Subtracted from the score of responses cut at "
                                               "response_length without EOS; null = no penalty.")
     lr: float = Field(default=5e-5, gt=0, description="AdamW learning rate (adapter and value head).")
@@ -92,7 +89,7 @@ class PPOSettings(OptimiserSettings, LoraSettings, KLSettings):
     seed: int = Field(default=0, description="Seeds initialisation, prompt order, sampling and minibatch order.")
 
     @model_validator(mode="after")
-    def _consistent(self) -> PPOSettings:
+    def _consistent(self) -> RLSettings:
         if self.batch_size % self.mini_batches:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by mini_batches ({self.mini_batches})")
         targets = [self.lora_target_modules] if isinstance(self.lora_target_modules, str) else self.lora_target_modules
@@ -101,8 +98,8 @@ class PPOSettings(OptimiserSettings, LoraSettings, KLSettings):
         return self
 
 
-class PPOJob(PPOSettings):
-    """One `cai train ppo` run."""
+class RLJob(RLSettings):
+    """What one run of any RL trainer starts from and writes to; an algorithm's job is its settings plus these."""
 
     model: str = Field(description="Starting policy (usually the merged SFT model): folder, hub id or embedded name.")
     reward: str = Field(description="Reward-model folder (cai train rm), 'judge', 'rule:length' or 'rule:share=TEXT'.")
@@ -111,7 +108,21 @@ class PPOJob(PPOSettings):
     judge_url: str | None = Field(default=None, description="Judge server for reward 'judge' and for gold_judge_every.")
 
     @model_validator(mode="after")
-    def _judge_given(self) -> PPOJob:
+    def _judge_given(self) -> RLJob:
         if (self.reward == "judge" or self.gold_judge_every) and not self.judge_url:
             raise ValueError("judge_url is needed when reward is 'judge' or gold_judge_every > 0")
         return self
+
+
+class PPOSettings(RLSettings):
+    """How PPO trains: the shared settings plus the critic's (GAE, the clipped value loss)."""
+
+    gamma: float = Field(default=1.0, ge=0, le=1, description="Discount over the response tokens.")
+    lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda.")
+    cliprange_value: float = Field(default=0.2, gt=0, description="Value prediction clip around the old values.")
+    vf_coef: float = Field(default=0.1, ge=0, description="Weight of the value loss.")
+    whiten_rewards: bool = Field(default=False, description="Whiten per-token rewards before GAE.")
+
+
+class PPOJob(PPOSettings, RLJob):
+    """One `cai train ppo` run."""

@@ -1,8 +1,8 @@
-"""PPO rollouts with vLLM: the base weights load once; each iteration only the LoRA adapter is synced.
+"""Rollouts with vLLM: the base weights load once; each iteration only the LoRA adapter is synced.
 
 Each iteration the trainer saves its current adapter (a few MB, not the model) to a folder and
 vLLM loads it as a new LoRA request, so sampling always uses the policy being trained. vLLM
-samples in its own kernels (and, on a GPU, in bfloat16), so the log-probs PPO uses are still
+samples in its own kernels (and, on a GPU, in bfloat16), so the log-probs the update uses are still
 computed by the trainer's model from the sampled tokens: the samples come from a policy that
 matches the trained one up to kernel precision, as in other vLLM-backed RLHF trainers.
 
