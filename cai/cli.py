@@ -351,11 +351,11 @@ def _register_generate_commands() -> None:
         generate_app.command(name)(settings_command(schema, _print_summary(fn), doc=docs[name], on_error=_fail))
 
     @generate_app.command("merge")
-    def generate_merge(  # options as defaults, not Annotated: the help of one is SftJob's, which a string annotation can't reach
-        shards: list[Path] = typer.Argument(help="Every shard's --out folder of one `cai generate sft|prefs --shard I/N` job."),
-        out: Path = typer.Option(..., "--out", help="New folder for the merged outputs, as the unsharded job writes them."),
-        keep_unrevised: bool = typer.Option(False, "--keep-unrevised/--no-keep-unrevised",
-                                            help="sft: " + SftJob.model_fields["keep_unrevised"].description),
+    def generate_merge(
+        shards: Annotated[list[Path], typer.Argument(help="Every shard's --out folder of one `cai generate sft|prefs --shard I/N` job.")],
+        out: Annotated[Path, typer.Option("--out", help="New folder for the merged outputs, as the unsharded job writes them.")],
+        keep_unrevised: Annotated[bool, typer.Option("--keep-unrevised/--no-keep-unrevised", help="sft: which rows train SFT, as "
+                                                     "`cai generate sft --keep-unrevised` says; give it if the shards had it.")] = False,
     ) -> None:
         """Join the shards of a job into one dataset, each row once, in the unsharded job's order; the shards are only read.
 

@@ -66,9 +66,10 @@ def test_sft_shards_merge_into_the_unsharded_run_and_a_killed_shard_reruns_on_it
     src = _prompts(tmp_path, 8)
     # chunk_size 1: the transformers policy seeds each batch by its prompts, so one prompt per batch samples each row as
     # the unsharded run does (vLLM seeds each prompt by itself at any chunk size). Each run has its own judge cache.
-    common = dict(prompts=str(src), policy=str(tiny_model_dir), constitution=str(judge_constitution), judge_url=judge.url,
-                  rounds=1, sampling=SamplingConfig(max_new_tokens=8), critique_tokens=16, revision_tokens=16, chunk_size=1,
-                  policy_backend="transformers", keep_unrevised=True)  # the tiny judge revises little: keep every row
+    common = {"prompts": str(src), "policy": str(tiny_model_dir), "constitution": str(judge_constitution), "judge_url": judge.url,
+              "rounds": 1, "sampling": SamplingConfig(max_new_tokens=8), "critique_tokens": 16, "revision_tokens": 16,
+              "chunk_size": 1, "policy_backend": "transformers",
+              "keep_unrevised": True}  # the tiny judge revises little: keep every row
     whole = generate_sft(SftJob(**common, out=tmp_path / "whole", judge_cache=tmp_path / "c0.sqlite"))
     assert whole["rows"] >= 4
     one = SftJob(**common, out=tmp_path / "s1", shard="1/2", judge_cache=tmp_path / "c1.sqlite")
@@ -102,7 +103,7 @@ def test_sft_shards_merge_into_the_unsharded_run_and_a_killed_shard_reruns_on_it
 
     with pytest.raises(RunMismatchError, match="shard: was '1/2', now '2/2'"):  # another share into a shard's folder
         generate_sft(one.model_copy(update={"shard": "2/2"}))
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)  # the killed shard, rerun on its own
+    done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)  # the killed shard, rerun on its own
     assert done.returncode == 0, done.stderr[-2000:]
     ids = [r["id"] for r in _lines(progress)]
     assert len(ids) == len(set(ids)) == 4  # its own prompts, each once
@@ -154,14 +155,16 @@ def test_sft_shards_merge_into_the_unsharded_run_and_a_killed_shard_reruns_on_it
 @pytest.mark.slow
 def test_prefs_shards_merge_into_the_unsharded_run(tiny_model_dir, judge, judge_constitution, tmp_path, monkeypatch):
     monkeypatch.setenv("CAI_JUDGE_API_KEY", JUDGE_KEY)
-    common = dict(prompts=str(_prompts(tmp_path, 5)), policy=str(tiny_model_dir), constitution=str(judge_constitution),
-                  judge_url=judge.url, samples=2, sampling=SamplingConfig(max_new_tokens=8, temperature=1.0), chunk_size=1,
-                  policy_backend="transformers")
+    common = {"prompts": str(_prompts(tmp_path, 5)), "policy": str(tiny_model_dir), "constitution": str(judge_constitution),
+              "judge_url": judge.url, "samples": 2, "sampling": SamplingConfig(max_new_tokens=8, temperature=1.0), "chunk_size": 1,
+              "policy_backend": "transformers"}
     whole = generate_prefs(PrefsJob(**common, out=tmp_path / "whole", judge_cache=tmp_path / "c0.sqlite"))
     assert whole["rows"] >= 2
     shards = [tmp_path / f"s{i}" for i in (1, 2, 3)]
     for i, out in enumerate(shards, 1):
         generate_prefs(PrefsJob(**common, out=out, shard=f"{i}/3", judge_cache=tmp_path / f"c{i}.sqlite"))
+    with pytest.raises(MergeError, match="--keep-unrevised is a choice of sft's rows; these are shards of a prefs job"):
+        merge_shards(shards, tmp_path / "merged", keep_unrevised=True)
     summary = merge_shards(shards, tmp_path / "merged")
     assert _lines(tmp_path / "merged" / "prefs.jsonl") == _lines(tmp_path / "whole" / "prefs.jsonl")
     assert summary["rows"] == whole["rows"] and summary["label_entropy_bits"] == whole["label_entropy_bits"]

@@ -107,6 +107,8 @@ def merge_shards(folders: list[Path], out: Path, *, keep_unrevised: bool = False
     settings = {k: v for k, v in shards[0].settings.items() if k in gen.job.model_fields and k != "shard"}
     if "keep_unrevised" in gen.job.model_fields:
         settings["keep_unrevised"] = keep_unrevised
+    elif keep_unrevised:
+        raise MergeError(f"--keep-unrevised is a choice of sft's rows; these are shards of a {shards[0].generator} job")
     _check_finished(shards, gen, settings)
     _check_each_row_once(shards)
 
