@@ -7,7 +7,8 @@
    loss is its share, its sum divided by the whole step's count (`Task.counts`).
 3. Every `checkpoint_every` steps a checkpoint (`cai.train.checkpoint`) goes to OUT/checkpoint; a
    restarted run loads it and goes on, with the same losses as an uninterrupted run.
-4. Metrics per step to OUT/metrics.jsonl; the loss curve to OUT/loss.png at the end.
+4. Metrics per step to OUT/metrics.jsonl, and to the experiment trackers of `report_to` (`cai.train.trackers`);
+   the loss curve to OUT/loss.png at the end.
 
 Runs on CPU (float32) and GPU (bfloat16 autocast; `precision`) from the same code; under `accelerate launch`
 each process takes every world_size-th row of a micro-batch, its share of the step's count as above, and
@@ -35,6 +36,7 @@ import torch
 from cai.train.checkpoint import is_sharded, launch_record, resume, save_checkpoint, save_final, trainable_state
 from cai.train.precision import autocast
 from cai.train.settings import TrainJob
+from cai.train.trackers import Trackers
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ def train(cfg: TrainJob, task: Task, out: Path) -> dict[str, Any]:
         logger.info("resuming from step %d of %d (%s)", step, steps, ckpt)
 
     model.train()
-    with progress_bar("steps", disable=not accelerator.is_main_process) as bar:
+    with Trackers(cfg, out) as trackers, progress_bar("steps", disable=not accelerator.is_main_process) as bar:
         task_id = bar.add_task(f"{cfg.kind} steps", total=steps, completed=step, info="")
         while step < steps:
             step_started = time.perf_counter()
@@ -134,6 +136,7 @@ def train(cfg: TrainJob, task: Task, out: Path) -> dict[str, Any]:
             if accelerator.is_main_process:
                 with open(metrics_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
+                trackers.log(record, step)
             bar.update(task_id, completed=step, info=f"loss {sums['loss']:.4f}")
             if step % cfg.checkpoint_every == 0 or step == steps:
                 accelerator.wait_for_everyone()
