@@ -507,6 +507,35 @@ def _register_eval() -> None:
     app.command("eval")(settings_command(EvalJob, _run_eval, doc=doc, on_error=_fail))
 
 
+def _register_studio() -> None:
+    """`cai studio CONSTITUTION`: its options made from cai.studio.settings.StudioSettings, the file as the argument."""
+    import inspect
+
+    from cai.cli_options import settings_command
+    from cai.studio.settings import StudioSettings
+
+    doc = """A constitution workbench in the browser: edit the principles as cards (saved to the file, atomically; edits made in
+    your editor show up), try them on a prompt, and measure them against people's labels, re-asking only what an edit changed.
+
+    Example: cai studio my.yaml --judge-model smollm2-135m-instruct, then open http://127.0.0.1:8765/
+    """
+    options = settings_command(StudioSettings, _run_studio, doc=doc, on_error=_fail)
+
+    def studio(constitution: Annotated[Path, typer.Argument(help="The constitution file to edit (.yaml, .txt, .md).")], **given) -> None:
+        options(**{**given, "constitution": str(constitution)})
+
+    rest = [p for p in inspect.signature(options).parameters.values() if p.name != "constitution"]
+    studio.__signature__ = inspect.signature(studio).replace(parameters=[inspect.signature(studio).parameters["constitution"], *rest])
+    studio.__doc__ = doc
+    app.command("studio")(studio)
+
+
+def _run_studio(settings) -> None:
+    from cai.studio.app import run_studio
+
+    run_studio(settings)
+
+
 @app.command("report")
 def report_cmd(run_dir: Annotated[Path, typer.Argument(help="A run folder written by `cai run`.")]) -> None:
     """(Re)write RUN_DIR/report.html from what the run's stages wrote."""
@@ -548,6 +577,7 @@ _register_train_commands()
 _register_judge_serve()
 _register_judge_eval()
 _register_eval()
+_register_studio()
 
 
 if __name__ == "__main__":

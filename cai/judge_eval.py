@@ -129,12 +129,12 @@ def figures(judged: list[dict], seed: int) -> dict[str, Any]:
 # -- the run ----------------------------------------------------------------------------------------
 
 
-def _placements(pairs: list[dict], seed: int) -> list[bool]:
+def placements(pairs: list[dict], seed: int) -> list[bool]:
     """Per pair, whether the people's choice goes in slot A: a seeded coin, the same for every constitution."""
     return [random.Random(f"{seed}:placement:{i}").random() < 0.5 for i in range(len(pairs))]
 
 
-def _requests(pairs: list[dict], chosen_first: list[bool], principle_ids: list[str] | None, seed: int) -> list:
+def compare_requests(pairs: list[dict], chosen_first: list[bool], principle_ids: list[str] | None, seed: int) -> list:
     from judge_server import protocol as P
 
     reqs = []
@@ -155,11 +155,16 @@ def _judge_one(job: JudgeEvalJob, name: str, constitution, constitution_path: Pa
     async def ask() -> list:
         async with open_judge(job, constitution=constitution, constitution_path=constitution_path, cache=cache_path,
                               log_path=out / "judge.log") as judge:
-            return await compare_all(judge, _requests(pairs, chosen_first, ids, job.seed), f"judge eval: {constitution.name}",
+            return await compare_all(judge, compare_requests(pairs, chosen_first, ids, job.seed), f"judge eval: {constitution.name}",
                                      chunk=16)
 
-    results = asyncio.run(ask())
-    per_pair = len(ids) if ids else 1
+    return judged_rows(name, constitution, pairs, chosen_first, asyncio.run(ask()))
+
+
+def judged_rows(name: str, constitution, pairs: list[dict], chosen_first: list[bool], results: list) -> list[dict]:
+    """One row per pair (p_a, y_a, agree, by_principle, ...) from the judge's answers to `compare_requests`, which
+    asked each pair once or once per principle, in pair order."""
+    per_pair = len(results) // len(pairs)
     rows = []
     for i, (pair, first) in enumerate(zip(pairs, chosen_first)):
         mine = results[i * per_pair:(i + 1) * per_pair]
@@ -175,6 +180,15 @@ def _judge_one(job: JudgeEvalJob, name: str, constitution, constitution_path: Pa
             "option_mass": float(np.mean([r.option_mass for r in mine])), "by_principle": by_principle,
         })
     return rows
+
+
+def agreement_change(before: list[dict], after: list[dict], seed: int) -> intervals.Change:
+    """The paired change in agreement from the rows `before` to the rows `after` of the same pairs: Newcombe's interval
+    and McNemar's test, or a bootstrap when a judgement tied (half-agreements are not 0/1)."""
+    was, now = [r["agree"] for r in before], [r["agree"] for r in after]
+    if 0.5 in was or 0.5 in now:
+        return intervals.change(was, now, seed=seed)
+    return intervals.paired_rate_change(was, now)
 
 
 def run_judge_eval(job: JudgeEvalJob) -> dict[str, Any]:
@@ -194,7 +208,7 @@ def run_judge_eval(job: JudgeEvalJob) -> dict[str, Any]:
     out = Path(job.out)
     out.mkdir(parents=True, exist_ok=True)
     cache_path = job.judge_cache or default_cache_path()
-    chosen_first = _placements(pairs, job.seed)
+    chosen_first = placements(pairs, job.seed)
     judged: dict[str, list[dict]] = {}
     for name, constitution in constitutions.items():
         judged[name] = _judge_one(job, name, constitution, paths[name], pairs, chosen_first, out, cache_path)
@@ -202,9 +216,7 @@ def run_judge_eval(job: JudgeEvalJob) -> dict[str, Any]:
               for name, rows in judged.items()}
     first = job.constitutions[0]
     for name in job.constitutions[1:]:
-        before, after = [r["agree"] for r in judged[first]], [r["agree"] for r in judged[name]]
-        ties = 0.5 in before or 0.5 in after  # half-agreements are not 0/1: the bootstrap takes them
-        change = intervals.change(before, after, seed=job.seed) if ties else intervals.paired_rate_change(before, after)
+        change = agreement_change(judged[first], judged[name], job.seed)
         report[name]["agreement_change_vs_first"] = {"from": first, **change.as_dict(), "moved": change.moved}
     doc = {"pairs": job.pairs, "n_pairs": len(pairs), "each_principle": job.each_principle, "seed": job.seed,
            "interval": "95%: Wilson for shares (a tie counts half), percentile bootstrap over pairs otherwise; agreement "

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from cai.cli import app
 from cai.human_labels import human_pairs
-from cai.judge_eval import JudgeEvalError, JudgeEvalJob, _placements, ece, entropy_bits, figures, run_judge_eval
+from cai.judge_eval import JudgeEvalError, JudgeEvalJob, placements, ece, entropy_bits, figures, run_judge_eval
 from cai.report_plots import agreement_bars
 from cai.train.data import DatasetError
 from tests.conftest import JUDGE_KEY
@@ -51,8 +51,8 @@ def test_figures_from_judgements():
 
 def test_the_human_choice_is_put_in_either_slot_by_a_seeded_coin():
     pairs = [{}] * 200
-    slots = _placements(pairs, seed=0)
-    assert slots == _placements(pairs, seed=0)
+    slots = placements(pairs, seed=0)
+    assert slots == placements(pairs, seed=0)
     assert 70 < sum(slots) < 130  # about half in slot A, so "always A" is no better than chance
 
 
