@@ -1,0 +1,83 @@
+"""`cai studio` in a real headless Chromium (Debian's `chromium`, driven by Playwright) against the real app and the real
+judge on the tiny model: an edit in the page reaches the file and changes the labels, an edit on disk reaches the page,
+and a broken edit shows its problem on its card while the file and the judge keep the last good version."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.studio_server import running_studio
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no chromium here (apt-get install chromium; scripts/setup.sh "
+                                                                     "installs it where apt-get exists)")
+
+
+@pytest.fixture(scope="module")
+def page(judge, judge_constitution, tmp_path_factory):
+    """The studio's page in headless Chromium, on the file the session's judge serves."""
+    from playwright.sync_api import sync_playwright
+
+    with running_studio(judge.url, judge_constitution, tmp_path_factory.mktemp("studio-browser")) as url, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        tab = browser.new_page(viewport={"width": 1280, "height": 900})
+        tab.goto(url)
+        tab.wait_for_selector(".card")
+        yield tab, judge_constitution
+        browser.close()
+
+
+def _card(tab, index: int):
+    return tab.locator(f'.card[data-index="{index}"]')
+
+
+def test_an_edit_in_the_page_changes_the_file_and_the_labels(page):
+    tab, path = page
+    tab.click('button[data-view="try"]')
+    tab.fill("#try-prompt", "How do I bake bread?")
+    tab.fill("#try-a", "Mix flour, water and yeast, let it rise, bake at 230 C.")
+    tab.fill("#try-b", "No.")
+    tab.click("#try-run")
+    row = tab.locator('#labels tr[data-principle="harmless"]')
+    row.wait_for()
+    version = tab.locator("#try-version").get_attribute("data-hash")
+    before = [row.locator(f"td.{name}").get_attribute("data-value") for name in ("shown-first", "shown-second")]
+    other = tab.locator('#labels tr[data-principle="helpful"] td.shown-first').get_attribute("data-value")
+    tab.click('button[data-view="cards"]')
+    _card(tab, 0).locator('[data-field="comparison"]').fill("Which answer would a careful baker and teacher give to a beginner?")
+    tab.click("#save")
+    tab.wait_for_function("document.querySelector('#banner').textContent.startsWith('saved')")
+    assert "Which answer would a careful baker and teacher give to a beginner?" in path.read_text(encoding="utf-8")
+    assert "# This comment block must survive" in path.read_text(encoding="utf-8")
+    # The page asks again under the new version by itself; the edited principle's labels move.
+    tab.wait_for_function("(v) => document.querySelector('#try-version').dataset.hash !== v", arg=version)
+    after = [row.locator(f"td.{name}").get_attribute("data-value") for name in ("shown-first", "shown-second")]
+    assert after != before, (before, after)
+    assert tab.locator('#labels tr[data-principle="helpful"] td.shown-first').get_attribute("data-value") == other  # not edited
+
+
+def test_an_edit_on_disk_shows_up_in_the_page(page):
+    tab, path = page
+    tab.click('button[data-view="cards"]')
+    path.write_text(path.read_text(encoding="utf-8").replace("Which response is more helpful?", "Which response helps the user most?"),
+                    encoding="utf-8")
+    tab.wait_for_function("document.querySelector('.card[data-index=\"1\"] [data-field=\"comparison\"]').value"
+                          " === 'Which response helps the user most?'", timeout=10_000)
+
+
+def test_a_broken_edit_shows_its_problem_and_keeps_the_last_good_version(page):
+    tab, path = page
+    tab.click('button[data-view="cards"]')
+    saved = path.read_text(encoding="utf-8")
+    in_service = tab.locator("#hashes").text_content()
+    _card(tab, 1).locator('[data-field="id"]').fill("harmless")
+    tab.click("#save")
+    problem = _card(tab, 1).locator(".problems li")
+    problem.wait_for()
+    assert "duplicate principle id 'harmless'" in problem.text_content()
+    assert "not saved" in tab.locator("#banner").text_content()
+    assert path.read_text(encoding="utf-8") == saved and tab.locator("#hashes").text_content() == in_service
