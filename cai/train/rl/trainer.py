@@ -19,7 +19,7 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from cai.train.adapters import adapter_disabled
 from cai.train.checkpoint import is_sharded, launch_record, resume, save_checkpoint, save_final, trainable_state
 from cai.train.losses import token_logprobs
 from cai.train.precision import autocast, uses_bf16
-from cai.train.rewards import Scorer
+from cai.train.rewards import Scorer, score_parts
 from cai.train.rl import metrics as M
 from cai.train.rl.policy import Policy
 from cai.train.rl.sampling import sample
@@ -59,6 +59,7 @@ class Rollout:
     started: float
     rollout_s: float
     score_s: float
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,) the reward's parts (`score_parts`), NaN where none
 
 
 class RLTrainer:
@@ -82,7 +83,7 @@ class RLTrainer:
         # Autocast is cai's own (cfg.precision), as in the SFT/RM/DPO loop.
         self.accelerator = accelerator or Accelerator(mixed_precision="no")
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
-        check_processes(cfg, self.world, vllm is not None)
+        check_processes(cfg, self.world, vllm is not None, self.group_size)
         self.model, self.tokenizer, self.prompts = policy, tokenizer, prompts
         self.scorer, self.gold_scorer, self.vllm = scorer, gold_scorer, vllm
         self.device = next(policy.parameters()).device
@@ -113,15 +114,21 @@ class RLTrainer:
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)[-self.cfg.max_prompt_length:]
 
+    @property
+    def group_size(self) -> int:
+        """Answers sampled per prompt, in adjacent rows of the batch (a group-baseline algorithm's K); 1 here."""
+        return 1
+
     def prompt_indices(self, iteration: int) -> list[int]:
-        """The prompts of iteration `iteration` (0-based), one per row of the batch: epochs of seeded permutations,
-        read in order. A subclass may repeat each prompt (a group's rows adjacent); a row's sampling key is its
-        position in this list, so repeated prompts still sample distinct responses."""
-        n, b = len(self.prompts), self.cfg.batch_size
+        """The prompts of iteration `iteration` (0-based), one per row of the batch: batch_size / group_size prompts,
+        read in order from epochs of seeded permutations, each repeated group_size times in adjacent rows. A row's
+        sampling key is its position in this list, so a group's rows still sample distinct responses."""
+        n, k = len(self.prompts), self.group_size
+        g = self.cfg.batch_size // k
         out = []
-        for k in range(iteration * b, (iteration + 1) * b):
-            epoch, pos = divmod(k, n)
-            out.append(torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))[pos].item())
+        for i in range(iteration * g, (iteration + 1) * g):
+            epoch, pos = divmod(i, n)
+            out += [torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))[pos].item()] * k
         return out
 
     def shard(self) -> slice:
@@ -213,7 +220,8 @@ class RLTrainer:
         texts = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True).strip() for r, m in zip(responses, mask)]
         prompts = [self.prompts[i] for i in idx]
         # first_row: the judge seeds a row's principle with its place in the whole batch, not in this process's share
-        raw_scores = torch.tensor(self.scorer(prompts, texts, first_row=rows.start), dtype=torch.float32, device=self.device)
+        totals, parts = score_parts(self.scorer, prompts, texts, first_row=rows.start)
+        raw_scores = torch.tensor(totals, dtype=torch.float32, device=self.device)
         scores = raw_scores.clone()
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~has_eos).float()
@@ -261,9 +269,11 @@ class RLTrainer:
             logprobs, ref_logprobs = gather(logprobs), gather(ref_logprobs)
             values = gather(values) if values is not None else None
             gold = gather(gold) if gold is not None else None
+            parts = gathered_parts(gather_object([parts]), self.cfg.batch_size // self.world)
         gold_mean = None if gold is None else gold.mean().item()
         return Rollout(iteration, [self.prompts[i] for i in every], texts, full, full_mask, responses, mask, has_eos, raw_scores,
-                       scores, logprobs, values, ref_logprobs, gold_mean, started, rollout_s, score_s)
+                       scores, logprobs, values, ref_logprobs, gold_mean, started, rollout_s, score_s,
+                       {name: torch.tensor(v, dtype=torch.float32) for name, v in parts.items()})
 
 
     def _response_logprobs(self, logits: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
@@ -299,6 +309,8 @@ class RLTrainer:
             "time/score_s": round(r.score_s, 4),
             "seconds": round(time.perf_counter() - r.started, 4),
         }
+        for name, values in r.parts.items():  # a part no row has this iteration (a principle not drawn) is absent
+            record[f"reward/{name}"] = values.nanmean().item()
         if r.gold is not None:
             record[M.JUDGE_SCORE] = r.gold
             record[M.PROXY_SCORE] = r.raw_scores.mean().item()
@@ -366,10 +378,14 @@ class RLTrainer:
         return summary
 
 
-def check_processes(cfg: RLSettings, world: int, vllm: bool) -> None:
-    """Refuse, before any model loads, a batch that `world` processes cannot share (or vLLM rollouts across processes)."""
+def check_processes(cfg: RLSettings, world: int, vllm: bool, group_size: int = 1) -> None:
+    """Refuse, before any model loads, a batch that `world` processes cannot share (or vLLM rollouts across processes),
+    or one that does not split into whole groups of `group_size` answers, on each process too."""
     from cai.errors import ConfigError
 
+    if cfg.batch_size % group_size:
+        raise ConfigError(f"batch_size ({cfg.batch_size}) counts answers and must be divisible by the {group_size} answers "
+                          "sampled per prompt (--num-generations of grpo/rloo): change either")
     if world == 1:
         return
     if vllm:
@@ -379,3 +395,14 @@ def check_processes(cfg: RLSettings, world: int, vllm: bool) -> None:
     if cfg.batch_size % world or size < world:
         raise ConfigError(f"batch_size ({cfg.batch_size}) must be divisible by the {world} processes, with minibatches "
                                f"(batch_size / mini_batches = {size}) of at least {world} rows: each process takes its share")
+    if (cfg.batch_size // world) % group_size:
+        raise ConfigError(f"each of the {world} processes samples batch_size / {world} = {cfg.batch_size // world} answers, "
+                          f"not whole groups of {group_size} answers per prompt: make batch_size a multiple of "
+                          f"{world * group_size}")
+
+
+def gathered_parts(shares: list[dict[str, list[float]]], rows: int) -> dict[str, list[float]]:
+    """Every process's reward parts (`shares`, in process order, `rows` rows each) as parts of the whole batch: a part
+    that some process lacks (a principle none of its rows was judged under) is NaN in that process's rows."""
+    names = dict.fromkeys(name for share in shares for name in share)
+    return {name: [v for share in shares for v in share.get(name, [float("nan")] * rows)] for name in names}
