@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cai.train.precision import DEFAULT_PRECISION, PRECISION_HELP, Precision
-from cai.train.rewards import asks_judge
 from cai.train.settings import LoraSettings, OptimiserSettings
 
 if TYPE_CHECKING:
@@ -104,15 +103,15 @@ class RLJob(RLSettings):
     """What one run of any RL trainer starts from and writes to; an algorithm's job is its settings plus these."""
 
     model: str = Field(description="Starting policy (usually the merged SFT model): folder, hub id or embedded name.")
-    reward: str = Field(description="Reward-model folder (cai train rm), 'judge', 'judge:pairwise[?method=bt|win_rate&max_pairs=N]', 'rule:length', 'rule:share=TEXT', or a weighted sum WEIGHT*SPEC,WEIGHT*SPEC (README: Rewards).")
+    reward: str = Field(description="Reward-model folder (cai train rm), 'judge', 'rule:length' or 'rule:share=TEXT'.")
     prompts: str = Field(description="Prompt set: built-in name or file (as `cai prompts` reads).")
     out: str = Field(description="Output folder: adapter, value head, checkpoints, metrics.jsonl, samples.jsonl.")
     judge_url: str | None = Field(default=None, description="Judge server for reward 'judge' and for gold_judge_every.")
 
     @model_validator(mode="after")
     def _judge_given(self) -> RLJob:
-        if (asks_judge(self.reward) or self.gold_judge_every) and not self.judge_url:
-            raise ValueError("judge_url is needed when the reward asks the judge ('judge', 'judge:pairwise') or gold_judge_every > 0")
+        if (self.reward == "judge" or self.gold_judge_every) and not self.judge_url:
+            raise ValueError("judge_url is needed when reward is 'judge' or gold_judge_every > 0")
         return self
 
 
@@ -128,31 +127,3 @@ class PPOSettings(RLSettings):
 
 class PPOJob(PPOSettings, RLJob):
     """One `cai train ppo` run."""
-
-
-class OnlineDPOSettings(RLSettings):
-    """How online DPO trains (Guo et al. 2024): two answers per prompt from the current policy, labelled, then the
-    DPO loss on the batch's pairs. The shared settings, with beta, rpo_alpha and one step per batch by default."""
-
-    beta: float = Field(default=0.1, gt=0, description="DPO's beta: the strength of the implicit KL to the reference "
-                        "(the adapter switched off); kl_coef is not used.")
-    rpo_alpha: float = Field(default=0.0, ge=0, description="Weight of the preferred answers' NLL added to the loss (RPO, "
-                             "as `cai train dpo`): a token mean over each minibatch's preferred answers.")
-    mini_batches: int = Field(default=1, ge=1, description="Minibatches of pairs per epoch; must divide the batch's "
-                              "batch_size / 2 pairs. 1 (with ppo_epochs 1) is one gradient step per batch, as TRL's "
-                              "OnlineDPOTrainer takes.")
-
-    @model_validator(mode="after")
-    def _whole_pairs(self) -> OnlineDPOSettings:
-        if self.batch_size % 2 or (self.batch_size // 2) % self.mini_batches:
-            raise ValueError(f"batch_size ({self.batch_size}) counts answers, two per prompt: it must be even, and its "
-                             f"{self.batch_size // 2} pairs divisible by mini_batches ({self.mini_batches})")
-        return self
-
-
-class OnlineDPOJob(OnlineDPOSettings, RLJob):
-    """One `cai train online-dpo` run."""
-
-    reward: str = Field(default="judge:pairwise", description="Who labels each pair: 'judge:pairwise' (the judge compares "
-                        "the two answers in both orders: a soft label; needs judge_url), or any reward `cai train ppo` "
-                        "takes (a reward-model folder, 'judge', a rule), whose higher-scored answer is preferred.")
