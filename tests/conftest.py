@@ -20,6 +20,26 @@ def needs_vllm() -> None:
         pytest.skip("vLLM is not installed on this GPU machine")
 
 
+def kill_after_rows(cmd: list[str], env: dict, progress: Path, rows: int, *, timeout: float = 240) -> int:
+    """Start the job `cmd`, SIGKILL its whole process group once `progress` holds `rows` lines, and return how
+    many it holds then (a job that finishes first fails the test: it could not be interrupted)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if progress.exists() and progress.read_text().count("\n") >= rows:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return progress.read_text().count("\n")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)

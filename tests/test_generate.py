@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from datasets import load_from_disk
@@ -18,7 +16,7 @@ from cai.pinning import RunMismatchError
 from cai.policy import SamplingConfig
 from cai.prompts import Prompt
 from cai.rowlog import RowLog
-from tests.conftest import JUDGE_KEY
+from tests.conftest import JUDGE_KEY, kill_after_rows
 
 # -- pieces -----------------------------------------------------------------------------
 
@@ -304,17 +302,8 @@ def test_killed_sft_run_resumes_without_loss_or_duplicates(tiny_model_dir, judge
            "--critique-tokens", "24", "--revision-tokens", "24", "--chunk-size", "1", "--policy-backend", "transformers", "--judge-cache", str(tmp_path / "c.sqlite"),
            "--keep-unrevised"]  # the tiny judge revises nothing; keep its rows so sft.jsonl shows what resuming kept
     env = {**os.environ, "CAI_JUDGE_API_KEY": JUDGE_KEY}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     progress = out / "progress.jsonl"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if progress.exists() and progress.read_text().count("\n") >= 2:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the job finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    written_before = progress.read_text().count("\n")
+    written_before = kill_after_rows(cmd, env, progress, 2)
     assert 2 <= written_before < 8
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -6,10 +6,8 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from typer.testing import CliRunner
@@ -24,7 +22,7 @@ from cai.pinning import RunMismatchError
 from cai.policy import SamplingConfig
 from cai.prompts import Prompt
 from cai.settings_file import load_settings
-from tests.conftest import JUDGE_KEY
+from tests.conftest import JUDGE_KEY, kill_after_rows
 
 
 @pytest.mark.parametrize("given, why", [("3/2", "I must be from 1 to N"), ("0/2", "I must be from 1 to N"),
@@ -82,17 +80,8 @@ def test_sft_shards_merge_into_the_unsharded_run_and_a_killed_shard_reruns_on_it
            "--max-new-tokens", "8", "--critique-tokens", "16", "--revision-tokens", "16", "--chunk-size", "1",
            "--policy-backend", "transformers", "--judge-cache", str(tmp_path / "c2.sqlite"), "--keep-unrevised"]
     env = {**os.environ, "CAI_JUDGE_API_KEY": JUDGE_KEY}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     progress = s2 / "progress.jsonl"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if progress.exists() and progress.read_text().count("\n") >= 1:
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, "the shard finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    left = 4 - progress.read_text().count("\n")
+    left = 4 - kill_after_rows(cmd, env, progress, 1)
     assert 1 <= left <= 3
 
     merged = tmp_path / "merged"
