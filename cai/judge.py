@@ -151,7 +151,7 @@ def first_error(results: Sequence) -> None:
 
 
 class SyncJudge:
-    """A synchronous face of `Judge` for code that is not async (PPO's judge reward and gold score): one client and
+    """A synchronous face of `Judge` for code that is not async (the RL trainers' judge rewards and gold score): one client and
     one event loop, on a background thread, for the whole run, instead of a new client per call."""
 
     def __init__(self, url: str, *, api_key: str | None = None, constitution: Constitution | None = None):
@@ -172,6 +172,9 @@ class SyncJudge:
 
     def score_many(self, reqs: Sequence[P.ScoreRequest]) -> list[P.ScoreResult | JudgeError]:
         return self._run(self.judge.score_many(reqs))
+
+    def compare_many(self, reqs: Sequence[P.CompareRequest]) -> list[P.CompareResult | JudgeError]:
+        return self._run(self.judge.compare_many(reqs))
 
     def close(self) -> None:
         if self._thread.is_alive():

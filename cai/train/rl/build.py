@@ -27,7 +27,7 @@ def build_rl_trainer(trainer_cls: type[T], cfg: RLJob, *, scorer: Scorer | None 
     from cai.judge import SyncJudge
     from cai.models import resolve_model
     from cai.prompts import PromptSourceError, load_prompts
-    from cai.train.rewards import JudgeScorer, load_scorer
+    from cai.train.rewards import JudgeScorer, asks_judge, load_scorer
     from cai.train.rl.policy import load_policy
 
     # The prompts first: a bad prompt file is refused before a model loads or the judge is connected.
@@ -40,7 +40,7 @@ def build_rl_trainer(trainer_cls: type[T], cfg: RLJob, *, scorer: Scorer | None 
     policy, tokenizer = load_policy(cfg, device, value_head=trainer_cls.value_head)
     # One connection to the judge for the run, for the reward and the gold score alike; the API key comes
     # from $CAI_JUDGE_API_KEY in the client, the one place that reads it.
-    needs_judge = (cfg.reward == "judge" and scorer is None) or (cfg.gold_judge_every and gold_scorer is None)
+    needs_judge = (asks_judge(cfg.reward) and scorer is None) or (cfg.gold_judge_every and gold_scorer is None)
     judge = SyncJudge(cfg.judge_url) if needs_judge and cfg.judge_url else None
     scorer = scorer or load_scorer(cfg.reward, judge=judge, device=str(device))
     gold_scorer = gold_scorer or (JudgeScorer(judge) if cfg.gold_judge_every else None)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cai.train.precision import DEFAULT_PRECISION, PRECISION_HELP, Precision
+from cai.train.rewards import asks_judge
 from cai.train.settings import LoraSettings, OptimiserSettings
 
 if TYPE_CHECKING:
@@ -103,15 +104,15 @@ class RLJob(RLSettings):
     """What one run of any RL trainer starts from and writes to; an algorithm's job is its settings plus these."""
 
     model: str = Field(description="Starting policy (usually the merged SFT model): folder, hub id or embedded name.")
-    reward: str = Field(description="Reward-model folder (cai train rm), 'judge', 'rule:length' or 'rule:share=TEXT'.")
+    reward: str = Field(description="Reward-model folder (cai train rm), 'judge', 'judge:pairwise[?method=bt|win_rate&max_pairs=N]', 'rule:length', 'rule:share=TEXT', or a weighted sum WEIGHT*SPEC,WEIGHT*SPEC (README: Rewards).")
     prompts: str = Field(description="Prompt set: built-in name or file (as `cai prompts` reads).")
     out: str = Field(description="Output folder: adapter, value head, checkpoints, metrics.jsonl, samples.jsonl.")
     judge_url: str | None = Field(default=None, description="Judge server for reward 'judge' and for gold_judge_every.")
 
     @model_validator(mode="after")
     def _judge_given(self) -> RLJob:
-        if (self.reward == "judge" or self.gold_judge_every) and not self.judge_url:
-            raise ValueError("judge_url is needed when reward is 'judge' or gold_judge_every > 0")
+        if (asks_judge(self.reward) or self.gold_judge_every) and not self.judge_url:
+            raise ValueError("judge_url is needed when the reward asks the judge ('judge', 'judge:pairwise') or gold_judge_every > 0")
         return self
 
 

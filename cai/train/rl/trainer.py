@@ -19,7 +19,7 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from cai.train.adapters import adapter_disabled
 from cai.train.checkpoint import is_sharded, launch_record, resume, save_checkpoint, save_final, trainable_state
 from cai.train.losses import token_logprobs
 from cai.train.precision import autocast, uses_bf16
-from cai.train.rewards import Scorer
+from cai.train.rewards import Scorer, score_parts
 from cai.train.rl import metrics as M
 from cai.train.rl.policy import Policy
 from cai.train.rl.sampling import sample
@@ -59,6 +59,7 @@ class Rollout:
     started: float
     rollout_s: float
     score_s: float
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,) the reward's parts (`score_parts`), NaN where none
 
 
 class RLTrainer:
@@ -219,7 +220,8 @@ class RLTrainer:
         texts = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True).strip() for r, m in zip(responses, mask)]
         prompts = [self.prompts[i] for i in idx]
         # first_row: the judge seeds a row's principle with its place in the whole batch, not in this process's share
-        raw_scores = torch.tensor(self.scorer(prompts, texts, first_row=rows.start), dtype=torch.float32, device=self.device)
+        totals, parts = score_parts(self.scorer, prompts, texts, first_row=rows.start)
+        raw_scores = torch.tensor(totals, dtype=torch.float32, device=self.device)
         scores = raw_scores.clone()
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~has_eos).float()
@@ -267,9 +269,11 @@ class RLTrainer:
             logprobs, ref_logprobs = gather(logprobs), gather(ref_logprobs)
             values = gather(values) if values is not None else None
             gold = gather(gold) if gold is not None else None
+            parts = gathered_parts(gather_object([parts]), self.cfg.batch_size // self.world)
         gold_mean = None if gold is None else gold.mean().item()
         return Rollout(iteration, [self.prompts[i] for i in every], texts, full, full_mask, responses, mask, has_eos, raw_scores,
-                       scores, logprobs, values, ref_logprobs, gold_mean, started, rollout_s, score_s)
+                       scores, logprobs, values, ref_logprobs, gold_mean, started, rollout_s, score_s,
+                       {name: torch.tensor(v, dtype=torch.float32) for name, v in parts.items()})
 
 
     def _response_logprobs(self, logits: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
@@ -305,6 +309,8 @@ class RLTrainer:
             "time/score_s": round(r.score_s, 4),
             "seconds": round(time.perf_counter() - r.started, 4),
         }
+        for name, values in r.parts.items():  # a part no row has this iteration (a principle not drawn) is absent
+            record[f"reward/{name}"] = values.nanmean().item()
         if r.gold is not None:
             record[M.JUDGE_SCORE] = r.gold
             record[M.PROXY_SCORE] = r.raw_scores.mean().item()
@@ -393,3 +399,10 @@ def check_processes(cfg: RLSettings, world: int, vllm: bool, group_size: int = 1
         raise ConfigError(f"each of the {world} processes samples batch_size / {world} = {cfg.batch_size // world} answers, "
                           f"not whole groups of {group_size} answers per prompt: make batch_size a multiple of "
                           f"{world * group_size}")
+
+
+def gathered_parts(shares: list[dict[str, list[float]]], rows: int) -> dict[str, list[float]]:
+    """Every process's reward parts (`shares`, in process order, `rows` rows each) as parts of the whole batch: a part
+    that some process lacks (a principle none of its rows was judged under) is NaN in that process's rows."""
+    names = dict.fromkeys(name for share in shares for name in share)
+    return {name: [v for share in shares for v in share.get(name, [float("nan")] * rows)] for name in names}
