@@ -121,34 +121,42 @@ class Policy:
 
     def sample(self, prompts: list[str], *, n: int, config: SamplingConfig, seed: int | str,
                on_batch: Callable[[int], None] | None = None) -> list[list[Sample]]:
-        """n samples for each prompt, in batches; the same seed and prompts give the same samples.
-        `on_batch(k)` is called after each batch with its number of prompts (for a progress bar)."""
-        import torch
-
+        """n samples for each prompt, in batches. A prompt's samples are a function of (seed, the prompt, the
+        model) only, whatever else shares its batch (as vLLM seeds each prompt): sample j of prompt p draws its
+        tokens from uniforms keyed by (seed, p, j) (`cai.train.rl.sampling.SeededSampler`), so a job split into
+        shards or chunks of another size makes the same rows. `on_batch(k)` is called after each batch with its
+        number of prompts (for a progress bar)."""
         out: list[list[Sample]] = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start:start + self.batch_size]
-            torch.manual_seed(_seed_int(seed, start, *chunk))
-            out.extend(self._generate(chunk, n, config))
+            out.extend(self._generate(chunk, n, config, seed))
             if on_batch is not None:
                 on_batch(len(chunk))
         return out
 
-    def _generate(self, prompts: list[str], n: int, config: SamplingConfig) -> list[list[Sample]]:
+    def _generate(self, prompts: list[str], n: int, config: SamplingConfig, seed: int | str) -> list[list[Sample]]:
         import torch
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
         from cai.models import stop_token_ids
+        from cai.train.rl.sampling import SeededSampler
 
         tok = self.tokenizer
         texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
         batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        sampling = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p} if config.temperature > 0 else {
-            "do_sample": False}
+        ids, mask = batch["input_ids"].repeat_interleave(n, 0), batch["attention_mask"].repeat_interleave(n, 0)  # (B*n, T)
+        processors = LogitsProcessorList()
+        if config.temperature > 0:  # the seeded draw inside greedy search; greedy alone when temperature is 0
+            keys = torch.tensor([_seed_int(seed, p, j) for p in prompts for j in range(n)], dtype=torch.long)
+            processors.append(TemperatureLogitsWarper(config.temperature))
+            if config.top_p < 1.0:
+                processors.append(TopPLogitsWarper(config.top_p))
+            processors.append(SeededSampler(0, keys, 1.0, ids.shape[1]))
         stops = stop_token_ids(tok, self.model.generation_config)
         with torch.inference_mode():
-            seqs = self.model.generate(**batch, max_new_tokens=config.max_new_tokens, num_return_sequences=n,
-                                       pad_token_id=tok.pad_token_id, eos_token_id=stops, **sampling)
-        new = seqs[:, batch["input_ids"].shape[1]:]  # (B*n, T_new)
+            seqs = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=config.max_new_tokens, do_sample=False,
+                                       logits_processor=processors, pad_token_id=tok.pad_token_id, eos_token_id=stops)
+        new = seqs[:, ids.shape[1]:]  # (B*n, T_new)
         samples = []
         for row in new.tolist():
             end = next((i for i, t in enumerate(row) if t in stops), None)

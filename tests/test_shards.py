@@ -62,15 +62,15 @@ def test_sft_shards_merge_into_the_unsharded_run_and_a_killed_shard_reruns_on_it
                                                                                      tmp_path, monkeypatch):
     monkeypatch.setenv("CAI_JUDGE_API_KEY", JUDGE_KEY)
     src = _prompts(tmp_path, 8)
-    # chunk_size 1: the transformers policy seeds each batch by its prompts, so one prompt per batch samples each row as
-    # the unsharded run does (vLLM seeds each prompt by itself at any chunk size). Each run has its own judge cache.
+    # Chunks of another size unsharded (3) than in the shards (1): a prompt's samples must not depend on the
+    # prompts that share its batch. Each run has its own judge cache.
     common = {"prompts": str(src), "policy": str(tiny_model_dir), "constitution": str(judge_constitution), "judge_url": judge.url,
               "rounds": 1, "sampling": SamplingConfig(max_new_tokens=8), "critique_tokens": 16, "revision_tokens": 16,
-              "chunk_size": 1, "policy_backend": "transformers",
+              "policy_backend": "transformers",
               "keep_unrevised": True}  # the tiny judge revises little: keep every row
-    whole = generate_sft(SftJob(**common, out=tmp_path / "whole", judge_cache=tmp_path / "c0.sqlite"))
+    whole = generate_sft(SftJob(**common, out=tmp_path / "whole", chunk_size=3, judge_cache=tmp_path / "c0.sqlite"))
     assert whole["rows"] >= 4
-    one = SftJob(**common, out=tmp_path / "s1", shard="1/2", judge_cache=tmp_path / "c1.sqlite")
+    one = SftJob(**common, out=tmp_path / "s1", shard="1/2", chunk_size=1, judge_cache=tmp_path / "c1.sqlite")
     assert generate_sft(one)["prompts"] == 4
 
     # Shard 2 through the command line, killed after its first row.
