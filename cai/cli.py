@@ -372,7 +372,8 @@ def _register_generate_commands() -> None:
 # -- train --------------------------------------------------------------------------
 
 
-train_app = typer.Typer(help="Train: sft (messages), rm (reward model on pairs), dpo (policy on pairs), ppo (RL against a reward).",
+train_app = typer.Typer(help="Train: sft (messages), rm (reward model on pairs), dpo (policy on pairs), ppo, grpo, rloo (RL "
+                        "against a reward).",
                         no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
@@ -392,6 +393,15 @@ _TRAIN_DOCS = {
     "ppo": """PPO with a KL penalty against the starting policy, scored by a reward model, the judge or a rule.
 
     Example: cai train ppo --model runs/sft/merged --reward runs/rm/final --prompts donotanswer --out runs/ppo
+    """,
+    "grpo": """GRPO: K answers per prompt (--num-generations), each scored against its group's mean, no value model;
+    --advantage, --scale-rewards, --loss-aggregation and --kl-in give Dr. GRPO, DAPO and RLOO's variants.
+
+    Example: cai train grpo --model runs/sft/merged --reward runs/rm/final --prompts donotanswer --out runs/grpo --batch-size 16
+    """,
+    "rloo": """RLOO: the grpo trainer with RLOO's defaults: leave-one-out baseline, unscaled, the KL folded into the score.
+
+    Example: cai train rloo --model runs/sft/merged --reward runs/rm/final --prompts donotanswer --out runs/rloo --batch-size 16
     """,
 }
 
@@ -414,16 +424,24 @@ def _run_ppo(cfg):
     return run_ppo(cfg)
 
 
+def _run_grpo(cfg):
+    from cai.train.rl.grpo import run_grpo
+
+    return run_grpo(cfg)
+
+
 def _register_train_commands() -> None:
-    """`cai train sft|rm|dpo|ppo`: every option made from the settings models (cai/train/settings.py, rl/settings.py)."""
+    """`cai train sft|rm|dpo|ppo|grpo|rloo`: every option made from the settings models (cai/train/settings.py, rl/settings.py)."""
     from cai.cli_options import settings_command
-    from cai.train.rl.settings import PPOJob
+    from cai.train.rl.settings import GRPOJob, PPOJob, RLOOJob
     from cai.train.settings import TrainJob
 
     for kind in ("sft", "rm", "dpo"):
         train_app.command(kind)(settings_command(TrainJob, _print_summary(_run_training), fixed={"kind": kind}, doc=_TRAIN_DOCS[kind],
                                                  on_error=_fail))
     train_app.command("ppo")(settings_command(PPOJob, _print_summary(_run_ppo), doc=_TRAIN_DOCS["ppo"], on_error=_fail))
+    for kind, job in (("grpo", GRPOJob), ("rloo", RLOOJob)):
+        train_app.command(kind)(settings_command(job, _print_summary(_run_grpo), doc=_TRAIN_DOCS[kind], on_error=_fail))
 
 
 # -- run, eval, report ---------------------------------------------------------------

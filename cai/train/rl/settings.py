@@ -128,3 +128,51 @@ class PPOSettings(RLSettings):
 
 class PPOJob(PPOSettings, RLJob):
     """One `cai train ppo` run."""
+
+
+class GRPOSettings(RLSettings):
+    """How GRPO and RLOO train (`cai.train.rl.grpo`): K answers per prompt, each answer's advantage its score
+    against the others of its group, no value model. The names are TRL's where TRL has one."""
+
+    num_generations: int = Field(default=4, ge=2, description="K: answers sampled per prompt, the group each answer is "
+                                 "compared with; batch_size counts answers, so an iteration has batch_size / K prompts.")
+    advantage: Literal["grpo", "rloo"] = Field(default="grpo", description="The baseline an answer's score is compared "
+                                               "with: grpo, its group's mean (Shao et al. 2024); rloo, the mean of the "
+                                               "other K-1 (Ahmadian et al. 2024).")
+    scale_rewards: Literal["group", "batch", "none"] = Field(default="group", description="Divide each advantage by the "
+                                                            "std of its group's scores (GRPO), of the batch's, or by "
+                                                            "nothing (Dr. GRPO, Liu et al. 2025; RLOO).")
+    loss_aggregation: Literal["sequence", "token", "constant"] = Field(default="sequence", description="How token losses "
+                                                                       "make the loss: sequence, the mean of each answer's "
+                                                                       "token mean (GRPO paper); token, the mean over all "
+                                                                       "tokens (DAPO); constant, the sum over tokens / "
+                                                                       "(answers * response_length) (Dr. GRPO).")
+    kl_in: Literal["loss", "reward"] = Field(default="loss", description="Where the KL penalty (kl_coef) goes: loss, "
+                                             "kl_coef * k3 added to every token's loss (GRPO paper); reward, kl_coef * "
+                                             "the answer's summed KL (kl_estimator) subtracted from its score before the "
+                                             "advantages (RLOO, as TRL's RLOOTrainer). kl_coef 0: no penalty.")
+    cliprange_high: float | None = Field(default=None, gt=0, description="Upper clip of the ratio, 1 + cliprange_high "
+                                         "(DAPO's clip-higher, e.g. 0.28); null = cliprange.")
+
+    @model_validator(mode="after")
+    def _whole_groups(self) -> GRPOSettings:
+        if self.batch_size % self.num_generations:
+            raise ValueError(f"batch_size ({self.batch_size}) counts answers and must be divisible by num_generations "
+                             f"({self.num_generations}), the answers per prompt")
+        if self.cliprange >= 1:
+            raise ValueError(f"cliprange ({self.cliprange}) must be below 1: the ratio's lower clip is 1 - cliprange")
+        return self
+
+
+class GRPOJob(GRPOSettings, RLJob):
+    """One `cai train grpo` run."""
+
+
+class RLOOJob(GRPOJob):
+    """One `cai train rloo` run: the GRPO trainer with RLOO's defaults (leave-one-out baseline, no scaling, the KL
+    folded into the score), as Ahmadian et al. 2024 and TRL's RLOOTrainer."""
+
+    advantage: Literal["grpo", "rloo"] = Field(default="rloo", description=GRPOSettings.model_fields["advantage"].description)
+    scale_rewards: Literal["group", "batch", "none"] = Field(default="none",
+                                                            description=GRPOSettings.model_fields["scale_rewards"].description)
+    kl_in: Literal["loss", "reward"] = Field(default="reward", description=GRPOSettings.model_fields["kl_in"].description)
