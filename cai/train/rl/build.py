@@ -19,7 +19,7 @@ T = TypeVar("T", bound=RLTrainer)
 
 
 def build_rl_trainer(trainer_cls: type[T], cfg: RLJob, *, scorer: Scorer | None = None, gold_scorer: Scorer | None = None) -> T:
-    """A `trainer_cls` and its collaborators for `cfg`: policy (with a value head when `trainer_cls.value_head`)
+    """A `trainer_cls` and its collaborators for `cfg`: policy (with a value head when `trainer_cls.has_value_head`)
     and tokenizer, prompts, the reward's scorer (or `scorer`), the judge for gold scores (or `gold_scorer`)
     and, with vLLM rollouts, the engine."""
     from accelerate import Accelerator
@@ -37,12 +37,12 @@ def build_rl_trainer(trainer_cls: type[T], cfg: RLJob, *, scorer: Scorer | None 
     accelerator = Accelerator(mixed_precision="no")  # one process, or this one's place in a launch
     check_processes(cfg, accelerator.num_processes, cfg.rollout_backend == "vllm")
     device = accelerator.device
-    policy, tokenizer = load_policy(cfg, device, value_head=trainer_cls.value_head)
+    policy, tokenizer = load_policy(cfg, device, value_head=trainer_cls.has_value_head)
     # One connection to the judge for the run, for the reward and the gold score alike; the API key comes
     # from $CAI_JUDGE_API_KEY in the client, the one place that reads it.
     needs_judge = (asks_judge(cfg.reward) and scorer is None) or (cfg.gold_judge_every and gold_scorer is None)
     judge = SyncJudge(cfg.judge_url) if needs_judge and cfg.judge_url else None
-    scorer = scorer or load_scorer(cfg.reward, judge=judge, device=str(device))
+    scorer = scorer or load_scorer(cfg.reward, judge=judge, device=str(device), group_size=getattr(cfg, "num_generations", 1))
     gold_scorer = gold_scorer or (JudgeScorer(judge) if cfg.gold_judge_every else None)
     vllm = None
     if cfg.rollout_backend == "vllm":

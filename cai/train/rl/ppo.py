@@ -89,7 +89,7 @@ class PPOTrainer(RLTrainer):
     """PPO: `RLTrainer`'s rollouts, then GAE over a value head and clipped policy and value losses (phases 4-7)."""
 
     name = "ppo"
-    value_head = True
+    has_value_head = True
     plot_keys = (M.SCORES, M.KL, M.LOSS_POLICY)
     cfg: PPOJob
 

@@ -68,7 +68,7 @@ class RLTrainer:
 
     name = "rl"
     """The algorithm, as the progress bar and the log name it."""
-    value_head = False
+    has_value_head = False
     """Whether the algorithm's policy carries a value head (PPO's critic)."""
     plot_keys: tuple[str, ...] = (M.SCORES, M.KL)
     """The metrics drawn in loss.png."""
