@@ -64,7 +64,7 @@ class GRPOTrainer(RLTrainer):
     token loss (phases 4-7 of the module docstring)."""
 
     name = "grpo"
-    value_head = False
+    has_value_head = False
     plot_keys = (M.SCORES, M.KL, M.LOSS_POLICY)
     cfg: GRPOJob
 
