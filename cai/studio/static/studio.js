@@ -104,8 +104,8 @@ function render() {
           oninput: (ev) => edit(card, "weight", ev.target.value === "" ? "" : (isNaN(Number(ev.target.value)) ? ev.target.value : Number(ev.target.value)))}),
         el("button", {text: "Delete", onclick: () => { if (card.index === null) added.splice(card.added, 1); else deleted.add(card.index); render(); updateDirty(); }})),
       el("div", {class: "line", text: card.line ? `line ${card.line}` : "new"}),
-      field("comparison", 3), field("critique", 3), field("revision", 3),
-      mine.length ? el("ul", {class: "problems"}, ...mine.map((p) => el("li", {text: `${p.line ? "line " + p.line + ": " : ""}${p.field ? p.field + ": " : ""}${p.message}`}))) : null);
+      mine.length ? el("ul", {class: "problems"}, ...mine.map((p) => el("li", {text: `${p.line ? "line " + p.line + ": " : ""}${p.field ? p.field + ": " : ""}${p.message}`}))) : null,
+      field("comparison", 3), field("critique", 3), field("revision", 3));
     node.querySelector('[data-field="id"]').value = card.id;
     if (!text) node.querySelector('[data-field="weight"]').value = card.weight;
     for (const f of FIELDS) node.querySelector(`[data-field="${f}"]`).value = card[f];
