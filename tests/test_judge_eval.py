@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from cai.cli import app
 from cai.human_labels import human_pairs
-from cai.judge_eval import JudgeEvalError, JudgeEvalJob, placements, ece, entropy_bits, figures, run_judge_eval
+from cai.judge_eval import JudgeEvalError, JudgeEvalJob, ece, entropy_bits, figures, placements, run_judge_eval
 from cai.report_plots import agreement_bars
 from cai.train.data import DatasetError
 from tests.conftest import JUDGE_KEY
