@@ -4,6 +4,7 @@ run re-asking only what an edit changed, and the security rules."""
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import re
 import time
@@ -75,12 +76,12 @@ def test_the_studio_refuses_to_bind_beyond_loopback_without_a_key(tmp_path):
     result = CliRunner().invoke(app, ["studio", str(path), "--host", "0.0.0.0", "--judge-url", "http://127.0.0.1:9"])
     assert result.exit_code == 1 and "refusing to bind 0.0.0.0" in result.output
     assert path.read_text(encoding="utf-8") == SMALL_CONSTITUTION
+    result = CliRunner().invoke(app, ["studio", "harmless-helpful", "--judge-url", "http://127.0.0.1:9"])
+    assert result.exit_code == 1 and "harmless-helpful: no such file; the studio edits a constitution file" in result.output
 
 
-def test_beyond_loopback_the_page_needs_its_key_then_holds_it_in_a_cookie(tmp_path):
-    """No judge is asked here: the key is checked before any route runs."""
-    import asyncio
-
+def _offline_app(path, tmp_path, **settings):
+    """The studio app on `path` with a judge client that is never asked (nothing here reaches a judge)."""
     from cai.judge_cache import JudgeCache
     from cai.judge_client import JudgeClient
     from cai.studio.app import build_app
@@ -88,12 +89,17 @@ def test_beyond_loopback_the_page_needs_its_key_then_holds_it_in_a_cookie(tmp_pa
     from cai.studio.settings import StudioSettings
     from cai.studio.state import ConstitutionFile
 
+    config = StudioSettings(constitution=path, judge_url="http://127.0.0.1:9", **settings)
+    config.check_bind()
+    judge = StudioJudge(JudgeClient("http://127.0.0.1:9"), JudgeCache(tmp_path / "cache.sqlite"), "m", 8)
+    return build_app(config, judge, ConstitutionFile(path), PeopleBench(PAIRS, [True] * len(PAIRS), 0))
+
+
+def test_beyond_loopback_the_page_needs_its_key_then_holds_it_in_a_cookie(tmp_path):
+    """The key is checked before any route runs."""
     path = tmp_path / "c.yaml"
     path.write_text(SMALL_CONSTITUTION, encoding="utf-8")
-    settings = StudioSettings(constitution=path, host="0.0.0.0", api_key="k-123", judge_url="http://127.0.0.1:9")
-    settings.check_bind()  # a key given: binding beyond loopback is allowed
-    judge = StudioJudge(JudgeClient("http://127.0.0.1:9"), JudgeCache(tmp_path / "cache.sqlite"), "m", 8)
-    app = build_app(settings, judge, ConstitutionFile(path), PeopleBench(PAIRS, [True] * len(PAIRS), 0))
+    app = _offline_app(path, tmp_path, host="0.0.0.0", api_key="k-123")  # a key given: binding beyond loopback is allowed
 
     async def visit() -> list[int]:
         transport = httpx.ASGITransport(app=app)
@@ -105,7 +111,30 @@ def test_beyond_loopback_the_page_needs_its_key_then_holds_it_in_a_cookie(tmp_pa
             return codes + [(await fresh.get("/api/version", headers={"Authorization": "Bearer k-123"})).status_code]
 
     assert asyncio.run(visit()) == [401, 401, 303, 200, 200]
-    judge.cache.close()
+
+
+def test_a_plain_text_constitution_is_edited_paragraph_by_paragraph_through_the_api(tmp_path):
+    path = tmp_path / "mine.md"
+    path.write_text("# Kind assistant\nChoose the kinder response.\n\n[honest] Choose the more honest response.\n", encoding="utf-8")
+    app = _offline_app(path, tmp_path)
+
+    async def edit() -> tuple[dict, httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8765") as client:
+            client.headers["X-Studio-Token"] = app.state.token
+            view = (await client.get("/api/constitution")).json()
+            saved = await client.put("/api/constitution", json={"base": view["file_hash"], "edits": [
+                {"index": 1, "comparison": "Choose the response that is honest about what it does not know."}]})
+            refused = await client.put("/api/constitution", json={"base": saved.json()["file_hash"], "edits": [
+                {"index": 0, "critique": "Find unkindness."}]})
+            return view, saved, refused
+
+    view, saved, refused = asyncio.run(edit())
+    assert view["format"] == "text" and [(c["id"], c["line"]) for c in view["cards"]] == [("p1", 2), ("honest", 4)]
+    assert view["cards"][0]["critique"].endswith("Choose the kinder response.")  # from the template
+    assert saved.status_code == 200, saved.text
+    assert path.read_text(encoding="utf-8") == ("# Kind assistant\nChoose the kinder response.\n\n"
+                                                "[honest] Choose the response that is honest about what it does not know.\n")
+    assert refused.status_code == 422 and "convert it to YAML" in refused.json()["error"]["message"]
 
 
 # -- the app against the real judge -------------------------------------------------------------------
