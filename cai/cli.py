@@ -403,6 +403,11 @@ _TRAIN_DOCS = {
 
     Example: cai train rloo --model runs/sft/merged --reward runs/rm/final --prompts donotanswer --out runs/rloo --batch-size 16
     """,
+    "online-dpo": """Online DPO from AI feedback: two answers per prompt from the current policy, labelled by the judge (both
+    orders, a soft label; --reward judge:pairwise, the default) or by any reward's scores, then the DPO loss on the pairs.
+
+    Example: cai train online-dpo --model runs/sft/merged --judge-url http://127.0.0.1:8000 --prompts donotanswer --out runs/odpo
+    """,
 }
 
 
@@ -430,10 +435,16 @@ def _run_grpo(cfg):
     return run_grpo(cfg)
 
 
+def _run_online_dpo(cfg):
+    from cai.train.rl.online_dpo import run_online_dpo
+
+    return run_online_dpo(cfg)
+
+
 def _register_train_commands() -> None:
     """`cai train sft|rm|dpo|ppo|grpo|rloo`: every option made from the settings models (cai/train/settings.py, rl/settings.py)."""
     from cai.cli_options import settings_command
-    from cai.train.rl.settings import GRPOJob, PPOJob, RLOOJob
+    from cai.train.rl.settings import GRPOJob, OnlineDPOJob, PPOJob, RLOOJob
     from cai.train.settings import TrainJob
 
     for kind in ("sft", "rm", "dpo"):
@@ -442,6 +453,8 @@ def _register_train_commands() -> None:
     train_app.command("ppo")(settings_command(PPOJob, _print_summary(_run_ppo), doc=_TRAIN_DOCS["ppo"], on_error=_fail))
     for kind, job in (("grpo", GRPOJob), ("rloo", RLOOJob)):
         train_app.command(kind)(settings_command(job, _print_summary(_run_grpo), doc=_TRAIN_DOCS[kind], on_error=_fail))
+    train_app.command("online-dpo")(settings_command(OnlineDPOJob, _print_summary(_run_online_dpo), doc=_TRAIN_DOCS["online-dpo"],
+                                                     on_error=_fail))
 
 
 # -- run, eval, report ---------------------------------------------------------------

@@ -130,6 +130,39 @@ class PPOJob(PPOSettings, RLJob):
     """One `cai train ppo` run."""
 
 
+class OnlineDPOSettings(RLSettings):
+    """How online DPO trains (Guo et al. 2024): two answers per prompt from the current policy, labelled, then the
+    DPO loss on the batch's pairs. The shared settings, with beta, rpo_alpha and one step per batch by default."""
+
+    beta: float = Field(default=0.1, gt=0, description="DPO's beta: the strength of the implicit KL to the reference "
+                        "(the adapter switched off); kl_coef is not used.")
+    rpo_alpha: float = Field(default=0.0, ge=0, description="Weight of the preferred answers' NLL added to the loss (RPO, "
+                             "as `cai train dpo`): a token mean over each minibatch's preferred answers.")
+    mini_batches: int = Field(default=1, ge=1, description="Minibatches of pairs per epoch; must divide the batch's "
+                              "batch_size / 2 pairs. 1 (with ppo_epochs 1) is one gradient step per batch, as TRL's "
+                              "OnlineDPOTrainer takes.")
+
+    @property
+    def num_generations(self) -> int:
+        """Answers sampled per prompt: a pair (GRPO's setting of the same name, fixed here)."""
+        return 2
+
+    @model_validator(mode="after")
+    def _whole_pairs(self) -> OnlineDPOSettings:
+        if self.batch_size % 2 or (self.batch_size // 2) % self.mini_batches:
+            raise ValueError(f"batch_size ({self.batch_size}) counts answers, two per prompt: it must be even, and its "
+                             f"{self.batch_size // 2} pairs divisible by mini_batches ({self.mini_batches})")
+        return self
+
+
+class OnlineDPOJob(OnlineDPOSettings, RLJob):
+    """One `cai train online-dpo` run."""
+
+    reward: str = Field(default="judge:pairwise", description="Who labels each pair: 'judge:pairwise' (the judge compares "
+                        "the two answers in both orders: a soft label; needs judge_url), or any reward `cai train ppo` "
+                        "takes (a reward-model folder, 'judge', a rule), whose higher-scored answer is preferred.")
+
+
 class GRPOSettings(RLSettings):
     """How GRPO and RLOO train (`cai.train.rl.grpo`): K answers per prompt, each answer's advantage its score
     against the others of its group, no value model. The names are TRL's where TRL has one."""
