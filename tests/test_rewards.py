@@ -11,8 +11,16 @@ import pytest
 import torch
 
 from cai.errors import ConfigError
-from cai.train.rewards import (GroupLayoutError, GroupPairwiseScorer, JudgeScorer, RewardSpecError, WeightedScorer, load_scorer,
-                               reward_terms, score_parts)
+from cai.train.rewards import (
+    GroupLayoutError,
+    GroupPairwiseScorer,
+    JudgeScorer,
+    RewardSpecError,
+    WeightedScorer,
+    load_scorer,
+    reward_terms,
+    score_parts,
+)
 from cai.train.rl.pairwise import group_rewards, pair_schedule
 from cai.train.rl.trainer import gathered_parts
 from tests.conftest import JUDGE_KEY
