@@ -324,6 +324,7 @@ def assert_crash_and_resume_repeat(straight: PPOJob, crash_at_iteration: int) ->
             raise RuntimeError("simulated crash")
         return rule(prompts, responses, first_row=first_row)
 
+    crashing.name = rule.name  # the same reward, logged under the same part name (reward/<name>)
     pin_trainer_settings(crashy, Path(crashy.out))
     trainer = build_trainer(crashy, scorer=crashing)
     try:
