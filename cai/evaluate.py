@@ -12,7 +12,7 @@ bend and by the judge, with the failure-mode monitors.
    same slot (position bias), the probability it put on the option tokens at all, and, when a
    human-labelled pairs file is given, how often it agrees with the humans.
 4. Monitors (`cai.monitors`): verbosity (length over training and at eval), reward hacking (proxy
-   vs judge score along PPO, when that run logged eval/judge_score), mode collapse, sycophancy,
+   vs judge score along online RL, when that run logged eval/judge_score), mode collapse, sycophancy,
    position bias (the eval comparisons plus, when given, the preference data's).
 5. OUT/eval.json (what the report reads) and OUT/responses.jsonl.
 """
@@ -53,8 +53,8 @@ class EvalJob(JudgeSettings):
     probes: int | None = Field(default=None, ge=1, description="Use the first N sycophancy probes (default all).")
     max_new_tokens: int = Field(default=SamplingConfig.model_fields["max_new_tokens"].default, ge=1,
                                 description="Longest answer of each model, in tokens.")
-    training: Path | None = Field(default=None, description="A PPO output folder (metrics.jsonl): length and proxy-vs-judge "
-                                  "history for the monitors.")
+    training: Path | None = Field(default=None, description="An online RL output folder (ppo, grpo, rloo or online-dpo: "
+                                  "their metrics.jsonl share the names): length and proxy-vs-judge history for the monitors.")
     prefs: Path | None = Field(default=None, description="A `cai generate prefs` output folder: its same-position rate joins "
                                "the position-bias monitor.")
     human_pairs: str | None = Field(default=None, description="Human-labelled pairs (HH-RLHF chosen/rejected transcripts, or "
@@ -102,7 +102,7 @@ async def _judge(job: EvalJob, constitution_path: Path, prompts: list[str], poli
 
 
 def training_history(training: Path | None) -> tuple[list[dict], list[dict]]:
-    """(length history, proxy-vs-gold history) from a PPO metrics.jsonl; empty when there is none."""
+    """(length history, proxy-vs-gold history) from an online RL run's metrics.jsonl; empty when there is none."""
     path = training / "metrics.jsonl" if training else None
     if path is None or not path.exists():
         return [], []

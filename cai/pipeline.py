@@ -1,14 +1,16 @@
 """`cai run CONFIG.yaml`: the whole Constitutional AI pipeline, one folder per stage, read top-down.
 
-    prompts ─► sft-data ─► sft ─► prefs ─► rm ─► ppo (or dpo) ─► eval ─► report.html
+    prompts ─► sft-data ─► sft ─► prefs ─► rm ─► ppo | grpo | rloo | online_dpo | dpo ─► eval ─► report.html
 
 1. prompts: the prompt set is shuffled (seeded); the first `n_eval` are held out for evaluation and
    the rest feed SFT data, preference data and RL (prompts/*.jsonl).
 2. sft-data: critique -> revision with the judge; sft: LoRA SFT, merged into sft/merged.
 3. prefs: the SFT model samples K answers per prompt and the judge labels every pair (both orders),
    and/or the SFT data's revision pairs (final revision over first answer) are taken (`prefs.source`).
-4. rm: a reward model on the soft labels; ppo: RL against it with a KL penalty to the SFT model
-   (the judge also scores samples every few iterations, to watch for reward hacking), or dpo.
+4. rm: a reward model on the soft labels; then the SFT model is trained by `rl.method`: ppo, grpo or
+   rloo, online RL against the reward model with a KL penalty to the SFT model (the judge also scores
+   samples every few iterations, to watch for reward hacking); online_dpo, DPO on pairs sampled from the
+   policy at each step and labelled by the judge (both orders); or dpo, offline on the prefs pairs.
 5. eval: the base, SFT and trained models on the held-out prompts, by yardsticks the judge cannot bend
    (refusal, over-refusal, toxicity, length, diversity, with intervals), the judge's win rate of the
    trained model over the SFT model, and the monitors; report.html gathers everything.
@@ -35,7 +37,7 @@ from pydantic import BaseModel
 
 from cai.files import write_text_atomic
 from cai.run_config import RunConfig, RunConfigError
-from cai.train.rl.settings import PPOJob
+from cai.train.rl.settings import GRPOJob, OnlineDPOJob, PPOJob, RLJob, RLOOJob, RLSettings
 from cai.train.settings import TrainJob, TrainSettings
 
 logger = logging.getLogger(__name__)
@@ -90,8 +92,10 @@ def _save_record(run_dir: Path, record: dict[str, dict]) -> None:
 
 
 def stages(cfg: RunConfig) -> list[tuple[str, Callable[[Run], dict]]]:
-    rl = ("ppo", ppo) if cfg.rl.method == "ppo" else ("dpo", dpo)
-    return [("prompts", split_prompts), ("sft-data", sft_data), ("sft", sft), ("prefs", prefs), ("rm", rm), rl, ("eval", evaluate)]
+    """The stages in order; the RL stage is named (and writes to the folder named) after `rl.method`."""
+    rl = {"ppo": ppo, "grpo": grpo, "rloo": rloo, "online_dpo": online_dpo, "dpo": dpo}[cfg.rl.method]
+    return [("prompts", split_prompts), ("sft-data", sft_data), ("sft", sft), ("prefs", prefs), ("rm", rm), (cfg.rl.method, rl),
+            ("eval", evaluate)]
 
 
 class Run:
@@ -106,6 +110,10 @@ class Run:
     @property
     def sft_model(self) -> str:
         return str(self.stage_dir("sft") / "merged")
+
+    @property
+    def reward_model(self) -> str:
+        return str(self.stage_dir("rm") / "final")
 
     @property
     def final_policy(self) -> str:
@@ -258,16 +266,42 @@ def rm(run: Run) -> dict:
     return _train(run, "rm", run.sft_model, run.stage_dir("prefs") / "pairs", run.stage_dir("rm"), run.cfg.rm, merge=False)
 
 
-def ppo(run: Run) -> dict:
+def _online(run: Run, job: type[RLJob], section: RLSettings, train: Callable[[Any], dict], default_reward: str) -> dict:
+    """An online RL stage (`rl.method` names it and its folder): `job` from the method's section, trained from the SFT
+    model on the RL prompts with `rl.reward` (else `default_reward`), the judge at hand; the adapter merged after."""
     from cai.train.merge import merge_lora
-    from cai.train.rl.ppo import run_ppo
 
-    out = run.stage_dir("ppo")
-    cfg = PPOJob(**_seeded(run, run.cfg.rl.ppo), model=run.sft_model, reward=str(run.stage_dir("rm") / "final"),
-                    prompts=run.prompt_file("rl"), out=str(out), judge_url=run.judge_url)
-    summary = run_ppo(cfg)
+    out = run.stage_dir(run.cfg.rl.method)
+    cfg = job(**_seeded(run, section), model=run.sft_model, reward=run.cfg.rl.reward or default_reward,
+              prompts=run.prompt_file("rl"), out=str(out), judge_url=run.judge_url)
+    summary = train(cfg)
     merge_lora(out / "final", out / "merged")
     return summary
+
+
+def ppo(run: Run) -> dict:
+    from cai.train.rl.ppo import run_ppo
+
+    return _online(run, PPOJob, run.cfg.rl.ppo, run_ppo, run.reward_model)
+
+
+def grpo(run: Run) -> dict:
+    from cai.train.rl.grpo import run_grpo
+
+    return _online(run, GRPOJob, run.cfg.rl.grpo, run_grpo, run.reward_model)
+
+
+def rloo(run: Run) -> dict:
+    from cai.train.rl.grpo import run_grpo
+
+    return _online(run, RLOOJob, run.cfg.rl.rloo, run_grpo, run.reward_model)
+
+
+def online_dpo(run: Run) -> dict:
+    from cai.train.rewards import PAIRWISE
+    from cai.train.rl.online_dpo import run_online_dpo
+
+    return _online(run, OnlineDPOJob, run.cfg.rl.online_dpo, run_online_dpo, PAIRWISE)
 
 
 def dpo(run: Run) -> dict:
@@ -281,7 +315,7 @@ def evaluate(run: Run) -> dict:
     doc = run_eval(EvalJob(policy=run.final_policy, reference=run.sft_model, base=c.model, prompts=run.prompt_file("eval"),
                            out=run.stage_dir("eval"), judge_url=run.judge_url, judge_model=c.judge.model or c.model,
                            constitution=c.judge.constitution, probes=c.prompts.probes, max_new_tokens=c.eval.max_new_tokens,
-                           training=run.stage_dir("ppo") if c.rl.method == "ppo" else None, prefs=run.stage_dir("prefs"),
+                           training=run.stage_dir(c.rl.method) if c.rl.method != "dpo" else None, prefs=run.stage_dir("prefs"),
                            human_pairs=c.eval.human_pairs, policy_backend=c.policy_backend, seed=c.seed, thresholds=c.eval.thresholds))
     return {k: doc[k] for k in ("win_rate", "lc_win_rate", "n_prompts")} | {
         "flagged": [m["name"] for m in doc["monitors"] if m["flagged"]]}

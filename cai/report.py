@@ -31,8 +31,13 @@ logger = logging.getLogger(__name__)
 TEMPLATE = Path(__file__).parent / "templates" / "report.html.j2"
 DATA_STAGES = ("sft-data", "prefs")
 TRAIN_STAGES = ("sft", "rm", "dpo", "ppo")
+"""The training stages every report lists, run or not."""
+ONLINE_STAGES = ("ppo", "grpo", "rloo", "online_dpo")
+"""The online RL stages (`rl.method`): each writes metrics.jsonl with the shared metric names, and samples.jsonl. Those
+not in TRAIN_STAGES are listed when their folder or their stages.json row exists."""
 TITLES = {"sft-data": "SFT data (critique and revision)", "prefs": "Preference data (AI feedback)",
-          "sft": "Supervised fine-tuning", "rm": "Reward model", "dpo": "DPO", "ppo": "PPO"}
+          "sft": "Supervised fine-tuning", "rm": "Reward model", "dpo": "DPO", "ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO",
+          "online_dpo": "Online DPO (AI feedback)"}
 STATUSES = ("done", "running", "pending", "skipped")
 N_PPO_SAMPLES = 6
 N_EVAL_SAMPLES = 8  # before/after pairs shown; the rest stay in eval.json
@@ -160,7 +165,7 @@ def _stage_section(run_dir: Path, folder: str, status: str | None) -> StageSecti
         rows = _read_jsonl(path / "metrics.jsonl")
         section.steps = len(rows)
         section.plots = [uri for panel in PANELS[folder] if (uri := metric_panel(rows, panel))]
-    if folder == "ppo":
+    if folder in ONLINE_STAGES:
         section.samples = [{"step": fmt(r.get("step")), "prompt": text(r.get("prompt")), "response": text(r.get("response")),
                             "score": fmt(r.get("score")), "kl": fmt(r.get("kl"))}
                            for r in _read_jsonl(path / "samples.jsonl")[-N_PPO_SAMPLES:]]
@@ -282,7 +287,8 @@ def render_report(run_dir: Path) -> str:
         eval_ran=(run_dir / "eval").is_dir(), eval_status=status.get("eval"),
         stages=stages, config=config,
         data=[_stage_section(run_dir, f, status.get(f)) for f in DATA_STAGES],
-        train=[_stage_section(run_dir, f, status.get(f)) for f in TRAIN_STAGES])
+        train=[_stage_section(run_dir, f, status.get(f)) for f in TRAIN_STAGES + tuple(
+            f for f in ONLINE_STAGES if f not in TRAIN_STAGES and ((run_dir / f).is_dir() or f in status))])
 
 
 def write_report(run_dir: Path) -> Path:

@@ -29,6 +29,12 @@ class Panel:
     ylabel: str = ""
 
 
+# What every online RL method logs under the same names (`cai.train.rl.metrics`).
+_ONLINE = (Panel("reward", (M.SCORES, M.RLHF_REWARD, M.JUDGE_SCORE, M.PROXY_SCORE), ylabel="score"),
+           Panel("KL to reference", (M.KL,), right=(M.KL_COEF,), ylabel="KL"),
+           Panel("response length", (M.LENGTH_MEAN,), right=(M.EOS_RATE,), ylabel="tokens"))
+_CLIPPING = Panel("clipping", (M.CLIPFRAC,), right=(M.APPROXKL,), ylabel="clip fraction")
+_GROUP = (*_ONLINE, Panel("losses", (M.LOSS_POLICY, M.LOSS_TOTAL), ylabel="loss"), _CLIPPING)
 # Which metrics.jsonl keys each training stage plots; absent keys are skipped.
 PANELS: dict[str, tuple[Panel, ...]] = {
     "sft": (Panel("loss", ("loss",), ylabel="loss"),),
@@ -37,12 +43,12 @@ PANELS: dict[str, tuple[Panel, ...]] = {
     "dpo": (Panel("loss", ("loss",), ylabel="loss"),
             Panel("implicit rewards", ("rewards/chosen", "rewards/rejected", "rewards/margins"), ylabel="reward"),
             Panel("reward accuracy", ("rewards/accuracies", "rewards/accuracy"), ylabel="accuracy")),
-    "ppo": (Panel("reward", (M.SCORES, M.RLHF_REWARD, M.JUDGE_SCORE, M.PROXY_SCORE),
-                  ylabel="score"),
-            Panel("KL to reference", (M.KL,), right=(M.KL_COEF,), ylabel="KL"),
-            Panel("response length", (M.LENGTH_MEAN,), right=(M.EOS_RATE,), ylabel="tokens"),
-            Panel("losses", (M.LOSS_POLICY, M.LOSS_VALUE), ylabel="loss"),
-            Panel("clipping", (M.CLIPFRAC,), right=(M.APPROXKL,), ylabel="clip fraction")),
+    "ppo": (*_ONLINE, Panel("losses", (M.LOSS_POLICY, M.LOSS_VALUE), ylabel="loss"), _CLIPPING),
+    "grpo": _GROUP,
+    "rloo": _GROUP,
+    "online_dpo": (*_ONLINE, Panel("DPO loss", ("loss",), ylabel="loss"),
+                   Panel("implicit rewards", ("rewards/chosen", "rewards/rejected", "rewards/margins"), right=("rewards/accuracy",),
+                         ylabel="reward")),
 }
 
 

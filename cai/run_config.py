@@ -1,8 +1,8 @@
 """The run config of `cai run`: one YAML file, every stage's settings typed, validated whole when it loads.
 
-The training sections are the trainers' own settings models (`TrainSettings`, `PPOSettings`), with the
-pipeline's smaller sizes as defaults under what the file gives; the generation and eval sections take
-their defaults from `SftJob`, `PrefsJob` and `EvalJob`. A misspelt key anywhere is refused before any
+The training sections are the trainers' own settings models (`TrainSettings`, `PPOSettings`, `GRPOSettings`,
+`OnlineDPOSettings`), with the pipeline's smaller sizes as defaults under what the file gives; the generation
+and eval sections take their defaults from `SftJob`, `PrefsJob` and `EvalJob`. A misspelt key anywhere is refused before any
 stage runs, naming the file and the dotted key. `cai demo` is `cai run` on DEMO_CONFIG.
 """
 
@@ -21,7 +21,7 @@ from cai.generate.prefs import PrefsJob
 from cai.generate.sft import SftJob
 from cai.models import DEFAULT_MODEL
 from cai.monitors import Thresholds
-from cai.train.rl.settings import PPOSettings
+from cai.train.rl.settings import GRPOSettings, OnlineDPOSettings, PPOSettings, RLOOJob
 from cai.train.settings import TrainSettings
 from judge_server.settings import BackendSettings
 
@@ -93,13 +93,40 @@ _SIZES = {"epochs": 2, "batch_size": 4, "max_length": 384}
 SftSettings = Annotated[TrainSettings, _under({**_SIZES, "eval_fraction": 0.0})]
 RmSettings = Annotated[TrainSettings, _under({**_SIZES, "eval_fraction": 0.2})]
 DpoSettings = Annotated[TrainSettings, _under({**_SIZES, "eval_fraction": 0.0})]
-RunPPOSettings = Annotated[PPOSettings, _under({"gold_judge_every": 2, "iterations": 10, "batch_size": 8, "response_length": 48})]
+_RL_SIZES = {"gold_judge_every": 2, "iterations": 10, "batch_size": 8, "response_length": 48}
+# RLOO is the GRPO trainer with other defaults: the fields whose default `cai train rloo` changes.
+_RLOO_DEFAULTS = {name: field.default for name, field in RLOOJob.model_fields.items()
+                  if name in GRPOSettings.model_fields and field.default != GRPOSettings.model_fields[name].default}
+RunPPOSettings = Annotated[PPOSettings, _under(_RL_SIZES)]
+RunGRPOSettings = Annotated[GRPOSettings, _under(_RL_SIZES)]
+RunRLOOSettings = Annotated[GRPOSettings, _under({**_RL_SIZES, **_RLOO_DEFAULTS})]
+RunOnlineDPOSettings = Annotated[OnlineDPOSettings, _under(_RL_SIZES)]
+
+RLMethod = Literal["ppo", "grpo", "rloo", "online_dpo", "dpo"]
 
 
 class RLSection(_Section):
-    method: Literal["ppo", "dpo"] = Field(default="ppo", description="ppo (against the reward model) or dpo (on the pairs).")
+    method: RLMethod = Field(default="ppo", description="How the SFT model is trained after it: ppo, grpo or rloo (online RL "
+                             "against the reward: the trained reward model unless `reward` says otherwise), online_dpo (DPO "
+                             "on pairs sampled from the policy at each step and labelled by the judge, both orders), or dpo "
+                             "(offline, on the prefs stage's pairs). Each reads its own section below.")
+    reward: str | None = Field(default=None, description="The reward of ppo, grpo, rloo and online_dpo, as `cai train ppo "
+                               "--reward` takes it (a reward-model folder, 'judge', 'judge:pairwise', a rule, a weighted "
+                               "sum); default: the rm stage's model (rm/final) for ppo, grpo and rloo, 'judge:pairwise' "
+                               "for online_dpo. dpo takes none.")
     ppo: RunPPOSettings = Field(default_factory=dict, validate_default=True, description="PPO settings (`cai train ppo --help`).")
+    grpo: RunGRPOSettings = Field(default_factory=dict, validate_default=True, description="GRPO settings (`cai train grpo --help`).")
+    rloo: RunRLOOSettings = Field(default_factory=dict, validate_default=True, description="RLOO settings (`cai train rloo --help`).")
+    online_dpo: RunOnlineDPOSettings = Field(default_factory=dict, validate_default=True,
+                                             description="Online DPO settings (`cai train online-dpo --help`).")
     dpo: DpoSettings = Field(default_factory=dict, validate_default=True, description="DPO settings (`cai train dpo --help`).")
+
+    @model_validator(mode="after")
+    def _reward_for_online_methods(self) -> RLSection:
+        if self.method == "dpo" and self.reward is not None:
+            raise ValueError(f"reward {self.reward!r} is for the online methods (ppo, grpo, rloo, online_dpo); dpo trains "
+                             "on the prefs stage's pairs: drop rl.reward or choose another rl.method")
+        return self
 
 
 class EvalSection(_Section):

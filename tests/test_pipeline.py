@@ -207,3 +207,70 @@ def test_shipped_example_configs_load():
     for path in (DEMO_CONFIG, Path(__file__).resolve().parents[1] / "examples" / "gpu.yaml"):
         cfg = load_run_config(path)
         assert cfg.rl.method in ("ppo", "dpo")
+
+
+@pytest.mark.parametrize("method", ["ppo", "grpo", "rloo", "online_dpo", "dpo"])
+def test_each_rl_method_is_a_stage_with_its_own_section(tmp_path, method):
+    from cai.pipeline import stages
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"out: o\nrl:\n  method: {method}\n")
+    cfg = load_run_config(path)
+    names = [name for name, _ in stages(cfg)]
+    assert names == ["prompts", "sft-data", "sft", "prefs", "rm", method, "eval"]
+    assert (cfg.rl.grpo.advantage, cfg.rl.grpo.scale_rewards, cfg.rl.grpo.kl_in) == ("grpo", "group", "loss")
+    assert (cfg.rl.rloo.advantage, cfg.rl.rloo.scale_rewards, cfg.rl.rloo.kl_in) == ("rloo", "none", "reward")  # `cai train rloo`'s
+    for section in (cfg.rl.ppo, cfg.rl.grpo, cfg.rl.rloo, cfg.rl.online_dpo):  # the pipeline's sizes
+        assert (section.iterations, section.batch_size, section.response_length, section.gold_judge_every) == (10, 8, 48, 2)
+
+
+def test_the_online_sections_take_their_commands_defaults_but_the_pipelines_sizes():
+    from cai.run_config import RunConfig
+    from cai.train.rl.settings import GRPOSettings, OnlineDPOSettings, RLOOJob
+
+    rl = RunConfig(out="run").rl
+    sizes = {"gold_judge_every", "iterations", "batch_size", "response_length"}
+    rloo = RLOOJob(model="m", reward="r", prompts="p", out="o").model_dump(include=set(GRPOSettings.model_fields))
+    for section, command in [(rl.grpo, GRPOSettings().model_dump()), (rl.rloo, rloo),
+                             (rl.online_dpo, OnlineDPOSettings().model_dump())]:
+        assert {k: v for k, v in section.model_dump().items() if k not in sizes} == {k: v for k, v in command.items() if k not in sizes}
+
+
+def test_a_wrong_rl_method_is_refused_with_the_choices_named(tmp_path):
+    refused(tmp_path, "out: o\nrl:\n  method: sac\n",
+            r"bad.yaml: rl.method: Input should be 'ppo', 'grpo', 'rloo', 'online_dpo' or 'dpo'")
+    refused(tmp_path, "out: o\nrl:\n  method: dpo\n  reward: judge\n", r"bad.yaml: rl: Value error, reward 'judge' is for the "
+            r"online methods \(ppo, grpo, rloo, online_dpo\); dpo trains on the prefs stage's pairs")
+    refused(tmp_path, "out: o\nrl:\n  online_dpo:\n    batch_size: 7\n", r"bad.yaml: rl.online_dpo: Value error, batch_size \(7\)")
+    refused(tmp_path, "out: o\nrl:\n  grpo:\n    num_generation: 4\n", r"bad.yaml: rl.grpo.num_generation: Extra inputs")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,section", [("grpo", "num_generations: 4"), ("online_dpo", "beta: 0.1")])
+def test_an_online_rl_stage_trains_the_sft_model_and_its_metrics_feed_the_monitors_and_report(tmp_path, tiny_model_dir, method,
+                                                                                              section):
+    """The RL stage of `rl.method` on the tiny model (as the SFT model) against a rule reward (no judge): its folder
+    holds the merged policy eval reads, its metrics.jsonl the histories the monitors read, and the report plots it."""
+    import cai.pipeline as stages
+    from cai.evaluate import training_history
+    from cai.pipeline import Run
+    from cai.report import write_report
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"out: {tmp_path / 'run'}\nrl:\n  method: {method}\n  reward: rule:share=e\n  {method}:\n    iterations: 2\n"
+                    f"    batch_size: 8\n    response_length: 8\n    gold_judge_every: 0\n    {section}\n")
+    run = Run(load_run_config(path), judge_url=None)
+    (run.dir / "sft").mkdir(parents=True)
+    (run.dir / "sft" / "merged").symlink_to(tiny_model_dir, target_is_directory=True)
+    (run.dir / "prompts").mkdir()
+    Path(run.prompt_file("rl")).write_text("".join(json.dumps({"prompt": f"Tell me about thing {i}."}) + "\n" for i in range(4)))
+    summary = getattr(stages, method)(run)
+    assert summary["iterations"] == 2 and run.final_policy == str(run.dir / method / "merged")
+    assert (run.dir / method / "merged" / "config.json").exists()
+    lengths, hacking = training_history(run.dir / method)
+    assert [r["step"] for r in lengths] == [1, 2] and hacking == []  # no gold judge asked for
+    assert json.loads((run.dir / method / "run.json").read_text())["reward"] == "rule:share=e"
+    html = write_report(run.dir).read_text()
+    title = {"grpo": "GRPO", "online_dpo": "Online DPO (AI feedback)"}[method]
+    assert title in html and html.count(f'alt="{method} metrics"') >= 4  # the shared panels and the method's own
+    assert "Latest samples" in html and "Tell me about thing" in html
