@@ -174,3 +174,29 @@ def test_a_missing_tracker_package_is_named_before_any_model_loads(tmp_path):
     assert ("flags: report_to: Value error, the packages of these trackers are not installed here: wandb (wandb); "
             "pip install wandb") in line
     assert not out.exists()  # refused while reading the flags: no model named "no-such-model" was looked for
+
+
+def test_an_rl_run_reports_every_iteration_with_its_reward_parts(tmp_path, tiny_model_dir):
+    """GRPO (the shared RL trainer) sends each metrics.jsonl record to the trackers at its iteration; MLflow gets the
+    reward part `reward/rule:share=e` under a name it accepts."""
+    from cai.train.rl.grpo import run_grpo
+    from cai.train.rl.settings import GRPOJob
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Write a word with e, number {i}"}) + "\n" for i in range(4)))
+    job = GRPOJob(model=str(tiny_model_dir), reward="rule:share=e", prompts=str(prompts), out=str(tmp_path / "grpo"), batch_size=4,
+                  num_generations=2, mini_batches=1, iterations=2, response_length=4, report_to="tensorboard,mlflow",
+                  lora_target_modules=["q_proj"], seed=1)
+    run_grpo(job)
+    out = Path(job.out)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    numbers = {k for k, v in rows[0].items() if k != "step" and isinstance(v, (int, float))}
+    assert "reward/rule:share=e" in numbers and "objective/kl" in numbers
+    scalars = tensorboard_scalars(out)
+    assert set(scalars) == numbers
+    assert scalars["objective/scores"] == [(r["step"], pytest.approx(r["objective/scores"], abs=1e-6)) for r in rows]  # jsonl rounds to 6 places
+    ((run, client),) = mlflow_runs(out)
+    assert "reward/rule:share_e" in run.data.metrics and "reward/rule:share=e" not in run.data.metrics
+    assert mlflow_history(client, run, "reward/rule:share_e") == [(r["step"], pytest.approx(r["reward/rule:share=e"], abs=1e-6)) for r in rows]
+    assert run.data.params["num_generations"] == "2"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -73,7 +74,7 @@ class Trackers:
             self._start(step)
         values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         for tracker in self._trackers:
-            tracker.log(values, step=step)
+            tracker.log(mlflow_names(values) if tracker.name == "mlflow" else values, step=step)
 
     def finish(self, failed: bool = False) -> None:
         """Close every tracker (flush TensorBoard's files, end the MLflow/W&B run); safe to call twice.
@@ -144,3 +145,9 @@ def hyperparameters(settings: TrackingSettings) -> dict[str, Any]:
 
     add("", settings.model_dump(mode="json"))
     return flat
+
+
+def mlflow_names(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` under names MLflow accepts (letters, digits, `_ - . / : ` and spaces): a reward part such as
+    `reward/judge:pairwise?method=bt` is logged as `reward/judge:pairwise_method_bt`."""
+    return {re.sub(r"[^\w\-./: ]", "_", k): v for k, v in values.items()}

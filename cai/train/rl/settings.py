@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cai.train.precision import DEFAULT_PRECISION, PRECISION_HELP, Precision
 from cai.train.rewards import asks_judge
-from cai.train.settings import LoraSettings, OptimiserSettings
+from cai.train.settings import LoraSettings, OptimiserSettings, TrackingSettings
 
 if TYPE_CHECKING:
     from cai.train.rl.math import AdaptiveKLController, FixedKLController
@@ -40,7 +40,7 @@ class KLSettings(BaseModel):
         return FixedKLController(self.kl_coef)
 
 
-class RLSettings(OptimiserSettings, LoraSettings, KLSettings):
+class RLSettings(TrackingSettings, OptimiserSettings, LoraSettings, KLSettings):
     """What every online RL algorithm sets; every setting with its default. The LoRA and optimiser settings
     are those the other trainers share; LoRA dropout, like the model's own dropout, is off in every pass,
     so the update's ratio pi/pi_old is 1 before the first step.

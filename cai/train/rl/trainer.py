@@ -338,6 +338,7 @@ class RLTrainer:
         """`iterations` of rollout then update, from the checkpoint in out/checkpoint when there is one; returns the summary."""
         from cai.progress import progress_bar
         from cai.train.loop import plot_losses
+        from cai.train.trackers import Trackers
 
         cfg, out = self.cfg, self.out
         out.mkdir(parents=True, exist_ok=True)
@@ -348,13 +349,14 @@ class RLTrainer:
         if start:
             self.load_checkpoint_state(extra)
             logger.info("resuming %s from iteration %d of %d (%s)", self.name, start, cfg.iterations, ckpt)
-        with progress_bar("iterations", disable=not main) as bar:
+        with Trackers(cfg, out) as trackers, progress_bar("iterations", disable=not main) as bar:
             task = bar.add_task(f"{self.name} iterations", total=cfg.iterations, completed=start, info="")
             for iteration in range(start, cfg.iterations):
                 record, samples = self.update(self.rollout(iteration))
                 if main:
                     with open(metrics_path, "a", encoding="utf-8") as f:
                         f.write(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}) + "\n")
+                    trackers.log(record, iteration + 1)
                     if (iteration + 1) % cfg.log_samples_every == 0 or iteration == 0:
                         with open(samples_path, "a", encoding="utf-8") as f:
                             f.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples[:4])
