@@ -190,3 +190,30 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_model_d
         for k in a:
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
     assert want[-1]["loss"] != pytest.approx(math.log(2), abs=1e-3)  # it trained
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path, tiny_model_dir):
+    """`cai train online-dpo` in 2 CPU processes (torchrun, DDP): each samples and scores half of the batch (whole
+    pairs), and each minibatch's 4 pairs go 2 to a process, its loss a share of the minibatch's mean, so the answers,
+    labels and scores are one process's and the losses and DPO metrics agree up to float error."""
+    import sys
+
+    from tests.fsdp_on_cpu import launch, run_ok
+
+    cfg = odpo_cfg(tiny_model_dir, tmp_path / "unused", batch_size=16, mini_batches=2, iterations=3, rpo_alpha=0.5,
+                   lora_target_modules=["q_proj", "v_proj"])
+    flags = [f"--{k.replace('_', '-')}={','.join(v) if isinstance(v, list) else v}" for k, v in cfg.model_dump().items()
+             if k in {"model", "reward", "prompts", "batch_size", "mini_batches", "iterations", "rpo_alpha", "response_length",
+                      "lr", "beta", "ppo_epochs", "lora_target_modules", "seed"}]
+    run_ok([sys.executable, "-m", "cai.cli", "train", "online-dpo", *flags, "--out", str(tmp_path / "one")])
+    run_ok([*launch(["train", "online-dpo", *flags], fsdp=False), "--out", str(tmp_path / "two")])
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert {r["processes"] for r in one} == {1} and {r["processes"] for r in two} == {2}
+    for a, b in zip(one, two, strict=True):
+        for k in ("tokens", "objective/scores", "label/mean", "label/entropy", "response/length_mean"):
+            assert b[k] == a[k], (a["step"], k)
+        for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy", "nll/preferred",
+                  "objective/kl", "logps/chosen"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k)
+    assert one[-1]["objective/kl"] > 0.01  # it trained
