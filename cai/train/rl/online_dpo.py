@@ -11,9 +11,9 @@ shared with PPO; `update`, here, is 4-6):
 3. evaluate: the answers' log-probs under the reference (the adapter switched off);
 4. label: p = p(a > b). From the judge's pairwise comparison, in both orders, a soft label; from a
    reward model, the judge's score or a rule, the hard label 1[r_a > r_b] (0.5 on a tie) on the scores
-   after the missing-EOS penalty, as TRL's OnlineDPOTrainer labels with a reward model. Each pair is then
-   written preferred-first (p >= 0.5), which leaves the loss unchanged and makes the logged
-   `rewards/chosen` the preferred answer's;
+   after the missing-EOS penalty, as TRL's OnlineDPOTrainer labels with a reward model (TRL breaks a tie
+   for the first answer; 0.5 here keeps a tie a tie). Each pair is then written preferred-first
+   (p >= 0.5), which leaves the loss unchanged and makes the logged `rewards/chosen` the preferred answer's;
 5. `ppo_epochs` passes over `mini_batches` shuffled minibatches of pairs, each one gradient step of the
    DPO loss (`cai.train.losses.dpo_loss`, soft labels, `rpo_alpha`) on the pairs' summed response
    log-probs under the policy (with grad) and the reference:
