@@ -54,8 +54,8 @@ LOSS = "loss"
 LOGPS_CHOSEN, LOGPS_REJECTED = "logps/chosen", "logps/rejected"
 """Mean summed log-probs of the preferred and the other answer under the policy, before the update (TRL's names)."""
 LABEL_MEAN, LABEL_ENTROPY = "label/mean", "label/entropy"
-"""Mean p(a > b) over the pairs (0.5 when the labeller has no position preference), and the labels' mean binary
-entropy in nats (0 for hard labels, log 2 = 0.693 for a tie or a label of 0.5)."""
+"""Mean p(a > b) over the pairs (near 0.5: a and b are two samples of the same policy), and the labels' mean binary
+entropy in nats (0 for hard labels, log 2 = 0.693 for a tie or a label of 0.5: how sure the labeller is)."""
 SCORES_MARGIN = "objective/scores_margin"
 """Mean score of the preferred answer minus the other's (TRL's name)."""
 
