@@ -35,14 +35,15 @@ def build_rl_trainer(trainer_cls: type[T], cfg: RLJob, *, scorer: Scorer | None 
     if not prompts:
         raise PromptSourceError(f"prompts {cfg.prompts!r}: no prompts to train on")
     accelerator = Accelerator(mixed_precision="no")  # one process, or this one's place in a launch
-    check_processes(cfg, accelerator.num_processes, cfg.rollout_backend == "vllm")
+    group_size = getattr(cfg, "num_generations", 1)  # answers per prompt: grpo/rloo's K, online DPO's 2
+    check_processes(cfg, accelerator.num_processes, cfg.rollout_backend == "vllm", group_size)
     device = accelerator.device
     policy, tokenizer = load_policy(cfg, device, value_head=trainer_cls.has_value_head)
     # One connection to the judge for the run, for the reward and the gold score alike; the API key comes
     # from $CAI_JUDGE_API_KEY in the client, the one place that reads it.
     needs_judge = (asks_judge(cfg.reward) and scorer is None) or (cfg.gold_judge_every and gold_scorer is None)
     judge = SyncJudge(cfg.judge_url) if needs_judge and cfg.judge_url else None
-    scorer = scorer or load_scorer(cfg.reward, judge=judge, device=str(device), group_size=getattr(cfg, "num_generations", 1))
+    scorer = scorer or load_scorer(cfg.reward, judge=judge, device=str(device), group_size=group_size)
     gold_scorer = gold_scorer or (JudgeScorer(judge) if cfg.gold_judge_every else None)
     vllm = None
     if cfg.rollout_backend == "vllm":
