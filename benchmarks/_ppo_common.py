@@ -214,7 +214,7 @@ def main(run, args: argparse.Namespace, name: str) -> int:
     try:
         result = run(args)
     except Exception as e:
-        print(f"[{name}] PPO failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        print(f"[{name}] failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise
     finally:
         sys.stdout.flush()

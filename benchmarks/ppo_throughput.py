@@ -102,17 +102,17 @@ def wait_for_quiet(max_wait_s: float, quiet_cpu: float) -> dict:
         time.sleep(20)
 
 
-def run_trainer(trainer: str, flags: list[str]) -> tuple[dict, float, float]:
+def run_trainer(script: Path, flags: list[str]) -> tuple[dict, float, float]:
     """Run one benchmark script; -> (its JSON, CPU cores used by other processes, share of CPU time stolen)."""
-    cmd = [sys.executable, str(SCRIPTS[trainer]), *flags]
-    log(f"running {trainer}: {' '.join(cmd)}")
+    cmd = [sys.executable, str(script), *flags]
+    log(f"running {script.name}: {' '.join(cmd)}")
     (busy0, steal0), wall0 = cpu_seconds(), time.monotonic()
     self0, child0 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     (busy1, steal1), wall1 = cpu_seconds(), time.monotonic()
     self1, child1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
-        raise RuntimeError(f"{trainer} benchmark exited with {proc.returncode}: {' '.join(cmd)}")
+        raise RuntimeError(f"{script.name} exited with {proc.returncode}: {' '.join(cmd)}")
     ours = sum(b.ru_utime + b.ru_stime - a.ru_utime - a.ru_stime for a, b in ((self0, self1), (child0, child1)))
     other_cores = max(0.0, (busy1 - busy0 - ours) / (wall1 - wall0))
     steal = (steal1 - steal0) / ((wall1 - wall0) * (os.cpu_count() or 1))
@@ -144,7 +144,9 @@ def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
-def summarise(runs: list[dict]) -> dict:
+def summarise(runs: list[dict], targets: dict[str, float] = TARGETS, source_key: str = "cai_ppo_source") -> dict:
+    """Per trainer means of `runs`, cai against TRL (speedup, memory ratios) and whether `targets` are met; `source_key`
+    names the field in which the cai runs record the version of its sources they measured."""
     by = {t: [r for r in runs if r["trainer"] == t] for t in ("cai", "trl")}
     out: dict = {}
     for t, rs in by.items():
@@ -171,13 +173,13 @@ def summarise(runs: list[dict]) -> dict:
     increase = trl["train_increase_mib"]
     out["memory_above_floor_ratio"] = round(cai["peak_above_floor_mib"] / trl["peak_above_floor_mib"], 3)
     out["train_increase_ratio"] = round(cai["train_increase_mib"] / increase, 3) if increase > 0 else None
-    out["targets"] = TARGETS
-    met = {"speedup": speedup >= TARGETS["speedup"], "memory_ratio": memory_ratio <= TARGETS["memory_ratio"]}
+    out["targets"] = targets
+    met = {"speedup": speedup >= targets["speedup"], "memory_ratio": memory_ratio <= targets["memory_ratio"]}
     out["meets_targets"] = {**met, "all": all(met.values())}
     out["quiet_runs"] = all(r["quiet"] for r in runs)
     # cai/train/rl/ changes under work: say which version(s) these runs measured.
-    sources = {json.dumps(r["cai_ppo_source"], sort_keys=True) for r in by["cai"] if "cai_ppo_source" in r}
-    out["cai_ppo_source"] = [json.loads(x) for x in sorted(sources)]
+    sources = {json.dumps(r[source_key], sort_keys=True) for r in by["cai"] if source_key in r}
+    out[source_key] = [json.loads(x) for x in sorted(sources)]
     return out
 
 
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             for trainer in [t for pair in order for t in pair]:
                 quiet = wait_for_quiet(args.max_wait, args.quiet_cpu)
                 load_before = [round(x, 2) for x in os.getloadavg()]
-                result, other_cores, steal = run_trainer(trainer, flags + (["--lora"] if trainer == "trl" else []))
+                result, other_cores, steal = run_trainer(SCRIPTS[trainer], flags + (["--lora"] if trainer == "trl" else []))
                 result.update(run=len(runs) + 1, load_before=load_before, other_cpu_cores=round(other_cores, 2),
                               steal_share=round(steal, 3), **quiet)
                 log(f"{name} {trainer}: {result['tokens_per_s']} tokens/s, peak RSS {result['peak_rss_mib']} MiB "

@@ -1,0 +1,206 @@
+"""Baseline: TRL's GRPO trainer (`trl.GRPOTrainer`, TRL 1.12) timed per iteration, as one JSON object.
+
+Run by `benchmarks/grpo_throughput.py` as a subprocess, next to cai's own GRPO, with the same knobs:
+
+    .venv/bin/python benchmarks/_trl_grpo.py --policy MODEL_DIR [--reward-model RM_DIR] --batch-size 16 \
+        --num-generations 4 --mini-batches 2 --response-length 32 --ppo-epochs 1 --iterations 4 --seed 0
+
+TRL 1.12.0, not the newest, because `pyproject.toml`'s `bench` extra pins it for the PPO benchmark (TRL 1.16
+dropped `trl.experimental.ppo`) and both benchmarks share the environment; its `GRPOTrainer` and `GRPOConfig`
+have every setting used here.
+
+The settings map onto `GRPOConfig` as follows, so one iteration does cai's work: `generation_batch_size` =
+`--batch-size` answers (K = `num_generations` per prompt), `per_device_train_batch_size` = batch / minibatches,
+`gradient_accumulation_steps` 1 (one optimiser step per minibatch, so `steps_per_generation` = minibatches),
+`num_iterations` (mu) = `--ppo-epochs`; `max_completion_length` = `--response-length`; beta 0.05 (a nonzero beta
+makes TRL compute reference log-probs, with the adapter disabled under LoRA, as cai does); `loss_type` "grpo"
+(cai's loss_aggregation "sequence"), `scale_rewards` "group", epsilon 0.2, temperature as given, no vLLM, no
+gradient checkpointing (TRL's GRPO default is on; cai has none), a constant learning rate. LoRA r=8, alpha=16,
+all-linear through `peft_config`. The reward is the same seeded one-output reward model as cai's side
+(`reward_funcs` a sequence-classification model); the prompts are the same, chat-formatted
+(`[{"role": "user", ...}]`), as cai formats them.
+
+Timing: an iteration is `steps_per_generation * num_iterations` trainer steps (the first of them generates and
+scores); its seconds run from `on_train_begin` or the previous iteration's last `on_step_end` to its own last
+`on_step_end`. The first iteration is dropped as warm-up. Tokens: the prompt mask plus the completion mask (up to
+and including the first EOS) of each generation batch, read from `_generate_and_score_completions`' output, the
+same count as cai's. Memory as in `_trl_ppo.py`: `peak_rss_mib` is `ru_maxrss` at the last iteration's end,
+`rss_after_load_mib` the resident set before training with every weight read once. The JSON object is the only
+thing written to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _cai_grpo import KL_COEF, add_grpo_args, check_grpo_args
+from _ppo_common import (
+    add_common_args,
+    common_result,
+    load_prompt_texts,
+    main,
+    make_reward_model,
+    max_rss_mib,
+    resident_after_reading,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policy", required=True, help="local causal-LM folder")
+    ap.add_argument("--reward-model", default=None,
+                    help="local sequence-classification folder (num_labels=1) with its tokenizer; default: one made "
+                         "from --policy with a seeded score head")
+    add_common_args(ap)
+    add_grpo_args(ap)
+    return check_grpo_args(ap, ap.parse_args(argv))
+
+
+def log(msg: str) -> None:
+    print(f"[trl_grpo] {msg}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> dict:
+    import importlib
+
+    import torch
+    import trl
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+
+    # TRL 1.12's GRPO module imports its vLLM client whenever vLLM is installed, and that client needs vLLM <= 0.27
+    # (cai's judge environment has a newer one, whose weight-transfer API moved). These runs sample with
+    # transformers (use_vllm=False), so TRL is told vLLM is absent before the GRPO module loads.
+    importlib.import_module("trl.import_utils").is_vllm_available = lambda min_version=None: False
+    from trl import GRPOConfig, GRPOTrainer
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cuda = torch.cuda.is_available()
+    tmp = tempfile.TemporaryDirectory(prefix="trl_grpo_")
+
+    tokenizer = AutoTokenizer.from_pretrained(args.policy, padding_side="left")
+    texts = load_prompt_texts(args.prompts)
+    groups = args.batch_size // args.num_generations
+    if len(texts) < groups:
+        raise ValueError(f"{len(texts)} prompts is fewer than the {groups} prompts one iteration needs")
+    train_dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in texts]})
+
+    rm_dir = args.reward_model
+    if rm_dir is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        rm_dir = make_reward_model(args.policy, os.path.join(tmp.name, "rm"), pad, args.seed)
+        tokenizer.save_pretrained(rm_dir)
+        log(f"made a reward model from the policy with a seeded score head: {rm_dir}")
+    reward_tokenizer = AutoTokenizer.from_pretrained(rm_dir)
+
+    dtype = torch.float32  # weights in fp32; on CUDA bf16 autocast through accelerate (bf16=True)
+    torch.manual_seed(args.seed)
+    policy = AutoModelForCausalLM.from_pretrained(args.policy, dtype=dtype)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1, dtype=dtype)
+
+    steps_per_iteration = args.mini_batches * args.ppo_epochs
+    config = GRPOConfig(
+        output_dir=os.path.join(tmp.name, "out"),
+        generation_batch_size=args.batch_size,
+        per_device_train_batch_size=args.batch_size // args.mini_batches,
+        gradient_accumulation_steps=1,
+        num_generations=args.num_generations,
+        num_iterations=args.ppo_epochs,
+        max_completion_length=args.response_length,
+        max_steps=args.iterations * steps_per_iteration,
+        temperature=args.temperature,
+        beta=KL_COEF,
+        epsilon=0.2,
+        loss_type="grpo",
+        scale_rewards="group",
+        use_vllm=False,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        gradient_checkpointing=False,
+        bf16=cuda,
+        fp16=False,
+        use_cpu=not cuda,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=args.seed,
+        dataloader_num_workers=0,
+    )
+
+    marks: list[float] = []
+    tokens: list[int] = []
+    response_tokens: list[int] = []
+    peaks: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args_, state, control, **kw):
+            marks.append(time.perf_counter())
+
+        def on_step_end(self, args_, state, control, **kw):
+            if state.global_step % steps_per_iteration:
+                return
+            if cuda:
+                torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+            peaks.append(max_rss_mib())
+            log(f"iteration {len(marks) - 1}: {marks[-1] - marks[-2]:.2f}s, {tokens[-1]} tokens")
+
+    torch.manual_seed(args.seed)  # LoRA's A matrices (get_peft_model runs inside the trainer)
+    trainer = GRPOTrainer(
+        model=policy,
+        reward_funcs=reward_model,
+        args=config,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        reward_processing_classes=reward_tokenizer,
+        callbacks=[Timer()],
+        peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    generate_and_score = trainer._generate_and_score_completions
+
+    def counted(*a, **kw):
+        out = generate_and_score(*a, **kw)
+        completion = int(out["completion_mask"].sum())
+        tokens.append(int(out["prompt_mask"].sum()) + completion)
+        response_tokens.append(completion)
+        return out
+
+    trainer._generate_and_score_completions = counted
+
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    log(f"trainable parameters (policy LoRA): {trainable:,}; reference: {'a copy' if trainer.ref_model else 'adapter disabled'}")
+    rss_after_load = resident_after_reading(trainer.model, trainer.ref_model, trainer.reward_funcs[0])
+    trainer.train()
+
+    seconds = [b - a for a, b in itertools.pairwise(marks)]
+    if len(seconds) != args.iterations or len(tokens) != args.iterations:
+        raise RuntimeError(f"expected {args.iterations} iterations from TRL, saw {len(seconds)} timed and "
+                           f"{len(tokens)} generation batches")
+    result = {
+        **common_result("trl", args, seconds=seconds[1:], tokens=tokens[1:], peak_rss=peaks[-1],
+                        rss_after_load=rss_after_load, trainable=trainable, prompts=len(texts)),
+        "num_generations": args.num_generations,
+        "trl_version": trl.__version__,
+        "lora": True,
+        "response_tokens_per_iteration": response_tokens[1:],
+        "warmup_seconds": round(seconds[0], 4),
+        "gradient_checkpointing": False,
+    }
+    tmp.cleanup()
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main(run, parse_args(), "trl_grpo"))
