@@ -22,7 +22,6 @@ as run. The JSON object is the only thing written to stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -34,28 +33,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _cai_ppo import source_version
 from _ppo_common import (
-    DEFAULT_PROMPTS,
     add_common_args,
+    cai_inputs,
+    cai_job_fields,
+    cai_run_result,
     check_common_args,
-    common_result,
-    load_prompt_texts,
     main,
-    make_reward_model,
-    max_rss_mib,
     resident_after_reading,
+    time_updates,
 )
 
 KL_COEF = 0.05
 """beta, on both sides: TRL loads no reference at its default 0, so a nonzero one makes both sides do the same work."""
 
 
-def add_grpo_args(ap: argparse.ArgumentParser) -> None:
-    """The knobs `_cai_grpo.py` and `_trl_grpo.py` take beyond the PPO benchmark's (`add_common_args`)."""
+def parse_args(argv: list[str] | None = None, description: str | None = __doc__) -> argparse.Namespace:
+    """The flags of `_cai_grpo.py` and `_trl_grpo.py` (`--forward-batch-size` is cai's only)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap, policy_help="local causal-LM folder (or, for cai, a name cai.models.resolve_model knows)",
+                    reward_help="local sequence-classification folder (num_labels=1) with its tokenizer; default: one "
+                                "made from --policy with a seeded score head")
     ap.add_argument("--num-generations", type=int, default=4, help="K: answers per prompt; --batch-size counts answers")
-
-
-def check_grpo_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    check_common_args(ap, args)
+    ap.add_argument("--forward-batch-size", type=int, default=None,
+                    help="cai's forward_batch_size: rows per no-grad pass (default the whole batch; TRL's GRPO takes "
+                         "per_device_train_batch_size rows at a time)")
+    args = check_common_args(ap, ap.parse_args(argv))
     if args.num_generations < 2:
         ap.error("--num-generations must be at least 2 (an answer is compared with the others of its group)")
     if args.batch_size % args.num_generations:
@@ -64,24 +66,12 @@ def check_grpo_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> ar
     return args
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--policy", required=True, help="local causal-LM folder (or a name cai.models.resolve_model knows)")
-    ap.add_argument("--reward-model", default=None,
-                    help="local sequence-classification folder (num_labels=1) with its tokenizer; default: one made "
-                         "from --policy with a seeded score head")
-    add_common_args(ap)
-    add_grpo_args(ap)
-    return check_grpo_args(ap, ap.parse_args(argv))
-
-
 def log(msg: str) -> None:
     print(f"[cai_grpo] {msg}", file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> dict:
     import torch
-    from transformers import AutoTokenizer
 
     import cai.train.rl.group
     import cai.train.rl.grpo
@@ -95,47 +85,17 @@ def run(args: argparse.Namespace) -> dict:
                              cai.train.rl.sampling.__file__])
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    cuda = torch.cuda.is_available()
     tmp = tempfile.TemporaryDirectory(prefix="cai_grpo_")
 
-    prompts = args.prompts
-    if prompts is None:
-        prompts = os.path.join(tmp.name, "prompts.jsonl")
-        Path(prompts).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in DEFAULT_PROMPTS))
-    n_prompts = len(load_prompt_texts(prompts))
+    prompts, n_prompts, rm_dir = cai_inputs(args, tmp.name, log)
 
-    rm_dir = args.reward_model
-    if rm_dir is None:
-        tokenizer = AutoTokenizer.from_pretrained(args.policy)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        rm_dir = make_reward_model(args.policy, os.path.join(tmp.name, "rm"), pad, args.seed)
-        tokenizer.save_pretrained(rm_dir)  # cai's scorer reads the reward model's own tokenizer
-        log(f"made a reward model from the policy with a seeded score head: {rm_dir}")
-
-    cfg = GRPOJob(
-        model=args.policy, reward=rm_dir, prompts=prompts, out=os.path.join(tmp.name, "out"),
-        max_prompt_length=args.max_prompt_length, iterations=args.iterations, batch_size=args.batch_size,
-        num_generations=args.num_generations, mini_batches=args.mini_batches, ppo_epochs=args.ppo_epochs,
-        response_length=args.response_length, temperature=args.temperature, advantage="grpo", scale_rewards="group",
-        loss_aggregation="sequence", kl_in="loss", kl_coef=KL_COEF, adaptive_kl=False, missing_eos_penalty=None,
-        lr=args.lr, lora_r=8, lora_alpha=16, lora_target_modules="all-linear", gold_judge_every=0,
-        checkpoint_every=10**9, log_samples_every=10**9, seed=args.seed,
-    )
+    cfg = GRPOJob(**cai_job_fields(args, os.path.join(tmp.name, "out"), prompts, rm_dir),
+                  num_generations=args.num_generations, forward_batch_size=args.forward_batch_size, advantage="grpo",
+                  scale_rewards="group", loss_aggregation="sequence", kl_in="loss", kl_coef=KL_COEF, missing_eos_penalty=None)
     trainer = build_rl_trainer(GRPOTrainer, cfg)
     scorer_model = getattr(trainer.scorer, "model", None)
 
-    peaks: list[float] = []
-    update = trainer.update  # the end of an iteration: train() calls update(rollout(i))
-
-    def timed_update(rollout):
-        out = update(rollout)
-        if cuda:
-            torch.cuda.synchronize()
-        peaks.append(max_rss_mib())
-        log(f"iteration {rollout.iteration + 1}: {out[0]['seconds']:.2f}s, {out[0]['tokens']} tokens")
-        return out
-
-    trainer.update = timed_update
+    peaks = time_updates(trainer, log)
     trainable = sum(p.numel() for p in trainer.params)
     log(f"trainable parameters (policy LoRA): {trainable:,}; reference: adapter disabled")
     rss_after_load = resident_after_reading(trainer.model, scorer_model)
@@ -144,19 +104,11 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         trainer.close()
 
-    rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    if len(rows) != args.iterations:
-        raise RuntimeError(f"expected {args.iterations} iterations in metrics.jsonl, saw {len(rows)}")
-    timed = rows[1:]
     result = {
-        **common_result("cai", args, seconds=[r["seconds"] for r in timed], tokens=[r["tokens"] for r in timed],
-                        peak_rss=peaks[-1], rss_after_load=rss_after_load, trainable=trainable, prompts=n_prompts),
+        **cai_run_result(args, cfg.out, peaks=peaks, rss_after_load=rss_after_load, trainable=trainable, prompts=n_prompts),
         "num_generations": args.num_generations,
         "cai_grpo_source": source,
-        "lora": True,
-        "response_tokens_per_iteration": [round(r["response/length_mean"] * args.batch_size) for r in timed],
-        "warmup_seconds": rows[0]["seconds"],
-        "gradient_checkpointing": False,
+        "forward_batch_size": args.forward_batch_size,
     }
     tmp.cleanup()
     return result

@@ -33,7 +33,6 @@ rich's progress bar and transformers print to stdout); the JSON object is the on
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -43,17 +42,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _ppo_common import (DEFAULT_PROMPTS, add_common_args, check_common_args, common_result, load_prompt_texts,  # noqa: E402
-                         main, make_reward_model, max_rss_mib, resident_after_reading)
+from _ppo_common import (add_common_args, cai_inputs, cai_job_fields, cai_run_result, check_common_args, main,  # noqa: E402
+                         resident_after_reading, time_updates)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--policy", required=True, help="local causal-LM folder (or a name cai.models.resolve_model knows)")
-    ap.add_argument("--reward-model", default=None,
-                    help="local sequence-classification folder (num_labels=1) with its tokenizer; default: one made "
-                         "from --policy with a seeded score head")
-    add_common_args(ap)
+    add_common_args(ap, policy_help="local causal-LM folder (or a name cai.models.resolve_model knows)",
+                    reward_help="local sequence-classification folder (num_labels=1) with its tokenizer; default: one "
+                                "made from --policy with a seeded score head")
     return check_common_args(ap, ap.parse_args(argv))
 
 
@@ -80,7 +77,6 @@ def source_version(paths: list[str]) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     import torch
-    from transformers import AutoTokenizer
 
     import cai.train.rl.ppo
     import cai.train.rl.sampling
@@ -91,49 +87,16 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    cuda = torch.cuda.is_available()
     tmp = tempfile.TemporaryDirectory(prefix="cai_ppo_")
 
-    prompts = args.prompts
-    if prompts is None:
-        prompts = os.path.join(tmp.name, "prompts.jsonl")
-        Path(prompts).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in DEFAULT_PROMPTS))
-    n_prompts = len(load_prompt_texts(prompts))
+    prompts, n_prompts, rm_dir = cai_inputs(args, tmp.name, log)
 
-    rm_dir = args.reward_model
-    if rm_dir is None:
-        tokenizer = AutoTokenizer.from_pretrained(args.policy)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        rm_dir = make_reward_model(args.policy, os.path.join(tmp.name, "rm"), pad, args.seed)
-        tokenizer.save_pretrained(rm_dir)  # cai's scorer reads the reward model's own tokenizer
-        log(f"made a reward model from the policy with a seeded score head: {rm_dir}")
-
-    cfg = PPOJob(
-        model=args.policy, reward=rm_dir, prompts=prompts, out=os.path.join(tmp.name, "out"),
-        max_prompt_length=args.max_prompt_length, iterations=args.iterations, batch_size=args.batch_size,
-        mini_batches=args.mini_batches, ppo_epochs=args.ppo_epochs, response_length=args.response_length,
-        temperature=args.temperature, kl_coef=0.05, kl_estimator="k1", adaptive_kl=False, missing_eos_penalty=1.0,
-        lr=args.lr, lora_r=8, lora_alpha=16, lora_target_modules="all-linear", gold_judge_every=0,
-        checkpoint_every=10**9, log_samples_every=10**9, seed=args.seed,
-    )
+    cfg = PPOJob(**cai_job_fields(args, os.path.join(tmp.name, "out"), prompts, rm_dir), kl_coef=0.05, kl_estimator="k1",
+                 missing_eos_penalty=1.0)
     trainer = build_trainer(cfg)
     scorer_model = getattr(trainer.scorer, "model", None)
 
-    # The peak of training itself: ru_maxrss as each iteration returns (the final checkpoint, adapter save and
-    # the matplotlib loss plot come after the last one).
-    peaks: list[float] = []
-    update = trainer.update  # the end of an iteration: train() calls update(rollout(i))
-
-    def timed_update(rollout):
-        out = update(rollout)
-        if cuda:
-            torch.cuda.synchronize()
-        peaks.append(max_rss_mib())
-        log(f"iteration {rollout.iteration + 1}: {out[0]['seconds']:.2f}s, {out[0]['tokens']} tokens")
-        return out
-
-    trainer.update = timed_update
-
+    peaks = time_updates(trainer, log)
     trainable = sum(p.numel() for p in trainer.params)
     log(f"trainable parameters (policy LoRA + value head): {trainable:,}; reference: adapter disabled")
     # Read every weight once, as _trl_ppo.py does, so rss_after_load holds the loaded models (policy and reward
@@ -141,20 +104,9 @@ def run(args: argparse.Namespace) -> dict:
     rss_after_load = resident_after_reading(trainer.model, scorer_model)
     trainer.train()
 
-    rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    if len(rows) != args.iterations:
-        raise RuntimeError(f"expected {args.iterations} iterations in metrics.jsonl, saw {len(rows)}")
-    timed = rows[1:]
     result = {
-        **common_result("cai", args, seconds=[r["seconds"] for r in timed], tokens=[r["tokens"] for r in timed],
-                        peak_rss=peaks[-1], rss_after_load=rss_after_load, trainable=trainable, prompts=n_prompts),
+        **cai_run_result(args, cfg.out, peaks=peaks, rss_after_load=rss_after_load, trainable=trainable, prompts=n_prompts),
         "cai_ppo_source": source,
-        "lora": True,
-        "response_tokens_per_iteration": [round(r["response/length_mean"] * args.batch_size) for r in timed],
-        "rollout_seconds_per_iteration": [r["time/rollout_s"] for r in timed],
-        "score_seconds_per_iteration": [r["time/score_s"] for r in timed],
-        "warmup_seconds": rows[0]["seconds"],
-        "gradient_checkpointing": False,
     }
     tmp.cleanup()
     return result

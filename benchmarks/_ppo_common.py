@@ -83,7 +83,10 @@ DEFAULT_PROMPTS = [
 ]
 
 
-def add_common_args(ap: argparse.ArgumentParser) -> None:
+def add_common_args(ap: argparse.ArgumentParser, *, policy_help: str, reward_help: str) -> None:
+    """The flags every trainer script takes: `--policy` and `--reward-model` (their help is the script's), then the shape."""
+    ap.add_argument("--policy", required=True, help=policy_help)
+    ap.add_argument("--reward-model", default=None, help=reward_help)
     ap.add_argument("--prompts", default=None, help='JSONL file of {"prompt": ...}; default: 64 built-in prompts')
     ap.add_argument("--batch-size", type=int, default=8, help="rollouts per iteration")
     ap.add_argument("--mini-batches", type=int, default=2, help="minibatches per PPO epoch (one optimiser step each)")
@@ -143,6 +146,122 @@ def make_reward_model(policy: str, out_dir: str, pad_token_id: int | None, seed:
     rm.save_pretrained(out_dir)
     del rm
     return out_dir
+
+
+def cai_inputs(args: argparse.Namespace, tmp_dir: str, log) -> tuple[str, int, str]:
+    """(prompt file, how many prompts, reward-model folder) for a cai run: `--prompts` or the 64 built-in ones written
+    to `tmp_dir`; `--reward-model` or one made from `--policy` with a seeded score head, with the tokenizer (cai's
+    scorer reads the reward model's own)."""
+    from transformers import AutoTokenizer
+
+    prompts = args.prompts
+    if prompts is None:
+        prompts = os.path.join(tmp_dir, "prompts.jsonl")
+        Path(prompts).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in DEFAULT_PROMPTS))
+    rm_dir = args.reward_model
+    if rm_dir is None:
+        tokenizer = AutoTokenizer.from_pretrained(args.policy)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        rm_dir = make_reward_model(args.policy, os.path.join(tmp_dir, "rm"), pad, args.seed)
+        tokenizer.save_pretrained(rm_dir)
+        log(f"made a reward model from the policy with a seeded score head: {rm_dir}")
+    return prompts, len(load_prompt_texts(prompts)), rm_dir
+
+
+def cai_job_fields(args: argparse.Namespace, out_dir: str, prompts: str, reward: str) -> dict:
+    """The fields of a cai RL job (`PPOJob`, `GRPOJob`) both cai scripts set alike: the flags, LoRA r=8 alpha=16
+    all-linear, a fixed KL coefficient, no gold judge and no checkpoint or sample rows during the run."""
+    return {"model": args.policy, "reward": reward, "prompts": prompts, "out": out_dir,
+            "max_prompt_length": args.max_prompt_length, "iterations": args.iterations, "batch_size": args.batch_size,
+            "mini_batches": args.mini_batches, "ppo_epochs": args.ppo_epochs, "response_length": args.response_length,
+            "temperature": args.temperature, "adaptive_kl": False, "lr": args.lr, "lora_r": 8, "lora_alpha": 16,
+            "lora_target_modules": "all-linear", "gold_judge_every": 0, "checkpoint_every": 10**9,
+            "log_samples_every": 10**9, "seed": args.seed}
+
+
+def time_updates(trainer, log) -> list[float]:
+    """Wrap a cai `RLTrainer`'s `update` (the end of an iteration: train() calls update(rollout(i))) so that each
+    iteration logs its seconds and tokens and appends `ru_maxrss` to the returned list as it returns (the final
+    checkpoint, adapter save and loss plot come after the last one)."""
+    import torch
+
+    peaks: list[float] = []
+    update = trainer.update
+
+    def timed_update(rollout):
+        out = update(rollout)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        peaks.append(max_rss_mib())
+        log(f"iteration {rollout.iteration + 1}: {out[0]['seconds']:.2f}s, {out[0]['tokens']} tokens")
+        return out
+
+    trainer.update = timed_update
+    return peaks
+
+
+def hf_trainer_args(args: argparse.Namespace) -> dict:
+    """The `transformers.TrainingArguments` both TRL baselines share: fp32 weights (bf16 autocast on CUDA), no eval,
+    no saving, no reporting, a log line per step, `--lr` and `--seed`."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {"bf16": cuda, "fp16": False, "use_cpu": not cuda, "eval_strategy": "no", "save_strategy": "no", "report_to": [],
+            "logging_steps": 1, "disable_tqdm": True, "seed": args.seed, "dataloader_num_workers": 0,
+            "learning_rate": args.lr}
+
+
+def iteration_timer(steps_per_iteration: int, log, tokens: list[int], *, on_begin=None, on_iteration=None):
+    """A transformers `TrainerCallback` timing a TRL trainer's iterations of `steps_per_iteration` steps; -> (callback,
+    marks, peaks). `marks` gets `time.perf_counter()` at `on_train_begin` (after `on_begin()`) and at the last
+    `on_step_end` of each iteration, where `peaks` gets `ru_maxrss` and `on_iteration()` runs before the iteration's
+    log line (which shows `tokens[-1]`)."""
+    import time
+
+    import torch
+    from transformers import TrainerCallback
+
+    marks: list[float] = []
+    peaks: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, args_, state, control, **kw):
+            if on_begin is not None:
+                on_begin()
+            marks.append(time.perf_counter())
+
+        def on_step_end(self, args_, state, control, **kw):
+            if state.global_step % steps_per_iteration:
+                return
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+            peaks.append(max_rss_mib())
+            if on_iteration is not None:
+                on_iteration()
+            log(f"iteration {len(marks) - 1}: {marks[-1] - marks[-2]:.2f}s, {tokens[-1]} tokens")
+
+    return Timer(), marks, peaks
+
+
+def cai_run_result(args: argparse.Namespace, out_dir: str, *, peaks: list[float], rss_after_load: float, trainable: int,
+                   prompts: int) -> dict:
+    """`common_result` for a cai run from its `metrics.jsonl` (first iteration dropped as warm-up), plus the answer
+    tokens per iteration and the warm-up's seconds."""
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if len(rows) != args.iterations:
+        raise RuntimeError(f"expected {args.iterations} iterations in metrics.jsonl, saw {len(rows)}")
+    timed = rows[1:]
+    return {
+        **common_result("cai", args, seconds=[r["seconds"] for r in timed], tokens=[r["tokens"] for r in timed],
+                        peak_rss=peaks[-1], rss_after_load=rss_after_load, trainable=trainable, prompts=prompts),
+        "lora": True,
+        "response_tokens_per_iteration": [round(r["response/length_mean"] * args.batch_size) for r in timed],
+        "rollout_seconds_per_iteration": [r["time/rollout_s"] for r in timed],
+        "score_seconds_per_iteration": [r["time/score_s"] for r in timed],
+        "warmup_seconds": rows[0]["seconds"],
+        "gradient_checkpointing": False,
+    }
 
 
 def resident_after_reading(*modules) -> float:

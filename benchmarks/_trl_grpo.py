@@ -36,32 +36,20 @@ import itertools
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _cai_grpo import KL_COEF, add_grpo_args, check_grpo_args
+from _cai_grpo import KL_COEF, parse_args
 from _ppo_common import (
-    add_common_args,
     common_result,
+    hf_trainer_args,
+    iteration_timer,
     load_prompt_texts,
     main,
     make_reward_model,
-    max_rss_mib,
     resident_after_reading,
 )
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--policy", required=True, help="local causal-LM folder")
-    ap.add_argument("--reward-model", default=None,
-                    help="local sequence-classification folder (num_labels=1) with its tokenizer; default: one made "
-                         "from --policy with a seeded score head")
-    add_common_args(ap)
-    add_grpo_args(ap)
-    return check_grpo_args(ap, ap.parse_args(argv))
 
 
 def log(msg: str) -> None:
@@ -75,7 +63,7 @@ def run(args: argparse.Namespace) -> dict:
     import trl
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     # TRL 1.12's GRPO module imports its vLLM client whenever vLLM is installed, and that client needs vLLM <= 0.27
     # (cai's judge environment has a newer one, whose weight-transfer API moved). These runs sample with
@@ -85,7 +73,6 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    cuda = torch.cuda.is_available()
     tmp = tempfile.TemporaryDirectory(prefix="trl_grpo_")
 
     tokenizer = AutoTokenizer.from_pretrained(args.policy, padding_side="left")
@@ -124,50 +111,19 @@ def run(args: argparse.Namespace) -> dict:
         loss_type="grpo",
         scale_rewards="group",
         use_vllm=False,
-        learning_rate=args.lr,
         lr_scheduler_type="constant",
         gradient_checkpointing=False,
-        bf16=cuda,
-        fp16=False,
-        use_cpu=not cuda,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to=[],
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=args.seed,
-        dataloader_num_workers=0,
+        **hf_trainer_args(args),
     )
 
-    marks: list[float] = []
     tokens: list[int] = []
     response_tokens: list[int] = []
-    peaks: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, args_, state, control, **kw):
-            marks.append(time.perf_counter())
-
-        def on_step_end(self, args_, state, control, **kw):
-            if state.global_step % steps_per_iteration:
-                return
-            if cuda:
-                torch.cuda.synchronize()
-            marks.append(time.perf_counter())
-            peaks.append(max_rss_mib())
-            log(f"iteration {len(marks) - 1}: {marks[-1] - marks[-2]:.2f}s, {tokens[-1]} tokens")
+    timer, marks, peaks = iteration_timer(steps_per_iteration, log, tokens)
 
     torch.manual_seed(args.seed)  # LoRA's A matrices (get_peft_model runs inside the trainer)
-    trainer = GRPOTrainer(
-        model=policy,
-        reward_funcs=reward_model,
-        args=config,
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-        reward_processing_classes=reward_tokenizer,
-        callbacks=[Timer()],
-        peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
-    )
+    trainer = GRPOTrainer(model=policy, reward_funcs=reward_model, args=config, train_dataset=train_dataset,
+                          processing_class=tokenizer, reward_processing_classes=reward_tokenizer, callbacks=[timer],
+                          peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
     generate_and_score = trainer._generate_and_score_completions
 
     def counted(*a, **kw):
@@ -203,4 +159,4 @@ def run(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main(run, parse_args(), "trl_grpo"))
+    sys.exit(main(run, parse_args(description=__doc__), "trl_grpo"))

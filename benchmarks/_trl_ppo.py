@@ -34,22 +34,19 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _ppo_common import (add_common_args, check_common_args, common_result, load_prompt_texts, main,  # noqa: E402
-                         make_reward_model, max_rss_mib, resident_after_reading)
+from _ppo_common import (add_common_args, check_common_args, common_result, hf_trainer_args, iteration_timer,  # noqa: E402
+                         load_prompt_texts, main, make_reward_model, resident_after_reading)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--policy", required=True, help="local causal-LM folder")
-    ap.add_argument("--reward-model", default=None,
-                    help="local sequence-classification folder (num_labels=1); default: one made from --policy "
-                         "with a seeded score head, used for both the reward and the value model")
-    add_common_args(ap)
+    add_common_args(ap, policy_help="local causal-LM folder",
+                    reward_help="local sequence-classification folder (num_labels=1); default: one made from --policy "
+                                "with a seeded score head, used for both the reward and the value model")
     ap.add_argument("--lora", action=argparse.BooleanOptionalAction, default=True,
                     help="LoRA policy (reference = adapter disabled) or full fine-tuning (reference = a full copy)")
     ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
@@ -75,12 +72,11 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     import trl
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    cuda = torch.cuda.is_available()
     tmp = tempfile.TemporaryDirectory(prefix="trl_ppo_")
 
     tokenizer = AutoTokenizer.from_pretrained(args.policy, padding_side="left")
@@ -143,42 +139,25 @@ def run(args: argparse.Namespace) -> dict:
         temperature=args.temperature,
         kl_coef=0.05,
         kl_estimator="k1",
-        learning_rate=args.lr,
         gradient_checkpointing=args.gradient_checkpointing,
-        bf16=cuda,
-        fp16=False,
-        use_cpu=not cuda,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to=[],
         num_sample_generations=0,
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=args.seed,
-        dataloader_num_workers=0,
+        **hf_trainer_args(args),
     )
 
-    # Timing and token counting (see the module docstring).
-    marks: list[float] = []
+    # Timing and token counting (see the module docstring): one update is one trainer step.
     tokens: list[int] = []
     response_tokens: list[int] = []
-    peaks: list[float] = []
     counter = {"tokens": 0, "response": 0}
 
-    class Timer(TrainerCallback):
-        def on_train_begin(self, args_, state, control, **kw):
-            counter["tokens"] = counter["response"] = 0
-            marks.append(time.perf_counter())
+    def reset():
+        counter["tokens"] = counter["response"] = 0
 
-        def on_step_end(self, args_, state, control, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            marks.append(time.perf_counter())
-            peaks.append(max_rss_mib())
-            tokens.append(counter["tokens"])
-            response_tokens.append(counter["response"])
-            counter["tokens"] = counter["response"] = 0
-            log(f"iteration {len(marks) - 1}: {marks[-1] - marks[-2]:.2f}s, {tokens[-1]} tokens")
+    def end_iteration():
+        tokens.append(counter["tokens"])
+        response_tokens.append(counter["response"])
+        reset()
+
+    timer, marks, peaks = iteration_timer(1, log, tokens, on_begin=reset, on_iteration=end_iteration)
 
     torch.manual_seed(args.seed)  # LoRA's A matrices (get_peft_model runs inside the trainer)
     trainer = PPOTrainer(
@@ -191,7 +170,7 @@ def run(args: argparse.Namespace) -> dict:
         train_dataset=train_dataset,
         eval_dataset=None,
         peft_config=peft_config,
-        callbacks=[Timer()],
+        callbacks=[timer],
     )
     context_len: dict[str, int] = {}
 

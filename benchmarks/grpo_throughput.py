@@ -25,12 +25,9 @@ tokenizer (a stand-in for the judge's), plus the two answers at the cai runs' me
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import re
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -39,7 +36,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from _cai_grpo import KL_COEF
 from _ppo_common import DEFAULT_PROMPTS
-from ppo_throughput import build_reward_model, log, resolve_policy, run_trainer, summarise, wait_for_quiet
+from ppo_throughput import add_run_args, print_report, run_models, summarise
 
 TARGETS = {"speedup": 1.5, "memory_ratio": 0.7}
 SCRIPTS = {"cai": HERE / "_cai_grpo.py", "trl": HERE / "_trl_grpo.py"}
@@ -83,22 +80,8 @@ def judge_load(policy: str, prompts: list[str], *, batch_size: int, num_generati
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["tiny", "smollm2-135m-instruct"],
-                    help="'tiny' (cai.tiny, built locally) or any name/folder cai.models.resolve_model takes")
-    ap.add_argument("--batch-size", type=int, default=16, help="answers per iteration (batch / K prompts)")
+    add_run_args(ap, "grpo_throughput", batch_size=16, batch_help="answers per iteration (batch / K prompts)")
     ap.add_argument("--num-generations", type=int, default=4, help="K: answers per prompt")
-    ap.add_argument("--mini-batches", type=int, default=2)
-    ap.add_argument("--response-length", type=int, default=32)
-    ap.add_argument("--ppo-epochs", type=int, default=1, help="passes over each batch (TRL's num_iterations, mu)")
-    ap.add_argument("--iterations", type=int, default=None, help="per run, first one warm-up (default: 4 for tiny, 3 otherwise)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads in each run (each run is alone on the machine)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--repeats", type=int, default=2, help="runs per trainer, in ABBA order (cai, trl, trl, cai, ...)")
-    ap.add_argument("--max-wait", type=float, default=600, help="seconds to wait for a quiet machine before each run")
-    ap.add_argument("--quiet-cpu", type=float, default=20, help="'quiet' = other processes use under this percent of one core")
-    ap.add_argument("--save", action="store_true", help="also write benchmarks/results/grpo_throughput_<models>[_<tag>].json")
-    ap.add_argument("--tag", default=None, help="suffix for the saved file's name (runs with other settings)")
     args = ap.parse_args(argv)
     if args.batch_size % args.num_generations or args.batch_size % args.mini_batches:
         ap.error(f"--batch-size ({args.batch_size}) must be divisible by --num-generations ({args.num_generations}) "
@@ -117,46 +100,17 @@ def main(argv: list[str] | None = None) -> int:
                      "reward": "seeded one-output reward model made from the policy", "repeats": args.repeats},
         "environment": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                         "torch": torch.__version__, "trl": trl.__version__, "cuda": torch.cuda.is_available()},
-        "models": {},
     }
-    order = [("cai", "trl") if k % 2 == 0 else ("trl", "cai") for k in range(args.repeats)]
-    with tempfile.TemporaryDirectory(prefix="grpo_throughput_") as tmp:
-        tmp = Path(tmp)
-        prompts = tmp / "prompts.jsonl"
-        prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in DEFAULT_PROMPTS))
-        for name in args.models:
-            policy = resolve_policy(name, tmp)
-            rm = build_reward_model(policy, tmp / f"rm-{re.sub(r'[^A-Za-z0-9_.-]', '-', name)}", args.seed)
-            iterations = args.iterations or (4 if name == "tiny" else 3)
-            flags = ["--policy", policy, "--reward-model", rm, "--prompts", str(prompts), "--batch-size", str(args.batch_size),
-                     "--num-generations", str(args.num_generations), "--mini-batches", str(args.mini_batches),
-                     "--response-length", str(args.response_length), "--ppo-epochs", str(args.ppo_epochs),
-                     "--iterations", str(iterations), "--seed", str(args.seed), "--threads", str(args.threads),
-                     "--lr", str(args.lr)]
-            runs = []
-            for trainer in [t for pair in order for t in pair]:
-                quiet = wait_for_quiet(args.max_wait, args.quiet_cpu)
-                load_before = [round(x, 2) for x in os.getloadavg()]
-                result, other_cores, steal = run_trainer(SCRIPTS[trainer], flags)
-                result.update(run=len(runs) + 1, load_before=load_before, other_cpu_cores=round(other_cores, 2),
-                              steal_share=round(steal, 3), **quiet)
-                log(f"{name} {trainer}: {result['tokens_per_s']} tokens/s, peak RSS {result['peak_rss_mib']} MiB "
-                    f"(other processes {other_cores:.2f} cores)")
-                runs.append(result)
-            cai_answers = [t / args.batch_size for r in runs if r["trainer"] == "cai" for t in r["response_tokens_per_iteration"]]
-            judge = judge_load(policy, DEFAULT_PROMPTS, batch_size=args.batch_size, num_generations=args.num_generations,
-                               answer_tokens=sum(cai_answers) / len(cai_answers))
-            report["models"][name] = {"policy": policy, "iterations": iterations,
-                                      **summarise(runs, TARGETS, "cai_grpo_source"), "judge_load": judge, "runs": runs}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.save:
-        slug = "_".join(re.sub(r"[^A-Za-z0-9_.-]", "-", Path(m).name if "/" in m else m) for m in args.models)
-        if args.tag:
-            slug += "_" + re.sub(r"[^A-Za-z0-9_.-]", "-", args.tag)
-        path = HERE / "results" / f"grpo_throughput_{slug}.json"
-        path.write_text(text + "\n")
-        log(f"wrote {path}")
+    k = ["--num-generations", str(args.num_generations)]
+
+    def summary(runs: list[dict], policy: str) -> dict:
+        answers = [t / args.batch_size for r in runs if r["trainer"] == "cai" for t in r["response_tokens_per_iteration"]]
+        return {**summarise(runs, TARGETS, "cai_grpo_source"),
+                "judge_load": judge_load(policy, DEFAULT_PROMPTS, batch_size=args.batch_size,
+                                         num_generations=args.num_generations, answer_tokens=sum(answers) / len(answers))}
+
+    report["models"] = run_models(args, "grpo_throughput", SCRIPTS, {"cai": k, "trl": k}, summary)
+    print_report(report, "grpo_throughput", args)
     return 0
 
 

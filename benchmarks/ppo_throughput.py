@@ -183,40 +183,14 @@ def summarise(runs: list[dict], targets: dict[str, float] = TARGETS, source_key:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["tiny", "smollm2-135m-instruct"],
-                    help="'tiny' (cai.tiny, built locally) or any name/folder cai.models.resolve_model takes")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--mini-batches", type=int, default=2)
-    ap.add_argument("--response-length", type=int, default=32)
-    ap.add_argument("--ppo-epochs", type=int, default=1)
-    ap.add_argument("--iterations", type=int, default=None, help="per run, first one warm-up (default: 4 for tiny, 3 otherwise)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads in each run (each run is alone on the machine)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--repeats", type=int, default=2, help="runs per trainer, in ABBA order (cai, trl, trl, cai, ...)")
-    ap.add_argument("--max-wait", type=float, default=600, help="seconds to wait for a quiet machine before each run")
-    ap.add_argument("--quiet-cpu", type=float, default=20, help="'quiet' = other processes use under this percent of one core")
-    ap.add_argument("--save", action="store_true", help="also write benchmarks/results/ppo_throughput_<models>[_<tag>].json")
-    ap.add_argument("--tag", default=None, help="suffix for the saved file's name (runs with other settings)")
-    args = ap.parse_args(argv)
-
-    import torch
-    import trl
-
-    report: dict = {
-        "benchmark": "ppo_throughput",
-        "settings": {"batch_size": args.batch_size, "mini_batches": args.mini_batches, "response_length": args.response_length,
-                     "ppo_epochs": args.ppo_epochs, "threads": args.threads, "seed": args.seed, "lr": args.lr,
-                     "lora": "r=8 alpha=16 all-linear", "temperature": 1.0, "kl_coef": 0.05, "kl_estimator": "k1",
-                     "missing_eos_penalty": 1.0, "repeats": args.repeats},
-        "environment": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                        "torch": torch.__version__, "trl": trl.__version__, "cuda": torch.cuda.is_available()},
-        "models": {},
-    }
+def run_models(args: argparse.Namespace, prefix: str, scripts: dict[str, Path], extra_flags: dict[str, list[str]],
+               summarise_runs) -> dict:
+    """For each of `args.models`: the policy, its reward model and the 64 prompts, then `scripts` ("cai", "trl") run
+    `args.repeats` times each in ABBA order with the shared flags plus `extra_flags[trainer]`; -> {model: summary},
+    the summary `summarise_runs(runs, policy folder)` (called while the folder exists)."""
+    models: dict = {}
     order = [("cai", "trl") if k % 2 == 0 else ("trl", "cai") for k in range(args.repeats)]
-    with tempfile.TemporaryDirectory(prefix="ppo_throughput_") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{prefix}_") as tmp:
         tmp = Path(tmp)
         prompts = tmp / "prompts.jsonl"
         prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in DEFAULT_PROMPTS))
@@ -232,22 +206,70 @@ def main(argv: list[str] | None = None) -> int:
             for trainer in [t for pair in order for t in pair]:
                 quiet = wait_for_quiet(args.max_wait, args.quiet_cpu)
                 load_before = [round(x, 2) for x in os.getloadavg()]
-                result, other_cores, steal = run_trainer(SCRIPTS[trainer], flags + (["--lora"] if trainer == "trl" else []))
+                result, other_cores, steal = run_trainer(scripts[trainer], flags + extra_flags[trainer])
                 result.update(run=len(runs) + 1, load_before=load_before, other_cpu_cores=round(other_cores, 2),
                               steal_share=round(steal, 3), **quiet)
                 log(f"{name} {trainer}: {result['tokens_per_s']} tokens/s, peak RSS {result['peak_rss_mib']} MiB "
                     f"(other processes {other_cores:.2f} cores)")
                 runs.append(result)
-            report["models"][name] = {"policy": policy, "iterations": iterations, **summarise(runs), "runs": runs}
+            models[name] = {"policy": policy, "iterations": iterations, **summarise_runs(runs, policy), "runs": runs}
+    return models
+
+
+def print_report(report: dict, benchmark: str, args: argparse.Namespace) -> None:
+    """Print `report` as JSON; with `--save` also write it to benchmarks/results/<benchmark>_<models>[_<tag>].json."""
     text = json.dumps(report, indent=2)
     print(text)
-    if args.save:
-        slug = "_".join(re.sub(r"[^A-Za-z0-9_.-]", "-", Path(m).name if "/" in m else m) for m in args.models)
-        if args.tag:
-            slug += "_" + re.sub(r"[^A-Za-z0-9_.-]", "-", args.tag)
-        path = HERE / "results" / f"ppo_throughput_{slug}.json"
-        path.write_text(text + "\n")
-        log(f"wrote {path}")
+    if not args.save:
+        return
+    slug = "_".join(re.sub(r"[^A-Za-z0-9_.-]", "-", Path(m).name if "/" in m else m) for m in args.models)
+    if args.tag:
+        slug += "_" + re.sub(r"[^A-Za-z0-9_.-]", "-", args.tag)
+    path = HERE / "results" / f"{benchmark}_{slug}.json"
+    path.write_text(text + "\n")
+    log(f"wrote {path}")
+
+
+def add_run_args(ap: argparse.ArgumentParser, benchmark: str, *, batch_size: int, batch_help: str) -> None:
+    """The flags `ppo_throughput.py` and `grpo_throughput.py` share."""
+    ap.add_argument("--models", nargs="+", default=["tiny", "smollm2-135m-instruct"],
+                    help="'tiny' (cai.tiny, built locally) or any name/folder cai.models.resolve_model takes")
+    ap.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+    ap.add_argument("--mini-batches", type=int, default=2)
+    ap.add_argument("--response-length", type=int, default=32)
+    ap.add_argument("--ppo-epochs", type=int, default=1, help="passes over each batch (TRL's GRPO: num_iterations, mu)")
+    ap.add_argument("--iterations", type=int, default=None, help="per run, first one warm-up (default: 4 for tiny, 3 otherwise)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in each run (each run is alone on the machine)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--repeats", type=int, default=2, help="runs per trainer, in ABBA order (cai, trl, trl, cai, ...)")
+    ap.add_argument("--max-wait", type=float, default=600, help="seconds to wait for a quiet machine before each run")
+    ap.add_argument("--quiet-cpu", type=float, default=20, help="'quiet' = other processes use under this percent of one core")
+    ap.add_argument("--save", action="store_true", help=f"also write benchmarks/results/{benchmark}_<models>[_<tag>].json")
+    ap.add_argument("--tag", default=None, help="suffix for the saved file's name (runs with other settings)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_args(ap, "ppo_throughput", batch_size=8, batch_help="rollouts per iteration")
+    args = ap.parse_args(argv)
+
+    import torch
+    import trl
+
+    report: dict = {
+        "benchmark": "ppo_throughput",
+        "settings": {"batch_size": args.batch_size, "mini_batches": args.mini_batches, "response_length": args.response_length,
+                     "ppo_epochs": args.ppo_epochs, "threads": args.threads, "seed": args.seed, "lr": args.lr,
+                     "lora": "r=8 alpha=16 all-linear", "temperature": 1.0, "kl_coef": 0.05, "kl_estimator": "k1",
+                     "missing_eos_penalty": 1.0, "repeats": args.repeats},
+        "environment": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                        "torch": torch.__version__, "trl": trl.__version__, "cuda": torch.cuda.is_available()},
+        "models": {},
+    }
+    report["models"] = run_models(args, "ppo_throughput", SCRIPTS, {"cai": [], "trl": ["--lora"]},
+                                   lambda runs, policy: summarise(runs))
+    print_report(report, "ppo_throughput", args)
     return 0
 
 
