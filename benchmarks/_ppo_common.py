@@ -1,9 +1,12 @@
-"""What `_cai_ppo.py` and `_trl_ppo.py` share, so the two sides of `ppo_throughput.py` are measured alike.
+"""What the trainer scripts of `ppo_throughput.py` and `grpo_throughput.py` share (`_cai_ppo.py`, `_trl_ppo.py`,
+`_cai_grpo.py`, `_trl_grpo.py`), so both sides of each comparison are measured alike.
 
-The knobs both take (`add_common_args`), the 64 default prompts, the reward model made from the policy
+The knobs all take (`add_common_args`), the 64 default prompts, the reward model made from the policy
 (a seeded one-output score head), reading every weight once before the resident set is taken (transformers
 memory-maps checkpoints, so untouched weights are not resident yet), `ru_maxrss` in MiB, the result fields
-both print, and `main`, which keeps stdout for the one JSON object.
+all print, `main`, which keeps stdout for the one JSON object; for the cai side its inputs, job fields, timed
+updates and result (`cai_inputs`, `cai_job_fields`, `time_updates`, `cai_run_result`), for TRL's the trainer
+arguments and the iteration timer (`hf_trainer_args`, `iteration_timer`).
 """
 
 from __future__ import annotations
