@@ -62,6 +62,11 @@ def _exit_interrupted() -> None:
     os._exit(130)
 
 
+def _starts_work(argv: list[str]) -> bool:
+    """False for an invocation that only prints help or the version: it starts no process, so needs no watchdog."""
+    return bool(argv) and not any(a in ("--help", "-h", "--version") for a in argv)
+
+
 class _Cli(typer.Typer):
     """The `cai` app as its console script runs it: a watchdog (cai.reaper) ends every process the job started when
     the job ends, however it ends, and Ctrl-C stops the job with one line on stderr and exit code 130."""
@@ -69,7 +74,8 @@ class _Cli(typer.Typer):
     def __call__(self, *args, **kwargs):
         from cai.reaper import watch
 
-        watch(os.getpid())
+        if _starts_work(sys.argv[1:]):
+            watch(os.getpid())
         signal.signal(signal.SIGINT, _on_interrupt)
         try:
             return super().__call__(*args, **kwargs)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
+import psutil
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -134,3 +137,22 @@ def test_demo_config_runs_end_to_end_and_a_judge_that_cannot_revise_is_named(tin
     assert prefs["revision_pairs"] == 0 and prefs["pairs"] == prefs["judge"]["pairs"] > 0
     assert "refusal on harmful prompts" in result.output and "judge: win rate vs SFT" in result.output
     assert (tmp_path / "both" / "report.html").exists()
+
+
+def _watchdogs_of(argv: list[str]) -> list[list[str]]:
+    """Run `python -m cai.cli ARGV` and return the command lines of the watchdogs (cai.reaper) it started."""
+    proc = subprocess.Popen([sys.executable, "-m", "cai.cli", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc.wait(timeout=120)
+    # a watchdog polls every half second and then outlives its job by its grace time, so it is still there
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmdline = p.info["cmdline"] or []
+        if cmdline[-3:] == ["-m", "cai.reaper", str(proc.pid)]:
+            found.append(cmdline)
+    return found
+
+
+def test_help_and_version_start_no_watchdog_but_a_command_does():
+    assert _watchdogs_of(["--version"]) == []
+    assert _watchdogs_of(["generate", "sft", "--help"]) == []
+    assert len(_watchdogs_of(["constitution", "lint", "constitutions/concise.yaml"])) == 1
