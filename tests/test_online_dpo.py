@@ -43,6 +43,9 @@ def test_config_errors_name_the_problem():
         load_settings(None, {**base, "batch_size": 12, "mini_batches": 4}, schema=OnlineDPOJob)
     with pytest.raises(ConfigError, match="judge_url is needed"):  # the default reward is the pairwise judge
         load_settings(None, {k: v for k, v in base.items() if k != "reward"}, schema=OnlineDPOJob)
+    for name, value in (("kl_coef", 0.2), ("cliprange", 0.3), ("adaptive_kl", True)):  # refused, not silently ignored
+        with pytest.raises(ConfigError, match=f"online DPO does not use {name}"):
+            load_settings(None, {**base, "reward": "rule:length", name: value}, schema=OnlineDPOJob)
     cfg = load_settings(None, {**base, "judge_url": "http://127.0.0.1:1"}, schema=OnlineDPOJob)
     assert (cfg.mini_batches, cfg.ppo_epochs) == (1, 1)  # one gradient step per batch, as TRL's OnlineDPOTrainer
 

@@ -7,7 +7,7 @@ settings (`PPOSettings`, what a `cai run` config's `rl.ppo:` section holds) and 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -142,6 +142,13 @@ class OnlineDPOSettings(RLSettings):
                               "batch_size / 2 pairs. 1 (with ppo_epochs 1) is one gradient step per batch, as TRL's "
                               "OnlineDPOTrainer takes.")
 
+    UNUSED: ClassVar[dict[str, str]] = {
+        "kl_coef": "beta is the strength of the KL to the reference",
+        "adaptive_kl": "beta is fixed", "kl_target": "beta is fixed", "kl_horizon": "beta is fixed",
+        "cliprange": "the DPO loss has no ratio to clip", "ent_coef": "the DPO loss has no entropy bonus",
+    }
+    """Shared RL settings online DPO has no use for, with why; a value other than the default is refused (not ignored)."""
+
     @property
     def num_generations(self) -> int:
         """Answers sampled per prompt: a pair (GRPO's setting of the same name, fixed here)."""
@@ -149,6 +156,9 @@ class OnlineDPOSettings(RLSettings):
 
     @model_validator(mode="after")
     def _whole_pairs(self) -> OnlineDPOSettings:
+        for name, why in self.UNUSED.items():
+            if getattr(self, name) != type(self).model_fields[name].default:
+                raise ValueError(f"online DPO does not use {name} ({getattr(self, name)!r}): {why}; leave it out")
         if self.batch_size % 2 or (self.batch_size // 2) % self.mini_batches:
             raise ValueError(f"batch_size ({self.batch_size}) counts answers, two per prompt: it must be even, and its "
                              f"{self.batch_size // 2} pairs divisible by mini_batches ({self.mini_batches})")
