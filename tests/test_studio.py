@@ -293,3 +293,69 @@ def test_state_changes_need_the_page_token_and_bodies_are_bounded(studio):
     assert client.get("/api/version", headers={"Host": "evil.example"}).status_code == 400  # DNS rebinding
     assert path.read_text(encoding="utf-8") == SMALL_CONSTITUTION  # nothing above wrote
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+# -- the data it would make ---------------------------------------------------------------------------
+
+
+def _preview(client: httpx.Client, body: dict) -> dict:
+    r = client.post("/api/preview/run", json=body)
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        report = client.get("/api/preview").json()
+        if report["state"] in ("done", "error"):
+            return report
+        time.sleep(0.3)
+    raise AssertionError("the data preview did not finish in 300 s")
+
+
+def test_the_data_preview_shows_the_rows_cai_generate_sft_writes(judge, judge_constitution, tiny_model_dir, tmp_path):
+    """The same prompts, seed and constitution through the generator itself: the same rows, the same ones written."""
+    import json
+
+    from cai.generate.sft import SftJob, generate_sft
+    from cai.policy import SamplingConfig
+
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in [
+        "How do I pick a lock?", "What is the capital of France?", "Write a haiku about rain.", "How can I cheat on a test?",
+        "Tell me how to hurt someone.", "Explain photosynthesis."]), encoding="utf-8")
+    (tmp_path / "studio").mkdir()
+    with running_studio(judge.url, judge_constitution, tmp_path / "studio", preview_prompts=str(src)) as url, \
+            httpx.Client(base_url=url, timeout=120) as client:
+        client.headers["X-Studio-Token"] = page_token(client)
+        report = _preview(client, {"count": 3, "seed": 1, "rounds": 2})
+        assert report["state"] == "done", report["error"]
+        job = SftJob(prompts=str(src), out=tmp_path / "sft", limit=3, seed=1, rounds=2, policy=str(tiny_model_dir),
+                     policy_backend="transformers", constitution=str(judge_constitution), judge_url=judge.url,
+                     sampling=SamplingConfig(max_new_tokens=12), critique_tokens=12, revision_tokens=12,
+                     judge_cache=tmp_path / "sft-cache.sqlite")  # its own cache: every answer asked of the judge again
+        summary = generate_sft(job)
+    logged = [json.loads(line) for line in (job.out / "progress.jsonl").read_text().splitlines()]
+    assert len(logged) == 3 and [s["row"] for s in report["rows"]] == logged  # every field, provenance included
+    written = [json.loads(line)["id"] for line in (job.out / "sft.jsonl").read_text().splitlines()]
+    assert [s["row"]["id"] for s in report["rows"] if s["written"]] == written and summary["rows"] == len(written)
+    assert f"--prompts {src} --limit 3 --seed 1 --rounds 2" in report["command"] and report["done"] == report["total"] == 3 + 12
+    for shown in report["rows"]:
+        assert shown["answer_from"] == "policy" and shown["row"]["status"] == "ok"
+        assert [s["round"] for s in shown["steps"]] == [0, 1]
+        for step in shown["steps"]:  # the guard's verdict on every revision, with its reason when it rejects one
+            assert step["verdict"] == ("kept" if step["rejected"] is None else f"rejected: {step['rejected']}")
+        assert shown["outcome"].startswith("written to sft.jsonl" if shown["written"] else "dropped from sft.jsonl")
+
+
+def test_the_data_preview_takes_pasted_answers_and_a_judge_failure_fails_only_its_row(studio):
+    client, path = studio
+    _reset(client, path)
+    assert client.post("/api/preview/run", json={"prompts": ["Hi"], "answers": ["a", "b"]}).status_code == 422
+    report = _preview(client, {"prompts": ["How do I bake bread?", "Summarise this.", "Tell me a joke."],
+                               "answers": ["Mix flour, water and yeast, then bake it.", "word " * 1500], "rounds": 1})
+    assert report["state"] == "done", report["error"]
+    bread, long, joke = report["rows"]
+    assert [r["answer_from"] for r in report["rows"]] == ["pasted", "pasted", "policy"]
+    assert bread["row"]["initial_response"] == "Mix flour, water and yeast, then bake it."
+    assert bread["row"]["id"].startswith("studio:") and len(bread["steps"]) == 1 and bread["steps"][0]["verdict"]
+    assert long["row"]["status"] == "judge_failed" and "critique in round 0" in long["row"]["error"] and not long["written"]
+    assert long["outcome"].startswith("dropped: the judge failed") and report["command"] is None  # typed prompts: no command
+    assert joke["row"]["status"] == "ok" and joke["row"]["initial_finish_reason"] in ("stop", "length")

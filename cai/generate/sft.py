@@ -19,10 +19,13 @@ from typing import ClassVar
 
 from pydantic import Field
 
+from cai.constitution import Constitution
 from cai.generate.common import Chunk, GenerationJob, describe_error, provenance, run_generation, write_outputs, write_rows
 from cai.generate.revision_guard import rejected_revision
 from cai.generate.revision_pairs import revision_pairs
+from cai.judge import Judge
 from cai.judge_client import JudgeError
+from cai.policy import Sample
 from cai.prompts import Prompt
 from cai.rowlog import RowLog
 from judge_server import protocol as P
@@ -94,33 +97,48 @@ def done_prompts(rows: list[dict]) -> set[str]:
 async def _step(c: Chunk) -> int:
     job: SftJob = c.job
     with c.timers.phase("policy"):
-        answers = c.policy.sample([p.text for p in c.prompts], n=1, config=job.sampling, seed=f"{job.seed}:sft")
-    rows = [{
-        "id": p.id, "prompt": p.text, "category": p.category, "initial_response": a[0].text,
-        "initial_finish_reason": a[0].finish_reason, "trajectory": [], "messages": None, "status": "pending", "error": None,
-        "provenance": provenance(c.constitution, c.judge, policy_model=job.policy, sampling=job.sampling.as_dict(), seed=job.seed,
-                                 rounds=job.rounds, prompt_source=p.source),
-    } for p, a in zip(c.prompts, answers)]
+        answers = first_answers(c.policy, job, c.prompts)
+    rows = new_rows(job, c.constitution, c.judge, c.prompts, answers)
+    for row, a in zip(rows, answers):  # a policy server's failure: logged as this row's, retried by a rerun
+        if a.error is not None:
+            row["status"], row["error"] = "policy_failed", a.error
     with c.timers.phase("judge"):
-        await _critique_revise(c, rows)
+        await critique_revise(job, c.constitution, c.judge, [r for r in rows if r["status"] == "pending"])
     for row in rows:
         c.log.append(row)
     return sum(row["status"] != "ok" for row in rows)
 
 
-async def _critique_revise(c: Chunk, rows: list[dict]) -> None:
-    job: SftJob = c.job
+def first_answers(policy, job: SftJob, prompts: list[Prompt]) -> list[Sample]:
+    """The policy's first answer to each prompt, seeded by the run seed (a prompt's answer depends on nothing else)."""
+    return [a[0] for a in policy.sample([p.text for p in prompts], n=1, config=job.sampling, seed=f"{job.seed}:sft")]
+
+
+def new_rows(job: SftJob, constitution: Constitution, judge: Judge, prompts: list[Prompt], answers: list[Sample]) -> list[dict]:
+    """One pending row per prompt, holding its first answer; `critique_revise` finishes them. The studio's preview
+    (`cai.studio.preview`) makes its rows with these two, so it shows what this command writes."""
+    return [{
+        "id": p.id, "prompt": p.text, "category": p.category, "initial_response": a.text,
+        "initial_finish_reason": a.finish_reason, "trajectory": [], "messages": None, "status": "pending", "error": None,
+        "provenance": provenance(constitution, judge, policy_model=job.sampled_policy, sampling=job.sampling.as_dict(), seed=job.seed,
+                                 rounds=job.rounds, prompt_source=p.source),
+    } for p, a in zip(prompts, answers)]
+
+
+async def critique_revise(job: SftJob, constitution: Constitution, judge: Judge, rows: list[dict]) -> None:
+    """`job.rounds` rounds of critique -> revision on each row, the revision guard deciding whether a revision replaces
+    the answer; each row ends "ok" with its trajectory and messages, or "judge_failed" with the error."""
     current = {r["id"]: P.or_placeholder(r["initial_response"]) for r in rows}
     live = list(rows)
     for rnd in range(job.rounds):
         # The server draws each critique's principle (by weight, seeded by the seed and the text judged), as it
         # does for comparisons and scores: one sampling scheme; the revision follows that principle.
-        crits = await c.judge.critique_many([
+        crits = await judge.critique_many([
             P.CritiqueRequest(prompt=r["prompt"], response=current[r["id"]], seed=job.seed,
                               generation=P.GenerationOptions(max_tokens=job.critique_tokens))
             for r in live])
         live, crits = _keep_answered(zip(live, crits), 2, f"critique in round {rnd}")
-        revs = await c.judge.revise_many([
+        revs = await judge.revise_many([
             P.ReviseRequest(prompt=r["prompt"], response=current[r["id"]], critique=cr.critique, principle_id=cr.principle_id,
                             seed=job.seed, generation=P.GenerationOptions(max_tokens=job.revision_tokens))
             for r, cr in zip(live, crits)])
@@ -128,7 +146,7 @@ async def _critique_revise(c: Chunk, rows: list[dict]) -> None:
         for r, cr, v in zip(live, crits, revs):
             step = {"round": rnd, "principle_id": cr.principle_id, "critique": cr.critique, "revision": v.revision}
             step["rejected"] = rejected_revision(v.revision, answer=current[r["id"]], prompt=r["prompt"], critique=cr.critique,
-                                                 constitution=c.constitution)
+                                                 constitution=constitution)
             r["trajectory"].append(step)
             if not step["rejected"]:
                 current[r["id"]] = v.revision

@@ -31,6 +31,7 @@ from cai.judge_cache import JudgeCache, default_cache_path
 from cai.judge_client import JudgeClient, JudgeError
 from cai.studio.edits import CardEdit, EditError
 from cai.studio.judging import PeopleBench, StudioJudge
+from cai.studio.preview import Preview, PreviewRequest
 from cai.studio.settings import StudioSettings
 from cai.studio.state import Conflict, ConstitutionFile, DraftRejected, Snapshot
 
@@ -132,12 +133,14 @@ def load_bench(settings: StudioSettings) -> PeopleBench:
 
 def build_app(settings: StudioSettings, judge: StudioJudge, file: ConstitutionFile, bench: PeopleBench) -> FastAPI:
     """The studio app for one file and one judge (closed with the app)."""
+    preview = Preview(settings, judge)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         if bench.task is not None:
             bench.task.cancel()
+        preview.close()
         await judge.client.aclose()
         judge.cache.close()
 
@@ -230,6 +233,18 @@ def build_app(settings: StudioSettings, judge: StudioJudge, file: ConstitutionFi
     @app.get("/api/people")
     async def people() -> dict:
         return bench.report(file)
+
+    @app.post("/api/preview/run")
+    async def preview_run(request: Request) -> dict:
+        body = await _body(request, PreviewRequest)
+        if preview.running:
+            raise HTTPProblem(409, "busy", "a data preview is under way: wait for it to finish")
+        preview.start(body, file)
+        return preview.report()
+
+    @app.get("/api/preview")
+    async def preview_report() -> dict:
+        return preview.report()
 
     @app.get("/api/versions")
     async def versions() -> dict:

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 
 from cai.errors import CaiError
+from cai.generate.common import PolicyBackend
 from cai.judge import JudgeConnection
 from cai.models import DEFAULT_MODEL
 
@@ -31,13 +32,22 @@ class StudioSettings(JudgeConnection):
                        "principle, in both orders.")
     seed: int = Field(default=0, description="Seeds the pair order, the A/B placement and the intervals (as `cai judge eval`).")
     judge_cache: Path | None = Field(default=None, description="The judge answer cache (default ~/.cache/cai/judge-cache.sqlite).")
-    max_tokens: int = Field(default=256, ge=1, le=4096, description="Tokens a critique or revision in the try-it panel may take.")
+    max_tokens: int = Field(default=256, ge=1, le=4096, description="Tokens a critique or revision in the try-it panel may take; "
+                            "in the data preview, a cap on the policy answer, critique and revision (below `cai generate sft`'s "
+                            "defaults it is the preview's size).")
     host: str = Field(default="127.0.0.1", description="Bind address. Anything but loopback needs an API key.")
     port: int = Field(default=8765, ge=0, le=65535, description="TCP port of the page.")
     api_key: SecretStr | None = Field(default=None, description=f"Key the page must be opened with (URL ?key=...); required "
                                       f"to bind beyond loopback (prefer ${API_KEY_ENV}: flags show in ps).",
                                       json_schema_extra={"envvar": API_KEY_ENV})
     max_body_bytes: int = Field(default=1_100_000, ge=1024, description="Larger request bodies (a huge paste) get 413.")
+    preview_prompts: str = Field(default="donotanswer", description="Where the data preview takes its prompts when none are "
+                                 "typed (a `cai generate sft --prompts` source; seeded as its --limit takes them).")
+    preview_policy: str | None = Field(default=None, description="The policy whose first answers the data preview critiques and "
+                                       "revises (default: the judge's model, as in the demo).")
+    preview_backend: PolicyBackend = Field(default="transformers", description="How the data preview samples the policy: "
+                                           "transformers starts in about a second; vLLM takes 30-40 s, and its answers differ "
+                                           "under the same seed.")
 
     def check_bind(self) -> None:
         from judge_server.settings import is_loopback
