@@ -9,6 +9,8 @@ in the test process. `mode` can be changed while it runs:
 - echo_key: 400 whose message repeats the Authorization header; html: 200 with an HTML page; no_logprobs: JSON without log-probs; wrong_shape: choices is a string;
   nan: a log-prob that is not a number; hang: sleeps `hang_s` before answering (health checks too); down: 503 everywhere
 - garbage_number: a log-prob that is a long string repeating the Authorization header (a proxy that echoes headers)
+- varied: as good, but a request without log-probs (a policy sampling answers) gets `n` answers that differ from each
+  other, each a function of the prompt, the seed and its index (a policy served for `cai generate`)
 - digits: a Qwen-style judge that rates "10" as the token "1" then the token "0": P("1") 0.9, P("9") 0.1 first, then
   P("0" | "1") 0.99; everything else -30. Completions read ids through `ids` (text -> id of the test's tokenizer).
 Every mode: a POST whose body contains `poison` gets 500 (one request that makes the model server fail), and the next
@@ -18,11 +20,16 @@ Every request's Authorization header is recorded in `seen_keys`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the default backlog of 5 resets connections when a client sends more at once
 
 
 class FakeOpenAI:
@@ -89,7 +96,7 @@ class FakeOpenAI:
                 status, answer, kind = fake.answer(self.path, body)
                 self._send(status, answer if isinstance(answer, bytes) else json.dumps(answer).encode(), kind)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -104,6 +111,8 @@ class FakeOpenAI:
         if mode == "wrong_shape":
             return 200, {"choices": "nope"}, "application/json"
         usage = {"prompt_tokens": 10, "completion_tokens": 1}
+        if mode == "varied" and not body.get("logprobs"):
+            return 200, self.varied(path, body) | {"usage": usage}, "application/json"
         if mode == "digits" and body.get("max_tokens") == 1:
             return 200, self.digits(path, body) | {"usage": usage}, "application/json"
         if path == "/v1/chat/completions":
@@ -122,6 +131,20 @@ class FakeOpenAI:
         else:
             top = {f"token_id:{t}": -1.0 - 0.1 * i for i, t in enumerate(body.get("logprob_token_ids") or [])}
         return 200, {"choices": [{"text": "A", "logprobs": {"top_logprobs": [top]}}], "usage": usage}, "application/json"
+
+    @staticmethod
+    def varied(path: str, body: dict) -> dict:
+        """`n` distinct answers of 20 to 200 characters, the same for the same prompt, seed and index."""
+        asked = json.dumps([body.get("prompt"), body.get("messages"), body.get("seed")], sort_keys=True)
+        texts = []
+        for k in range(int(body.get("n") or 1)):
+            digest = hashlib.sha256(f"{asked}\x00{k}".encode()).hexdigest()
+            words = (hashlib.sha256(f"{digest}{w}".encode()).hexdigest()[:8] for w in range(2 + int(digest[:2], 16) % 20))
+            texts.append(f"Answer {k}: " + " ".join(words))
+        if path == "/v1/chat/completions":
+            return {"choices": [{"index": k, "message": {"role": "assistant", "content": t}, "finish_reason": "stop", "logprobs": None}
+                                for k, t in enumerate(texts)]}
+        return {"choices": [{"index": k, "text": t, "finish_reason": "stop", "logprobs": None} for k, t in enumerate(texts)]}
 
     FIRST = {"1": math.log(0.9), "9": math.log(0.1)}
     AFTER_ONE = {"0": math.log(0.99), "<|im_end|>": math.log(0.01)}
