@@ -338,6 +338,42 @@ def _run_judge_eval(job):
     return run_judge_eval(job)
 
 
+def _register_constitution_learn() -> None:
+    """`cai constitution learn`: its options made from cai.constitution.learn.LearnJob."""
+    from cai.cli_options import settings_command
+    from cai.constitution.learn import LearnJob
+
+    doc = """Learn principles from where the judge and people disagree (Inverse Constitutional AI): the judge model proposes
+    comparison questions that would explain people's choice on the pairs it gets most wrong; each is tested on held-out
+    pairs against the constitution alone (paired change in agreement, 95% interval), and the ones that help are written
+    to OUT with their figures. Idempotent: the same settings give the same file, every answer then from the judge cache.
+
+    Example: cai constitution learn --pairs labelled.jsonl --out my.yaml --judge-model smollm2-135m-instruct --proposals 8
+    """
+    constitution_app.command("learn")(settings_command(LearnJob, _print_learned, doc=doc, on_error=_fail))
+
+
+def _print_learned(job) -> None:
+    from rich.table import Table
+
+    from cai.constitution.learn import run_learn
+
+    result = run_learn(job)
+    table = Table(title=f"{len(result['candidates'])} proposal(s) tested on {len(result['held_out_pairs'])} held-out pairs "
+                        f"({result['disagreements']} disagreement(s) to learn from, {len(result['replies'])} asked)")
+    for column in ("question", "alone", "with it", "change [95%]", "kept"):
+        table.add_column(column, overflow="fold")
+    for c in result["candidates"]:
+        change = c["change"]
+        table.add_row(c["question"], f"{c['agreement_alone']['value']:.3f}", f"{c['agreement_with']['value']:.3f}",
+                      f"{change['value']:+.3f} [{change['low']:+.3f}, {change['high']:+.3f}]", "yes" if c["helps"] else "no")
+    console.print(table)
+    unparsed = sum(r["question"] is None for r in result["replies"])
+    console.print(f"{unparsed} of {len(result['replies'])} replies held no comparison question; {len(result['offered'])} "
+                  f"principle(s) kept, written to {result['out']} (every figure in "
+                  f"{Path(result['out']).with_suffix('.learn.json')})", highlight=False)
+
+
 # -- generate -----------------------------------------------------------------------
 
 def _register_generate_commands() -> None:
@@ -613,6 +649,7 @@ _register_generate_commands()
 _register_train_commands()
 _register_judge_serve()
 _register_judge_eval()
+_register_constitution_learn()
 _register_eval()
 _register_studio()
 

@@ -103,6 +103,9 @@ class Judge:
     async def score_many(self, reqs: Sequence[P.ScoreRequest]) -> list[P.ScoreResult | JudgeError]:
         return await self._many("score", self.client.score_many, reqs, P.ScoreResult)
 
+    async def propose_many(self, reqs: Sequence[P.ProposeRequest]) -> list[P.ProposeResult | JudgeError]:
+        return await self._many("propose", self.client.propose_many, reqs, P.ProposeResult)
+
 
 @asynccontextmanager
 async def open_judge(conn: JudgeConnection, *, constitution: Constitution | None, constitution_path: str | Path | None = None,

@@ -158,6 +158,11 @@ class JudgeClient:
         """Judge in batches of `batch_size`; with raise_on_error=False a refused item is a JudgeItemError in its place."""
         return await self._batched("/v1/score/batch", P.ScoreBatch, P.ScoreBatchResult, reqs, batch_size, raise_on_error)
 
+    async def propose_many(self, reqs: Sequence[P.ProposeRequest], batch_size: int = 8,
+                           raise_on_error: bool = True) -> list[P.ProposeResult | JudgeItemError]:
+        """Principles proposed for pairs people labelled (Inverse Constitutional AI), in batches of `batch_size`."""
+        return await self._batched("/v1/propose/batch", P.ProposeBatch, P.ProposeBatchResult, reqs, batch_size, raise_on_error)
+
 
 def _http_error(resp: httpx.Response, path: str) -> JudgeHTTPError:
     try:

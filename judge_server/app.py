@@ -236,6 +236,7 @@ _judging_routes("critique", P.CritiqueRequest, P.CritiqueResult, P.CritiqueBatch
 _judging_routes("revise", P.ReviseRequest, P.ReviseResult, P.ReviseBatch, P.ReviseBatchResult)
 _judging_routes("compare", P.CompareRequest, P.CompareResult, P.CompareBatch, P.CompareBatchResult)
 _judging_routes("score", P.ScoreRequest, P.ScoreResult, P.ScoreBatch, P.ScoreBatchResult)
+_judging_routes("propose", P.ProposeRequest, P.ProposeResult, P.ProposeBatch, P.ProposeBatchResult)
 
 
 @router.get("/health", response_model=P.Health)

@@ -17,6 +17,10 @@ PARENT_PID_ENV = "CAI_JUDGE_PARENT_PID"
 """Set by a cai job that starts its own judge (LocalJudge): the server stops when that process is gone."""
 MAX_TEXT_CHARS = 32_000
 MAX_BATCH = 256
+MAX_QUESTION_CHARS = 1000
+MAX_PROPOSE_PAIRS = 8
+PROPOSED_ID = "proposed"
+"""The principle id a comparison under a question given in the request (CompareRequest.comparison) votes as."""
 
 Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
 NonEmpty = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
@@ -98,17 +102,47 @@ class CompareRequest(_Common):
     clamp: tuple[float, float] | None = Field(
         default=None, description="Clamp the final label to [lo, hi]. Default: (0.4, 0.6) with cot (as in the CAI paper), none without."
     )
+    comparison: Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUESTION_CHARS)] | None = Field(
+        default=None, description=f"Judge by this comparison question instead of the constitution's principles: a proposed "
+        f"principle under test (`cai constitution learn`), voting as {PROPOSED_ID!r}. principle_ids must then be left out.")
 
     @model_validator(mode="after")
     def _check_clamp(self) -> CompareRequest:
         if self.clamp is not None and not (0.0 <= self.clamp[0] <= self.clamp[1] <= 1.0):
             raise ValueError(f"clamp must satisfy 0 <= lo <= hi <= 1, got {list(self.clamp)}")
+        if self.comparison is not None and self.principle_ids:
+            raise ValueError("give comparison (a question under test) or principle_ids (the constitution's), not both")
         return self
 
     def effective_clamp(self) -> tuple[float, float] | None:
         if self.clamp is not None:
             return self.clamp
         return (0.4, 0.6) if self.cot else None
+
+
+# -- propose (Inverse Constitutional AI) ---------------------------------------------
+
+
+class PreferredPair(_Model):
+    prompt: NonEmpty
+    preferred: NonEmpty = Field(description="The response people preferred.")
+    other: NonEmpty
+
+
+class ProposeRequest(_Model):
+    pairs: list[PreferredPair] = Field(min_length=1, max_length=MAX_PROPOSE_PAIRS, description="Pairs on which people "
+                                       "preferred one response; the judge writes a comparison question that would explain it.")
+    constitution_hash: str | None = Field(default=None, max_length=64, description="As in the other requests.")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Seeds the sampled generation.")
+    generation: GenerationOptions = Field(default_factory=lambda: GenerationOptions(max_tokens=64, temperature=0.7))
+
+
+class ProposeResult(_Model):
+    text: str = Field(description="The judge's reply, as generated: parse it before use (it may be anything).")
+    constitution_hash: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
 
 
 class PrincipleVote(_Model):
@@ -183,6 +217,10 @@ class ScoreBatch(_Model):
     items: list[ScoreRequest] = Field(min_length=1, max_length=MAX_BATCH)
 
 
+class ProposeBatch(_Model):
+    items: list[ProposeRequest] = Field(min_length=1, max_length=MAX_BATCH)
+
+
 class CritiqueBatchResult(_Model):
     results: list[CritiqueResult | ErrorResponse] = Field(description="In item order; an item that failed on its own holds its error.")
 
@@ -197,6 +235,10 @@ class CompareBatchResult(_Model):
 
 class ScoreBatchResult(_Model):
     results: list[ScoreResult | ErrorResponse] = Field(description="In item order; an item that failed on its own holds its error.")
+
+
+class ProposeBatchResult(_Model):
+    results: list[ProposeResult | ErrorResponse] = Field(description="In item order; an item that failed on its own holds its error.")
 
 
 # -- service -------------------------------------------------------------------------

@@ -61,11 +61,28 @@ class JudgeService:
         return P.ReviseResult(revision=gen.text, principle_id=principle.id, constitution_hash=c.hash, model=self.engine.model_name,
                               prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
 
+    async def propose(self, req: P.ProposeRequest) -> P.ProposeResult:
+        c = self.store.get(req.constitution_hash)
+        shown = [(p.prompt, p.preferred, p.other) for p in req.pairs]
+        while True:  # the pairs are examples: drop them (last first) until the prompt fits, down to one
+            try:
+                prompt = self.engine.encode(templates.propose_messages(shown), templates.PROPOSE_PREFIX, what="proposal")
+                break
+            except PromptTooLongError:
+                if len(shown) == 1:
+                    raise
+                shown.pop()
+        gen = await self.engine.generate(prompt, max_tokens=req.generation.max_tokens, temperature=req.generation.temperature, seed=req.seed)
+        return P.ProposeResult(text=f"{templates.PROPOSE_PREFIX}{gen.text}", constitution_hash=c.hash, model=self.engine.model_name,
+                               prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
+
     async def compare(self, req: P.CompareRequest) -> P.CompareResult:
         c = self.store.get(req.constitution_hash)
         if self.engine.splits("A") or self.engine.splits("B"):
             raise RuntimeError(f"tokenizer of {self.engine.model_name} has no single token for 'A'/'B'")
-        if req.principle_ids:
+        if req.comparison is not None:  # a proposed question under test: only its comparison text reaches the prompt
+            principles = [Principle(id=P.PROPOSED_ID, critique="-", revision="-", comparison=req.comparison)]
+        elif req.principle_ids:
             principles = [c.principle(pid) for pid in dict.fromkeys(req.principle_ids)]
         else:
             # Seeded by the unordered pair, so (a, b) and (b, a) are judged on the same principles.

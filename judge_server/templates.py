@@ -17,6 +17,7 @@ COMPARE_PREFIX = "The better response is ("
 COT_PREFIX = "Let's think step by step:"
 COT_ANSWER = "\nSo the better response is ("
 SCORE_PREFIX = "Rating: "
+PROPOSE_PREFIX = "Which response"
 
 
 def _conversation(prompt: str, response: str) -> str:
@@ -74,5 +75,19 @@ def score_messages(principle: Principle, prompt: str, response: str) -> Messages
         f"{_conversation(prompt, response)}\n\n"
         f"Judge the assistant's response by this standard: {principle.comparison}\n"
         "Rate it from 1 (fails the standard completely) to 10 (meets it fully). Reply with the number only."
+    )
+    return [{"role": "user", "content": content}]
+
+
+def propose_messages(pairs: list[tuple[str, str, str]]) -> Messages:
+    """Inverse Constitutional AI (Findeis et al. 2024): given (prompt, preferred, other) triples, ask for the one comparison
+    question that would pick the preferred response; the assistant turn opens with PROPOSE_PREFIX."""
+    shown = "\n\n".join(f"Example {i}:\nUser: {prompt}\nPreferred response: {preferred}\nOther response: {other}"
+                         for i, (prompt, preferred, other) in enumerate(pairs, start=1))
+    content = (
+        "People compared two responses of an AI assistant and preferred one, in each example below.\n\n"
+        f"{shown}\n\n"
+        "Write one general comparison question a judge could ask about any two responses that would pick the preferred "
+        "response in these examples. Start with \"Which response\" and end with a question mark. Reply with the question only."
     )
     return [{"role": "user", "content": content}]

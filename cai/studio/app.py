@@ -66,6 +66,10 @@ class TryRequest(_Body):
     principle_id: str = Field(min_length=1, max_length=64)
 
 
+class SuggestRequest(_Body):
+    proposals: int = Field(default=4, ge=1, le=16, description="Principles to ask the judge model for.")
+
+
 class HTTPProblem(CaiError):
     """A request the studio refuses, with its status and a message the page shows as it is."""
 
@@ -257,6 +261,27 @@ def build_app(settings: StudioSettings, judge: StudioJudge, file: ConstitutionFi
                 raise HTTPProblem(404, "not_measured", f"version {h[:12]} has not been measured against people in this session")
         return {**bench.compare(file, a, b), "texts": {a: file.versions[a].text, b: file.versions[b].text},
                 "figures": {a: file.versions[a].figures, b: file.versions[b].figures}}
+
+    # -- where the judge and people disagree: the list, and principles suggested from it (cai/studio/suggest.py) --
+    @app.get("/api/disagreements")
+    async def disagreements() -> dict:
+        from cai.studio.suggest import NotMeasured, disagreement_list
+
+        try:
+            return await disagreement_list(judge, file, bench)
+        except NotMeasured as e:
+            raise HTTPProblem(409, "not_measured", str(e)) from None
+
+    @app.post("/api/suggest")
+    async def suggest(request: Request) -> dict:
+        from cai.constitution.learn import SuggestOptions
+        from cai.studio.suggest import NotMeasured, suggestions
+
+        body = await _body(request, SuggestRequest)
+        try:
+            return await suggestions(judge, file, bench, SuggestOptions(proposals=body.proposals, seed=settings.seed))
+        except NotMeasured as e:
+            raise HTTPProblem(409, "not_measured", str(e)) from None
 
     return app
 
