@@ -72,9 +72,10 @@ class InsecureBackendKeyError(CaiError, ValueError):
 
 
 class BackendUnavailableError(RuntimeError):
-    def __init__(self, names: list[str], waited: float, last: str):
-        super().__init__(f"no judge backend answered within {waited:.0f} s ({', '.join(names)}); last failure: {last}. "
-                         "Check that the servers are up, or add --backend-url replicas")
+    def __init__(self, names: list[str], waited: float, last: str, flag: str = "backend"):
+        who = "judge backend" if flag == "backend" else f"{flag} server"
+        super().__init__(f"no {who} answered within {waited:.0f} s ({', '.join(names)}); "
+                         f"last failure: {last}. Check that the servers are up, or add --{flag}-url replicas")
 
 
 class BackendKeyError(CaiError, ValueError):
@@ -92,8 +93,9 @@ def base_url(url: str) -> str:
     return url.rstrip("/").removesuffix("/v1")
 
 
-def backend_keys(urls: list[str], key_file: Path | None, env: str) -> list[str | None]:
-    """One key per URL: from `key_file` (one line for all, or one per URL), else the environment variable, else none."""
+def backend_keys(urls: list[str], key_file: Path | None, env: str, flag: str = "backend") -> list[str | None]:
+    """One key per URL: from `key_file` (one line for all, or one per URL), else the environment variable, else none.
+    `flag` names the options in messages (--backend-url for the judge's backends, --policy-url for the policy's)."""
     if key_file is not None:
         try:
             lines = [line.strip() for line in Path(key_file).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -103,20 +105,20 @@ def backend_keys(urls: list[str], key_file: Path | None, env: str) -> list[str |
             return lines * len(urls)
         if len(lines) != len(urls):
             raise BackendKeyError(f"backend key file {key_file} has {len(lines)} keys for {len(urls)} backend URLs: "
-                                  "give one key for all, or one line per URL in the order of --backend-url")
+                                  f"give one key for all, or one line per URL in the order of --{flag}-url")
         return lines
     key = os.environ.get(env, "").strip() or None
     return [key] * len(urls)
 
 
-def check_key_transport(urls: list[str], keys: list[str | None], allow_http: bool) -> None:
+def check_key_transport(urls: list[str], keys: list[str | None], allow_http: bool, flag: str = "backend") -> None:
     """Refuse to send a key in clear text beyond this machine: http:// to a host that is not loopback, unless allowed."""
     for i, (url, key) in enumerate(zip(urls, keys)):
         host = urlsplit(url).hostname or ""
         if key and urlsplit(url).scheme == "http" and not is_loopback(host.strip("[]")) and not allow_http:
             raise InsecureBackendKeyError(
                 f"backend {i + 1} ({shown_url(base_url(url))}) is plain http:// to a host beyond loopback: the backend API key "
-                "would cross the network in clear text. Use https://, or pass --backend-allow-http-key if that network is trusted")
+                f"would cross the network in clear text. Use https://, or pass --{flag}-allow-http-key if that network is trusted")
 
 
 @dataclass(eq=False)
@@ -138,8 +140,10 @@ class Backend:
 
 
 class BackendPool:
-    def __init__(self, urls: list[str], keys: list[str | None], *, timeout: float, check_every: float):
+    def __init__(self, urls: list[str], keys: list[str | None], *, timeout: float, check_every: float, flag: str = "backend",
+                 key_env: str = "CAI_BACKEND_API_KEY"):
         self.timeout = timeout
+        self.flag, self.key_hint = flag, f"check --{flag}-key-file or ${key_env}"  # what errors tell the user to look at
         self.check_every = check_every
         self.backends = [Backend(base_url(u), i, self._client(base_url(u), k, timeout), k) for i, (u, k) in enumerate(zip(urls, keys))]
         self._checker: asyncio.Task | None = None
@@ -205,7 +209,7 @@ class BackendPool:
             if backend is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise BackendUnavailableError([b.name for b in self.backends], self.timeout, last)
+                    raise BackendUnavailableError([b.name for b in self.backends], self.timeout, last, self.flag)
                 busy = [b.busy_until for b in self.backends if b.healthy and b not in failed_at]
                 if busy:  # all busy (429): wait out the earliest Retry-After, with jitter so waiters don't come back at once
                     await asyncio.sleep(min(left, max(0.0, min(busy) - time.monotonic()) + random.uniform(0, 0.1)))
@@ -243,7 +247,7 @@ class BackendPool:
                                        f"({_error_message(resp, backend.key)})")
                 continue
             backend.failing.clear()
-            return backend, _json_object(backend, resp)
+            return backend, _json_object(backend, resp, self.key_hint)
 
     async def _server_error(self, backend: Backend, request: str, status: int, path: str) -> bool:
         """A 5xx: take the backend out if it fails a health check, or if SICK_AFTER different requests in a row failed
@@ -279,12 +283,12 @@ class BackendPool:
             await b.client.aclose()
 
 
-def _json_object(backend: Backend, resp: httpx.Response) -> dict:
+def _json_object(backend: Backend, resp: httpx.Response, key_hint: str) -> dict:
     """The answer's JSON object, or a BackendError saying what came instead (status, type, a short excerpt)."""
     if resp.status_code != 200:
         detail = _error_message(resp, backend.key)
         if resp.status_code in (401, 403):
-            detail = "refused the API key (check --backend-key-file or $CAI_BACKEND_API_KEY)"
+            detail = f"refused the API key ({key_hint})"
         raise BackendError(backend.name, f"HTTP {resp.status_code} on {resp.request.url.path}: {detail}")
     try:
         doc = resp.json()

@@ -54,20 +54,7 @@ class BackendSettings(BaseModel):
     @field_validator("backend_url")
     @classmethod
     def _check_urls(cls, urls: list[str]) -> list[str]:
-        out = []
-        for url in urls:
-            parts = urlsplit(url.strip())
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ValueError(f"backend URL {url!r} is not http(s)://host[:port][/v1]")
-            if parts.username or parts.password:
-                raise ValueError("a backend URL must not carry credentials; put the key in --backend-key-file or "
-                                 f"${BACKEND_KEY_ENV}")
-            if parts.query or parts.fragment:
-                raise ValueError(f"backend URL {parts.scheme}://{parts.netloc}{parts.path} must not carry a query or fragment")
-            out.append(url.strip().rstrip("/"))
-        if len(set(out)) != len(out):
-            raise ValueError("a backend URL is given twice")
-        return out
+        return checked_server_urls(urls, "backend", BACKEND_KEY_ENV)
 
     @model_validator(mode="after")
     def _check(self) -> BackendSettings:
@@ -80,6 +67,24 @@ class BackendSettings(BaseModel):
     def command_line(self) -> list[str]:
         """These settings as `cai judge serve` / `python -m judge_server` flags (nothing for the default in-process engine)."""
         return flags_for(self) if self.backend != "vllm" else []
+
+
+def checked_server_urls(urls: list[str], flag: str, key_env: str) -> list[str]:
+    """OpenAI-compatible servers' base URLs (the judge's --backend-url, the policy's --policy-url), trimmed: http(s), a
+    host, no credentials, query or fragment, none twice. `flag` and `key_env` name the options an error points to."""
+    out = []
+    for url in urls:
+        parts = urlsplit(url.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{flag} URL {url!r} is not http(s)://host[:port][/v1]")
+        if parts.username or parts.password:
+            raise ValueError(f"a {flag} URL must not carry credentials; put the key in --{flag}-key-file or ${key_env}")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{flag} URL {parts.scheme}://{parts.netloc}{parts.path} must not carry a query or fragment")
+        out.append(url.strip().rstrip("/"))
+    if len(set(out)) != len(out):
+        raise ValueError(f"a {flag} URL is given twice")
+    return out
 
 
 class InsecureBindError(CaiError, ValueError):
