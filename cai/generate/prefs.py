@@ -81,6 +81,12 @@ async def _step(c: Chunk) -> int:
         samples = c.policy.sample([p.text for p in c.prompts], n=job.samples, config=job.sampling, seed=f"{job.seed}:prefs")
     pairs, failures = [], 0
     for prompt, group in zip(c.prompts, samples):
+        failed = [s.error for s in group if s.error is not None]
+        if failed:  # a policy server's failure: no pairs from part of the samples; the prompt stays to do, a rerun retries it
+            logger.warning("prefs: prompt %s left for a rerun: %d of %d policy samples failed (%s)", prompt.id, len(failed),
+                           len(group), failed[0])
+            failures += 1
+            continue
         distinct = list(dict.fromkeys(s.text for s in group if s.text))
         found = list(itertools.combinations(range(len(distinct)), 2))
         if not found:  # all samples empty or identical: recorded, not silently dropped
@@ -103,7 +109,7 @@ def _row(c: Chunk, pair: tuple, label) -> dict:
     prompt, i, j, a, b, n_pairs = pair
     row = {"id": f"{prompt.id}:{i}-{j}", "prompt_id": prompt.id, "prompt": prompt.text, "category": prompt.category,
            "pairs_for_prompt": n_pairs,
-           "provenance": provenance(c.constitution, c.judge, policy_model=job.policy, sampling=job.sampling.as_dict(), seed=job.seed,
+           "provenance": provenance(c.constitution, c.judge, policy_model=job.sampled_policy, sampling=job.sampling.as_dict(), seed=job.seed,
                                     samples=job.samples, n_principles=job.n_principles, cot=job.cot, prompt_source=prompt.source)}
     if isinstance(label, JudgeError):
         return {**row, "status": "judge_failed", "error": describe_error(label), "chosen": None, "rejected": None}
