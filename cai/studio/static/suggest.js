@@ -4,7 +4,7 @@
 
 function disagreementView(d) {
   const people = d.people_p_chosen >= 0.5 ? "the first answer" : "the second answer";
-  return el("div", {class: "flip disagreement", "data-pair": d.pair},
+  return el("div", {class: "flip disagreement", "data-pair": d.pair, "data-wrong-by": d.wrong_by},
     el("p", {text: `pair ${d.pair}: people chose ${people} (${fmt(d.people_p_chosen, 2)} preferred the first); the judge's ` +
       `p(first) ${fmt(d.judge_p_chosen)}, wrong by ${fmt(d.wrong_by)}`}),
     el("table", {class: "by-principle"}, el("tbody", {}, ...Object.entries(d.by_principle).map(([pid, p]) =>
