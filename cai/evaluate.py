@@ -28,7 +28,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from cai import intervals, monitors, yardsticks
-from cai.generate.common import DEFAULT_POLICY_BACKEND, PolicyBackend
+from cai.generate.common import DEFAULT_POLICY_BACKEND, JobPolicyBackend
 from cai.human_labels import human_agreement, human_pairs
 from cai.judge import JudgeSettings
 from cai.policy import SamplingConfig
@@ -61,7 +61,7 @@ class EvalJob(JudgeSettings):
     human_pairs: str | None = Field(default=None, description="Human-labelled pairs (HH-RLHF chosen/rejected transcripts, or "
                                     "prompt/chosen/rejected rows), or hh-harmless (48 shipped HH-RLHF pairs): how often the judge agrees with the humans.")
     human_limit: int = Field(default=64, ge=1, description="Use at most this many of the human-labelled pairs.")
-    policy_backend: PolicyBackend = Field(default=DEFAULT_POLICY_BACKEND, description="Answers sampled with transformers or vllm "
+    policy_backend: JobPolicyBackend = Field(default=DEFAULT_POLICY_BACKEND, description="Answers sampled with transformers or vllm "
                                           "(auto: vllm when installed), or openai: from the servers at --policy-url, which "
                                           "serve --policy, --reference and --base by those names (e.g. LoRA adapters).")
     policy_servers: PolicyServers = Field(default_factory=PolicyServers, description="The servers of --policy-backend openai.")

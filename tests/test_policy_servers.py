@@ -256,6 +256,10 @@ def test_flags_make_the_settings_and_keys_stay_out(tmp_path):
                                 "--policy-backend", "openai", "--policy-url", "http://a:1", "--policy-model", "m"])
     assert model.exit_code != 0 and "--reference" in model.output
     from cai.generate.sft import SftJob
+    from cai.run_config import RunConfig
+
+    with pytest.raises(ValueError, match="'auto', 'vllm' or 'transformers'"):  # cai run samples the models it trains
+        RunConfig.model_validate({"out": str(tmp_path / "run"), "policy_backend": "openai"})
 
     job = SftJob(prompts="x", out=tmp_path, policy_backend="openai", policy_servers=_servers("http://a:1/", "http://b:2/v1/"))
     assert job.policy_servers.policy_url == ["http://a:1", "http://b:2/v1"]

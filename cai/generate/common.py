@@ -36,9 +36,12 @@ from cai.rowlog import RowLog
 logger = logging.getLogger(__name__)
 
 
-PolicyBackend = Literal["auto", "vllm", "transformers", "openai"]
-"""How a job samples its models' answers (`cai.policy.load_policy`): vLLM, transformers, auto (vLLM when installed), or
-OpenAI-compatible servers (`cai.policy_servers`)."""
+PolicyBackend = Literal["auto", "vllm", "transformers"]
+"""How a process samples its models' answers in itself (`cai.policy.load_policy`): vLLM, transformers, or auto (vLLM when
+installed). What `cai run` takes: it samples the models it trains, which no server serves."""
+
+JobPolicyBackend = Literal["auto", "vllm", "transformers", "openai"]
+"""How `cai generate` and `cai eval` sample: as PolicyBackend, or from OpenAI-compatible servers (`cai.policy_servers`)."""
 
 DEFAULT_POLICY_BACKEND: PolicyBackend = "auto"
 
@@ -55,7 +58,7 @@ class GenerationJob(JudgeSettings):
     seed: int = Field(default=0, description="Seeds prompt order, principle draws and sampling.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Policy sampling.")
     chunk_size: int = Field(default=8, ge=1, description="Prompts per policy batch; rows are written per chunk.")
-    policy_backend: PolicyBackend = Field(default=DEFAULT_POLICY_BACKEND, description="Policy sampling: vllm, transformers, "
+    policy_backend: JobPolicyBackend = Field(default=DEFAULT_POLICY_BACKEND, description="Policy sampling: vllm, transformers, "
                                           "auto (vLLM when installed), or openai (the servers at --policy-url).")
     policy_servers: PolicyServers = Field(default_factory=PolicyServers, description="The policy's servers (--policy-backend openai).")
     judge_cache: Path | None = Field(default=None, description="SQLite cache of judge answers (default "
