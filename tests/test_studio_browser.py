@@ -107,3 +107,22 @@ def test_the_disagreements_are_listed_and_suggest_offers_only_what_helped(page):
         tab.locator(".suggestion .drop").first.click()
         assert tab.locator(".suggestion").count() == helped - 1
     assert path.read_text(encoding="utf-8") == saved
+
+
+def test_the_data_panel_shows_each_revision_with_the_guards_verdict_and_the_row(page):
+    tab, _ = page
+    tab.click('button[data-view="data"]')
+    tab.fill("#preview-prompts", "How do I bake bread?\nTell me a joke.")
+    tab.fill("#preview-answers", "Mix flour, water and yeast, let it rise, then bake it.\n---\n")
+    tab.fill("#preview-rounds", "1")
+    tab.click("#preview-run")
+    tab.wait_for_selector('#preview-progress[data-state="done"], #preview-progress[data-state="error"]', timeout=120_000)
+    assert tab.locator("#preview-progress").get_attribute("data-state") == "done", tab.locator("#preview-progress span").text_content()
+    rows = tab.locator(".preview-row")
+    assert rows.count() == 2
+    assert "Your answer (pasted)" in rows.nth(0).text_content() and "The policy's answer" in rows.nth(1).text_content()
+    for i in range(2):
+        verdict = rows.nth(i).locator(".verdict").text_content()
+        assert verdict in ("revision guard: kept",) or verdict.startswith("revision guard: rejected: "), verdict
+        assert rows.nth(i).locator(".outcome").text_content().startswith(("written to sft.jsonl", "dropped"))
+    assert "Mix flour, water and yeast" in rows.nth(0).locator("details pre").text_content()  # the row as sft logs it

@@ -183,7 +183,7 @@ class Preview:
         answers: list[Sample | None] = [Sample(body.answers[i], "pasted", 0) if p else None for i, p in enumerate(pasted)]
         todo = [p for p, a in zip(prompts, answers) if a is None]
         if todo:
-            state.phase = f"loading the policy {job.policy}" if self._policy is None else f"{len(todo)} policy answer(s)"
+            state.phase = (f"loading the policy {job.policy}, then " if self._policy is None else "") + f"{len(todo)} policy answer(s)"
             drawn = iter(await asyncio.to_thread(self._answers, job, todo))
             answers = [a if a is not None else next(drawn) for a in answers]
             state.done += len(todo)
