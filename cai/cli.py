@@ -361,11 +361,12 @@ def _print_learned(job) -> None:
     result = run_learn(job)
     table = Table(title=f"{len(result['candidates'])} proposal(s) tested on {len(result['held_out_pairs'])} held-out pairs "
                         f"({result['disagreements']} disagreement(s) to learn from, {len(result['replies'])} asked)")
-    for column in ("question", "alone", "with it", "change [95%]", "kept"):
+    for column in ("question", "alone", "constitution", "with it", "change [95%]", "kept"):
         table.add_column(column, overflow="fold")
     for c in result["candidates"]:
         change = c["change"]
-        table.add_row(c["question"], f"{c['agreement_alone']['value']:.3f}", f"{c['agreement_with']['value']:.3f}",
+        table.add_row(c["question"], f"{c['agreement_alone']['value']:.3f}", f"{c['agreement_before']['value']:.3f}",
+                      f"{c['agreement_with']['value']:.3f}",
                       f"{change['value']:+.3f} [{change['low']:+.3f}, {change['high']:+.3f}]", "yes" if c["helps"] else "no")
     console.print(table)
     unparsed = sum(r["question"] is None for r in result["replies"])

@@ -73,7 +73,9 @@ class JudgeService:
                     raise
                 shown.pop()
         gen = await self.engine.generate(prompt, max_tokens=req.generation.max_tokens, temperature=req.generation.temperature, seed=req.seed)
-        return P.ProposeResult(text=f"{templates.PROPOSE_PREFIX}{gen.text}", constitution_hash=c.hash, model=self.engine.model_name,
+        # The continuation's first word can come without its space (decoded apart from the prefix), as the CoT prefix's does.
+        text = templates.PROPOSE_PREFIX + (" " if gen.text[:1].isalnum() else "") + gen.text
+        return P.ProposeResult(text=text, constitution_hash=c.hash, model=self.engine.model_name,
                                prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
 
     async def compare(self, req: P.CompareRequest) -> P.CompareResult:

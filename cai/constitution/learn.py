@@ -31,7 +31,7 @@ from cai import intervals
 from cai.constitution.files import DEFAULT_CONSTITUTION, TEXT_SUFFIXES
 from cai.constitution.model import Constitution, Principle
 from cai.errors import CaiError
-from cai.files import write_text_atomic
+from cai.files import json_lines, write_text_atomic
 from cai.judge import JudgeConnection
 from cai.judge_eval import agreement_change, compare_requests, judged_rows
 from cai.models import DEFAULT_MODEL
@@ -237,13 +237,9 @@ def check_pairs_file(path: str) -> None:
     file = Path(path)
     if file.suffix != ".jsonl" or not file.is_file():
         return  # a shipped set, a gzip or a folder: human_pairs checks those
-    for n, line in enumerate(file.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LearnError(f"{path}, line {n}: invalid JSON ({e.msg})") from None
+    for n, row, error in json_lines(file.read_text(encoding="utf-8", errors="replace").splitlines()):
+        if error is not None:
+            raise LearnError(f"{path}, line {n}: invalid JSON ({error.msg})")
         if not isinstance(row, dict):
             raise LearnError(f"{path}, line {n}: expected an object with prompt/chosen/rejected, got {type(row).__name__}")
         needed = ("prompt", "chosen", "rejected") if "prompt" in row else ("chosen", "rejected")
@@ -283,11 +279,11 @@ def annotated_yaml(base_text: str, constitution: Constitution, base_format: str,
     text = apply_yaml(text, [CardEdit(id=p.id, comparison=p.comparison, critique=p.critique, revision=p.revision)
                              for p in principles])
     for p, c in zip(principles, offered):
-        note = (f"learned by cai constitution learn on {c['n_held_out']} held-out pairs: agreement "
-                f"{_estimate(c['agreement_before'])} -> {_estimate(c['agreement_with'])} with it, change {_estimate(c['change'])} "
-                f"(paired, 95%); alone {_estimate(c['agreement_alone'])}")
-        text = re.sub(rf"^(\s*)- id: {re.escape(p.id)}$", lambda m, note=note: f"{m.group(1)}# {note}\n{m.group(0)}", text, count=1,
-                      flags=re.MULTILINE)
+        note = [f"learned by cai constitution learn on {c['n_held_out']} held-out pairs (95% intervals, the change paired):",
+                (f"  agreement {_estimate(c['agreement_before'])} -> {_estimate(c['agreement_with'])} with it, change "
+                f"{_estimate(c['change'])}; alone {_estimate(c['agreement_alone'])}")]
+        text = re.sub(rf"^(\s*)- id: {re.escape(p.id)}$", lambda m, note=note: "".join(f"{m.group(1)}# {n}\n" for n in note) + m.group(0),
+                      text, count=1, flags=re.MULTILINE)
     return text
 
 
