@@ -2,7 +2,9 @@
 
 `TreeSampler(pid, every)` samples, on a thread, the resident memory of the process and each of its descendants every
 `every` seconds (with an optional `progress()` figure, e.g. rows written, beside each sample) and keeps the last CPU
-times seen of every process of the tree. `slope(xs, ys)` is the least-squares slope; `second_half_slope` fits it over
+times seen of every process of the tree. Besides RSS, each sample has the anonymous memory (RSS less its file-backed
+and shared pages: the heap), which a busy machine reclaiming mapped library pages does not move, so a leak shows
+in it even when RSS falls. `slope(xs, ys)` is the least-squares slope; `second_half_slope` fits it over
 the second half of the samples, where start-up allocation is over and only growth remains. `print_report` prints a
 benchmark's JSON report and writes it to a file when one is named.
 """
@@ -50,18 +52,23 @@ class TreeSampler:
         except psutil.NoSuchProcess:
             return None
         by_role: dict[str, float] = {}
+        anon: dict[str, float] = {}
         for p in procs:
             try:
                 with p.oneshot():
-                    rss = p.memory_info().rss
+                    mem = p.memory_info()
                     cpu = p.cpu_times()
                     name = self.role(p, p.pid == self.pid)
             except psutil.NoSuchProcess:
                 continue
-            by_role[name] = by_role.get(name, 0.0) + rss / 2**20
+            by_role[name] = by_role.get(name, 0.0) + mem.rss / 2**20
+            anon[name] = anon.get(name, 0.0) + (mem.rss - mem.shared) / 2**20
             self.cpu_seconds[p.pid] = cpu.user + cpu.system
+        if not by_role or not sum(by_role.values()):
+            return None  # exited: a zombie has no memory
         s = {"t_s": round(time.monotonic() - self.started, 1), "rss_mib": round(sum(by_role.values()), 1),
-             **{f"rss_mib_{k}": round(v, 1) for k, v in sorted(by_role.items())}}
+             **{f"rss_mib_{k}": round(v, 1) for k, v in sorted(by_role.items())},
+             "anon_mib": round(sum(anon.values()), 1), **{f"anon_mib_{k}": round(v, 1) for k, v in sorted(anon.items())}}
         if self.progress is not None:
             s["progress"] = self.progress()
         self.samples.append(s)

@@ -7,9 +7,9 @@ judge promises: past its queue limit only 429s, never a 5xx or a hang, memory bo
 
     .venv/bin/python benchmarks/judge_load.py --model tiny --seconds 20 --max-queue 16
 
-Steady mode (`--duration S`): one concurrency (`--clients N`) for S seconds, the RSS of the server process and of its
-engine processes sampled every `--sample-every` seconds, with the slope over the second half (MiB per minute; flat
-means memory levels off), answered/s per minute, p50/p99, 5xx and hung requests (past `--timeout`) over the whole run.
+Steady mode (`--duration S`): one concurrency (`--clients N`) for S seconds, the RSS and anonymous memory of the
+server process and of its engine processes sampled every `--sample-every` seconds, with the slope over the second
+half (MiB per minute; flat means memory levels off), answered/s per minute, p50/p99, 5xx and hung requests (past `--timeout`) over the whole run.
 
     .venv/bin/python benchmarks/judge_load.py --model tiny --duration 1800 --clients 2 --out benchmarks/results/judge_load_30min_tiny.json
 """
@@ -114,12 +114,12 @@ def steady(url: str, pid: int, args: argparse.Namespace) -> dict:
     minutes = int(result["seconds"] // 60)
     per_minute = [sum(1 for t in answered_at if m * 60 <= t < (m + 1) * 60) / 60 for m in range(minutes)]
     samples = sampler.samples
-    slopes = {key.removeprefix("rss_mib").lstrip("_") or "total": second_half_slope(samples, "t_s", key, scale=60)
-              for key in sorted({k for s in samples for k in s if k.startswith("rss_mib")})}
+    slopes = {key: second_half_slope(samples, "t_s", key, scale=60)
+              for key in sorted({k for s in samples for k in s if k.startswith(("rss_mib", "anon_mib"))})}
     return {
         **result, "answered_per_s_by_minute": [round(x, 2) for x in per_minute],
-        "rss_mib_first": samples[0], "rss_mib_last": samples[-1],
-        "rss_slope_second_half_mib_per_min": slopes,
+        "memory_first": samples[0], "memory_last": samples[-1],
+        "slope_second_half_mib_per_min": slopes,
         "server_cpu_seconds": round(sum(sampler.cpu_seconds.values()), 1),
         "rss_samples": samples,
     }
