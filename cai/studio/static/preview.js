@@ -28,7 +28,7 @@ function watchPreview() {
 }
 
 function previewSettings(r) {
-  $("#preview-source").textContent = `${r.prompts} (seeded, as --limit takes them)`;
+  $("#preview-source").textContent = `${r.prompts}, seeded as --limit takes them`;
   $("#preview-policy").textContent = `${r.policy} (${r.backend})`;
   $("#preview-count").max = r.max_prompts; $("#preview-rounds").max = r.max_rounds;
   $("#preview-cap").textContent = r.max_tokens;
