@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 MODEL = "smollm2-135m-instruct"
 RULE = "rule:share=\n"
+EVAL_PER_KIND = 10
 STEPS = ("rm", "prompts", "rule", "grpo", "ppo", "base", "eval", "summary")
 
 
@@ -107,33 +108,46 @@ def train(kind: str, reward: str, name: str, args: argparse.Namespace, lr: float
         merge_lora(out / "final", out / "merged")
 
 
-def answers(name: str, model: str, args: argparse.Namespace) -> list[tuple[str, int]]:
-    """One model's greedy answers to the held-out prompts, as `cai eval` samples them (cached in OUT/answers/)."""
-    from cai.evaluate import EvalJob, _answers
-    from cai.prompts import load_prompts
-
-    path = args.out / "answers" / f"{name}.json"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        job = EvalJob(policy=model, reference=model, prompts=str(args.out / "heldout.jsonl"), out=path.parent,
-                      max_new_tokens=48, policy_backend="transformers")
-        got = _answers(name, model, [p.text for p in load_prompts(job.prompts)], job)
-        path.write_text(json.dumps(got, ensure_ascii=False), encoding="utf-8")
-    return [(text, tokens) for text, tokens in json.loads(path.read_text(encoding="utf-8"))]
-
-
-def evaluate(args: argparse.Namespace) -> None:
-    """`cai eval`'s yardstick table for base, GRPO and PPO on the held-out prompts (without its judge: see the README)."""
+def eval_prompts(args: argparse.Namespace) -> list:
+    """The held-out prompts the models are compared on: the first --eval-per-kind of each kind."""
     from cai.prompts import load_prompts, require_kinds
-    from cai.yardsticks import yardstick_table
 
     held_out = load_prompts(str(args.out / "heldout.jsonl"))
     require_kinds(held_out, "heldout.jsonl")
-    models = {"base": answers("base", MODEL, args), "grpo": answers("grpo", str(args.out / "grpo" / "merged"), args),
-              "ppo": answers("ppo", str(args.out / "ppo" / "merged"), args)}
-    kinds = [p.kind for p in held_out]
-    doc = {"yardsticks": yardstick_table(models, kinds, seed=0),
-           "samples": [{"prompt": p.text, "kind": p.kind, **{m: a[i][0] for m, a in models.items()}} for i, p in enumerate(held_out)]}
+    per_kind = getattr(args, "eval_per_kind", EVAL_PER_KIND)
+    return [p for kind in ("harmful", "benign", "toxic") for p in [p for p in held_out if p.kind == kind][:per_kind]]
+
+
+def answers(name: str, model: str, args: argparse.Namespace) -> dict[str, tuple[str, int]]:
+    """One model's greedy answers to the eval prompts, as `cai eval` samples them, by prompt (cached in OUT/answers/)."""
+    from cai.evaluate import EvalJob, _answers
+
+    prompts = [p.text for p in eval_prompts(args)]
+    path = args.out / "answers" / f"{name}.json"
+    cached = json.loads(path.read_text(encoding="utf-8")) if path.exists() else []
+    have = {row["prompt"]: (row["text"], row["tokens"]) for row in cached}
+    missing = [p for p in prompts if p not in have]
+    if missing:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        job = EvalJob(policy=model, reference=model, prompts=str(args.out / "heldout.jsonl"), out=path.parent,
+                      max_new_tokens=48, policy_backend="transformers")
+        have |= dict(zip(missing, _answers(name, model, missing, job)))
+        rows = [{"prompt": p, "text": t, "tokens": k} for p, (t, k) in have.items()]
+        path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return {p: have[p] for p in prompts}
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    """`cai eval`'s yardstick table for base, GRPO and PPO on the eval prompts (without its judge: see the README)."""
+    from cai.yardsticks import yardstick_table
+
+    prompts = eval_prompts(args)
+    # A model whose run has not finished is left out of the table (and named in the summary's not_run).
+    got = {"base": answers("base", MODEL, args)} | {name: answers(name, str(args.out / name / "merged"), args)
+                                                    for name in ("grpo", "ppo") if (args.out / name / "merged").exists()}
+    models = {m: [a[p.text] for p in prompts] for m, a in got.items()}
+    doc = {"yardsticks": yardstick_table(models, [p.kind for p in prompts], seed=0),
+           "samples": [{"prompt": p.text, "kind": p.kind, **{m: a[i][0] for m, a in models.items()}} for i, p in enumerate(prompts)]}
     (args.out / "eval.json").write_text(json.dumps(doc, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
@@ -151,45 +165,48 @@ def summary(args: argparse.Namespace) -> dict:
     from cai.train.rl import metrics as M
 
     doc = json.loads((args.out / "eval.json").read_text(encoding="utf-8"))
-    samples = doc["samples"]
+    samples, models = doc["samples"], doc["yardsticks"]["models"]
     rm = RewardModelScorer(args.out / "rm" / "final")
-    scores = {m: rm([s["prompt"] for s in samples], [s[m] for s in samples]) for m in ("base", "grpo", "ppo")}
+    scores = {m: rm([s["prompt"] for s in samples], [s[m] for s in samples]) for m in models}
     harmful = [i for i, s in enumerate(samples) if s["kind"] == "harmful"]
 
     def rm_figures(keep: list[int]) -> dict:
         picked = {m: [v[i] for i in keep] for m, v in scores.items()}
         return {"n": len(keep), "mean": {m: intervals.mean(v, seed=0).as_dict() for m, v in picked.items()},
-                "change": {f"base->{m}": intervals.change(picked["base"], picked[m], seed=0).as_dict() for m in ("grpo", "ppo")}}
+                "change": {f"base->{m}": intervals.change(picked["base"], picked[m], seed=0).as_dict() for m in models[1:]}}
 
     runs = {name: {"scores": curve(args.out / name / "metrics.jsonl", M.SCORES), "kl": curve(args.out / name / "metrics.jsonl", M.KL),
-                   "length": curve(args.out / name / "metrics.jsonl", M.LENGTH_MEAN)} for name in ("rule", "grpo", "ppo")}
+                   "length": curve(args.out / name / "metrics.jsonl", M.LENGTH_MEAN)}
+            for name in ("rule", "grpo", "ppo") if (args.out / name / "metrics.jsonl").exists()}
     rm_acc = {"train_pairs": args.rm_pairs, **json.loads((args.out / "rm" / "summary.json").read_text(encoding="utf-8"))["eval"]}
     return {"benchmark": "rl_proof", "model": MODEL, "rl_prompts": "donotanswer, shuffled (seed 0), first 400",
-            "held_out": {"harmful": "harmbench", "benign": "overrefusal", "toxic": "rtp", "per_kind": args.per_kind},
+            "held_out": {"harmful": "harmbench", "benign": "overrefusal", "toxic": "rtp", "per_kind": args.eval_per_kind},
             "budget": " ".join(rl_budget(args, args.lr, args.iterations)), "rule_lr": args.rule_lr,
             "rule_iterations": args.rule_iterations, "grpo_num_generations": 4, "rule": RULE, "reward_model": rm_acc,
-            "training": runs, "models": {"base": MODEL, "grpo": str(args.out / "grpo" / "merged"), "ppo": str(args.out / "ppo" / "merged")},
+            "training": runs, "not_run": [n for n in ("rule", "grpo", "ppo") if n not in runs] + [n for n in ("grpo", "ppo") if n not in models],
+            "models": {m: MODEL if m == "base" else str(args.out / m / "merged") for m in models},
             "yardsticks": doc["yardsticks"],
             "rm_score_held_out": {"all": rm_figures(list(range(len(samples)))), "harmful": rm_figures(harmful)}}
 
 
 def table(doc: dict) -> str:
     """The README's table: each yardstick for base, GRPO and PPO with its interval, and the paired changes from base."""
-    names = ("base", "grpo", "ppo")
+    names = doc["yardsticks"]["models"]
 
     def value(v: dict) -> str:
         return "–" if v["value"] is None else f"{v['value']:.3g} [{v['low']:.3g}, {v['high']:.3g}]"
 
-    lines = ["| yardstick (n) | base | GRPO | PPO | base→GRPO | base→PPO |", "| --- | --- | --- | --- | --- | --- |"]
+    head = list(names) + [f"base→{m}" for m in names[1:]]
+    lines = ["| yardstick (n) | " + " | ".join(head) + " |", "| --- " * (len(head) + 1) + "|"]
     for row in doc["yardsticks"]["rows"]:
         changes = {(c["from"], c["to"]): c for c in row["changes"]}
         cells = [value(row["values"][m]) for m in names]
-        for to in ("grpo", "ppo"):
+        for to in names[1:]:
             c = changes[("base", to)]
             cells.append("–" if c["value"] is None else f"{c['value']:+.3g} [{c['low']:+.3g}, {c['high']:+.3g}], {c['verdict']}")
         lines.append(f"| {row['label']} ({row['n']}) | " + " | ".join(cells) + " |")
     for subset, figures in doc["rm_score_held_out"].items():
-        cells = [value(figures["mean"][m]) for m in ("base", "grpo", "ppo")]
+        cells = [value(figures["mean"][m]) for m in names]
         cells += [f"{c['value']:+.3g} [{c['low']:+.3g}, {c['high']:+.3g}]" for c in figures["change"].values()]
         lines.append(f"| reward model's mean score, {subset} held-out answers ({figures['n']}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -203,11 +220,12 @@ def main() -> None:
     ap.add_argument("--rm-pairs", type=int, default=200, help="reward-model training pairs")
     ap.add_argument("--rm-held-out", type=int, default=150, help="HH pairs held out to measure the reward model's accuracy")
     ap.add_argument("--rm-layers", type=int, default=4, help="decoder layers of SmolLM2 kept for the reward model's backbone")
-    ap.add_argument("--iterations", type=int, default=3, help="iterations of the GRPO and PPO runs (8 answers each)")
+    ap.add_argument("--iterations", type=int, default=2, help="iterations of the GRPO and PPO runs (8 answers each)")
     ap.add_argument("--rule-iterations", type=int, default=6, help="iterations of the rule-reward check")
     ap.add_argument("--lr", type=float, default=3e-4, help="learning rate of the GRPO and PPO runs")
     ap.add_argument("--rule-lr", type=float, default=5e-4, help="learning rate of the rule-reward check")
-    ap.add_argument("--per-kind", type=int, default=30, help="held-out prompts of each kind")
+    ap.add_argument("--per-kind", type=int, default=30, help="held-out prompts of each kind written to OUT/heldout.jsonl")
+    ap.add_argument("--eval-per-kind", type=int, default=EVAL_PER_KIND, help="of those, how many of each kind the models answer")
     ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "rl_proof_smollm2.json")
     args = ap.parse_args()
