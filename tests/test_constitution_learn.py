@@ -310,3 +310,29 @@ def test_the_studio_lists_disagreements_suggests_and_accepts_through_the_version
     assert written.principles[-1] == learned_principle(QUESTIONS[0]) and saved.json()["in_service"]["hash"] == written.hash
     assert "# This comment block must survive" in path.read_text(encoding="utf-8")
 
+
+
+def test_the_studios_proposals_keep_a_failed_one_in_its_place(judge, judge_constitution, tmp_path):
+    """A proposal the judge refuses (its one pair too long) is that proposal's error; the others are still answered and
+    cached (the studio's suggest goes on, as the command does, instead of failing the whole action)."""
+    from cai.judge import JudgeError
+    from cai.judge_cache import JudgeCache
+    from cai.judge_client import JudgeClient
+    from cai.studio.judging import StudioJudge
+    from cai.studio.suggest import _asker
+
+    ok = P.ProposeRequest(pairs=[P.PreferredPair(prompt=PAIRS[0]["prompt"], preferred=PAIRS[0]["chosen"], other=PAIRS[0]["rejected"])],
+                          seed=1)
+    too_long = P.ProposeRequest(pairs=[P.PreferredPair(prompt="Tell me about rivers. " * 60, preferred="Rivers flow. " * 90,
+                                                       other="No.")], seed=2)
+
+    async def work():
+        async with JudgeClient(judge.url, api_key=JUDGE_KEY) as client:
+            studio_judge = StudioJudge(client, JudgeCache(tmp_path / "cache.sqlite"), "tiny", max_tokens=32)
+            return await _asker(studio_judge, parse_constitution(SMALL_CONSTITUTION)).propose([ok, too_long])
+
+    with served(judge_constitution, SMALL_CONSTITUTION):
+        first = asyncio.run(work())
+        again = asyncio.run(work())  # the answered one from the cache, the refused one asked again and refused again
+    assert isinstance(first[0], P.ProposeResult) and isinstance(first[1], JudgeError), first
+    assert again[0] == first[0] and isinstance(again[1], JudgeError)

@@ -60,7 +60,10 @@ class StudioJudge:
         self.client, self.cache, self.model, self.max_tokens = client, cache, model, max_tokens
 
     async def _ask(self, endpoint: str, constitution: Constitution, reqs: Sequence[P.BaseModel], scopes: Sequence[str],
-                   result_type: type, on_progress: Callable[[int, int], None] | None = None) -> list:
+                   result_type: type, on_progress: Callable[[int, int], None] | None = None, *,
+                   errors_in_place: bool = False) -> list:
+        """The judge's answers to `reqs` (from the cache where it has them). A request's JudgeError is raised, or with
+        `errors_in_place` returned in its place (and not cached) so the other answers still count."""
         keys = [JudgeCache.key(endpoint, self.model, scope, req) for req, scope in zip(reqs, scopes)]
         out: list = [self.cache.get(k, result_type) for k in keys]
         todo = [i for i, r in enumerate(out) if r is None]
@@ -71,10 +74,12 @@ class StudioJudge:
         for start in range(0, len(todo), CHUNK):
             part = todo[start:start + CHUNK]
             fresh = await ask([reqs[i] for i in part])
-            first_error(fresh)
+            if not errors_in_place:
+                first_error(fresh)
             for i, r in zip(part, fresh):
                 out[i] = r
-                self.cache.put(keys[i], r)
+                if isinstance(r, result_type):
+                    self.cache.put(keys[i], r)
             if on_progress:
                 on_progress(0, len(part))
         return out

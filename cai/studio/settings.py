@@ -30,7 +30,7 @@ class StudioSettings(JudgeConnection):
                        "(prompt/chosen/rejected, optional p_chosen) or hh-harmless (48 shipped HH-RLHF pairs).")
     limit: int = Field(default=48, ge=1, description="Use at most this many pairs (seeded order); each is judged under every "
                        "principle, in both orders.")
-    seed: int = Field(default=0, description="Seeds the pair order, the A/B placement and the intervals (as `cai judge eval`).")
+    seed: int = Field(default=0, ge=0, description="Seeds the pair order, the A/B placement and the intervals (as `cai judge eval`).")
     judge_cache: Path | None = Field(default=None, description="The judge answer cache (default ~/.cache/cai/judge-cache.sqlite).")
     max_tokens: int = Field(default=256, ge=1, le=4096, description="Tokens a critique or revision in the try-it panel may take; "
                             "in the data preview, a cap on the policy answer, critique and revision (below `cai generate sft`'s "

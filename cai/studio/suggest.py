@@ -37,7 +37,8 @@ def _asker(judge: StudioJudge, constitution: Constitution) -> Asker:
         return await judge._ask("compare", constitution, reqs, [scope(r) for r in reqs], P.CompareResult)
 
     async def propose(reqs: list[P.ProposeRequest]) -> list[P.ProposeResult]:
-        return await judge._ask("propose", constitution, reqs, ["propose"] * len(reqs), P.ProposeResult)
+        # a proposal's own error (its one pair too long, say) stays in its place: the other proposals go on, as in the command
+        return await judge._ask("propose", constitution, reqs, ["propose"] * len(reqs), P.ProposeResult, errors_in_place=True)
 
     return Asker(compare, propose)
 
