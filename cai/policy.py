@@ -137,7 +137,7 @@ class Policy:
                on_batch: Callable[[int], None] | None = None) -> list[list[Sample]]:
         """n samples for each prompt, in batches. A prompt's samples are a function of (seed, the prompt, the
         model) only, whatever else shares its batch (as vLLM seeds each prompt): sample j of prompt p draws its
-        tokens from uniforms keyed by (seed, p, j) (`cai.train.rl.sampling.SeededSampler`), so a job split into
+        tokens from uniforms keyed by (seed, p, j) (`cai.seeded_sampling.SeededSampler`), so a job split into
         shards or chunks of another size makes the same rows. `on_batch(k)` is called after each batch with its
         number of prompts (for a progress bar)."""
         out: list[list[Sample]] = []
@@ -153,7 +153,7 @@ class Policy:
         from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
         from cai.models import stop_token_ids
-        from cai.train.rl.sampling import SeededSampler
+        from cai.seeded_sampling import SeededSampler
 
         tok = self.tokenizer
         texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]

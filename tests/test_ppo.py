@@ -16,7 +16,8 @@ from cai.pinning import RunMismatchError
 from cai.settings_file import load_settings
 from cai.train.losses import token_logprobs
 from cai.train.rl.ppo import PPOJob, build_trainer, run_ppo
-from cai.train.rl.sampling import SeededSampler, merged_adapter, sample, seeded_uniforms
+from cai.seeded_sampling import SeededSampler, seeded_uniforms
+from cai.train.rl.sampling import merged_adapter, sample
 
 # -- config --------------------------------------------------------------------------------
 
@@ -701,7 +702,7 @@ def test_a_uniform_next_to_one_never_takes_a_zero_probability_last_token():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_logits_stop_sampling_with_a_typed_error_naming_the_row_and_step(bad):
-    from cai.train.rl.sampling import NonFiniteLogitsError
+    from cai.seeded_sampling import NonFiniteLogitsError
 
     logits = torch.tensor([[0.0, 1.0, 2.0], [0.5, bad, 1.0]])
     sampler = SeededSampler(0, torch.tensor([7, 9]), 1.0, 2)
