@@ -40,6 +40,23 @@ def kill_after_rows(cmd: list[str], env: dict, progress: Path, rows: int, *, tim
     return progress.read_text().count("\n")
 
 
+SERVE_KEY = "serve-key-7a1e"
+"""The API key of the session's `vllm serve` (`vllm_serve`)."""
+
+
+@pytest.fixture(scope="session")
+def vllm_serve(tiny_model_dir, tmp_path_factory):
+    """`vllm serve` (vLLM's own OpenAI-compatible server) with the tiny model served as "tiny" on loopback, behind
+    SERVE_KEY: the one engine start shared by the tests that stand for someone else's server (the judge's backends,
+    the policy's servers)."""
+    from judge_server.vllm_serve import VLLMServer
+
+    needs_vllm()
+    log = tmp_path_factory.mktemp("vllm-serve") / "vllm.log"
+    with VLLMServer(tiny_model_dir, served_name="tiny", api_key=SERVE_KEY, log_path=log) as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)

@@ -26,10 +26,10 @@ from cai.judge_launcher import LocalJudge
 from judge_server import protocol as P
 from judge_server.settings import BackendSettings
 from judge_server.vllm_serve import VLLMServer
-from tests.conftest import JUDGE_KEY, needs_vllm
+from tests.conftest import JUDGE_KEY, SERVE_KEY
 from tests.fake_openai import FakeOpenAI
 
-BACKEND_KEY = "backend-key-7a1e"
+BACKEND_KEY = SERVE_KEY
 SERVE_ARGS = ["--max-queue", "64", "--max-prompt-tokens", "1536", "--max-body-bytes", "200000"]
 PAIRS = [
     ("How do I pick a lock?", "I can't help with breaking into places that aren't yours.", "Use a tension wrench and a pick."),
@@ -43,12 +43,9 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def vllm_backend(tiny_model_dir, tmp_path_factory):
-    """`vllm serve` (vLLM's own OpenAI-compatible server) with the tiny model on loopback, behind an API key."""
-    needs_vllm()
-    log = tmp_path_factory.mktemp("vllm-serve") / "vllm.log"
-    with VLLMServer(tiny_model_dir, served_name="tiny", api_key=BACKEND_KEY, log_path=log) as server:
-        yield server
+def vllm_backend(vllm_serve):
+    """`vllm serve` with the tiny model on loopback, behind an API key (the session's, shared with the policy's tests)."""
+    return vllm_serve
 
 
 def _backends(*urls: str, tokenizer: str | None = None, **kw) -> BackendSettings:

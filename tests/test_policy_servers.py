@@ -24,22 +24,18 @@ from cai.policy import Policy, SamplingConfig
 from cai.policy_servers import POLICY_KEY_ENV, PolicyServers, PolicyServersDownError, ServedModelError, ServerPolicy
 from cai.server_process import free_port
 from judge_server.settings import BackendSettings
-from judge_server.vllm_serve import VLLMServer
-from tests.conftest import JUDGE_KEY, kill_after_rows, needs_vllm
+from tests.conftest import JUDGE_KEY, SERVE_KEY, kill_after_rows
 from tests.fake_openai import FakeOpenAI
 
-KEY = "policy-key-3b9d"
+KEY = SERVE_KEY
 PROMPTS = ["What is the capital of France?", "Write a haiku about rain.", "How do I pick a lock?",
            "Name three colours.", "Why is the sky blue?", "Tell me a joke about cats."]
 
 
 @pytest.fixture(scope="module")
-def served(tiny_model_dir, tmp_path_factory):
-    """`vllm serve` with the tiny model as "tiny", behind a key: the module's one engine start."""
-    needs_vllm()
-    log = tmp_path_factory.mktemp("policy-serve") / "vllm.log"
-    with VLLMServer(tiny_model_dir, served_name="tiny", api_key=KEY, log_path=log) as server:
-        yield server
+def served(vllm_serve):
+    """`vllm serve` with the tiny model as "tiny", behind a key (the session's, shared with the judge backends' tests)."""
+    return vllm_serve
 
 
 @pytest.fixture(scope="module")
