@@ -23,7 +23,7 @@ from cai.constitution import bundled_constitutions  # noqa: E402
 from cai.generate.prefs import PrefsJob, generate_prefs  # noqa: E402
 from cai.generate.sft import SftJob, generate_sft  # noqa: E402
 from cai.judge_launcher import LocalJudge  # noqa: E402
-from cai.policy import SamplingConfig  # noqa: E402
+from cai.samples import SamplingConfig  # noqa: E402
 
 
 def main() -> None:

@@ -27,8 +27,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from cai.models import resolve_model
-    from cai.policy import Policy, SamplingConfig
+    from cai.policy import Policy
     from cai.prompts import load_prompts
+    from cai.samples import SamplingConfig
     from cai.vllm_args import use_all_cpu_cores_for_vllm
 
     prompts = [p.text for p in load_prompts("mtbench", limit=args.prompts)]

@@ -31,9 +31,9 @@ from cai import intervals, monitors, yardsticks
 from cai.generate.common import DEFAULT_POLICY_BACKEND, JobPolicyBackend
 from cai.human_labels import human_agreement, human_pairs
 from cai.judge import JudgeSettings
-from cai.policy import SamplingConfig
 from cai.policy_servers import PolicySamplingError, PolicyServers
 from cai.progress import progress_bar
+from cai.samples import SamplingConfig
 from cai.sycophancy import load_sycophancy_probes
 from cai.train.rl import metrics as M
 

@@ -153,7 +153,7 @@ def split_prompts(run: Run) -> dict:
 
 def sft_data(run: Run) -> dict:
     from cai.generate.sft import SftJob, generate_sft
-    from cai.policy import SamplingConfig
+    from cai.samples import SamplingConfig
 
     c = run.cfg
     return generate_sft(SftJob(prompts=run.prompt_file("sft"), out=run.stage_dir("sft-data"), policy=c.model,
@@ -217,7 +217,7 @@ def prefs(run: Run) -> dict:
     from cai import monitors
     from cai.generate.common import write_rows
     from cai.generate.prefs import PREFS_TEMPERATURE, PrefsJob, generate_prefs
-    from cai.policy import SamplingConfig
+    from cai.samples import SamplingConfig
     from cai.train.data import load_rows
 
     c, out = run.cfg, run.stage_dir("prefs")

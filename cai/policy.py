@@ -9,40 +9,17 @@ Both take the same chat-templated prompts and return the same `Sample`s.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field
+from cai.samples import Sample, SamplingConfig, sample_seed
 
 if TYPE_CHECKING:
     from cai.policy_servers import PolicyServers
 
 logger = logging.getLogger(__name__)
-
-
-class SamplingConfig(BaseModel):
-    """How the policy samples; recorded in every row's provenance."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_new_tokens: int = Field(default=128, ge=1, description="Longest policy answer in tokens (cut answers end 'length').")
-    temperature: float = Field(default=0.7, ge=0.0, description="Policy sampling temperature; 0 is greedy.")
-    top_p: float = Field(default=0.95, gt=0.0, le=1.0, description="Policy nucleus sampling mass.")
-
-    def as_dict(self) -> dict:
-        return self.model_dump()
-
-
-@dataclass
-class Sample:
-    text: str
-    finish_reason: str  # "stop" (EOS), "length", or "error" (a policy server's failure: `error` says what)
-    tokens: int
-    error: str | None = None
 
 
 def load_policy(model_name: str, *, backend: str = "auto", batch_size: int = 8, engine_log: Path | None = None,
@@ -97,7 +74,7 @@ class VllmPolicy:
         tok = self.tokenizer
         texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
         params = [SamplingParams(n=n, max_tokens=config.max_new_tokens, temperature=config.temperature,
-                                 top_p=config.top_p if config.temperature > 0 else 1.0, seed=_seed_int(seed, p)) for p in prompts]
+                                 top_p=config.top_p if config.temperature > 0 else 1.0, seed=sample_seed(seed, p)) for p in prompts]
         with self.engine_log.reporting("generating"):
             outs = self.llm.generate(texts, params, use_tqdm=False)
         if on_batch is not None:
@@ -161,7 +138,7 @@ class Policy:
         ids, mask = batch["input_ids"].repeat_interleave(n, 0), batch["attention_mask"].repeat_interleave(n, 0)  # (B*n, T)
         processors = LogitsProcessorList()
         if config.temperature > 0:  # the seeded draw inside greedy search; greedy alone when temperature is 0
-            keys = torch.tensor([_seed_int(seed, p, j) for p in prompts for j in range(n)], dtype=torch.long)
+            keys = torch.tensor([sample_seed(seed, p, j) for p in prompts for j in range(n)], dtype=torch.long)
             processors.append(TemperatureLogitsWarper(config.temperature))
             if config.top_p < 1.0:
                 processors.append(TopPLogitsWarper(config.top_p))
@@ -179,7 +156,3 @@ class Policy:
             samples.append(Sample(text=tok.decode(ids, skip_special_tokens=True).strip(),
                                   finish_reason="stop" if stopped else "length", tokens=len(ids)))
         return [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
-
-
-def _seed_int(*parts) -> int:
-    return int.from_bytes(hashlib.sha256("\x00".join(map(str, parts)).encode()).digest()[:4], "big")

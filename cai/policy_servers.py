@@ -39,7 +39,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cai.errors import CaiError
-from cai.policy import Sample, SamplingConfig, _seed_int
+from cai.samples import Sample, SamplingConfig, sample_seed
 from judge_server.backends import Backend, BackendError, BackendPool, BackendUnavailableError, backend_keys, check_key_transport
 from judge_server.settings import checked_server_urls
 
@@ -165,7 +165,7 @@ class ServerPolicy:
             nonlocal down
             async with slots:
                 try:
-                    return await self._request(prompt, config, _seed_int(seed, prompt, j))
+                    return await self._request(prompt, config, sample_seed(seed, prompt, j))
                 except (BackendError, BackendUnavailableError) as e:
                     down += isinstance(e, BackendUnavailableError)
                     return Sample(text="", finish_reason="error", tokens=0, error=str(e))

@@ -13,9 +13,9 @@ from datasets import load_from_disk
 from cai.generate.prefs import PrefsJob, generate_prefs, prompts_to_do, summarise
 from cai.generate.sft import SftJob, generate_sft, is_sft_target
 from cai.pinning import RunMismatchError
-from cai.policy import SamplingConfig
 from cai.prompts import Prompt
 from cai.rowlog import RowLog
+from cai.samples import SamplingConfig
 from tests.conftest import JUDGE_KEY, kill_after_rows
 
 # -- pieces -----------------------------------------------------------------------------

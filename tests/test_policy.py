@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from cai.policy import Policy, SamplingConfig
+from cai.policy import Policy
+from cai.samples import SamplingConfig
 
 PROMPTS = ["hello there", "what is two plus two, tell me at length", "x", "a much longer prompt about gardens and weeds"]
 

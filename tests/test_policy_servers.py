@@ -20,8 +20,9 @@ import pytest
 
 from cai.errors import CaiError
 from cai.judge_launcher import LocalJudge
-from cai.policy import Policy, SamplingConfig
+from cai.policy import Policy
 from cai.policy_servers import POLICY_KEY_ENV, PolicyServers, PolicyServersDownError, ServedModelError, ServerPolicy
+from cai.samples import SamplingConfig
 from cai.server_process import free_port
 from judge_server.settings import BackendSettings
 from tests.conftest import JUDGE_KEY, SERVE_KEY, kill_after_rows

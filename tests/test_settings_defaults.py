@@ -11,8 +11,8 @@ from cai.evaluate import EvalJob
 from cai.generate.prefs import PREFS_TEMPERATURE, PrefsJob
 from cai.generate.sft import SftJob
 from cai.pinning import pin_settings
-from cai.policy import SamplingConfig
 from cai.run_config import RunConfig
+from cai.samples import SamplingConfig
 from cai.train.rl.math import AdaptiveKLController, FixedKLController
 from cai.train.rl.settings import KLSettings, PPOJob, PPOSettings
 from cai.train.settings import LoraSettings, OptimiserSettings, TrackingSettings, TrainJob, TrainSettings

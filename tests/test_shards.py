@@ -19,8 +19,8 @@ from cai.generate.merge import MergeError, merge_shards
 from cai.generate.prefs import PrefsJob, generate_prefs
 from cai.generate.sft import SftJob, generate_sft
 from cai.pinning import RunMismatchError
-from cai.policy import SamplingConfig
 from cai.prompts import Prompt
+from cai.samples import SamplingConfig
 from cai.settings_file import load_settings
 from tests.conftest import JUDGE_KEY, kill_after_rows
 

@@ -315,7 +315,7 @@ def test_the_data_preview_shows_the_rows_cai_generate_sft_writes(judge, judge_co
     import json
 
     from cai.generate.sft import SftJob, generate_sft
-    from cai.policy import SamplingConfig
+    from cai.samples import SamplingConfig
 
     src = tmp_path / "prompts.jsonl"
     src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in [

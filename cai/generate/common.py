@@ -27,11 +27,12 @@ from cai.judge_cache import default_cache_path
 from cai.judge_client import JudgeError, JudgeItemError
 from cai.models import DEFAULT_MODEL
 from cai.pinning import pin_settings
-from cai.policy import SamplingConfig, load_policy
+from cai.policy import load_policy
 from cai.policy_servers import PolicyServers
 from cai.progress import progress_bar
 from cai.prompts import Prompt, load_prompts
 from cai.rowlog import RowLog
+from cai.samples import SamplingConfig
 
 logger = logging.getLogger(__name__)
 

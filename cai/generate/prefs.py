@@ -18,9 +18,9 @@ from pydantic import Field, field_validator
 
 from cai.generate.common import Chunk, GenerationJob, describe_error, provenance, run_generation, write_outputs
 from cai.judge_client import JudgeError
-from cai.policy import SamplingConfig
 from cai.prompts import Prompt
 from cai.rowlog import RowLog
+from cai.samples import SamplingConfig
 from judge_server import protocol as P
 
 logger = logging.getLogger(__name__)

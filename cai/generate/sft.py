@@ -25,9 +25,9 @@ from cai.generate.revision_guard import rejected_revision
 from cai.generate.revision_pairs import revision_pairs
 from cai.judge import Judge
 from cai.judge_client import JudgeError
-from cai.policy import Sample
 from cai.prompts import Prompt
 from cai.rowlog import RowLog
+from cai.samples import Sample
 from judge_server import protocol as P
 
 logger = logging.getLogger(__name__)

@@ -31,8 +31,9 @@ from cai.constitution import Constitution
 from cai.generate.revision_pairs import revision_pairs
 from cai.generate.sft import SftJob, critique_revise, first_answers, is_sft_target, new_rows
 from cai.judge import Judge
-from cai.policy import Sample, SamplingConfig, load_policy
+from cai.policy import load_policy
 from cai.prompts import Prompt, load_prompts
+from cai.samples import Sample, SamplingConfig
 from cai.studio.judging import StudioJudge
 from cai.studio.settings import StudioSettings
 from cai.studio.state import ConstitutionFile
