@@ -34,14 +34,16 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cai.errors import CaiError
 from cai.samples import Sample, SamplingConfig, sample_seed
-from judge_server.backends import Backend, BackendError, BackendPool, BackendUnavailableError, backend_keys, check_key_transport
-from judge_server.settings import checked_server_urls
+
+if TYPE_CHECKING:
+    from judge_server.backends import Backend
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ class PolicyServers(BaseModel):
     @field_validator("policy_url")
     @classmethod
     def _check_urls(cls, urls: list[str]) -> list[str]:
+        from judge_server.settings import checked_server_urls
+
         return checked_server_urls(urls, "policy", POLICY_KEY_ENV)
 
     def check_backend(self, backend: str) -> None:
@@ -102,6 +106,11 @@ class ServerPolicy:
     `sample` from inside theirs), one `BackendPool` for the whole job."""
 
     def __init__(self, model_name: str, servers: PolicyServers):
+        # the judge's pool is imported here, not at the top: the settings and errors above are all that the commands
+        # that merely take these flags (cai eval, cai generate) load, and the client side of the judge loads only its
+        # protocol (tests/test_layers.py)
+        from judge_server.backends import BackendPool, backend_keys, check_key_transport
+
         keys = backend_keys(servers.policy_url, servers.policy_key_file, POLICY_KEY_ENV, "policy")
         check_key_transport(servers.policy_url, keys, servers.policy_allow_http_key, "policy")
         self.name = model_name
@@ -158,6 +167,8 @@ class ServerPolicy:
 
     async def _sample_all(self, prompts, n, config, seed, on_batch) -> tuple[list[list[Sample]], int]:
         """The samples, and how many found no server to answer them."""
+        from judge_server.backends import BackendError, BackendUnavailableError
+
         slots = asyncio.Semaphore(self.concurrency)
         down = 0
 
@@ -196,6 +207,8 @@ class ServerPolicy:
 
 def _sample(backend: Backend, doc: dict, max_tokens: int) -> Sample:
     """The answer's one choice as a Sample, or a BackendError saying what is wrong with it."""
+    from judge_server.backends import BackendError
+
     choices = doc.get("choices")
     choice = choices[0] if isinstance(choices, list) and choices else None
     message = choice.get("message") if isinstance(choice, dict) else None
