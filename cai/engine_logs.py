@@ -92,7 +92,9 @@ class EngineLog:
         else:
             os.environ["VLLM_LOGGING_STREAM"] = self._saved_stream_var
         if self._stderr is not None:
-            for handler in self._handlers:
+            # Handlers made while the log was open (transformers makes its own on first use) hold the temporary
+            # stderr, whose descriptor closes below: they get the terminal back too, or their next line fails (EBADF).
+            for handler in self._handlers + _handlers_on(sys.stderr):
                 handler.setStream(self._stderr)
             sys.stderr.flush()
             sys.stderr = self._stderr
@@ -130,6 +132,12 @@ class EngineLog:
 
     def _log_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
         self._file.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _handlers_on(stream) -> list[logging.StreamHandler]:
+    """Every logger's stream handlers that write to `stream` (the root's and each named logger's)."""
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    return [h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler) and h.stream is stream]
 
 
 def _writes_to_fd2(stream) -> bool:

@@ -70,3 +70,23 @@ assert "VLLM_LOGGING_STREAM" not in os.environ, "close() leaves the engine's log
     assert result.stderr.splitlines() == [f"cai.engine_logs: policy engine log: {path}", "cai.job: cai says", "cai.job: cai after"]
     text = path.read_text()
     assert "written to fd 2" in text and "vllm says" in text and "a library warns" in text and "cai says" not in text
+
+
+def test_a_handler_a_library_makes_while_the_log_is_open_writes_to_the_terminal_after_close(tmp_path):
+    """transformers makes its StreamHandler(sys.stderr) on first use: made while the log was open, it held the temporary
+    stderr whose descriptor close() shuts, and its next line was a 'Logging error ... Bad file descriptor' traceback."""
+    script = """
+import logging, sys
+from cai.engine_logs import EngineLog
+log = EngineLog(sys.argv[1]).open()
+library = logging.getLogger("a_library")
+library.addHandler(logging.StreamHandler())  # sys.stderr as it is now
+library.propagate = False
+log.close()
+library.warning("library after")
+"""
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "engine.log")], check=False, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "Logging error" not in result.stderr and "Bad file descriptor" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1] == "library after"
