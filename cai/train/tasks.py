@@ -106,8 +106,14 @@ def _sft(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
 
 def _rm(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
-    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=_base_dtype(cfg))
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the score head is new by design: transformers' "MISSING score.weight" report is no news
+    try:
+        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=_base_dtype(cfg))
+    finally:
+        hf_logging.set_verbosity(level)
     base.config.pad_token_id = tokenizer.pad_token_id
     model = _lora(cfg, base, "SEQ_CLS")  # SEQ_CLS keeps the new score head trainable
     train_items = tokenise_pairs(train_rows, tokenizer, cfg.data, cfg.max_length)
