@@ -124,6 +124,17 @@ def _main(
     )
     # One line per judge request buries the progress bars; --verbose brings them back.
     logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if not verbose:
+        quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal to cai's stages and progress bars: the libraries' own bars for each model load, shard
+    written and dataset saved (tqdm, read when those libraries are imported, after this) and matplotlib's font cache
+    note say nothing a user can act on. A variable the user set wins; --verbose keeps them all."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights", "Writing model shards"
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # datasets' "Saving the dataset"
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
 
 def _fail(message: str, code: int = 1) -> None:

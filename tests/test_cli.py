@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -156,3 +157,18 @@ def test_help_and_version_start_no_watchdog_but_a_command_does():
     assert _watchdogs_of(["--version"]) == []
     assert _watchdogs_of(["generate", "sft", "--help"]) == []
     assert len(_watchdogs_of(["constitution", "lint", "constitutions/concise.yaml"])) == 1
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_the_libraries_own_progress_bars_stay_off_the_terminal_unless_verbose(verbose, tiny_model_dir, tmp_path):
+    """A training run's terminal is cai's lines: transformers' "Loading weights" bar for each model load and datasets'
+    "Saving the dataset" bar say nothing a user can act on (--verbose shows them)."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]})
+                            + "\n" for i in range(2)))
+    env = {k: v for k, v in os.environ.items() if not k.endswith("DISABLE_PROGRESS_BARS")}
+    args = [sys.executable, "-m", "cai", *(["--verbose"] if verbose else []), "train", "sft", "--model", str(tiny_model_dir),
+            "--data", str(data), "--out", str(tmp_path / "out"), "--epochs", "1", "--eval-fraction", "0"]
+    result = subprocess.run(args, check=False, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("Loading weights" in result.stderr) == verbose, result.stderr[-2000:]
