@@ -182,11 +182,146 @@ def test_summary_figures_by_hand():
         {"status": "ok", "chosen": "long answer", "rejected": "short", "p_chosen": 0.5, "same_position": True, "option_mass": 0.2},
         {"status": "ok", "chosen": "a", "rejected": "bbb", "p_chosen": 1.0, "same_position": False, "option_mass": 0.4},
     ]
-    s = summarise(ok, ok + [{"status": "judge_failed"}])
+    s = summarise(ok + [{"status": "judge_failed"}])
     assert s["pairs"] == 2 and s["status"] == {"ok": 2, "judge_failed": 1}
     assert s["label_entropy_bits"] == 0.5  # H(0.5)=1 bit, H(1.0)=0
     assert s["position_consistency_rate"] == 0.5 and s["longer_is_chosen_rate"] == 0.5
     assert s["mean_chars_chosen"] == 6.0 and s["mean_chars_rejected"] == 4.0
+
+
+def _varied_rows(n):
+    """Rows as heterogeneous as a log's: a column None in the first thousand rows and a string later, ints then floats,
+    empty lists then strings, structs whose keys and types grow, a column None in every row, non-ASCII text."""
+    return [{"id": f"r{i}", "status": "ok", "late": None if i < 1000 else f"s{i}", "score": i if i < 1500 else i + 0.5,
+             "principle_ids": [] if i < 1200 else ["harm"] * (i % 3),
+             "provenance": {"seed": 0} if i < 1100 else {"seed": 1, "sampling": {"top_p": None if i < 2000 else 0.9}},
+             "error": None, "option": {"k": i} if i % 7 == 0 else None, "text": f"réponse {i} \u2028 ✓"} for i in range(n)]
+
+
+def test_the_dataset_folder_has_from_lists_schema_and_rows_though_written_a_batch_at_a_time(tmp_path):
+    """`write_rows` infers each column's type a batch (1,000 rows) at a time; the folder must be what
+    `Dataset.from_list(rows).save_to_disk` wrote when every row was held: the same features, rows and dataset_info.json."""
+    from datasets import Dataset
+
+    from cai.generate.outputs import write_rows
+
+    rows = _varied_rows(2500)
+    assert write_rows(iter(rows), tmp_path / "rows.jsonl", tmp_path / "dataset") == 2500
+    assert (tmp_path / "rows.jsonl").read_text(encoding="utf-8") == "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "before"))
+    new, before = load_from_disk(str(tmp_path / "dataset")), load_from_disk(str(tmp_path / "before"))
+    assert new.features == before.features and str(new.features["late"]) == "Value('string')"
+    assert str(new.features["provenance"]) == "{'seed': Value('int64'), 'sampling': {'top_p': Value('float64')}}"
+    assert new.to_list() == before.to_list()
+    assert (tmp_path / "dataset" / "dataset_info.json").read_text() == (tmp_path / "before" / "dataset_info.json").read_text()
+    assert sorted(os.listdir(tmp_path / "dataset")) == sorted(os.listdir(tmp_path / "before"))
+
+    # A rerun with no rows removes the folder; one whose column holds a string and a number says which column.
+    assert write_rows([], tmp_path / "rows.jsonl", tmp_path / "dataset") == 0 and not (tmp_path / "dataset").exists()
+    from cai.generate.outputs import RowTypeError
+
+    with pytest.raises(RowTypeError, match=r"rows.jsonl: rows 1001-1001 have a column of another type .*late"):
+        write_rows(rows[1000:2000] + [{**rows[0], "late": 3}], tmp_path / "rows.jsonl", tmp_path / "dataset")
+    with pytest.raises(RowTypeError, match=r"rows.jsonl: column 'late' holds values of more than one type"):
+        write_rows([{"late": "a"}, {"late": 3}], tmp_path / "rows.jsonl", tmp_path / "dataset")
+
+
+def test_a_key_missing_from_the_first_row_is_a_column_where_from_list_dropped_it(tmp_path):
+    """Deliberately not as before: `Dataset.from_list` takes its columns from the first row, so a key first seen later
+    was in the JSONL but not the dataset; now every key is a column, None in the rows that lack it."""
+    from datasets import Dataset
+
+    from cai.generate.outputs import write_rows
+
+    rows = [{"id": "a", "status": "ok"}] + [{"id": f"b{i}", "status": "ok", "revised": i % 2 == 0} for i in range(1500)]
+    write_rows(rows, tmp_path / "rows.jsonl", tmp_path / "dataset")
+    before = Dataset.from_list(rows)
+    assert before.column_names == ["id", "status"]
+    new = load_from_disk(str(tmp_path / "dataset"))
+    assert new.column_names == ["id", "status", "revised"] and str(new.features["revised"]) == "Value('bool')"
+    assert new.to_list() == [{"revised": None, **r} for r in rows]
+
+
+def _log_rows(path, rows):
+    with RowLog.open(path) as log:
+        for row in rows:
+            log.append(row)
+    with open(path, "a") as f:
+        f.write('{"id": "killed", "sta')  # a killed run's partial last line: no row
+    last: dict = {}
+    for row in rows:
+        last[row["id"]] = row
+    return list(last.values())
+
+
+def test_prefs_outputs_read_from_the_log_are_those_of_its_rows_held_whole(tmp_path):
+    """`write_prefs` over a log reads it a row at a time; its outputs are what it wrote from the list of the log's last rows."""
+    from datasets import Dataset
+
+    from cai.generate.prefs import write_prefs
+
+    def row(i, status="ok"):
+        base = {"id": f"p{i % 2600}:0-1", "prompt_id": f"p{i % 2600}", "prompt": f"q{i}", "category": None, "pairs_for_prompt": 1,
+                "provenance": {"seed": 0, "sampling": {"temperature": 1.0}}, "status": status}
+        if status != "ok":
+            return {**base, "error": "judge: timeout", "chosen": None, "rejected": None}
+        return {**base, "error": None, "chosen": "c" * (i % 50), "rejected": "r" * (i % 37), "p_chosen": 0.5 + (i % 10) / 20,
+                "p_chosen_shown_first": 0.6, "p_chosen_shown_second": 0.4 + (i % 10) / 10, "same_position": i % 3 == 0,
+                "principle_ids": ["harm"], "option_mass": 0.9 + (i % 7) / 100}
+
+    # failed rows in the first thousand, retried later (the retry keeps the id's first place); a no_pair row
+    rows = [row(i, "judge_failed" if i % 9 == 0 else "ok") for i in range(2600)] + [row(i) for i in range(0, 1200, 9)]
+    rows.append({"id": "p9999:none", "prompt_id": "p9999", "prompt": "q", "status": "no_pair", "error": "identical",
+                 "pairs_for_prompt": 1})
+    final = _log_rows(tmp_path / "progress.jsonl", rows)
+    ok = [r for r in final if r["status"] == "ok"]
+    job = PrefsJob(prompts="p", out=tmp_path / "out")
+    summary = write_prefs(job, RowLog.read(tmp_path / "progress.jsonl"), {})
+    assert (job.out / "prefs.jsonl").read_text() == "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ok)
+    ds, before = load_from_disk(str(job.out / "dataset")), Dataset.from_list(ok)
+    assert ds.features == before.features and ds.to_list() == before.to_list()
+    assert summary["rows"] == summary["pairs"] == len(ok) and summary["status"] == {"ok": len(ok), "judge_failed": 155, "no_pair": 1}
+    assert summary["mean_p_chosen"] == round(sum(r["p_chosen"] for r in ok) / len(ok), 4)
+    assert summary["mean_chars_rejected"] == round(sum(len(r["rejected"]) for r in ok) / len(ok), 1)
+    assert summary == summarise(final) | {"rows": len(ok), "output": str(job.out / "prefs.jsonl")}
+
+
+def test_sft_outputs_read_from_the_log_are_those_of_its_rows_held_whole(tmp_path):
+    from datasets import Dataset
+
+    from cai.generate.revision_pairs import revision_pairs
+    from cai.generate.sft import write_sft
+
+    def row(i, status="ok"):
+        steps = [{"round": 0, "principle_id": "harm", "critique": "c", "revision": f"v{i}", "rejected": [None, "unchanged", "empty"][i % 3]}]
+        revised = i % 3 == 0
+        return {"id": f"s{i % 1300}", "prompt": f"q{i}", "category": None, "initial_response": "" if i % 5 == 0 else f"a{i}",
+                "trajectory": steps, "revised": revised, "final_response": f"v{i}" if revised else f"a{i}", "status": status,
+                "error": None if status == "ok" else "critique in round 0: timeout",
+                "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"v{i}"}]}
+
+    rows = [row(i, "judge_failed" if i % 11 == 0 else "ok") for i in range(1300)] + [row(i) for i in range(0, 1300, 22)]
+    final = _log_rows(tmp_path / "progress.jsonl", rows)
+    job = SftJob(prompts="p", out=tmp_path / "out")
+    with pytest.raises(TypeError, match="reads the rows twice"):
+        write_sft(job, iter(final), {})
+    summary = write_sft(job, RowLog.read(tmp_path / "progress.jsonl"), {})
+    kept = [r for r in final if r["status"] == "ok" and is_sft_target(r)]
+    pairs = revision_pairs(final)
+    assert (job.out / "sft.jsonl").read_text() == "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
+    assert (job.out / "revision_pairs.jsonl").read_text() == "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
+    for folder, expected in (("dataset", kept), ("revision-pairs", pairs)):
+        ds, before = load_from_disk(str(job.out / folder)), Dataset.from_list(expected)
+        assert ds.features == before.features and ds.to_list() == before.to_list(), folder
+    steps = [t for r in final for t in r["trajectory"]]
+    finished = [r for r in final if r["status"] == "ok"]
+    assert summary == {"rows": len(kept), "output": str(job.out / "sft.jsonl"),
+                       "revisions_rejected": {"total": sum(bool(t["rejected"]) for t in steps), "of": len(steps),
+                                              "empty": sum(t["rejected"] == "empty" for t in steps),
+                                              "unchanged": sum(t["rejected"] == "unchanged" for t in steps)},
+                       "rows_revised": sum(r["revised"] for r in finished), "rows_dropped_unrevised": len(finished) - len(kept),
+                       "revision_pairs": len(pairs)}
+    assert json.loads((job.out / "summary.json").read_text()) == summary
 
 
 def test_a_run_folder_pinned_before_the_judge_settings_were_shared_still_resumes(tmp_path):

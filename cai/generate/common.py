@@ -9,11 +9,11 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -22,6 +22,7 @@ from cai import __version__
 from cai.constitution import Constitution, find_constitution, load_constitution
 from cai.engine_logs import POLICY_ENGINE_LOG
 from cai.files import write_text_atomic
+from cai.generate.outputs import write_rows
 from cai.judge import Judge, JudgeSettings, open_judge
 from cai.judge_cache import default_cache_path
 from cai.judge_client import JudgeError, JudgeItemError
@@ -112,11 +113,11 @@ class Chunk:
 
 
 def run_generation(job: GenerationJob, name: str, *, pending: Callable[[RowLog, list[Prompt]], list[Prompt]],
-                   step: Callable[[Chunk], Awaitable[int]]) -> tuple[dict, list[dict]]:
+                   step: Callable[[Chunk], Awaitable[int]]) -> tuple[dict, RowLog]:
     """Load, take the job's shard of the prompts if it has one, resume, loop over chunks (`step` appends rows,
     returns its failures). The generator then writes its outputs from the rows.
 
-    Returns the summary and every row of the log (the last per id).
+    Returns the summary and the (closed) log, whose iteration reads the last row of each id from the file, one at a time.
     """
     constitution_path = find_constitution(job.constitution)
     constitution = load_constitution(constitution_path)
@@ -140,11 +141,10 @@ def run_generation(job: GenerationJob, name: str, *, pending: Callable[[RowLog, 
                 failures = asyncio.run(_loop(job, name, constitution_path, constitution, todo, policy, log, timers, step))
             finally:
                 policy.close()
-        rows = log.final_rows()
     summary = {"prompts": len(prompts), "failed_this_run": failures, "seconds": {k: round(v, 1) for k, v in timers.seconds.items()}}
     if job.shard is not None:
         summary.update(shard=job.shard, job_prompts=job_prompts)
-    return summary, rows
+    return summary, log
 
 
 SHARD_FILE = "shard.json"
@@ -194,29 +194,17 @@ def provenance(constitution: Constitution, judge: Judge, **extra) -> dict:
             "cai_version": __version__, **extra}
 
 
-def write_outputs(rows: list[dict], out: Path, name: str, select: Callable[[dict], bool] | None = None) -> dict:
+def write_outputs(rows: Iterable[dict], out: Path, name: str, select: Callable[[dict], bool] | None = None,
+                  each: Callable[[dict], None] | None = None) -> dict:
     """The finished rows of a log (status ok, those `select` keeps; all of them by default) as OUT/NAME.jsonl and a
-    `datasets` folder OUT/dataset. Returns the summary's `rows` (how many) and `output` (the JSONL file)."""
-    kept = [r for r in rows if r.get("status") == "ok" and (select is None or select(r))]
+    `datasets` folder OUT/dataset, read once, one row at a time; `each` sees every row on the way (a summary's figures).
+    Returns the summary's `rows` (how many) and `output` (the JSONL file)."""
+    def kept() -> Iterator[dict]:
+        for row in rows:
+            if each is not None:
+                each(row)
+            if row.get("status") == "ok" and (select is None or select(row)):
+                yield row
+
     path = out / f"{name}.jsonl"
-    write_rows(kept, path, out / "dataset")
-    return {"rows": len(kept), "output": str(path)}
-
-
-def write_rows(rows: list[dict], path: Path, dataset_dir: Path) -> None:
-    """`rows` as a JSONL file (written whole, then renamed) and, when there are any, a `datasets` folder; with
-    none, an older folder is removed (a rerun may keep fewer rows, and a trainer must not read stale ones)."""
-    import shutil
-
-    from datasets import Dataset
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    if rows:
-        Dataset.from_list(rows).save_to_disk(str(dataset_dir))
-    elif dataset_dir.exists():
-        shutil.rmtree(dataset_dir)
+    return {"rows": write_rows(kept(), path, out / "dataset"), "output": str(path)}

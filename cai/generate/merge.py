@@ -6,7 +6,8 @@ shards of different jobs (their run.json differ in more than `shard`), a shard m
 finished (with how many prompts it lacks and the command that finishes it), and a row id found in two shards. It then
 writes what the generator writes (NAME.jsonl, dataset/, its other outputs, summary.json with the rows of each shard)
 into a temporary folder beside --out, renamed to --out at the end: a merge that fails leaves nothing that looks
-complete. The shards' folders are only read.
+complete. The shards' folders are only read, each shard's log a row at a time: the merge holds the rows' ids, not the
+rows.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import os
 import shlex
 import shutil
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,9 @@ class _Generator:
     """What the merge needs of a generator: its settings, when a prompt is finished, a row's prompt, its outputs."""
 
     job: type[GenerationJob]
-    done_prompts: Callable[[list[dict]], set[str]]
+    done_prompts: Callable[[Iterable[dict]], set[str]]
     prompt_of: Callable[[dict], str]
-    write: Callable[[Any, list[dict], dict], dict]
+    write: Callable[[Any, Iterable[dict], dict], dict]
 
 
 GENERATORS = {
@@ -64,12 +65,32 @@ class Shard:
     prompt_ids: list[str]
     settings: dict[str, Any]
     """Its run.json: the job's settings, its shard and the constitution's hash."""
-    rows: list[dict]
-    """The last row of each id in its progress.jsonl."""
+    log: RowLog
+    """Its progress.jsonl, read only: the last row of each id."""
+    done: set[str] = field(default_factory=set)
+    """The prompts whose rows are finished (`scan`)."""
+    ok_rows: int = 0
+    """Its rows with status ok (`scan`)."""
+    rows_of: dict[str, list[str | int]] = field(default_factory=dict)
+    """Each prompt's row ids, in the log's order (`scan`)."""
 
     @property
     def name(self) -> str:
         return f"{self.index}/{self.count}"
+
+    def scan(self, gen: _Generator) -> None:
+        """Read the log once, a row at a time, for which prompts are done, its rows with status ok, and each prompt's ids."""
+        def rows() -> Iterator[dict]:
+            for row in self.log:
+                self.ok_rows += row.get("status") == "ok"
+                self.rows_of.setdefault(gen.prompt_of(row), []).append(row["id"])
+                yield row
+
+        self.done = gen.done_prompts(rows())
+
+    def prompt_rows(self) -> Iterator[dict]:
+        """Its prompts' rows, prompt by prompt in its prompt order (each prompt's in the log's order), read one at a time."""
+        return self.log.rows(row_id for prompt in self.prompt_ids for row_id in self.rows_of[prompt])
 
 
 def read_shard(folder: Path) -> Shard:
@@ -81,7 +102,7 @@ def read_shard(folder: Path) -> Shard:
         info, settings = json.loads(record.read_text(encoding="utf-8")), json.loads(pinned.read_text(encoding="utf-8"))
         index, count = map(int, info["shard"].split("/"))
         shard = Shard(folder, info["generator"], index, count, info["job_prompts"], info["prompt_ids"], settings,
-                      RowLog.read(folder / "progress.jsonl").final_rows())
+                      RowLog.read(folder / "progress.jsonl"))
     except (json.JSONDecodeError, KeyError, ValueError, AttributeError) as e:
         raise MergeError(f"{folder}: {SHARD_FILE} or {PIN_FILE} is not as cai writes it ({e})") from None
     if shard.generator not in GENERATORS:
@@ -109,20 +130,14 @@ def merge_shards(folders: list[Path], out: Path, *, keep_unrevised: bool = False
         settings["keep_unrevised"] = keep_unrevised
     elif keep_unrevised:
         raise MergeError(f"--keep-unrevised is a choice of sft's rows; these are shards of a {shards[0].generator} job")
+    for shard in shards:
+        shard.scan(gen)
     _check_finished(shards, gen, settings)
     _check_each_row_once(shards)
 
-    by_prompt: dict[str, list[dict]] = {}  # each prompt's rows, in its shard's log order
-    for shard in shards:
-        for row in shard.rows:
-            by_prompt.setdefault(gen.prompt_of(row), []).append(row)
-    rows: list[dict] = []
-    for position in range(shards[0].job_prompts):
-        shard = by_index[position % len(by_index) + 1]
-        rows += by_prompt[shard.prompt_ids[position // len(by_index)]]
+    rows = _JobRows(by_index, shards[0].job_prompts)
     summary = {"prompts": shards[0].job_prompts,
-               "shards": [{"shard": s.name, "folder": str(s.folder), "rows": sum(r.get("status") == "ok" for r in s.rows)}
-                          for s in sorted(shards, key=lambda s: s.index)]}
+               "shards": [{"shard": s.name, "folder": str(s.folder), "rows": s.ok_rows} for s in sorted(shards, key=lambda s: s.index)]}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -172,8 +187,7 @@ def _check_all_present(shards: list[Shard]) -> dict[int, Shard]:
 def _check_finished(shards: list[Shard], gen: _Generator, settings: dict[str, Any]) -> None:
     unfinished = []
     for shard in shards:
-        done = gen.done_prompts(shard.rows)
-        lacking = sum(p not in done for p in shard.prompt_ids)
+        lacking = sum(p not in shard.done for p in shard.prompt_ids)
         if lacking:
             job = gen.job.model_validate({**settings, "shard": shard.name, "out": shard.folder})
             command = shlex.join(["cai", "generate", shard.generator, *flags_for(job)])
@@ -185,12 +199,29 @@ def _check_finished(shards: list[Shard], gen: _Generator, settings: dict[str, An
 
 
 def _check_each_row_once(shards: list[Shard]) -> None:
-    seen: dict[str, tuple[Shard, dict]] = {}
+    seen: dict[str | int, Shard] = {}  # ids only: a row is read when one is found twice
     for shard in shards:
-        for row in shard.rows:
-            if row["id"] in seen:
-                first, before = seen[row["id"]]
-                how = "the same row" if before == row else "with different content"
-                raise MergeError(f"row {row['id']} is in both {first.folder} and {shard.folder} ({how}); each row belongs "
+        for row_id in shard.log.ids():
+            if row_id in seen:
+                first = seen[row_id]
+                how = "the same row" if next(first.log.rows([row_id])) == next(shard.log.rows([row_id])) else "with different content"
+                raise MergeError(f"row {row_id} is in both {first.folder} and {shard.folder} ({how}); each row belongs "
                                  "to one shard: a shard's folder holds rows of another")
-            seen[row["id"]] = (shard, row)
+            seen[row_id] = shard
+
+
+@dataclass
+class _JobRows:
+    """The shards' rows in the unsharded job's order, read from their logs one at a time (each iteration anew): prompt i
+    of the job is prompt i // N of shard i mod N + 1, its rows in that shard's log order."""
+
+    by_index: dict[int, Shard]
+    job_prompts: int
+
+    def __iter__(self) -> Iterator[dict]:
+        count = len(self.by_index)
+        streams = {index: shard.prompt_rows() for index, shard in self.by_index.items()}
+        for position in range(self.job_prompts):
+            shard = self.by_index[position % count + 1]
+            for _ in shard.rows_of[shard.prompt_ids[position // count]]:
+                yield next(streams[shard.index])

@@ -13,6 +13,8 @@ import itertools
 import json
 import logging
 import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from pydantic import Field, field_validator
 
@@ -48,31 +50,33 @@ class PrefsJob(GenerationJob):
 
 
 def generate_prefs(job: PrefsJob) -> dict:
-    summary, rows = run_generation(job, "prefs", pending=prompts_to_do, step=_step)
-    return write_prefs(job, rows, summary)
+    summary, log = run_generation(job, "prefs", pending=prompts_to_do, step=_step)
+    return write_prefs(job, log, summary)
 
 
-def write_prefs(job: PrefsJob, rows: list[dict], summary: dict) -> dict:
-    """From the log's rows (one per id): OUT/prefs.jsonl and OUT/dataset (the labelled pairs) and the summary with its
-    figures, also in OUT/summary.json. `cai generate merge` writes a sharded job's rows with it too."""
-    summary.update(write_outputs(rows, job.out, "prefs"))
-    summary.update(summarise([r for r in rows if r.get("status") == "ok"], rows))
+def write_prefs(job: PrefsJob, rows: Iterable[dict], summary: dict) -> dict:
+    """From the log's rows (one per id, read once, one at a time): OUT/prefs.jsonl and OUT/dataset (the labelled pairs)
+    and the summary with its figures, also in OUT/summary.json. `cai generate merge` writes a sharded job's rows with it too."""
+    figures = PairFigures()
+    summary.update(write_outputs(rows, job.out, "prefs", each=figures.add))
+    summary.update(figures.summary())
     (job.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
 def prompts_to_do(log: RowLog, prompts: list[Prompt]) -> list[Prompt]:
-    done = done_prompts(log.final_rows())
+    done = done_prompts(log)
     return [p for p in prompts if p.id not in done]
 
 
-def done_prompts(rows: list[dict]) -> set[str]:
+def done_prompts(rows: Iterable[dict]) -> set[str]:
     """The prompts whose pair rows were all written (each row says how many) and none failed."""
-    written: dict[str, list[dict]] = {}
+    written: dict[str, list] = {}  # prompt id -> [rows seen, rows its first row says it has, none failed]
     for r in rows:
-        written.setdefault(r["prompt_id"], []).append(r)
-    return {pid for pid, rs in written.items()
-            if all(r["status"] in ("ok", "no_pair") for r in rs) and len(rs) >= rs[0].get("pairs_for_prompt", 1)}
+        seen = written.setdefault(r["prompt_id"], [0, r.get("pairs_for_prompt", 1), True])
+        seen[0] += 1
+        seen[2] = seen[2] and r["status"] in ("ok", "no_pair")
+    return {pid for pid, (count, needed, finished) in written.items() if finished and count >= needed}
 
 
 async def _step(c: Chunk) -> int:
@@ -126,27 +130,55 @@ def _row(c: Chunk, pair: tuple, label) -> dict:
     }
 
 
-def summarise(ok: list[dict], all_rows: list[dict]) -> dict:
-    """Dataset statistics that expose a biased judge (position, length) and uninformative labels."""
-    def entropy(p: float) -> float:
-        return 0.0 if p in (0.0, 1.0) else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+def summarise(rows: Iterable[dict]) -> dict:
+    """Dataset statistics that expose a biased judge (position, length) and uninformative labels, of the log's rows."""
+    figures = PairFigures()
+    for row in rows:
+        figures.add(row)
+    return figures.summary()
 
-    n = len(ok)
-    status = {}
-    for r in all_rows:
-        status[r["status"]] = status.get(r["status"], 0) + 1
-    if not n:
-        return {"pairs": 0, "status": status}
-    len_c = [len(r["chosen"]) for r in ok]
-    len_r = [len(r["rejected"]) for r in ok]
-    return {
-        "pairs": n,
-        "status": status,
-        "label_entropy_bits": round(sum(entropy(r["p_chosen"]) for r in ok) / n, 4),
-        "mean_p_chosen": round(sum(r["p_chosen"] for r in ok) / n, 4),
-        "position_consistency_rate": round(sum(not r["same_position"] for r in ok) / n, 4),
-        "mean_chars_chosen": round(sum(len_c) / n, 1),
-        "mean_chars_rejected": round(sum(len_r) / n, 1),
-        "longer_is_chosen_rate": round(sum(c > r for c, r in zip(len_c, len_r)) / n, 4),
-        "mean_option_mass": round(sum(r["option_mass"] for r in ok) / n, 4),
-    }
+
+@dataclass
+class PairFigures:
+    """`summarise`'s sums, added up one row at a time (in the rows' order, so the figures are those of `sum` over a list)."""
+
+    status: dict[str, int] = field(default_factory=dict)
+    pairs: int = 0
+    entropy_bits: float = 0
+    p_chosen: float = 0
+    position_consistent: int = 0
+    chars_chosen: int = 0
+    chars_rejected: int = 0
+    longer_is_chosen: int = 0
+    option_mass: float = 0
+
+    def add(self, row: dict) -> None:
+        self.status[row["status"]] = self.status.get(row["status"], 0) + 1
+        if row.get("status") != "ok":
+            return
+        p = row["p_chosen"]
+        self.pairs += 1
+        self.entropy_bits += 0.0 if p in (0.0, 1.0) else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+        self.p_chosen += p
+        self.position_consistent += not row["same_position"]
+        chosen, rejected = len(row["chosen"]), len(row["rejected"])
+        self.chars_chosen += chosen
+        self.chars_rejected += rejected
+        self.longer_is_chosen += chosen > rejected
+        self.option_mass += row["option_mass"]
+
+    def summary(self) -> dict:
+        n = self.pairs
+        if not n:
+            return {"pairs": 0, "status": self.status}
+        return {
+            "pairs": n,
+            "status": self.status,
+            "label_entropy_bits": round(self.entropy_bits / n, 4),
+            "mean_p_chosen": round(self.p_chosen / n, 4),
+            "position_consistency_rate": round(self.position_consistent / n, 4),
+            "mean_chars_chosen": round(self.chars_chosen / n, 1),
+            "mean_chars_rejected": round(self.chars_rejected / n, 1),
+            "longer_is_chosen_rate": round(self.longer_is_chosen / n, 4),
+            "mean_option_mass": round(self.option_mass / n, 4),
+        }

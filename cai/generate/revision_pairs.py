@@ -21,17 +21,19 @@ from judge_server.protocol import or_placeholder
 
 def revision_pairs(rows: Iterable[dict]) -> list[dict]:
     """The pairs of the finished (status ok) `cai generate sft` rows, in their order."""
-    pairs = []
-    for row in rows:
-        if row.get("status") != "ok":
-            continue
-        first, final = or_placeholder(row.get("initial_response") or ""), (row.get("final_response") or "").strip()
-        if not final or final == first.strip():
-            continue
-        trajectory = row.get("trajectory") or []
-        pairs.append({
-            "id": row["id"], "prompt": row["prompt"], "chosen": final, "rejected": first, "p_chosen": 1.0, "source": "revision",
-            "provenance": {**(row.get("provenance") or {}), "source": "revision", "rounds": len(trajectory),
-                           "principle_ids": [t["principle_id"] for t in trajectory]},
-        })
-    return pairs
+    return [pair for row in rows if (pair := revision_pair(row)) is not None]
+
+
+def revision_pair(row: dict) -> dict | None:
+    """The pair of one `cai generate sft` row, or None where it gives none (not finished, or no preference stated)."""
+    if row.get("status") != "ok":
+        return None
+    first, final = or_placeholder(row.get("initial_response") or ""), (row.get("final_response") or "").strip()
+    if not final or final == first.strip():
+        return None
+    trajectory = row.get("trajectory") or []
+    return {
+        "id": row["id"], "prompt": row["prompt"], "chosen": final, "rejected": first, "p_chosen": 1.0, "source": "revision",
+        "provenance": {**(row.get("provenance") or {}), "source": "revision", "rounds": len(trajectory),
+                       "principle_ids": [t["principle_id"] for t in trajectory]},
+    }

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from pydantic import Field
@@ -22,7 +25,7 @@ from pydantic import Field
 from cai.constitution import Constitution
 from cai.generate.common import Chunk, GenerationJob, describe_error, provenance, run_generation, write_outputs, write_rows
 from cai.generate.revision_guard import rejected_revision
-from cai.generate.revision_pairs import revision_pairs
+from cai.generate.revision_pairs import revision_pair
 from cai.judge import Judge
 from cai.judge_client import JudgeError
 from cai.prompts import Prompt
@@ -48,33 +51,53 @@ class SftJob(GenerationJob):
 
 
 def generate_sft(job: SftJob) -> dict:
-    summary, rows = run_generation(job, "sft", pending=prompts_to_do, step=_step)
-    return write_sft(job, rows, summary)
+    summary, log = run_generation(job, "sft", pending=prompts_to_do, step=_step)
+    return write_sft(job, log, summary)
 
 
-def write_sft(job: SftJob, rows: list[dict], summary: dict) -> dict:
-    """From the log's rows (one per id): OUT/sft.jsonl and OUT/dataset (the SFT targets), the revision pairs, and the
-    summary with its figures, also in OUT/summary.json. `cai generate merge` writes a sharded job's rows with it too."""
-    summary.update(write_outputs(rows, job.out, "sft", select=lambda r: is_sft_target(r, job.keep_unrevised)))
-    steps = [t for r in rows for t in r.get("trajectory") or []]
-    summary["revisions_rejected"] = {"total": sum(bool(t.get("rejected")) for t in steps), "of": len(steps),
-                                     **{why: sum(t.get("rejected") == why for t in steps)
-                                        for why in sorted({t["rejected"] for t in steps if t.get("rejected")})}}
-    finished = [r for r in rows if r.get("status") == "ok"]
-    summary["rows_revised"] = sum(bool(r.get("revised", True)) for r in finished)
-    summary["rows_dropped_unrevised"] = len(finished) - summary["rows"]
+def write_sft(job: SftJob, rows: Iterable[dict], summary: dict) -> dict:
+    """From the log's rows (one per id; read twice, so a RowLog or a list, not a generator): OUT/sft.jsonl and OUT/dataset
+    (the SFT targets), the revision pairs, and the summary with its figures, also in OUT/summary.json. Holds one row at a
+    time. `cai generate merge` writes a sharded job's rows with it too."""
+    if iter(rows) is rows:
+        raise TypeError("write_sft reads the rows twice: pass a RowLog or a list, not an iterator")
+    figures = _RevisionFigures()
+    summary.update(write_outputs(rows, job.out, "sft", select=lambda r: is_sft_target(r, job.keep_unrevised), each=figures.add))
+    steps = figures.steps
+    rejected = sum(n for why, n in steps.items() if why)
+    summary["revisions_rejected"] = {"total": rejected, "of": steps.total(), **{why: steps[why] for why in sorted(w for w in steps if w)}}
+    summary["rows_revised"] = figures.revised
+    summary["rows_dropped_unrevised"] = figures.finished - summary["rows"]
     if summary["rows_dropped_unrevised"]:
         logger.warning("sft: %d of %d finished rows were never revised and are not SFT targets (%s)",
-                       summary["rows_dropped_unrevised"], len(finished), "their first answer is empty" if job.keep_unrevised else "keep_unrevised keeps them")
-    if steps and summary["revisions_rejected"]["total"] > len(steps) / 2:
+                       summary["rows_dropped_unrevised"], figures.finished, "their first answer is empty" if job.keep_unrevised else "keep_unrevised keeps them")
+    if steps and rejected > steps.total() / 2:
         logger.warning("sft: %d of %d revisions were rejected (%s): the judge model copies or repeats rather than revises; "
-                       "a larger judge model (judge.model) gives real revisions", summary["revisions_rejected"]["total"], len(steps),
+                       "a larger judge model (judge.model) gives real revisions", rejected, steps.total(),
                        ", ".join(k for k in summary["revisions_rejected"] if k not in ("total", "of")))
-    pairs = revision_pairs(rows)  # chosen = final revision, rejected = first answer: preferences the judge needn't compare
-    write_rows(pairs, job.out / "revision_pairs.jsonl", job.out / "revision-pairs")
-    summary["revision_pairs"] = len(pairs)
+    # chosen = final revision, rejected = first answer: preferences the judge needn't compare
+    pairs = (pair for row in rows if (pair := revision_pair(row)) is not None)
+    summary["revision_pairs"] = write_rows(pairs, job.out / "revision_pairs.jsonl", job.out / "revision-pairs")
     (job.out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+@dataclass
+class _RevisionFigures:
+    """The summary's figures of sft rows, added up one row at a time."""
+
+    steps: Counter = field(default_factory=Counter)
+    """Every revision step of every row, by why it was rejected (None: accepted)."""
+    finished: int = 0
+    """Rows with status ok."""
+    revised: int = 0
+    """Finished rows with an accepted revision (rows logged before `revised` existed count as revised)."""
+
+    def add(self, row: dict) -> None:
+        self.steps.update(t.get("rejected") for t in row.get("trajectory") or [])
+        if row.get("status") == "ok":
+            self.finished += 1
+            self.revised += bool(row.get("revised", True))
 
 
 def is_sft_target(row: dict, keep_unrevised: bool = False) -> bool:
@@ -85,11 +108,11 @@ def is_sft_target(row: dict, keep_unrevised: bool = False) -> bool:
 
 
 def prompts_to_do(log: RowLog, prompts: list[Prompt]) -> list[Prompt]:
-    done = done_prompts(log.final_rows())
+    done = done_prompts(log)
     return [p for p in prompts if p.id not in done]
 
 
-def done_prompts(rows: list[dict]) -> set[str]:
+def done_prompts(rows: Iterable[dict]) -> set[str]:
     """The prompts whose row is finished (a row's id is its prompt's)."""
     return {r["id"] for r in rows if r.get("status") == "ok"}
 
