@@ -137,7 +137,9 @@ class EngineLog:
 def _handlers_on(stream) -> list[logging.StreamHandler]:
     """Every logger's stream handlers that write to `stream` (the root's and each named logger's)."""
     loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
-    return [h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler) and h.stream is stream]
+    # `"stream" in vars(h)`: a handler whose stream is a property of sys.stderr (logging's last-resort one) follows it.
+    return [h for lg in loggers for h in lg.handlers
+            if isinstance(h, logging.StreamHandler) and "stream" in vars(h) and h.stream is stream]
 
 
 def _writes_to_fd2(stream) -> bool:

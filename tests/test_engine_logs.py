@@ -82,6 +82,7 @@ log = EngineLog(sys.argv[1]).open()
 library = logging.getLogger("a_library")
 library.addHandler(logging.StreamHandler())  # sys.stderr as it is now
 library.propagate = False
+logging.getLogger("another").addHandler(logging.lastResort)  # its stream is a property: it follows sys.stderr itself
 log.close()
 library.warning("library after")
 """
