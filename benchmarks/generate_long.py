@@ -7,7 +7,7 @@ per sample, log-probs for the judge) in their own processes: the policy is sampl
 a subprocess. Reported: rows/s; the CPU seconds of the cai process tree against the wall (resource usage of the
 waited-for tree, and psutil's last reading of each of its processes); its RSS and anonymous memory sampled every
 `--sample-every` s with the slope over the second half of the generation in MiB per 1,000 rows (flat: memory levels
-off; writing the outputs at the end, which reads every row, is reported apart); the judge cache's size on
+off; writing the outputs at the end is reported apart, and measured alone by `generate_outputs.py`); the judge cache's size on
 disk and lookup time at that size against a cache of 1,000 answers; the time a rerun of the same command takes to
 skip every finished row, and the time the resume check (read the log, find what is left) takes for the first
 quarter, half and whole log (linear, not quadratic, in rows).
