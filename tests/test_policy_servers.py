@@ -7,12 +7,17 @@ module (the judge runs on it too, by --backend openai), a dead URL beside it, an
   one alone; `cai generate prefs` killed mid-run and rerun writes each row once; `cai eval` samples from the servers
 - garbage or errors from a server are failed rows that a rerun fills; no server at all stops the job with one line;
   a wrong model name is refused at start-up, naming what the servers serve; the key is sent and never printed
+- a second replica (`vllm serve` of the tiny model behind a key of its own, also serving a LoRA adapter that `cai train sft`
+  saved, by name): the adapter's greedy answers and logprobs are those of the adapter merged in process, not the base's;
+  both replicas answer requests (their Prometheus counters) and make the rows of one; one killed mid-job leaves its rows
+  to the other
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -269,3 +274,151 @@ def test_flags_make_the_settings_and_keys_stay_out(tmp_path):
     with pytest.raises(CaiError, match="--policy-allow-http-key") as err:
         ServerPolicy("tiny", _servers("http://10.1.2.3:8000", policy_key_file=keys))
     assert "k1" not in str(err.value)
+
+
+# -- a second replica, serving a LoRA adapter by name too -------------------------------------------------------------------
+
+REPLICA_KEY = "replica-key-3d8b"
+"""The second replica's key: not the session server's, so each URL needs its own (--policy-key-file, a line per URL)."""
+ADAPTER = "tiny-sft"
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter as `cai train sft` saves it (OUT/final), trained at a high lr: its greedy answers are not the base's."""
+    from cai.train.run import run_training
+    from cai.train.settings import TrainJob
+
+    root = tmp_path_factory.mktemp("adapter")
+    data = root / "sft.jsonl"
+    rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "Bonjour! " * 3}]} for p in PROMPTS]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_training(TrainJob(kind="sft", model=str(tiny_model_dir), data=str(data), out=str(root / "run"), batch_size=6,
+                          max_length=64, eval_fraction=0.0, lr=1e-2, epochs=30, checkpoint_every=1000))
+    return root / "run" / "final"
+
+
+@pytest.fixture(scope="module")
+def _replica(tiny_model_dir, adapter, tmp_path_factory):
+    from judge_server.vllm_serve import VLLMServer
+
+    log = tmp_path_factory.mktemp("replica") / "vllm.log"
+    lora = {ADAPTER: adapter}
+    with VLLMServer(tiny_model_dir, served_name="tiny", api_key=REPLICA_KEY, log_path=log, lora_modules=lora) as server:
+        yield server
+
+
+@pytest.fixture
+def replica(_replica):
+    """A second `vllm serve` of the tiny model as "tiny", behind REPLICA_KEY, that also serves `adapter` as ADAPTER
+    (`--enable-lora --lora-modules`); started again if a test killed it."""
+    if _replica.process.poll() is not None:
+        _replica.start()
+    return _replica
+
+
+def _answered(server) -> float:
+    """The requests a `vllm serve` has finished: its Prometheus counter vllm:request_success_total, over all its labels."""
+    import httpx
+
+    text = httpx.get(f"{server.url}/metrics", timeout=10.0).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("vllm:request_success_total"))
+
+
+def _answers(groups) -> list[tuple[str, str, int]]:
+    return [(g[0].text, g[0].finish_reason, g[0].tokens) for g in groups]
+
+
+def test_a_lora_adapter_is_sampled_by_its_served_name(replica, adapter, tiny_model_dir, tmp_path, monkeypatch):
+    import httpx
+    import torch
+
+    from cai.policy import load_policy
+    from cai.train.merge import merge_lora
+
+    monkeypatch.setenv(POLICY_KEY_ENV, REPLICA_KEY)
+    config = SamplingConfig(max_new_tokens=12, temperature=0.0)
+    policy = load_policy(str(tiny_model_dir), backend="openai", servers=_servers(replica.url, model=ADAPTER))
+    try:
+        served = _answers(policy.sample(PROMPTS, n=1, config=config, seed=0))
+    finally:
+        policy.close()
+    merged = Policy(str(merge_lora(adapter, tmp_path / "merged")))  # cai's merge: the adapter folded into its base
+    assert served == _answers(merged.sample(PROMPTS, n=1, config=config, seed=0))
+    base = _answers(Policy(str(tiny_model_dir)).sample(PROMPTS, n=1, config=config, seed=0))
+    assert all(a[0] != b[0] for a, b in zip(served, base))
+
+    # the adapter's scale too (lora_alpha / r), which saturated greedy answers could hide: the server's logprobs of its answer
+    # are those of the merged model
+    body = {"model": ADAPTER, "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 8, "temperature": 0.0,
+            "logprobs": True, "return_tokens_as_token_ids": True}
+    doc = httpx.post(f"{replica.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {REPLICA_KEY}"},
+                     timeout=60.0).json()
+    steps = doc["choices"][0]["logprobs"]["content"]
+    answer = [int(s["token"].removeprefix("token_id:")) for s in steps]
+    tok = merged.tokenizer
+    text = tok.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        logits = merged.model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1]  # (T_answer, V)
+    expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(answer)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor([s["logprob"] for s in steps]), expected, atol=1e-3)
+
+
+def test_two_replicas_share_the_requests_and_make_the_rows_of_one(served, replica, tmp_path, monkeypatch):
+    keys = tmp_path / "keys"
+    keys.write_text(f"{KEY}\n{REPLICA_KEY}\n")  # a key per server, in the order of the URLs
+    monkeypatch.setenv(POLICY_KEY_ENV, KEY)
+    with pytest.raises(PolicyServersDownError, match=r"backend 2 .* refused the API key"):  # one key for both: refused by one
+        ServerPolicy("tiny", _servers(served.url, replica.url))
+
+    config = SamplingConfig(max_new_tokens=10, temperature=1.0)
+    before = [_answered(s) for s in (served, replica)]
+    both = ServerPolicy("tiny", _servers(served.url, replica.url, policy_key_file=keys, policy_concurrency=4))
+    try:
+        rows = both.sample(PROMPTS, n=4, config=config, seed="5:prefs")
+        states = both.pool.states()
+    finally:
+        both.close()
+    shares = [_answered(s) - b for s, b in zip((served, replica), before)]
+    # each server answered a share (the one with fewer in flight takes the next: a slower one, fewer), nothing twice
+    assert sum(shares) == 4 * len(PROMPTS) and min(shares) >= 1, (shares, states)
+    assert all(s.error is None and s.tokens >= 1 for g in rows for s in g)
+    one = ServerPolicy("tiny", _servers(served.url))
+    try:
+        alone = one.sample(PROMPTS, n=4, config=config, seed="5:prefs")
+    finally:
+        one.close()
+    assert _texts(rows) == _texts(alone)  # same seeds, same rows, whichever server answered
+
+
+def test_a_replica_killed_mid_job_leaves_its_rows_to_the_other(served, replica, judge_url, judge_constitution, tmp_path):
+    import time
+
+    keys = tmp_path / "keys"
+    keys.write_text(f"{KEY}\n{REPLICA_KEY}\n")
+    sft = ("--rounds", "1", "--critique-tokens", "8", "--revision-tokens", "8", "--temperature", "1.0", "--keep-unrevised",
+           "--chunk-size", "1", "--policy-key-file", str(keys))
+    out, log = tmp_path / "both", tmp_path / "both.log"
+    before = _answered(replica)
+    with open(log, "w") as sink:
+        job = subprocess.Popen(_generate("sft", tmp_path, out, judge_url, judge_constitution, served.url, replica.url, extra=sft),
+                               env=_env(), stdout=sink, stderr=subprocess.STDOUT)
+    progress, deadline = out / "progress.jsonl", time.monotonic() + 300
+    while job.poll() is None and time.monotonic() < deadline:  # the replica has answered, and rows are still to come
+        if progress.exists() and progress.read_text().count("\n") >= 2 and _answered(replica) > before:
+            break
+        time.sleep(0.1)
+    assert job.poll() is None, "the job finished before the replica could be killed"
+    answered = _answered(replica) - before
+    replica.kill()
+    job.wait(timeout=300)
+    output = log.read_text()
+    assert job.returncode == 0, output[-3000:]
+    rows = _rows(out / "progress.jsonl")
+    assert len(rows) == len(PROMPTS) and all(r["status"] == "ok" for r in rows), rows
+    alone = _run(_generate("sft", tmp_path, tmp_path / "alone", judge_url, judge_constitution, served.url, extra=sft[:-2]))
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    alone_rows = _rows(tmp_path / "alone" / "progress.jsonl")
+    assert {r["id"]: r["initial_response"] for r in rows} == {r["id"]: r["initial_response"] for r in alone_rows}
+    assert answered >= 1 and re.search(r"backend 2 \(\S+\) taken\s+out", output) and REPLICA_KEY not in output
