@@ -4,6 +4,7 @@ resume after a crash."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from cai.train.rl.math import kl_per_token
 from cai.train.rl.settings import GRPOJob, RLOOJob
 from cai.train.rl.trainer import check_processes
 from tests import test_ppo
-from tests.test_ppo import PROMPTS, metrics
+from tests.test_ppo import PROMPTS, assert_vllm_rollouts_follow_the_trained_adapter, metrics
 
 prompt_file = test_ppo.prompt_file  # its 16 prompts, as a fixture here too
 
@@ -138,10 +139,21 @@ def test_grpo_and_rloo_raise_the_reward_and_a_run_without_the_policy_loss_does_n
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path, tiny_model_dir, prompt_file):
-    """`cai train rloo` (token mean, KL in the loss) with 2 CPU processes under torchrun's DDP: each samples two of
-    the four groups, the rollouts are gathered for the advantages, and each minibatch's loss is divided by the
-    whole minibatch's token count, so the run logs what one process does."""
+def test_vllm_rollouts_sample_from_the_adapter_being_trained(tmp_path, tiny_model_dir, prompt_file):
+    """`rollout_backend: vllm`: the K answers of each group come from vLLM through the adapter synced after each
+    update (`assert_vllm_rollouts_follow_the_trained_adapter`)."""
+    assert_vllm_rollouts_follow_the_trained_adapter(GRPOTrainer, grpo_cfg(
+        tiny_model_dir, prompt_file, tmp_path / "grpo", rollout_backend="vllm", batch_size=8, iterations=2,
+        lora_target_modules=["q_proj", "v_proj"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_train_like_one(tmp_path, tiny_model_dir, prompt_file, sharding):
+    """`cai train rloo` (token mean, KL in the loss) with 2 CPU processes under torchrun's DDP or accelerate's FSDP2
+    (weights sharded; tests/fsdp_on_cpu.py): each samples two of the four groups, the rollouts are gathered for the
+    advantages, and each minibatch's loss is divided by the whole minibatch's token count, so the run logs what one
+    process does."""
     from tests.fsdp_on_cpu import launch, run_ok
 
     settings = {"model": str(tiny_model_dir), "reward": "rule:share=e", "prompts": prompt_file, "batch_size": 16,
@@ -149,7 +161,9 @@ def test_two_processes_train_like_one(tmp_path, tiny_model_dir, prompt_file):
                 "loss_aggregation": "token", "kl_in": "loss", "lora_target_modules": "q_proj,v_proj", "seed": 1}
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     run_ok([sys.executable, "-m", "cai.cli", "train", "rloo", *flags, "--out", str(tmp_path / "one")])
-    run_ok([*launch(["train", "rloo", *flags], fsdp=False), "--out", str(tmp_path / "two")])
+    run_ok([*launch(["train", "rloo", *flags], fsdp=sharding == "fsdp"), "--out", str(tmp_path / "two")])
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert (summary["distributed"], summary["sharded"]) == (("FSDP", True) if sharding == "fsdp" else ("MULTI_CPU", False))
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [r["processes"] for r in two] == [2, 2, 2] and [r["tokens"] for r in two] == [r["tokens"] for r in one]
     for a, b in zip(one, two):

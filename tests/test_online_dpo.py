@@ -18,7 +18,7 @@ from cai.train.rl.build import build_rl_trainer
 from cai.train.rl.online_dpo import OnlineDPOTrainer, PairLabels, hard_labels, label_entropy, run_online_dpo
 from cai.train.rl.settings import OnlineDPOJob
 from cai.train.settings import pin_trainer_settings
-from tests.test_ppo import PROMPTS, metrics
+from tests.test_ppo import PROMPTS, assert_vllm_rollouts_follow_the_trained_adapter, metrics
 
 
 def odpo_cfg(tiny_model_dir, out: Path, **kw) -> OnlineDPOJob:
@@ -196,10 +196,21 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_model_d
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path, tiny_model_dir):
-    """`cai train online-dpo` in 2 CPU processes (torchrun, DDP): each samples and scores half of the batch (whole
-    pairs), and each minibatch's 4 pairs go 2 to a process, its loss a share of the minibatch's mean, so the answers,
-    labels and scores are one process's and the losses and DPO metrics agree up to float error."""
+def test_vllm_rollouts_sample_from_the_adapter_being_trained(tmp_path, tiny_model_dir):
+    """`rollout_backend: vllm`: both answers of each pair come from vLLM through the adapter synced after each
+    update (`assert_vllm_rollouts_follow_the_trained_adapter`)."""
+    assert_vllm_rollouts_follow_the_trained_adapter(OnlineDPOTrainer, odpo_cfg(
+        tiny_model_dir, tmp_path / "odpo", rollout_backend="vllm", batch_size=8, iterations=2, lr=5e-2,
+        lora_target_modules=["q_proj", "v_proj"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_train_like_one(tmp_path, tiny_model_dir, sharding):
+    """`cai train online-dpo` in 2 CPU processes, under torchrun's DDP or accelerate's FSDP2 (weights sharded;
+    tests/fsdp_on_cpu.py): each samples and scores half of the batch (whole pairs), and each minibatch's 4 pairs go
+    2 to a process, its loss a share of the minibatch's mean, so the answers, labels and scores are one process's
+    and the losses and DPO metrics agree up to float error."""
     import sys
 
     from tests.fsdp_on_cpu import launch, run_ok
@@ -210,7 +221,9 @@ def test_two_processes_train_like_one(tmp_path, tiny_model_dir):
              if k in {"model", "reward", "prompts", "batch_size", "mini_batches", "iterations", "rpo_alpha", "response_length",
                       "lr", "beta", "ppo_epochs", "lora_target_modules", "seed"}]
     run_ok([sys.executable, "-m", "cai.cli", "train", "online-dpo", *flags, "--out", str(tmp_path / "one")])
-    run_ok([*launch(["train", "online-dpo", *flags], fsdp=False), "--out", str(tmp_path / "two")])
+    run_ok([*launch(["train", "online-dpo", *flags], fsdp=sharding == "fsdp"), "--out", str(tmp_path / "two")])
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert (summary["distributed"], summary["sharded"]) == (("FSDP", True) if sharding == "fsdp" else ("MULTI_CPU", False))
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert {r["processes"] for r in one} == {1} and {r["processes"] for r in two} == {2}
     for a, b in zip(one, two, strict=True):

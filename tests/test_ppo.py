@@ -534,6 +534,52 @@ def test_vllm_rollouts_sample_from_the_synced_adapter(tmp_path, tiny_model_dir, 
     assert_crash_and_resume_repeat(cfg, crash_at_iteration=4)
 
 
+def assert_vllm_rollouts_follow_the_trained_adapter(trainer_cls, cfg) -> None:
+    """Any RL trainer on `cfg` (rollout_backend 'vllm') trains its `iterations` through vLLM's samples, then one more
+    rollout syncs the adapter those updates made. vLLM's copy is the trained adapter tensor for tensor, its greedy
+    answers through it are the trained policy's under transformers + peft (which the updates moved off the base
+    model's), and the rows of one prompt (a group, a pair) are distinct samples."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from cai.train.rl.build import build_rl_trainer
+    from tests.conftest import needs_vllm
+
+    needs_vllm()
+    trainer = build_rl_trainer(trainer_cls, cfg)
+    lm, k = trainer.model.lm, trainer.group_size
+    try:
+        trainer.train()
+        rows = metrics(trainer.out)
+        assert len(rows) == cfg.iterations and all(math.isfinite(r["objective/kl"]) and r["response/length_mean"] > 0 for r in rows)
+        r = trainer.rollout(cfg.iterations)  # syncs the adapter after the last update
+        adapter = trainer.out / "rollout-adapter" / f"iteration-{cfg.iterations}"
+        synced, trained = load_file(adapter / "adapter_model.safetensors"), get_peft_model_state_dict(lm)
+        assert synced.keys() == trained.keys() and all(torch.equal(synced[name], trained[name].cpu()) for name in synced)
+        assert all(len(set(r.texts[i:i + k])) > 1 for i in range(0, cfg.batch_size, k)), r.texts
+
+        queries = trainer.queries[:6]
+        greedy = {"max_tokens": 8, "temperature": 0.0, "stop_ids": trainer.stop_ids, "seed": 0}
+        through_vllm = trainer.vllm.generate(queries, adapter, cfg.iterations, **greedy)
+        base_vllm = trainer.vllm.generate(queries, None, cfg.iterations + 1, **greedy)
+    finally:
+        trainer.close()
+
+    def transformers_greedy() -> list[list[int]]:
+        with torch.no_grad():
+            return [lm.generate(input_ids=torch.tensor([q], device=trainer.device), max_new_tokens=8, do_sample=False,
+                                eos_token_id=trainer.stop_ids, pad_token_id=trainer.tokenizer.pad_token_id)[0, len(q):].tolist()
+                    for q in queries]
+
+    expected = transformers_greedy()
+    with lm.disable_adapter():
+        base = transformers_greedy()
+    assert expected != base  # the updates moved the greedy answers, so the comparison can tell the adapters apart
+    agree = sum(a == b for x, y in zip(through_vllm, expected) for a, b in zip(x, y))
+    assert agree >= 0.9 * sum(len(y) for y in expected), (through_vllm, expected)
+    assert through_vllm != base_vllm
+
+
 # -- several processes ----------------------------------------------------------------------
 
 CRASHING_RUN = '''
@@ -681,6 +727,26 @@ def test_a_batch_the_processes_cannot_share_is_refused(tmp_path, tiny_model_dir,
         check_processes(ppo_cfg(tiny_model_dir, prompt_file, tmp_path, batch_size=8, mini_batches=4), 4, False)
     with pytest.raises(ConfigError, match="'vllm' runs in one process"):
         check_processes(ppo_cfg(tiny_model_dir, prompt_file, tmp_path), 2, True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["ppo", "grpo", "online-dpo"])
+def test_every_rl_command_refuses_vllm_rollouts_across_processes(tmp_path, tiny_model_dir, prompt_file, command):
+    """vLLM rollouts run in one process: `cai train ppo|grpo|online-dpo --rollout-backend vllm` launched in 2 processes
+    stops with the config error, before vLLM starts (no engine log in the output folder)."""
+    import subprocess
+
+    from cai.engine_logs import POLICY_ENGINE_LOG
+    from tests.fsdp_on_cpu import cpu_env, launch
+
+    out = tmp_path / "run"
+    flags = ["--model", str(tiny_model_dir), "--reward", "rule:length", "--prompts", prompt_file, "--batch-size", "8",
+             "--lora-target-modules", "q_proj,v_proj", "--rollout-backend", "vllm", "--out", str(out)]
+    done = subprocess.run(launch(["train", command, *flags], fsdp=False), env=cpu_env(), capture_output=True, text=True,
+                          check=False)
+    said = " ".join(done.stderr.split())  # the console wraps long lines
+    assert done.returncode != 0 and "rollout_backend 'vllm' runs in one process; this launch has 2" in said, done.stderr[-3000:]
+    assert not (out / POLICY_ENGINE_LOG).exists()
 
 
 # -- sampling edge cases (issue 27, items 10) ---------------------------------------------------------
