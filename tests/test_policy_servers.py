@@ -294,7 +294,7 @@ def adapter(tiny_model_dir, tmp_path_factory):
     rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "Bonjour! " * 3}]} for p in PROMPTS]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run_training(TrainJob(kind="sft", model=str(tiny_model_dir), data=str(data), out=str(root / "run"), batch_size=6,
-                          max_length=64, eval_fraction=0.0, lr=1e-2, epochs=30, checkpoint_every=1000))
+                          max_length=64, eval_fraction=0.0, lr=1e-2, epochs=10, checkpoint_every=1000))
     return root / "run" / "final"
 
 
