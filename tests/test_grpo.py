@@ -1,6 +1,6 @@
 """GRPO and RLOO on the tiny model: groups in the batch, the update's wiring to `cai.train.rl.group` (whose
-arithmetic test_rl_group.py checks), bad settings, and real runs: learning against a control, two processes,
-resume after a crash."""
+arithmetic test_rl_group.py checks), bad settings, and real runs: learning against a control, vLLM rollouts, two
+processes (DDP, FSDP), resume after a crash (transformers and vLLM rollouts)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from cai.train.rl.math import kl_per_token
 from cai.train.rl.settings import GRPOJob, RLOOJob
 from cai.train.rl.trainer import check_processes
 from tests import test_ppo
+from tests.conftest import needs_vllm
 from tests.test_ppo import PROMPTS, assert_vllm_rollouts_follow_the_trained_adapter, metrics
 
 prompt_file = test_ppo.prompt_file  # its 16 prompts, as a fixture here too
@@ -174,11 +175,15 @@ def test_two_processes_train_like_one(tmp_path, tiny_model_dir, prompt_file, sha
 
 
 @pytest.mark.slow
-def test_a_crashed_run_rerun_logs_what_the_uninterrupted_one_did(tmp_path, tiny_model_dir, prompt_file):
+@pytest.mark.parametrize("backend", ["transformers", "vllm"])
+def test_a_crashed_run_rerun_logs_what_the_uninterrupted_one_did(tmp_path, tiny_model_dir, prompt_file, backend):
     from cai.train.settings import pin_trainer_settings
 
+    vllm = {"rollout_backend": "vllm", "lora_target_modules": ["q_proj", "v_proj"]} if backend == "vllm" else {}
+    if vllm:
+        needs_vllm()
     straight = grpo_cfg(tiny_model_dir, prompt_file, tmp_path / "straight", iterations=4, checkpoint_every=2, adaptive_kl=True,
-                        kl_target=1.0, kl_horizon=100, cliprange_high=0.28)
+                        kl_target=1.0, kl_horizon=100, cliprange_high=0.28, **vllm)
     run_grpo(straight)
     crashy = straight.model_copy(update={"out": str(tmp_path / "crashy")})
     rule, scored = RuleScorer(crashy.reward), []

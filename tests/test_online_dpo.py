@@ -1,5 +1,6 @@
 """Online DPO on the tiny model: settings, labels, one update against the DPO loss by hand, learning a rule
-reward (and not learning with the step switched off), the pairwise judge's soft labels over HTTP, resume."""
+reward (and not learning with the step switched off), the pairwise judge's soft labels over HTTP, vLLM rollouts,
+two processes (DDP, FSDP), resume (transformers and vLLM rollouts)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from cai.train.rl.build import build_rl_trainer
 from cai.train.rl.online_dpo import OnlineDPOTrainer, PairLabels, hard_labels, label_entropy, run_online_dpo
 from cai.train.rl.settings import OnlineDPOJob
 from cai.train.settings import pin_trainer_settings
+from tests.conftest import needs_vllm
 from tests.test_ppo import PROMPTS, assert_vllm_rollouts_follow_the_trained_adapter, metrics
 
 
@@ -161,9 +163,13 @@ def test_the_pairwise_judge_labels_each_pair_over_http(tmp_path, tiny_model_dir,
 
 
 @pytest.mark.slow
-def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("backend", ["transformers", "vllm"])
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, backend):
+    vllm = {"rollout_backend": "vllm", "lora_target_modules": ["q_proj", "v_proj"]} if backend == "vllm" else {}
+    if vllm:
+        needs_vllm()
     straight = odpo_cfg(tiny_model_dir, tmp_path / "straight", iterations=5, checkpoint_every=2, batch_size=8,
-                        mini_batches=2)
+                        mini_batches=2, **vllm)
     run_online_dpo(straight)
     crashy = straight.model_copy(update={"out": str(tmp_path / "crashy")})
     rule, calls = RuleScorer(straight.reward), {"n": 0}
