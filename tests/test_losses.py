@@ -101,3 +101,37 @@ def test_losses_split_into_shares_that_add_up_to_the_pooled_mean():
     assert math.isclose((a + b).item(), whole.item(), rel_tol=1e-6)
     for k in wm:
         assert math.isclose((am[k] + bm[k]).item(), wm[k].item(), rel_tol=1e-6, abs_tol=1e-7), k
+
+
+def _new_bytes_saved_for_backward(fn, logits: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for fn(logits)'s backward that are not logits' own storage."""
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fn(logits)
+    own = logits.untyped_storage().data_ptr()
+    return sum(t.untyped_storage().nbytes() for t in saved if t.untyped_storage().data_ptr() != own)
+
+
+def test_token_logprobs_equal_log_softmax_and_keep_no_copy_of_the_logits_for_the_backward():
+    """log p from logit - logsumexp per sequence: the values and gradients of log_softmax + gather, without keeping a
+    (B, T, V) log_softmax for the backward (the largest tensor of a training step)."""
+    from cai.train.losses import token_logprobs
+    from cai.train.rl.math import entropy_from_logits
+
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 5, 1000) * 4).requires_grad_(True)
+    labels = torch.randint(-1, 1000, (3, 5))  # -1: padding, read as token 0
+    want_logits = logits.detach().clone().requires_grad_(True)
+    want = torch.log_softmax(want_logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    got = token_logprobs(logits, labels)
+    assert torch.allclose(got, want, atol=1e-5)
+    weights = torch.randn(3, 5)
+    (got * weights).sum().backward()
+    (want * weights).sum().backward()
+    assert torch.allclose(logits.grad, want_logits.grad, atol=1e-6)
+    full = logits.numel() * logits.element_size()
+    assert _new_bytes_saved_for_backward(lambda x: token_logprobs(x, labels), logits) < full / 10
+    assert _new_bytes_saved_for_backward(lambda x: torch.log_softmax(x, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)),
+                                         logits) >= full  # what the check catches
+    logp = torch.log_softmax(logits.detach(), -1)
+    assert torch.allclose(entropy_from_logits(logits.detach()), -(logp.exp() * logp).sum(-1), atol=1e-5)

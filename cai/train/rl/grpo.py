@@ -43,7 +43,7 @@ from cai.train.losses import token_logprobs
 from cai.train.rl import metrics as M
 from cai.train.rl.build import run_rl
 from cai.train.rl.group import aggregate_loss, clipped_token_loss, group_advantages, loss_denominator
-from cai.train.rl.math import entropy_from_logits, kl_per_token
+from cai.train.rl.math import at_temperature, entropy_from_logits, kl_per_token
 from cai.train.rl.settings import GRPOJob
 from cai.train.rl.trainer import RLTrainer, Rollout
 
@@ -96,7 +96,8 @@ class GRPOTrainer(RLTrainer):
                 share = maskf[mb].sum() / maskf[whole].sum().clamp(min=1.0)  # for the token means of the stats
                 with self._autocast():
                     logits, _ = self.trained(r.full[mb], r.full_mask[mb], width)
-                    resp_logits = logits.float() / cfg.temperature
+                    resp_logits = at_temperature(logits, cfg.temperature)
+                    del logits
                     new_logprobs = token_logprobs(resp_logits, r.responses[mb])  # (b, R)
                     per_token, pg_stats = clipped_token_loss(new_logprobs, r.logprobs[mb], advantages[mb], maskf[mb],
                                                              clip_low=cfg.cliprange, clip_high=cfg.cliprange_high or cfg.cliprange)

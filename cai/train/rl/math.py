@@ -73,10 +73,21 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     return loss, stats
 
 
+def at_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The logits in float32 divided by the sampling temperature: the same tensor at temperature 1 in float32, a new
+    (B, T, V) one otherwise (drop the model's own then, or both stay alive through the backward)."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of each position's next-token distribution. (B, T, V) -> (B, T)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    """Entropy of each position's next-token distribution. (B, T, V) -> (B, T). One sequence at a time: the whole
+    batch's log_softmax and its exp would be two more (B, T, V) tensors at once."""
+    def one(row: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(row.float(), dim=-1)
+        return -(logp.exp() * logp).sum(-1)
+
+    return torch.stack([one(row) for row in logits])
 
 
 @dataclass

@@ -45,7 +45,7 @@ from cai.errors import ConfigError
 from cai.train.losses import dpo_loss, preferred_tokens, token_logprobs
 from cai.train.rl import metrics as M
 from cai.train.rl.build import run_rl
-from cai.train.rl.math import kl_per_token
+from cai.train.rl.math import at_temperature, kl_per_token
 from cai.train.rl.settings import OnlineDPOJob
 from cai.train.rl.trainer import RLTrainer, Rollout
 
@@ -144,7 +144,8 @@ class OnlineDPOTrainer(RLTrainer):
                 rows = torch.cat([chosen[mine], rejected[mine]])  # (2p,) the preferred answers, then the others
                 with self._autocast():
                     logits, _ = self.trained(r.full[rows], r.full_mask[rows], cfg.response_length)
-                    logprobs = token_logprobs(logits.float() / cfg.temperature, r.responses[rows])
+                    logprobs = token_logprobs(at_temperature(logits, cfg.temperature), r.responses[rows])
+                    del logits
                     policy_c, policy_r = (logprobs * maskf[rows]).sum(1).chunk(2)
                     loss, logged = dpo_loss(policy_c, policy_r, ref[chosen[mine]], ref[rejected[mine]], cfg.beta, p_chosen[mine],
                                             cfg.rpo_alpha, lengths[chosen[mine]], lengths[rejected[mine]], pairs_total=len(whole),

@@ -52,7 +52,7 @@ from cai.train.losses import masked_mean, token_logprobs
 from cai.train.rewards import Scorer
 from cai.train.rl import metrics as M
 from cai.train.rl.build import build_rl_trainer, run_rl
-from cai.train.rl.math import entropy_from_logits, kl_penalised_rewards, kl_per_token, masked_whiten, policy_loss
+from cai.train.rl.math import at_temperature, entropy_from_logits, kl_penalised_rewards, kl_per_token, masked_whiten, policy_loss
 from cai.train.rl.settings import PPOJob
 from cai.train.rl.trainer import RLTrainer, Rollout
 
@@ -126,7 +126,8 @@ class PPOTrainer(RLTrainer):
                 weight = maskf[mb].sum() / maskf[whole].sum() if self.world > 1 else 1.0
                 with self._autocast():
                     logits, vpred = self.trained(full[mb], full_mask[mb], cfg.response_length)
-                    resp_logits = logits.float() / cfg.temperature
+                    resp_logits = at_temperature(logits, cfg.temperature)
+                    del logits
                     new_logprobs = token_logprobs(resp_logits, responses[mb])
                     pg_loss, pg_stats = policy_loss(new_logprobs, logprobs[mb], advantages[mb], maskf[mb], cfg.cliprange)
                     vf_loss, vf_stats = value_loss(vpred, values[mb], returns[mb], maskf[mb], cfg.cliprange_value)

@@ -31,6 +31,7 @@ from cai.train.losses import token_logprobs
 from cai.train.precision import autocast, uses_bf16
 from cai.train.rewards import Scorer, score_parts
 from cai.train.rl import metrics as M
+from cai.train.rl.math import at_temperature
 from cai.train.rl.policy import Policy
 from cai.train.rl.sampling import sample
 from cai.train.rl.settings import RLJob, RLSettings
@@ -278,7 +279,7 @@ class RLTrainer:
 
     def _response_logprobs(self, logits: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
         """log pi(response_t | query, response_<t) at the sampling temperature. (B, R, V) -> (B, R)"""
-        return token_logprobs(logits.float() / self.cfg.temperature, responses)
+        return token_logprobs(at_temperature(logits, self.cfg.temperature), responses)
 
     def minibatches(self, iteration: int, epoch: int) -> list[torch.Tensor]:
         """The `mini_batches` shuffled minibatches (rows of the whole batch) of one epoch of updates: a function of
