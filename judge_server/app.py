@@ -206,10 +206,6 @@ async def _run(request: Request, endpoint: str, items: int, work: Awaitable[R]) 
     finally:
         metrics.queue.set(service.pending)
     metrics.items.labels(endpoint).inc(items)
-    eng = service.engine
-    metrics.tokens.labels("prompt").set(eng.prompt_tokens_total)
-    metrics.tokens.labels("completion").set(eng.completion_tokens_total)
-    metrics.tokens.labels("cached").set(eng.cached_tokens_total)
     return result
 
 
@@ -265,6 +261,12 @@ async def backends(request: Request):
 
 @router.get("/metrics")
 async def prometheus(request: Request):
+    # The engine's token totals as of now, read when asked: set after each request they missed the start-up
+    # comparison, so the first request's difference counted its tokens too.
+    eng, tokens = _service(request).engine, request.app.state.metrics.tokens
+    tokens.labels("prompt").set(eng.prompt_tokens_total)
+    tokens.labels("completion").set(eng.completion_tokens_total)
+    tokens.labels("cached").set(eng.cached_tokens_total)
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

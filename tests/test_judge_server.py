@@ -274,6 +274,32 @@ def test_metrics_count_requests(judge):
     assert "judge_queue_depth" in text and 'judge_tokens_total{kind="prompt"}' in text
 
 
+def test_metrics_count_the_prompt_tokens_of_both_orders_exactly(judge, tiny_model_dir, judge_constitution):
+    """A compare request adds exactly its two prompts' tokens to judge_tokens_total{kind="prompt"} (the figure
+    benchmarks/grpo_judge.py reads per step), and the cached count never exceeds it."""
+    import re
+
+    from transformers import AutoTokenizer
+
+    from cai.constitution import load_constitution
+    from judge_server import templates
+
+    def tokens() -> dict[str, float]:
+        text = raw(judge, "GET", "/metrics").text
+        return {k: float(v) for k, v in re.findall(r'^judge_tokens_total\{kind="(\w+)"\} (\S+)$', text, re.MULTILINE)}
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    principle = load_constitution(judge_constitution).principle("harmful-content")
+    expected = sum(len(tok.encode(tok.apply_chat_template(templates.compare_messages(principle, Q, first, second, cot=False),
+                                                          tokenize=False, add_generation_prompt=True) + templates.COMPARE_PREFIX,
+                                  add_special_tokens=False)) for first, second in ((A, B), (B, A)))
+    before = tokens()
+    call(judge, lambda c: c.compare(P.CompareRequest(prompt=Q, response_a=A, response_b=B, principle_ids=["harmful-content"])))
+    after = tokens()
+    assert after["prompt"] - before["prompt"] == expected
+    assert 0 <= after["cached"] - before["cached"] <= expected and after["completion"] == before["completion"]
+
+
 def test_constitution_edit_is_picked_up_and_a_bad_edit_keeps_the_last_good(judge, judge_constitution):
     original = judge_constitution.read_text(encoding="utf-8")
     before = call(judge, lambda c: c.constitution())
