@@ -17,6 +17,7 @@ iteration dropped as warm-up), peak RSS and the rest of `ppo_throughput.py`'s fi
 orders (2 engine prompts per principle, 1 principle by default); and the prompt tokens of one engine prompt: the
 compare template with the default constitution's principles and these prompts, chat-templated with the policy's
 tokenizer (a stand-in for the judge's), plus the two answers at the cai runs' mean answer length.
+`grpo_judge.py` measures the same against a real judge server, prefix-cache share included.
 
     .venv/bin/python benchmarks/grpo_throughput.py --models tiny
     .venv/bin/python benchmarks/grpo_throughput.py --models smollm2-135m-instruct --repeats 1 --save
@@ -42,23 +43,27 @@ TARGETS = {"speedup": 1.5, "memory_ratio": 0.7}
 SCRIPTS = {"cai": HERE / "_cai_grpo.py", "trl": HERE / "_trl_grpo.py"}
 
 
+def compare_prompt_tokens(tokenizer, principle, prompt: str, first: str, second: str) -> int:
+    """Tokens of the judge's prompt comparing `first` with `second` (one order, no CoT), built as the judge's engine
+    builds it (`judge_server.engine.TokenizedEngine.encode`)."""
+    from judge_server.templates import COMPARE_PREFIX, compare_messages
+
+    text = tokenizer.apply_chat_template(compare_messages(principle, prompt, first, second, cot=False), tokenize=False,
+                                         add_generation_prompt=True) + COMPARE_PREFIX
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
 def judge_load(policy: str, prompts: list[str], *, batch_size: int, num_generations: int, answer_tokens: float) -> dict:
     """What one iteration of this shape asks of the judge with reward `judge:pairwise` (see the module docstring)."""
     from transformers import AutoTokenizer
 
     from cai.constitution import DEFAULT_CONSTITUTION, find_constitution, load_constitution
     from cai.train.rl.pairwise import pair_schedule
-    from judge_server.templates import COMPARE_PREFIX, compare_messages
 
     tokenizer = AutoTokenizer.from_pretrained(policy)
     groups, pairs = batch_size // num_generations, len(pair_schedule(num_generations))
     principles = load_constitution(find_constitution(DEFAULT_CONSTITUTION)).principles
-    lengths = []
-    for principle in principles:
-        for prompt in prompts:
-            text = tokenizer.apply_chat_template(compare_messages(principle, prompt, "", "", cot=False), tokenize=False,
-                                                 add_generation_prompt=True) + COMPARE_PREFIX
-            lengths.append(len(tokenizer.encode(text, add_special_tokens=False)))
+    lengths = [compare_prompt_tokens(tokenizer, principle, prompt, "", "") for principle in principles for prompt in prompts]
     template = sum(lengths) / len(lengths)
     per_prompt = template + 2 * answer_tokens
     engine_prompts = groups * pairs * 2
