@@ -54,3 +54,42 @@ def run_ok(cmd: list[str]) -> None:
 
     done = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+CRASHING_RL_RUN = '''
+import importlib, json, sys
+from pathlib import Path
+from cai.train.rewards import RuleScorer
+from cai.train.rl.build import build_rl_trainer
+from cai.train.settings import pin_trainer_settings
+
+job_cls, trainer_cls = (getattr(importlib.import_module(m), n) for m, n in (a.split(":") for a in sys.argv[3:5]))
+cfg = job_cls(**json.loads(Path(sys.argv[1]).read_text()))
+rule, calls = RuleScorer(cfg.reward), {"n": 0}
+
+def crashing(prompts, responses, *, first_row=0):  # every process crashes while scoring the same iteration
+    calls["n"] += 1
+    if calls["n"] == int(sys.argv[2]):
+        raise RuntimeError("simulated crash")
+    return rule(prompts, responses, first_row=first_row)
+
+pin_trainer_settings(cfg, Path(cfg.out))
+trainer = build_rl_trainer(trainer_cls, cfg, scorer=crashing)
+try:
+    trainer.train()
+finally:
+    trainer.close()
+'''
+
+
+def crash_in_iteration(tmp_path, settings: dict, out, iteration: int, job: str, trainer: str, *, fsdp: bool) -> None:
+    """A launch (as `launch`) of an RL trainer on `settings` (a rule reward) whose every process raises while scoring
+    `iteration`, writing to `out`; fails unless it crashed there. `job` and `trainer` are "module:Class" names."""
+    import json
+    import subprocess
+
+    (tmp_path / "crash.json").write_text(json.dumps({**settings, "out": str(out)}))
+    (tmp_path / "crash.py").write_text(CRASHING_RL_RUN)
+    crashed = subprocess.run(launch([str(tmp_path / "crash.py"), str(tmp_path / "crash.json"), str(iteration), job, trainer],
+                                    fsdp=fsdp), env=cpu_env(), capture_output=True, text=True, check=False)
+    assert crashed.returncode != 0 and "simulated crash" in crashed.stderr, crashed.stderr[-3000:]

@@ -154,23 +154,35 @@ def test_two_processes_train_like_one(tmp_path, tiny_model_dir, prompt_file, sha
     """`cai train rloo` (token mean, KL in the loss) with 2 CPU processes under torchrun's DDP or accelerate's FSDP2
     (weights sharded; tests/fsdp_on_cpu.py): each samples two of the four groups, the rollouts are gathered for the
     advantages, and each minibatch's loss is divided by the whole minibatch's token count, so the run logs what one
-    process does."""
-    from tests.fsdp_on_cpu import launch, run_ok
+    process does. Under FSDP, a run that crashes in iteration 3 (checkpoint at 2, gathered from the shards) and is
+    rerun with the same command logs the same."""
+    from tests.fsdp_on_cpu import crash_in_iteration, launch, run_ok
 
     settings = {"model": str(tiny_model_dir), "reward": "rule:share=e", "prompts": prompt_file, "batch_size": 16,
                 "mini_batches": 2, "ppo_epochs": 2, "response_length": 8, "iterations": 3, "lr": 2e-2, "kl_coef": 0.05,
-                "loss_aggregation": "token", "kl_in": "loss", "lora_target_modules": "q_proj,v_proj", "seed": 1}
+                "loss_aggregation": "token", "kl_in": "loss", "lora_target_modules": "q_proj,v_proj", "checkpoint_every": 2,
+                "seed": 1}
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+    fsdp = sharding == "fsdp"
     run_ok([sys.executable, "-m", "cai.cli", "train", "rloo", *flags, "--out", str(tmp_path / "one")])
-    run_ok([*launch(["train", "rloo", *flags], fsdp=sharding == "fsdp"), "--out", str(tmp_path / "two")])
+    run_ok([*launch(["train", "rloo", *flags], fsdp=fsdp), "--out", str(tmp_path / "two")])
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert (summary["distributed"], summary["sharded"]) == (("FSDP", True) if sharding == "fsdp" else ("MULTI_CPU", False))
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    assert [r["processes"] for r in two] == [2, 2, 2] and [r["tokens"] for r in two] == [r["tokens"] for r in one]
-    for a, b in zip(one, two):
-        assert b["objective/scores"] == a["objective/scores"]
-        for k in ("objective/kl", "ppo/loss/policy", LOSS_KL, "ppo/policy/approxkl", "ppo/policy/entropy", ADVANTAGE_STD):
-            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k)
+    assert (summary["distributed"], summary["sharded"]) == (("FSDP", True) if fsdp else ("MULTI_CPU", False))
+    runs = [metrics(tmp_path / "two")]
+    if fsdp:
+        crashy = tmp_path / "crashy"
+        crash_in_iteration(tmp_path, {**settings, "lora_target_modules": ["q_proj", "v_proj"]}, crashy, 3,
+                           "cai.train.rl.settings:RLOOJob", "cai.train.rl.grpo:GRPOTrainer", fsdp=True)
+        assert len(metrics(crashy)) == 2  # the checkpoint at 2
+        run_ok([*launch(["train", "rloo", *flags], fsdp=True), "--out", str(crashy)])
+        runs.append(metrics(crashy))
+    one = metrics(tmp_path / "one")
+    for two in runs:
+        assert [r["processes"] for r in two] == [2, 2, 2] and [r["tokens"] for r in two] == [r["tokens"] for r in one]
+        for a, b in zip(one, two):
+            assert b["objective/scores"] == a["objective/scores"]
+            for k in ("objective/kl", "ppo/loss/policy", LOSS_KL, "ppo/policy/approxkl", "ppo/policy/entropy", ADVANTAGE_STD):
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k)
     assert one[-1]["objective/kl"] > 0.01  # it trained
 
 

@@ -582,25 +582,6 @@ def assert_vllm_rollouts_follow_the_trained_adapter(trainer_cls, cfg) -> None:
 
 # -- several processes ----------------------------------------------------------------------
 
-CRASHING_RUN = '''
-import json, sys
-from pathlib import Path
-from cai.train.settings import pin_trainer_settings
-from cai.train.rl.ppo import PPOJob, build_trainer
-from cai.train.rewards import RuleScorer
-
-cfg = PPOJob(**json.loads(Path(sys.argv[1]).read_text()))
-rule, calls = RuleScorer(cfg.reward), {"n": 0}
-
-def crashing(prompts, responses, *, first_row=0):  # every process crashes while scoring the same iteration
-    calls["n"] += 1
-    if calls["n"] == int(sys.argv[2]):
-        raise RuntimeError("simulated crash")
-    return rule(prompts, responses, first_row=first_row)
-
-pin_trainer_settings(cfg, Path(cfg.out))
-build_trainer(cfg, scorer=crashing).train()
-'''
 
 
 @pytest.mark.slow
@@ -612,17 +593,16 @@ def test_two_processes_train_like_one_and_resume_after_a_crash(tmp_path, tiny_mo
     minibatch's gradient is the one-process one. So the sampled tokens and scores are the same as one
     process's, and the KL, coefficients and losses agree up to float error. Then a 2-process run that
     crashes at iteration 4 (checkpoint at 2) and is rerun with the same command finishes like them."""
-    import subprocess
     import sys
 
-    from tests.fsdp_on_cpu import cpu_env, launch, run_ok
+    from tests.fsdp_on_cpu import crash_in_iteration, launch, run_ok
 
     settings = dict(model=str(tiny_model_dir), reward="rule:share=e", prompts=prompt_file, batch_size=8, mini_batches=2,
                     ppo_epochs=2, response_length=8, iterations=5, lr=5e-3, kl_coef=0.01, adaptive_kl=True, kl_target=1.0,
                     kl_horizon=100, lora_target_modules=["q_proj", "v_proj"], checkpoint_every=2, seed=1)
     flags = [f"--{k.replace('_', '-')}={','.join(v) if isinstance(v, list) else v}" for k, v in settings.items()
              if k != "adaptive_kl"] + ["--adaptive-kl"]
-    env, fsdp = cpu_env(), sharding == "fsdp"
+    fsdp = sharding == "fsdp"
 
     def run(cmd, out):
         run_ok([*cmd, "--out", str(out)])
@@ -631,11 +611,7 @@ def test_two_processes_train_like_one_and_resume_after_a_crash(tmp_path, tiny_mo
     run(launch(["train", "ppo", *flags], fsdp=fsdp), tmp_path / "two")
 
     crashy = tmp_path / "crashy"
-    (tmp_path / "cfg.json").write_text(json.dumps({**settings, "out": str(crashy)}))
-    (tmp_path / "crash.py").write_text(CRASHING_RUN)
-    crashed = subprocess.run(launch([str(tmp_path / "crash.py"), str(tmp_path / "cfg.json"), "4"], fsdp=fsdp), env=env,
-                             capture_output=True, text=True)
-    assert crashed.returncode != 0 and "simulated crash" in crashed.stderr, crashed.stderr[-3000:]
+    crash_in_iteration(tmp_path, settings, crashy, 4, "cai.train.rl.settings:PPOJob", "cai.train.rl.ppo:PPOTrainer", fsdp=fsdp)
     assert len(metrics(crashy)) == 3  # iteration 3 was logged past the checkpoint at 2, then lost with the crash
     run(launch(["train", "ppo", *flags], fsdp=fsdp), crashy)  # resumes from the checkpoint
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
