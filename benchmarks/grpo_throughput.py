@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_args(ap, "grpo_throughput", batch_size=16, batch_help="answers per iteration (batch / K prompts)")
     ap.add_argument("--num-generations", type=int, default=4, help="K: answers per prompt")
+    ap.add_argument("--unmerged-rollouts", action="store_true", help="cai samples through the unmerged adapter "
+                    "(merged_rollouts: false), as TRL does: no merged copy of the adapted weights, slower decoding")
     args = ap.parse_args(argv)
     if args.batch_size % args.num_generations or args.batch_size % args.mini_batches:
         ap.error(f"--batch-size ({args.batch_size}) must be divisible by --num-generations ({args.num_generations}) "
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                      "response_length": args.response_length, "ppo_epochs": args.ppo_epochs, "threads": args.threads,
                      "seed": args.seed, "lr": args.lr, "lora": "r=8 alpha=16 all-linear", "temperature": 1.0,
                      "beta": KL_COEF, "loss": "sequence (TRL loss_type grpo)", "scale_rewards": "group",
-                     "reward": "seeded one-output reward model made from the policy", "repeats": args.repeats},
+                     "reward": "seeded one-output reward model made from the policy", "repeats": args.repeats,
+                     "cai_merged_rollouts": not args.unmerged_rollouts},
         "environment": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                         "torch": torch.__version__, "trl": trl.__version__, "cuda": torch.cuda.is_available()},
     }
@@ -114,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                 "judge_load": judge_load(policy, DEFAULT_PROMPTS, batch_size=args.batch_size,
                                          num_generations=args.num_generations, answer_tokens=sum(answers) / len(answers))}
 
-    report["models"] = run_models(args, "grpo_throughput", SCRIPTS, {"cai": k, "trl": k}, summary)
+    cai_flags = [*k, "--unmerged-rollouts"] if args.unmerged_rollouts else k
+    report["models"] = run_models(args, "grpo_throughput", SCRIPTS, {"cai": cai_flags, "trl": k}, summary)
     print_report(report, "grpo_throughput", args)
     return 0
 
