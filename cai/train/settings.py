@@ -2,8 +2,8 @@
 (`OptimiserSettings`), which `TrainSettings` (SFT, reward model, DPO, below) and `RLSettings`
 (`cai.train.rl.settings`) inherit, so their fields stay top-level: the same flags (`--lora-r`) and the
 same keys in a `cai run` config and in a run folder's pinned `run.json`. The learning rate stays with
-each trainer, whose defaults differ. `TrackingSettings` are the experiment trackers a trainer reports to
-(`report_to`, `cai.train.trackers`). `TrainJob` is one `cai train sft|rm|dpo` run; `pin_trainer_settings`
+each trainer, whose defaults differ. `TrackingSettings` (the experiment trackers a trainer reports to,
+`report_to`) live with the trackers in `cai.train.trackers`. `TrainJob` is one `cai train sft|rm|dpo` run; `pin_trainer_settings`
 pins a trainer's output folder.
 """
 
@@ -12,9 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from cai.train.precision import DEFAULT_PRECISION, PRECISION_HELP, Precision
+from cai.train.trackers import TrackingSettings
 
 
 class LoraSettings(BaseModel):
@@ -42,46 +43,6 @@ class OptimiserSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient-norm clip.")
-
-
-Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
-
-
-class TrackingSettings(BaseModel):
-    """The experiment trackers a trainer reports its metrics to, besides OUT/metrics.jsonl (`cai.train.trackers`)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    report_to: list[Tracker] | None = Field(default=None, description="Experiment trackers for the training metrics: "
-                                            "tensorboard (OUT/tensorboard), mlflow ($MLFLOW_TRACKING_URI, else OUT/mlruns/mlflow.db), "
-                                            "wandb, trackio (their own environment variables); comma-separated on the "
-                                            "command line, or none. Each needs its package; cai's extra `track` has those "
-                                            "of tensorboard and mlflow.")
-    tracker_project: str = Field(default="cai", min_length=1, description="The trackers' project (W&B, trackio) or "
-                                 "experiment (MLflow); each run in it is named after the output folder.")
-
-    @field_validator("report_to", mode="before")
-    @classmethod
-    def _none_or_names(cls, value: Any) -> Any:
-        """"none" (or nothing) is no tracker; one string may name several, comma-separated."""
-        if isinstance(value, str):
-            value = [name.strip() for name in value.split(",")]
-        if isinstance(value, list) and value in ([], ["none"]):
-            return None
-        return value
-
-    @field_validator("report_to")
-    @classmethod
-    def _installed(cls, value: list[str] | None) -> list[str] | None:
-        """Refuse a tracker whose package is missing now, before any model loads (accelerate would drop it silently)."""
-        from cai.train.trackers import missing_packages
-
-        missing = missing_packages(value or [])
-        if missing:
-            needs = ", ".join(f"{name} ({', '.join(packages)})" for name, packages in missing.items())
-            install = " ".join(package for packages in missing.values() for package in packages)
-            raise ValueError(f"the packages of these trackers are not installed here: {needs}; pip install {install}")
-        return value
 
 
 class TrainSettings(TrackingSettings, OptimiserSettings, LoraSettings):

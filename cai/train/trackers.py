@@ -1,7 +1,7 @@
 """Experiment trackers: a trainer's per-step metrics sent to TensorBoard, Weights & Biases, MLflow or trackio.
 
 The trackers are accelerate's (`accelerate.tracking`), chosen by the `report_to` setting
-(`cai.train.settings.TrackingSettings`). A trainer makes one `Trackers(settings, out)`, calls
+(`TrackingSettings`, below). A trainer makes one `Trackers(settings, out)`, calls
 `log(record, step)` with each record it writes to OUT/metrics.jsonl, and `finish()` at the end (or uses
 it as a context manager, which finishes on an error too). Only the main process of a launch reports.
 
@@ -25,10 +25,9 @@ import os
 import re
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Literal, Self
 
-if TYPE_CHECKING:
-    from cai.train.settings import TrackingSettings
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +51,45 @@ def missing_packages(report_to: list[str]) -> dict[str, list[str]]:
         if lacking:
             missing["mlflow"] = missing.get("mlflow", []) + lacking
     return missing
+
+
+Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
+
+
+class TrackingSettings(BaseModel):
+    """The experiment trackers a trainer reports its metrics to, besides OUT/metrics.jsonl (every trainer's settings
+    take these)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    report_to: list[Tracker] | None = Field(default=None, description="Experiment trackers for the training metrics: "
+                                            "tensorboard (OUT/tensorboard), mlflow ($MLFLOW_TRACKING_URI, else OUT/mlruns/mlflow.db), "
+                                            "wandb, trackio (their own environment variables); comma-separated on the "
+                                            "command line, or none. Each needs its package; cai's extra `track` has those "
+                                            "of tensorboard and mlflow.")
+    tracker_project: str = Field(default="cai", min_length=1, description="The trackers' project (W&B, trackio) or "
+                                 "experiment (MLflow); each run in it is named after the output folder.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _none_or_names(cls, value: Any) -> Any:
+        """"none" (or nothing) is no tracker; one string may name several, comma-separated."""
+        if isinstance(value, str):
+            value = [name.strip() for name in value.split(",")]
+        if isinstance(value, list) and value in ([], ["none"]):
+            return None
+        return value
+
+    @field_validator("report_to")
+    @classmethod
+    def _installed(cls, value: list[str] | None) -> list[str] | None:
+        """Refuse a tracker whose package is missing now, before any model loads (accelerate would drop it silently)."""
+        missing = missing_packages(value or [])
+        if missing:
+            needs = ", ".join(f"{name} ({', '.join(packages)})" for name, packages in missing.items())
+            install = " ".join(package for packages in missing.values() for package in packages)
+            raise ValueError(f"the packages of these trackers are not installed here: {needs}; pip install {install}")
+        return value
 
 
 class Trackers:
