@@ -93,3 +93,27 @@ def crash_in_iteration(tmp_path, settings: dict, out, iteration: int, job: str, 
     crashed = subprocess.run(launch([str(tmp_path / "crash.py"), str(tmp_path / "crash.json"), str(iteration), job, trainer],
                                     fsdp=fsdp), env=cpu_env(), capture_output=True, text=True, check=False)
     assert crashed.returncode != 0 and "simulated crash" in crashed.stderr, crashed.stderr[-3000:]
+
+
+def one_and_two_processes(tmp_path, command: str, settings: dict, *, fsdp: bool,
+                          crash: tuple[int, str, str] | None = None) -> list:
+    """`cai train COMMAND` on `settings` (each a flag; lists comma-joined) in one process (OUT `one`) and in 2 under
+    `launch` (`two`), whose summary must name the launch it ran under; with `crash` = (iteration, "module:Job",
+    "module:Trainer"), also a 2-process run that crashes in that iteration (`crash_in_iteration`, the iterations
+    before it logged) and is rerun with the same command (`crashy`). Returns the output folders in that order."""
+    import json
+    import sys
+
+    flags = [f"--{k.replace('_', '-')}={','.join(v) if isinstance(v, list) else v}" for k, v in settings.items()]
+    outs = [tmp_path / "one", tmp_path / "two"]
+    run_ok([sys.executable, "-m", "cai.cli", "train", command, *flags, "--out", str(outs[0])])
+    run_ok([*launch(["train", command, *flags], fsdp=fsdp), "--out", str(outs[1])])
+    summary = json.loads((outs[1] / "summary.json").read_text())
+    assert (summary["distributed"], summary["sharded"]) == (("FSDP", True) if fsdp else ("MULTI_CPU", False))
+    if crash is not None:
+        iteration, job, trainer = crash
+        outs.append(tmp_path / "crashy")
+        crash_in_iteration(tmp_path, settings, outs[2], iteration, job, trainer, fsdp=fsdp)
+        assert len((outs[2] / "metrics.jsonl").read_text().splitlines()) == iteration - 1
+        run_ok([*launch(["train", command, *flags], fsdp=fsdp), "--out", str(outs[2])])
+    return outs

@@ -4,8 +4,6 @@ processes (DDP, FSDP), resume after a crash (transformers and vLLM rollouts)."""
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -156,27 +154,15 @@ def test_two_processes_train_like_one(tmp_path, tiny_model_dir, prompt_file, sha
     advantages, and each minibatch's loss is divided by the whole minibatch's token count, so the run logs what one
     process does. Under FSDP, a run that crashes in iteration 3 (checkpoint at 2, gathered from the shards) and is
     rerun with the same command logs the same."""
-    from tests.fsdp_on_cpu import crash_in_iteration, launch, run_ok
+    from tests.fsdp_on_cpu import one_and_two_processes
 
     settings = {"model": str(tiny_model_dir), "reward": "rule:share=e", "prompts": prompt_file, "batch_size": 16,
                 "mini_batches": 2, "ppo_epochs": 2, "response_length": 8, "iterations": 3, "lr": 2e-2, "kl_coef": 0.05,
-                "loss_aggregation": "token", "kl_in": "loss", "lora_target_modules": "q_proj,v_proj", "checkpoint_every": 2,
+                "loss_aggregation": "token", "kl_in": "loss", "lora_target_modules": ["q_proj", "v_proj"], "checkpoint_every": 2,
                 "seed": 1}
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
-    fsdp = sharding == "fsdp"
-    run_ok([sys.executable, "-m", "cai.cli", "train", "rloo", *flags, "--out", str(tmp_path / "one")])
-    run_ok([*launch(["train", "rloo", *flags], fsdp=fsdp), "--out", str(tmp_path / "two")])
-    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert (summary["distributed"], summary["sharded"]) == (("FSDP", True) if fsdp else ("MULTI_CPU", False))
-    runs = [metrics(tmp_path / "two")]
-    if fsdp:
-        crashy = tmp_path / "crashy"
-        crash_in_iteration(tmp_path, {**settings, "lora_target_modules": ["q_proj", "v_proj"]}, crashy, 3,
-                           "cai.train.rl.settings:RLOOJob", "cai.train.rl.grpo:GRPOTrainer", fsdp=True)
-        assert len(metrics(crashy)) == 2  # the checkpoint at 2
-        run_ok([*launch(["train", "rloo", *flags], fsdp=True), "--out", str(crashy)])
-        runs.append(metrics(crashy))
-    one = metrics(tmp_path / "one")
+    crash = (3, "cai.train.rl.settings:RLOOJob", "cai.train.rl.grpo:GRPOTrainer") if sharding == "fsdp" else None
+    one, *runs = [metrics(out) for out in one_and_two_processes(tmp_path, "rloo", settings, fsdp=sharding == "fsdp",
+                                                                  crash=crash)]
     for two in runs:
         assert [r["processes"] for r in two] == [2, 2, 2] and [r["tokens"] for r in two] == [r["tokens"] for r in one]
         for a, b in zip(one, two):

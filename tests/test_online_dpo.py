@@ -218,30 +218,16 @@ def test_two_processes_train_like_one(tmp_path, tiny_model_dir, sharding):
     2 to a process, its loss a share of the minibatch's mean, so the answers, labels and scores are one process's
     and the losses and DPO metrics agree up to float error. Under FSDP, a run that crashes in iteration 3 (checkpoint
     at 2, gathered from the shards) and is rerun with the same command logs the same."""
-    import sys
-
-    from tests.fsdp_on_cpu import crash_in_iteration, launch, run_ok
+    from tests.fsdp_on_cpu import one_and_two_processes
 
     cfg = odpo_cfg(tiny_model_dir, tmp_path / "unused", batch_size=16, mini_batches=2, iterations=3, rpo_alpha=0.5,
                    lora_target_modules=["q_proj", "v_proj"], checkpoint_every=2)
     names = {"model", "reward", "prompts", "batch_size", "mini_batches", "iterations", "rpo_alpha", "response_length", "lr", "beta",
              "ppo_epochs", "lora_target_modules", "checkpoint_every", "seed"}
     settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k in names}
-    flags = [f"--{k.replace('_', '-')}={','.join(v) if isinstance(v, list) else v}" for k, v in settings.items()]
-    fsdp = sharding == "fsdp"
-    run_ok([sys.executable, "-m", "cai.cli", "train", "online-dpo", *flags, "--out", str(tmp_path / "one")])
-    run_ok([*launch(["train", "online-dpo", *flags], fsdp=fsdp), "--out", str(tmp_path / "two")])
-    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert (summary["distributed"], summary["sharded"]) == (("FSDP", True) if fsdp else ("MULTI_CPU", False))
-    runs = [metrics(tmp_path / "two")]
-    if fsdp:
-        crashy = tmp_path / "crashy"
-        crash_in_iteration(tmp_path, settings, crashy, 3, "cai.train.rl.settings:OnlineDPOJob",
-                           "cai.train.rl.online_dpo:OnlineDPOTrainer", fsdp=True)
-        assert len(metrics(crashy)) == 2  # the checkpoint at 2
-        run_ok([*launch(["train", "online-dpo", *flags], fsdp=True), "--out", str(crashy)])
-        runs.append(metrics(crashy))
-    one = metrics(tmp_path / "one")
+    crash = (3, "cai.train.rl.settings:OnlineDPOJob", "cai.train.rl.online_dpo:OnlineDPOTrainer") if sharding == "fsdp" else None
+    one, *runs = [metrics(out) for out in one_and_two_processes(tmp_path, "online-dpo", settings, fsdp=sharding == "fsdp",
+                                                                  crash=crash)]
     assert {r["processes"] for r in one} == {1}
     for two in runs:
         assert {r["processes"] for r in two} == {2}
