@@ -47,7 +47,6 @@ class EngineLog:
         self._saved_fd: int | None = None
         self._file: IO[str] | None = None
         self._stderr: IO[str] | None = None
-        self._handlers: list[logging.StreamHandler] = []
         self._showwarning = warnings.showwarning
         self._saved_stream_var: str | None = None
 
@@ -77,9 +76,9 @@ class EngineLog:
             sys.stderr = open(self._saved_fd, "w", buffering=1, encoding=sys.stderr.encoding,  # noqa: SIM115 (open until close())
                               errors="backslashreplace", closefd=False)
             # Handlers that hold the stderr object itself (logging.basicConfig's) keep the terminal too.
-            self._handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler) and h.stream is self._stderr]
-            for handler in self._handlers:
-                handler.setStream(sys.stderr)
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler, logging.StreamHandler) and handler.stream is self._stderr:
+                    handler.setStream(sys.stderr)
         return self
 
     def close(self) -> None:
@@ -92,9 +91,10 @@ class EngineLog:
         else:
             os.environ["VLLM_LOGGING_STREAM"] = self._saved_stream_var
         if self._stderr is not None:
-            # Handlers made while the log was open (transformers makes its own on first use) hold the temporary
-            # stderr, whose descriptor closes below: they get the terminal back too, or their next line fails (EBADF).
-            for handler in self._handlers + _handlers_on(sys.stderr):
+            # Every handler on the temporary stderr, whose descriptor closes below, gets the terminal back: those moved
+            # there at open and those made while the log was open (transformers makes its own on first use), whose
+            # next line would otherwise fail (EBADF).
+            for handler in _handlers_on(sys.stderr):
                 handler.setStream(self._stderr)
             sys.stderr.flush()
             sys.stderr = self._stderr
