@@ -96,18 +96,19 @@ def crash_in_iteration(tmp_path, settings: dict, out, iteration: int, job: str, 
 
 
 def one_and_two_processes(tmp_path, command: str, settings: dict, *, fsdp: bool,
-                          crash: tuple[int, str, str] | None = None) -> list:
+                          crash: tuple[int, str, str] | None = None, two_only: tuple[str, ...] = ()) -> list:
     """`cai train COMMAND` on `settings` (each a flag; lists comma-joined) in one process (OUT `one`) and in 2 under
     `launch` (`two`), whose summary must name the launch it ran under; with `crash` = (iteration, "module:Job",
     "module:Trainer"), also a 2-process run that crashes in that iteration (`crash_in_iteration`, the iterations
-    before it logged) and is rerun with the same command (`crashy`). Returns the output folders in that order."""
+    before it logged) and is rerun with the same command (`crashy`). `two_only`: flags of the 2-process run alone (ones
+    that must not change what it logs). Returns the output folders in that order."""
     import json
     import sys
 
     flags = [f"--{k.replace('_', '-')}={','.join(v) if isinstance(v, list) else v}" for k, v in settings.items()]
     outs = [tmp_path / "one", tmp_path / "two"]
     run_ok([sys.executable, "-m", "cai.cli", "train", command, *flags, "--out", str(outs[0])])
-    run_ok([*launch(["train", command, *flags], fsdp=fsdp), "--out", str(outs[1])])
+    run_ok([*launch(["train", command, *flags, *two_only], fsdp=fsdp), "--out", str(outs[1])])
     summary = json.loads((outs[1] / "summary.json").read_text())
     assert (summary["distributed"], summary["sharded"]) == (("FSDP", True) if fsdp else ("MULTI_CPU", False))
     if crash is not None:

@@ -153,7 +153,8 @@ def test_two_processes_train_like_one(tmp_path, tiny_model_dir, prompt_file, sha
     (weights sharded; tests/fsdp_on_cpu.py): each samples two of the four groups, the rollouts are gathered for the
     advantages, and each minibatch's loss is divided by the whole minibatch's token count, so the run logs what one
     process does. Under FSDP, a run that crashes in iteration 3 (checkpoint at 2, gathered from the shards) and is
-    rerun with the same command logs the same."""
+    rerun with the same command logs the same. The 2-process FSDP run also recomputes its layers' activations in
+    the backward (--gradient-checkpointing), which must change nothing it logs."""
     from tests.fsdp_on_cpu import one_and_two_processes
 
     settings = {"model": str(tiny_model_dir), "reward": "rule:share=e", "prompts": prompt_file, "batch_size": 16,
@@ -161,8 +162,9 @@ def test_two_processes_train_like_one(tmp_path, tiny_model_dir, prompt_file, sha
                 "loss_aggregation": "token", "kl_in": "loss", "lora_target_modules": ["q_proj", "v_proj"], "checkpoint_every": 2,
                 "seed": 1}
     crash = (3, "cai.train.rl.settings:RLOOJob", "cai.train.rl.grpo:GRPOTrainer") if sharding == "fsdp" else None
+    recompute = ("--gradient-checkpointing",) if sharding == "fsdp" else ()
     one, *runs = [metrics(out) for out in one_and_two_processes(tmp_path, "rloo", settings, fsdp=sharding == "fsdp",
-                                                                  crash=crash)]
+                                                                  crash=crash, two_only=recompute)]
     for two in runs:
         assert [r["processes"] for r in two] == [2, 2, 2] and [r["tokens"] for r in two] == [r["tokens"] for r in one]
         for a, b in zip(one, two):

@@ -299,7 +299,9 @@ def test_fsdp_shards_the_weights_and_trains_like_ddp(tmp_path, tiny_model_dir, k
     with the sharded weights) and the saved adapter (gathered whole; the reward head with it) agree.
     DPO's reference pass switches the adapter off without freezing the shards the optimiser holds, and every
     process runs as many reference passes as the other. With bf16 (a GPU's default, forced here) FSDP holds
-    a bf16 frozen base and an fp32 adapter in the same units; the two launches then agree to bf16's rounding."""
+    a bf16 frozen base and an fp32 adapter in the same units; the two launches then agree to bf16's rounding.
+    DPO's FSDP launch also recomputes its layers' activations in the backward (--gradient-checkpointing), which
+    must change nothing."""
     from tests.fsdp_on_cpu import launch, run_ok
 
     data = write_jsonl(tmp_path / "rows.jsonl", SFT if kind == "sft" else PAIRS)
@@ -311,7 +313,8 @@ def test_fsdp_shards_the_weights_and_trains_like_ddp(tmp_path, tiny_model_dir, k
     # orders moved 1 of 1,024 elements of an adapter matrix by 5.6e-6 (lr 5e-3). A gather gone wrong is ~1e-2.
     weight_atol = 5e-3 if precision == "bf16" else 2e-5
     run_ok(launch([*args, "--out", str(tmp_path / "ddp")], fsdp=False))
-    run_ok(launch([*args, "--out", str(tmp_path / "fsdp")], fsdp=True))
+    recompute = ["--gradient-checkpointing"] if kind == "dpo" else []
+    run_ok(launch([*args, *recompute, "--out", str(tmp_path / "fsdp")], fsdp=True))
     summaries = {k: json.loads((tmp_path / k / "summary.json").read_text()) for k in ("ddp", "fsdp")}
     assert (summaries["ddp"]["distributed"], summaries["ddp"]["sharded"]) == ("MULTI_CPU", False)
     assert (summaries["fsdp"]["distributed"], summaries["fsdp"]["sharded"]) == ("FSDP", True)

@@ -200,7 +200,8 @@ class RewardModelScorer:
         for i in range(0, len(items), self.batch_size):
             b = collate(items[i:i + self.batch_size], self.tokenizer.pad_token_id)
             with torch.no_grad():
-                out = self.model(input_ids=b["input_ids"].to(self.device), attention_mask=b["attention_mask"].to(self.device))
+                out = self.model(input_ids=b["input_ids"].to(self.device), attention_mask=b["attention_mask"].to(self.device),
+                                 use_cache=False)
             scores += out.logits.squeeze(-1).float().tolist()
         return scores
 

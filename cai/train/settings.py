@@ -1,7 +1,8 @@
 """The trainers' settings. Written once and shared: the LoRA adapter (`LoraSettings`) and the optimiser
 (`OptimiserSettings`), which `TrainSettings` (SFT, reward model, DPO, below) and `RLSettings`
 (`cai.train.rl.settings`) inherit, so their fields stay top-level: the same flags (`--lora-r`) and the
-same keys in a `cai run` config and in a run folder's pinned `run.json`. The learning rate stays with
+same keys in a `cai run` config and in a run folder's pinned `run.json`. `ComputeSettings` (autocast,
+gradient checkpointing) too. The learning rate stays with
 each trainer, whose defaults differ. `TrackingSettings` (the experiment trackers a trainer reports to,
 `report_to`) live with the trackers in `cai.train.trackers`. `TrainJob` is one `cai train sft|rm|dpo` run; `pin_trainer_settings`
 pins a trainer's output folder.
@@ -45,7 +46,19 @@ class OptimiserSettings(BaseModel):
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient-norm clip.")
 
 
-class TrainSettings(TrackingSettings, OptimiserSettings, LoraSettings):
+class ComputeSettings(BaseModel):
+    """How a trainer's forward and backward passes run: autocast and activation memory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    precision: Precision = Field(default=DEFAULT_PRECISION, description=PRECISION_HELP)
+    gradient_checkpointing: bool = Field(default=False, description="Recompute each decoder layer's activations in the "
+                                         "backward pass instead of keeping them from the forward (cai.train.recompute): "
+                                         "far less memory for long sequences and large batches, for about one more "
+                                         "forward pass per step. TRL's name; TRL's GRPO turns it on by default.")
+
+
+class TrainSettings(TrackingSettings, OptimiserSettings, LoraSettings, ComputeSettings):
     """How SFT, a reward model or DPO trains: every setting with its default (what a `cai run` config's
     `sft:`, `rm:` and `rl.dpo:` sections hold); the LoRA and optimiser settings are those PPO shares."""
 
@@ -65,7 +78,6 @@ class TrainSettings(TrackingSettings, OptimiserSettings, LoraSettings):
                              "(TRL pools the tokens too, per micro-batch); the preferred answer is chosen where p_chosen >= 0.5, "
                              "else rejected. Keeps DPO from lowering both answers at once.")
     checkpoint_every: int = Field(default=50, ge=1, description="Optimiser steps between checkpoints (resumable).")
-    precision: Precision = Field(default=DEFAULT_PRECISION, description=PRECISION_HELP)
     seed: int = Field(default=0, description="Seeds the split, data order and initialisation.")
 
 
@@ -81,9 +93,10 @@ class TrainJob(TrainSettings):
 
 def pin_trainer_settings(job: BaseModel, out: Path) -> None:
     """OUT/run.json: a trainer's resolved settings. A checkpoint in OUT resumes only under the settings it was
-    made with (else the run would mix two); with no checkpoint the file is simply written. The trackers are
-    left out: they watch a run without changing it, so a resumed run may report to others."""
+    made with (else the run would mix two); with no checkpoint the file is simply written. Left out, since they
+    do not change what a run computes: the trackers (a resumed run may report to others), and gradient
+    checkpointing (a run that ran out of memory may resume with it on)."""
     from cai.pinning import pin_settings
     from cai.train.checkpoint import has_checkpoint
 
-    pin_settings(out, job, resuming=has_checkpoint(Path(out) / "checkpoint"), exclude=tuple(TrackingSettings.model_fields))
+    pin_settings(out, job, resuming=has_checkpoint(Path(out) / "checkpoint"), exclude=(*TrackingSettings.model_fields, "gradient_checkpointing"))

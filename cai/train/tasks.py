@@ -43,7 +43,12 @@ def build_task(cfg: TrainJob, out: Path) -> Task:
     eval_rows, train_rows = [rows[i] for i in order[:n_eval]], [rows[i] for i in order[n_eval:]]
     build = {"sft": _sft, "rm": _rm, "dpo": _dpo}[cfg.kind]
     torch.manual_seed(cfg.seed)  # LoRA's A matrices and the reward head start from the seed
-    return build(cfg, path, tokenizer, train_rows, eval_rows, out)
+    task = build(cfg, path, tokenizer, train_rows, eval_rows, out)
+    if cfg.gradient_checkpointing:
+        from cai.train.recompute import recompute_layers
+
+        recompute_layers(task.model)
+    return task
 
 
 def _lora(cfg: TrainJob, model, task_type: str):
@@ -87,7 +92,7 @@ def _sft(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
 
     def loss(model, items, counts):
         b = _device_batch(model, items, pad)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
         return sft_loss(logits, b["input_ids"], b["loss_mask"], counts["tokens"]), {}
 
     def evaluate(model):
@@ -122,7 +127,7 @@ def _rm(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
 
     def rewards(model, items: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
         b = _device_batch(model, [p.chosen for p in items] + [p.rejected for p in items], pad)
-        r = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.squeeze(-1).float()  # (2B,)
+        r = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits.squeeze(-1).float()  # (2B,)
         return r[:len(items)], r[len(items):]
 
     def loss(model, items, counts):
@@ -188,7 +193,7 @@ def _dpo(cfg, path, tokenizer, train_rows, eval_rows, out) -> Task:
 
     def logps(model, items: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
         b = _device_batch(model, [p.chosen for p in items] + [p.rejected for p in items], pad)
-        lp = sequence_logprobs(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["input_ids"],
+        lp = sequence_logprobs(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits, b["input_ids"],
                                b["loss_mask"])
         return lp[:len(items)], lp[len(items):]
 

@@ -53,7 +53,7 @@ class Policy(torch.nn.Module):
         width = input_ids.shape[1]
         keep = torch.arange(width - response_length - 1, width - 1, device=input_ids.device)  # (R,)
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      output_hidden_states=self.value_head is not None, logits_to_keep=keep)
+                      output_hidden_states=self.value_head is not None, logits_to_keep=keep, use_cache=False)
         if self.value_head is None:
             return out.logits, None
         hidden = out.hidden_states[-1][:, keep]  # (B, R, H)
@@ -78,5 +78,9 @@ def load_policy(cfg: RLJob, device: torch.device, value_head: bool = True) -> tu
     lm.generation_config.pad_token_id = tokenizer.pad_token_id
     policy = Policy(get_peft_model(lm, cfg.peft_config("CAUSAL_LM")), lm.config.hidden_size if value_head else None)
     policy = trainable_in_fp32(policy).to(device)
+    if cfg.gradient_checkpointing:
+        from cai.train.recompute import recompute_layers
+
+        recompute_layers(policy)
     policy.eval()
     return policy, tokenizer

@@ -11,9 +11,8 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cai.train.precision import DEFAULT_PRECISION, PRECISION_HELP, Precision
 from cai.train.rewards import asks_judge
-from cai.train.settings import LoraSettings, OptimiserSettings, TrackingSettings
+from cai.train.settings import ComputeSettings, LoraSettings, OptimiserSettings, TrackingSettings
 
 if TYPE_CHECKING:
     from cai.train.rl.math import AdaptiveKLController, FixedKLController
@@ -40,7 +39,7 @@ class KLSettings(BaseModel):
         return FixedKLController(self.kl_coef)
 
 
-class RLSettings(TrackingSettings, OptimiserSettings, LoraSettings, KLSettings):
+class RLSettings(TrackingSettings, OptimiserSettings, LoraSettings, ComputeSettings, KLSettings):
     """What every online RL algorithm sets; every setting with its default. The LoRA and optimiser settings
     are those the other trainers share; LoRA dropout, like the model's own dropout, is off in every pass,
     so the update's ratio pi/pi_old is 1 before the first step.
@@ -74,7 +73,6 @@ class RLSettings(TrackingSettings, OptimiserSettings, LoraSettings, KLSettings):
                                                "the GPU's memory vLLM takes at start (its weights and KV cache; training uses the "
                                                "rest, and a judge on the same GPU needs its own share). TRL's name. On a CPU "
                                                "the KV cache is a fixed 0.5 GiB.")
-    precision: Precision = Field(default=DEFAULT_PRECISION, description=PRECISION_HELP)
     merged_rollouts: bool = Field(default=True, description="With transformers rollouts, sample with the adapter merged into a "
                                   "temporary copy of the adapted weights (15% faster on CPU; the copy costs those layers' "
                                   "memory again while sampling). Off: sample through the unmerged adapter. Never merged under "
