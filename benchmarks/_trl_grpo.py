@@ -15,7 +15,8 @@ The settings map onto `GRPOConfig` as follows, so one iteration does cai's work:
 `num_iterations` (mu) = `--ppo-epochs`; `max_completion_length` = `--response-length`; beta 0.05 (a nonzero beta
 makes TRL compute reference log-probs, with the adapter disabled under LoRA, as cai does); `loss_type` "grpo"
 (cai's loss_aggregation "sequence"), `scale_rewards` "group", epsilon 0.2, temperature as given, no vLLM, no
-gradient checkpointing (TRL's GRPO default is on; cai has none), a constant learning rate. LoRA r=8, alpha=16,
+gradient checkpointing unless `--gradient-checkpointing` (TRL's GRPO default is on; cai's is off), a constant
+learning rate. LoRA r=8, alpha=16,
 all-linear through `peft_config`. The reward is the same seeded one-output reward model as cai's side
 (`reward_funcs` a sequence-classification model); the prompts are the same, chat-formatted
 (`[{"role": "user", ...}]`), as cai formats them.
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
         scale_rewards="group",
         use_vllm=False,
         lr_scheduler_type="constant",
-        gradient_checkpointing=False,
+        gradient_checkpointing=args.gradient_checkpointing,
         **hf_trainer_args(args),
     )
 

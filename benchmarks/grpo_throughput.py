@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-generations", type=int, default=4, help="K: answers per prompt")
     ap.add_argument("--unmerged-rollouts", action="store_true", help="cai samples through the unmerged adapter "
                     "(merged_rollouts: false), as TRL does: no merged copy of the adapted weights, slower decoding")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="both sides recompute each decoder layer's "
+                    "activations in the backward (TRL's GRPO default; cai's gradient_checkpointing setting)")
     args = ap.parse_args(argv)
     if args.batch_size % args.num_generations or args.batch_size % args.mini_batches:
         ap.error(f"--batch-size ({args.batch_size}) must be divisible by --num-generations ({args.num_generations}) "
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                      "seed": args.seed, "lr": args.lr, "lora": "r=8 alpha=16 all-linear", "temperature": 1.0,
                      "beta": KL_COEF, "loss": "sequence (TRL loss_type grpo)", "scale_rewards": "group",
                      "reward": "seeded one-output reward model made from the policy", "repeats": args.repeats,
-                     "cai_merged_rollouts": not args.unmerged_rollouts},
+                     "cai_merged_rollouts": not args.unmerged_rollouts,
+                     "gradient_checkpointing": args.gradient_checkpointing},
         "environment": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                         "torch": torch.__version__, "trl": trl.__version__, "cuda": torch.cuda.is_available()},
     }
@@ -117,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                 "judge_load": judge_load(policy, DEFAULT_PROMPTS, batch_size=args.batch_size,
                                          num_generations=args.num_generations, answer_tokens=sum(answers) / len(answers))}
 
+    if args.gradient_checkpointing:
+        k.append("--gradient-checkpointing")
     cai_flags = [*k, "--unmerged-rollouts"] if args.unmerged_rollouts else k
     report["models"] = run_models(args, "grpo_throughput", SCRIPTS, {"cai": cai_flags, "trl": k}, summary)
     print_report(report, "grpo_throughput", args)
