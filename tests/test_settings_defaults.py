@@ -15,7 +15,7 @@ from cai.run_config import RunConfig
 from cai.samples import SamplingConfig
 from cai.train.rl.math import AdaptiveKLController, FixedKLController
 from cai.train.rl.settings import KLSettings, PPOJob, PPOSettings
-from cai.train.settings import LoraSettings, OptimiserSettings, TrackingSettings, TrainJob, TrainSettings
+from cai.train.settings import UNPINNED, LoraSettings, OptimiserSettings, TrainJob, TrainSettings
 
 SHARED = [*LoraSettings.model_fields, *OptimiserSettings.model_fields]
 
@@ -136,8 +136,25 @@ out: o
 @pytest.mark.parametrize("pinned,cfg", [(PINNED_PPO, PPOJob(model="m", reward="rule:length", prompts="p", out="o")),
                                         (PINNED_SFT, TrainJob(kind="sft", model="m", data="d", out="o"))], ids=["ppo", "sft"])
 def test_a_run_pinned_before_the_shared_pieces_still_resumes(tmp_path, pinned, cfg):
-    # the dumped shape stayed flat (the trackers came later, and are not pinned)
-    assert set(cfg.model_dump()) - set(TrackingSettings.model_fields) == set(yaml.safe_load(pinned))
+    # the dumped shape stayed flat (the trackers and gradient checkpointing came later, and are not pinned)
+    assert set(cfg.model_dump()) - set(UNPINNED) == set(yaml.safe_load(pinned))
     (tmp_path / "config.yaml").write_text(pinned)  # a trainer's folder from before run.json: config.yaml beside its checkpoint
     (tmp_path / "checkpoint").mkdir()
     pin_settings(tmp_path, cfg)  # no RunMismatchError
+
+
+@pytest.mark.parametrize("job", [PPOJob(model="m", reward="rule:length", prompts="p", out="o"),
+                                 TrainJob(kind="sft", model="m", data="d", out="o")], ids=["ppo", "sft"])
+def test_a_run_resumes_with_gradient_checkpointing_turned_on_but_not_with_another_lr(tmp_path, job):
+    """A run that ran out of memory may be rerun with --gradient-checkpointing (it computes the same); a setting that
+    changes what it computes is still refused."""
+    from cai.pinning import RunMismatchError
+    from cai.train.checkpoint import STATE_FILE
+    from cai.train.settings import pin_trainer_settings
+
+    pin_trainer_settings(job, tmp_path)
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / STATE_FILE).write_text("{}")
+    pin_trainer_settings(job.model_copy(update={"gradient_checkpointing": True}), tmp_path)
+    with pytest.raises(RunMismatchError, match="lr"):
+        pin_trainer_settings(job.model_copy(update={"lr": job.lr * 2}), tmp_path)

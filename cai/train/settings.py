@@ -91,12 +91,15 @@ class TrainJob(TrainSettings):
                      "command to resume from its checkpoint.")
 
 
+UNPINNED = (*TrackingSettings.model_fields, "gradient_checkpointing")
+"""Settings a trainer's run.json leaves out, since they do not change what a run computes: the trackers (a resumed
+run may report to others) and gradient checkpointing (a run that ran out of memory may resume with it on)."""
+
+
 def pin_trainer_settings(job: BaseModel, out: Path) -> None:
     """OUT/run.json: a trainer's resolved settings. A checkpoint in OUT resumes only under the settings it was
-    made with (else the run would mix two); with no checkpoint the file is simply written. Left out, since they
-    do not change what a run computes: the trackers (a resumed run may report to others), and gradient
-    checkpointing (a run that ran out of memory may resume with it on)."""
+    made with (else the run would mix two); with no checkpoint the file is simply written. `UNPINNED` is left out."""
     from cai.pinning import pin_settings
     from cai.train.checkpoint import has_checkpoint
 
-    pin_settings(out, job, resuming=has_checkpoint(Path(out) / "checkpoint"), exclude=(*TrackingSettings.model_fields, "gradient_checkpointing"))
+    pin_settings(out, job, resuming=has_checkpoint(Path(out) / "checkpoint"), exclude=UNPINNED)
