@@ -55,7 +55,8 @@ class ComputeSettings(BaseModel):
     gradient_checkpointing: bool = Field(default=False, description="Recompute each decoder layer's activations in the "
                                          "backward pass instead of keeping them from the forward (cai.train.recompute): "
                                          "far less memory for long sequences and large batches, for about one more "
-                                         "forward pass per step. TRL's name; TRL's GRPO turns it on by default.")
+                                         "forward pass per step. TRL's name; TRL's GRPO turns it on by default.",
+                                         json_schema_extra={"cli": "--gradient-checkpointing/--keep-activations"})
 
 
 class TrainSettings(TrackingSettings, OptimiserSettings, LoraSettings, ComputeSettings):
