@@ -15,8 +15,9 @@ whenever gradients are on. Passes without gradients (sampling with its KV cache,
 scorer) run exactly as before. A forward with gradients must not carry a KV cache (the recomputation would
 write it twice): every cai training forward passes `use_cache=False`.
 
-TRL's GRPOTrainer turns this on by default; cai leaves it off by default, since at small shapes it costs
-time for little memory (`benchmarks/grpo_throughput.py --gradient-checkpointing` measures both).
+TRL's GRPOTrainer turns this on by default; cai leaves it off, since it costs time: on SmolLM2's GRPO step
+(16 answers of 32 tokens, CPU) it cut the peak from 3,605 to 2,437 MiB for 9% of the tokens/s
+(`benchmarks/grpo_throughput.py --gradient-checkpointing` measures both).
 """
 
 from __future__ import annotations

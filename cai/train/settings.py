@@ -1,9 +1,8 @@
 """The trainers' settings. Written once and shared: the LoRA adapter (`LoraSettings`) and the optimiser
 (`OptimiserSettings`), which `TrainSettings` (SFT, reward model, DPO, below) and `RLSettings`
 (`cai.train.rl.settings`) inherit, so their fields stay top-level: the same flags (`--lora-r`) and the
-same keys in a `cai run` config and in a run folder's pinned `run.json`. `ComputeSettings` (autocast,
-gradient checkpointing) too. The learning rate stays with
-each trainer, whose defaults differ. `TrackingSettings` (the experiment trackers a trainer reports to,
+same keys in a `cai run` config and in a run folder's pinned `run.json`; so do `ComputeSettings`
+(autocast, gradient checkpointing). The learning rate stays with each trainer, whose defaults differ. `TrackingSettings` (the experiment trackers a trainer reports to,
 `report_to`) live with the trackers in `cai.train.trackers`. `TrainJob` is one `cai train sft|rm|dpo` run; `pin_trainer_settings`
 pins a trainer's output folder.
 """
