@@ -247,6 +247,14 @@ def iteration_timer(steps_per_iteration: int, log, tokens: list[int], *, on_begi
     return Timer(), marks, peaks
 
 
+PHASES = ("sample", "score", "evaluate", "update")
+"""The parts of an iteration both sides' `phases_s` report (seconds, mean over the timed iterations): sampling the
+answers (prefill and decoding), the reward model's pass, the no-grad log-prob passes (reference; TRL also the old
+policy's), and the minibatch updates (forward, backward, optimiser step)."""
+CAI_PHASES = dict(zip(PHASES, ("rollout", "score", "evaluate", "update")))
+"""`PHASES` -> the `time/<name>_s` metric cai's RL trainers log for it."""
+
+
 def cai_run_result(args: argparse.Namespace, out_dir: str, *, peaks: list[float], rss_after_load: float, trainable: int,
                    prompts: int) -> dict:
     """`common_result` for a cai run from its `metrics.jsonl` (first iteration dropped as warm-up), plus the answer
@@ -262,6 +270,7 @@ def cai_run_result(args: argparse.Namespace, out_dir: str, *, peaks: list[float]
         "response_tokens_per_iteration": [round(r["response/length_mean"] * args.batch_size) for r in timed],
         "rollout_seconds_per_iteration": [r["time/rollout_s"] for r in timed],
         "score_seconds_per_iteration": [r["time/score_s"] for r in timed],
+        "phases_s": {phase: round(sum(r[f"time/{key}_s"] for r in timed) / len(timed), 3) for phase, key in CAI_PHASES.items()},
         "warmup_seconds": rows[0]["seconds"],
         "gradient_checkpointing": False,
     }

@@ -57,6 +57,59 @@ def log(msg: str) -> None:
     print(f"[trl_grpo] {msg}", file=sys.stderr, flush=True)
 
 
+def time_phases(trainer, steps_per_iteration: int) -> list[dict[str, float]]:
+    """Time the parts of each iteration of TRL's `trainer` by wrapping its methods on the instance: `_generate`
+    (sample), `_calculate_rewards` (score), the no-grad `_get_per_token_logps_and_entropies` calls (evaluate: the
+    reference's, and the old policy's when there are several minibatches), `training_step` (step) and the
+    generation batch built inside an iteration's first step. -> one dict of seconds per iteration, filled as
+    training runs (`phase_means` turns them into `PHASES`)."""
+    import time
+
+    import torch
+
+    phases: list[dict[str, float]] = []
+    steps = itertools.count()
+
+    def timed(name, part):
+        """Add the seconds of each call of `trainer.<name>` to this iteration's `part` (a callable: its result, None
+        for a call not counted)."""
+        method = getattr(trainer, name)
+
+        def wrapper(*a, **kw):
+            key = part() if callable(part) else part
+            started = time.perf_counter()
+            try:
+                return method(*a, **kw)
+            finally:
+                if key is not None:
+                    phases[-1][key] += time.perf_counter() - started
+        setattr(trainer, name, wrapper)
+
+    timed("_generate", "sample")
+    timed("_calculate_rewards", "score")
+    timed("_get_per_token_logps_and_entropies", lambda: None if torch.is_grad_enabled() else "evaluate")
+    timed("_generate_and_score_completions", "generation_batch")
+    timed("training_step", "step")
+    step = trainer.training_step
+
+    def training_step(*a, **kw):
+        if next(steps) % steps_per_iteration == 0:
+            phases.append(dict.fromkeys(("sample", "score", "evaluate", "generation_batch", "step"), 0.0))
+        return step(*a, **kw)
+
+    trainer.training_step = training_step
+    return phases
+
+
+def phase_means(phases: list[dict[str, float]]) -> dict[str, float]:
+    """`PHASES` in seconds, mean over `phases` (`time_phases`' iterations): update is the training steps' time less
+    the generation batch the first step builds (sampling, scoring, evaluating and TRL's bookkeeping around them).
+    transformers' loop clips the gradients and steps the optimiser outside `training_step`: that goes to "other"."""
+    update = [it["step"] - it["generation_batch"] for it in phases]
+    means = {name: sum(it[name] for it in phases) / len(phases) for name in ("sample", "score", "evaluate")}
+    return {name: round(v, 3) for name, v in {**means, "update": sum(update) / len(update)}.items()}
+
+
 def run(args: argparse.Namespace) -> dict:
     import importlib
 
@@ -135,6 +188,7 @@ def run(args: argparse.Namespace) -> dict:
         return out
 
     trainer._generate_and_score_completions = counted
+    phases = time_phases(trainer, steps_per_iteration)
 
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     log(f"trainable parameters (policy LoRA): {trainable:,}; reference: {'a copy' if trainer.ref_model else 'adapter disabled'}")
@@ -153,7 +207,8 @@ def run(args: argparse.Namespace) -> dict:
         "lora": True,
         "response_tokens_per_iteration": response_tokens[1:],
         "warmup_seconds": round(seconds[0], 4),
-        "gradient_checkpointing": False,
+        "phases_s": phase_means(phases[1:]),
+        "gradient_checkpointing": args.gradient_checkpointing,
     }
     tmp.cleanup()
     return result

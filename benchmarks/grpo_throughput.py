@@ -12,6 +12,12 @@ Per trainer: tokens/s (non-pad prompt tokens + answer tokens up to and including
 iteration dropped as warm-up), peak RSS and the rest of `ppo_throughput.py`'s fields; per model `speedup`,
 `memory_ratio` and `meets_targets` against the targets (speedup >= 1.5, memory_ratio <= 0.7).
 
+Both sides also split an iteration into `phases_s`: sample (prefill and decoding), score (the reward model),
+evaluate (no-grad log-prob passes: the reference's; TRL's also the old policy's, which cai reads off its sampling
+steps), update (the minibatches' forward and backward) and other (the rest). The phases cai and TRL share
+(score, the reference's pass, update) run the same transformers forwards and backwards on both sides, so
+`sampling_bound` says how far a faster sampler alone could take the speedup.
+
 `judge_load` answers what the same shape would cost a judge with the group-pairwise reward (`judge:pairwise`,
 `cai.train.rewards.GroupPairwiseScorer`): per iteration, groups x pairs /v1/compare requests, each judged in both
 orders (2 engine prompts per principle, 1 principle by default); and the prompt tokens of one engine prompt: the
@@ -51,6 +57,20 @@ def compare_prompt_tokens(tokenizer, principle, prompt: str, first: str, second:
     text = tokenizer.apply_chat_template(compare_messages(principle, prompt, first, second, cot=False), tokenize=False,
                                          add_generation_prompt=True) + COMPARE_PREFIX
     return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def sampling_bound(summary: dict) -> dict | None:
+    """How far cai's speed could go by sampling faster alone: its tokens/s against TRL's with the sample phase taken
+    as 0 s, and the seconds sampling would have to fit in for the speedup target (negative: out of reach however
+    fast the sampling). None without both sides' `phases_s`."""
+    cai, trl = summary["cai"], summary["trl"]
+    if "phases_s" not in cai or "phases_s" not in trl:
+        return None
+    tokens = cai["tokens_per_s"] * cai["seconds_per_iteration"]  # per iteration
+    rest = cai["seconds_per_iteration"] - cai["phases_s"]["sample"]
+    return {"cai_seconds_besides_sampling": round(rest, 3), "cai_sampling_seconds": cai["phases_s"]["sample"],
+            "speedup_if_sampling_took_no_time": round(tokens / rest / trl["tokens_per_s"], 3),
+            "sampling_seconds_for_target": round(tokens / (TARGETS["speedup"] * trl["tokens_per_s"]) - rest, 3)}
 
 
 def judge_load(policy: str, prompts: list[str], *, batch_size: int, num_generations: int, answer_tokens: float) -> dict:
@@ -116,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def summary(runs: list[dict], policy: str) -> dict:
         answers = [t / args.batch_size for r in runs if r["trainer"] == "cai" for t in r["response_tokens_per_iteration"]]
-        return {**summarise(runs, TARGETS, "cai_grpo_source"),
+        summarised = summarise(runs, TARGETS, "cai_grpo_source")
+        return {**summarised, "sampling_bound": sampling_bound(summarised),
                 "judge_load": judge_load(policy, DEFAULT_PROMPTS, batch_size=args.batch_size,
                                          num_generations=args.num_generations, answer_tokens=sum(answers) / len(answers))}
 

@@ -45,7 +45,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from _ppo_common import DEFAULT_PROMPTS, make_reward_model  # noqa: E402
+from _ppo_common import DEFAULT_PROMPTS, PHASES, make_reward_model  # noqa: E402
 
 TARGETS = {"speedup": 1.5, "memory_ratio": 0.6}
 SCRIPTS = {"cai": HERE / "_cai_ppo.py", "trl": HERE / "_trl_ppo.py"}
@@ -164,6 +164,9 @@ def summarise(runs: list[dict], targets: dict[str, float] = TARGETS, source_key:
             "peak_above_floor_mib": round(mean([r["peak_rss_mib"] - r["rss_floor_mib"] for r in rs]), 1),
             "trainable_params": rs[0]["trainable_params"],
         }
+        if all("phases_s" in r for r in rs):  # the iteration's parts, and what they leave out ("other")
+            phases = {name: round(mean([r["phases_s"][name] for r in rs]), 3) for name in PHASES}
+            out[t]["phases_s"] = {**phases, "other": round(out[t]["seconds_per_iteration"] - sum(phases.values()), 3)}
     cai, trl = out["cai"], out["trl"]
     speedup = cai["tokens_per_s"] / trl["tokens_per_s"]
     memory_ratio = cai["peak_rss_mib"] / trl["peak_rss_mib"]

@@ -104,6 +104,8 @@ def test_one_update_logs_the_loss_computed_by_hand_from_the_rollout(tmp_path, ti
         kl = cfg.kl_coef * aggregate_loss(kl_per_token(r.logprobs, r.ref_logprobs, "k3"), mask, cfg.loss_aggregation,
                                           max_tokens=cfg.response_length).item()
     record, _ = trainer.update(r)
+    phases = [record[f"time/{p}_s"] for p in ("rollout", "score", "evaluate", "update")]  # they split the iteration
+    assert min(phases) > 0 and sum(phases) == pytest.approx(record["seconds"], abs=1e-3)
     assert record[ADVANTAGE_STD] == pytest.approx(advantages.std().item(), rel=1e-6)
     assert record["ppo/loss/policy"] == pytest.approx(policy.item(), abs=1e-5)
     assert record[LOSS_KL] == pytest.approx(kl, rel=1e-4, abs=1e-8) and (kl > 1e-5 or cfg.kl_in == "reward")

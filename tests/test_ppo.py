@@ -335,7 +335,7 @@ def assert_crash_and_resume_repeat(straight: PPOJob, crash_at_iteration: int) ->
         trainer.close()
     assert len(metrics(Path(crashy.out))) == crash_at_iteration - 1  # logged past the checkpoint, then lost with the crash
     run_ppo(crashy)  # a fresh process would do the same: resumes from the checkpoint
-    timing = ("seconds", "time/rollout_s", "time/score_s")
+    timing = {"seconds", "time/rollout_s", "time/score_s", "time/evaluate_s", "time/update_s"}
     strip = [{k: v for k, v in r.items() if k not in timing} for r in metrics(Path(straight.out))]
     got = [{k: v for k, v in r.items() if k not in timing} for r in metrics(Path(crashy.out))]
     assert [r["step"] for r in got] == list(range(1, straight.iterations + 1))

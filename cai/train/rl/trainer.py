@@ -58,8 +58,9 @@ class Rollout:
     ref_logprobs: torch.Tensor  # (B, R)
     gold: float | None  # the judge's mean score of these samples, when asked for this iteration
     started: float
-    rollout_s: float
-    score_s: float
+    rollout_s: float  # phase 1, sampling
+    score_s: float  # phase 2
+    evaluate_s: float  # phase 3, and the gather across processes
     parts: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B,) the reward's parts (`score_parts`), NaN where none
 
 
@@ -272,8 +273,9 @@ class RLTrainer:
             gold = gather(gold) if gold is not None else None
             parts = gathered_parts(gather_object([parts]), self.cfg.batch_size // self.world)
         gold_mean = None if gold is None else gold.mean().item()
+        evaluate_s = time.perf_counter() - started - rollout_s - score_s
         return Rollout(iteration, [self.prompts[i] for i in every], texts, full, full_mask, responses, mask, has_eos, raw_scores,
-                       scores, logprobs, values, ref_logprobs, gold_mean, started, rollout_s, score_s,
+                       scores, logprobs, values, ref_logprobs, gold_mean, started, rollout_s, score_s, evaluate_s,
                        {name: torch.tensor(v, dtype=torch.float32) for name, v in parts.items()})
 
 
@@ -296,8 +298,10 @@ class RLTrainer:
 
     def rollout_record(self, r: Rollout) -> dict[str, Any]:
         """The metrics every algorithm logs of rollout `r`: scores, entropy, lengths, timings, the gold score.
-        Called at the end of `update`, so `seconds` spans the whole iteration."""
+        Called at the end of `update`, so `seconds` spans the whole iteration; the four `time/` entries split it
+        into the phases (sampling, scoring, the policy's and reference's no-grad passes, the update)."""
         maskf = r.mask.float()
+        seconds = time.perf_counter() - r.started
         record: dict[str, Any] = {
             M.ENTROPY: (-r.logprobs * maskf).sum(1).mean().item(),
             M.SCORES: r.raw_scores.mean().item(),
@@ -308,7 +312,9 @@ class RLTrainer:
             "processes": self.world,
             "time/rollout_s": round(r.rollout_s, 4),
             "time/score_s": round(r.score_s, 4),
-            "seconds": round(time.perf_counter() - r.started, 4),
+            "time/evaluate_s": round(r.evaluate_s, 4),
+            "time/update_s": round(seconds - r.rollout_s - r.score_s - r.evaluate_s, 4),
+            "seconds": round(seconds, 4),
         }
         for name, values in r.parts.items():  # a part no row has this iteration (a principle not drawn) is absent
             record[f"reward/{name}"] = values.nanmean().item()
