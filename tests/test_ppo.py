@@ -390,6 +390,26 @@ def test_reward_model_from_cai_train_rm_scores_the_rollouts(tmp_path, tiny_model
     assert again == pytest.approx([s["score"] for s in samples], abs=1e-4)
 
 
+def test_the_reward_model_scores_at_the_runs_precision(tmp_path, tiny_model_dir, prompt_file, reward_model):
+    """Under bf16 (a GPU's `auto`) the reward model holds its weights in bfloat16 and scores under the policy's autocast,
+    as TRL's reward models do: its scores then differ from float32's by rounding only. At fp32 it is float32 throughout."""
+    from cai.train.rewards import load_scorer
+
+    texts = ["Sure, here is a calm answer.", "No.", "I would rather not say.", "Here are three steps you can take."]
+    prompts = PROMPTS[:len(texts)]
+    scorers = {}
+    for precision in ("fp32", "bf16"):
+        trainer = build_trainer(ppo_cfg(tiny_model_dir, prompt_file, tmp_path / precision, reward=str(reward_model),
+                                        precision=precision))
+        scorers[precision] = trainer.scorer
+        assert {p.dtype for p in trainer.scorer.model.parameters()} == {torch.float32 if precision == "fp32" else torch.bfloat16}
+    full, half = (scorers[p](prompts, texts) for p in ("fp32", "bf16"))
+    assert full == pytest.approx(load_scorer(str(reward_model))(prompts, texts), abs=1e-6)  # the default is float32
+    spread = max(full) - min(full)
+    assert spread > 0 and half != full  # bf16 did run, and there are scores to tell apart
+    assert half == pytest.approx(full, abs=0.05 * spread + 1e-3)
+
+
 @pytest.mark.slow
 def test_a_policy_that_says_nothing_is_scored_not_a_crash(tmp_path, tiny_model_dir, prompt_file, reward_model):
     """Every rollout starts with EOS (the LM head is pushed to it), so every decoded answer is empty:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from cai.errors import ConfigError
+from cai.train.precision import Precision
 from judge_server.protocol import or_placeholder
 
 if TYPE_CHECKING:
@@ -94,12 +95,14 @@ def asks_judge(spec: str) -> bool:
 
 
 def load_scorer(spec: str, *, judge: SyncJudge | None = None, device: str = "cpu", max_length: int = 1024,
-                group_size: int = 1) -> Scorer:
+                group_size: int = 1, precision: Precision = "fp32") -> Scorer:
     """The scorer `spec` names; the judge's rewards go through `judge`, the run's connection to the judge. `group_size`
-    is the number of answers sampled per prompt (adjacent rows), which `judge:pairwise` compares with each other."""
+    is the number of answers sampled per prompt (adjacent rows), which `judge:pairwise` compares with each other;
+    a reward model runs at the run's `precision`."""
     terms = reward_terms(spec)
     if terms is not None:
-        return WeightedScorer([(w, load_scorer(s, judge=judge, device=device, max_length=max_length, group_size=group_size))
+        return WeightedScorer([(w, load_scorer(s, judge=judge, device=device, max_length=max_length, group_size=group_size,
+                                               precision=precision))
                                for w, s in terms])
     if spec.startswith("rule:"):
         return RuleScorer(spec)
@@ -109,7 +112,7 @@ def load_scorer(spec: str, *, judge: SyncJudge | None = None, device: str = "cpu
         return JudgeScorer(judge) if spec == "judge" else GroupPairwiseScorer(judge, spec, group_size=group_size)
     path = Path(spec)
     if path.is_dir():
-        return RewardModelScorer(path, device=device, max_length=max_length)
+        return RewardModelScorer(path, device=device, max_length=max_length, precision=precision)
     raise RewardSpecError(f"reward {spec!r}: not a reward-model folder, 'judge', 'judge:pairwise[?method=bt|win_rate&max_pairs=N]', "
                           "'rule:length', 'rule:share=TEXT' or a weighted list WEIGHT*SPEC,WEIGHT*SPEC")
 
@@ -165,26 +168,32 @@ class RuleScorer:
 
 
 class RewardModelScorer:
-    """A reward model from `cai train rm`: the prompt and response go through its own chat template."""
+    """A reward model from `cai train rm`: the prompt and response go through its own chat template.
 
-    def __init__(self, path: Path, *, device: str = "cpu", max_length: int = 1024, batch_size: int = 8):
+    At `precision` (`cai.train.precision`): under bf16 autocast, as the policy's passes run, its weights load in
+    bfloat16 (none of them trains here) and its forward runs under the same autocast; otherwise float32."""
+
+    def __init__(self, path: Path, *, device: str = "cpu", max_length: int = 1024, batch_size: int = 8,
+                 precision: Precision = "fp32"):
         import torch
         from transformers import AutoModelForSequenceClassification
 
         from cai.models import load_tokenizer
+        from cai.train.precision import base_dtype
 
         self.name = str(path)
-        self.device, self.max_length, self.batch_size = device, max_length, batch_size
+        self.device, self.max_length, self.batch_size, self.precision = device, max_length, batch_size, precision
+        dtype = base_dtype(precision, torch.device(device), frozen=True)
         self.tokenizer = load_tokenizer(path)
         if (path / "adapter_config.json").exists():
             from peft import PeftModel
 
             base_path = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-            base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=torch.float32)
+            base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1, dtype=dtype)
             base.config.pad_token_id = self.tokenizer.pad_token_id
             model = PeftModel.from_pretrained(base, path).merge_and_unload()
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
         model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = model.to(device).eval()
 
@@ -192,6 +201,7 @@ class RewardModelScorer:
         import torch
 
         from cai.train.data import collate, tokenise_chat
+        from cai.train.precision import autocast
 
         items = [tokenise_chat(self.tokenizer, [{"role": "user", "content": p}, {"role": "assistant", "content": or_placeholder(r)}],
                                "ppo response", self.max_length)
@@ -199,7 +209,7 @@ class RewardModelScorer:
         scores: list[float] = []
         for i in range(0, len(items), self.batch_size):
             b = collate(items[i:i + self.batch_size], self.tokenizer.pad_token_id)
-            with torch.no_grad():
+            with torch.no_grad(), autocast(self.precision, torch.device(self.device)):
                 out = self.model(input_ids=b["input_ids"].to(self.device), attention_mask=b["attention_mask"].to(self.device),
                                  use_cache=False)
             scores += out.logits.squeeze(-1).float().tolist()

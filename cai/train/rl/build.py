@@ -43,7 +43,7 @@ def build_rl_trainer(trainer_cls: type[T], cfg: RLJob, *, scorer: Scorer | None 
     # from $CAI_JUDGE_API_KEY in the client, the one place that reads it.
     needs_judge = (asks_judge(cfg.reward) and scorer is None) or (cfg.gold_judge_every and gold_scorer is None)
     judge = SyncJudge(cfg.judge_url) if needs_judge and cfg.judge_url else None
-    scorer = scorer or load_scorer(cfg.reward, judge=judge, device=str(device), group_size=group_size)
+    scorer = scorer or load_scorer(cfg.reward, judge=judge, device=str(device), group_size=group_size, precision=cfg.precision)
     gold_scorer = gold_scorer or (JudgeScorer(judge) if cfg.gold_judge_every else None)
     vllm = None
     if cfg.rollout_backend == "vllm":
