@@ -49,7 +49,7 @@ KL_COEF = 0.05
 
 def parse_args(argv: list[str] | None = None, description: str | None = __doc__) -> argparse.Namespace:
     """The flags of `_cai_grpo.py` and `_trl_grpo.py` (`--forward-batch-size` and `--unmerged-rollouts` are cai's only;
-    `--gradient-checkpointing` turns it on for either)."""
+    `--gradient-checkpointing` and `--bf16` act on either)."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap, policy_help="local causal-LM folder (or, for cai, a name cai.models.resolve_model knows)",
                     reward_help="local sequence-classification folder (num_labels=1) with its tokenizer; default: one "
@@ -64,6 +64,10 @@ def parse_args(argv: list[str] | None = None, description: str | None = __doc__)
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="both sides recompute each decoder layer's activations in the backward (TRL's GRPO default; "
                          "cai's gradient_checkpointing)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="both sides in bfloat16: autocast on, the frozen weights (the policy's base, the reward model) "
+                         "loaded in bf16, adapters and optimiser in float32 (cai's precision bf16; TRL's bf16=True with "
+                         "its models loaded in bf16). Default: float32 on a CPU")
     args = check_common_args(ap, ap.parse_args(argv))
     if args.num_generations < 2:
         ap.error("--num-generations must be at least 2 (an answer is compared with the others of its group)")
@@ -98,7 +102,8 @@ def run(args: argparse.Namespace) -> dict:
 
     cfg = GRPOJob(**cai_job_fields(args, os.path.join(tmp.name, "out"), prompts, rm_dir),
                   num_generations=args.num_generations, forward_batch_size=args.forward_batch_size,
-                  merged_rollouts=not args.unmerged_rollouts, gradient_checkpointing=args.gradient_checkpointing, advantage="grpo",
+                  merged_rollouts=not args.unmerged_rollouts, gradient_checkpointing=args.gradient_checkpointing,
+                  precision="bf16" if args.bf16 else "auto", advantage="grpo",
                   scale_rewards="group", loss_aggregation="sequence", kl_in="loss", kl_coef=KL_COEF, missing_eos_penalty=None)
     trainer = build_rl_trainer(GRPOTrainer, cfg)
     scorer_model = getattr(trainer.scorer, "model", None)
@@ -118,6 +123,7 @@ def run(args: argparse.Namespace) -> dict:
         "cai_grpo_source": source,
         "forward_batch_size": args.forward_batch_size,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "bf16": args.bf16,
     }
     tmp.cleanup()
     return result

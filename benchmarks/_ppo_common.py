@@ -314,7 +314,8 @@ def common_result(trainer: str, args: argparse.Namespace, *, seconds: list[float
         "token_count": "actual",
         "peak_rss_process_mib": round(max_rss_mib(), 1),
         "device": "cuda" if cuda else "cpu",
-        "precision": "fp32 weights, bf16 autocast" if cuda else "fp32",
+        "precision": ("bf16 autocast, frozen weights in bf16" if getattr(args, "bf16", False)
+                      else "fp32 weights, bf16 autocast" if cuda else "fp32"),
         "torch_threads": torch.get_num_threads(),
         "reward_model": args.reward_model or "made from policy (seeded score head)",
         "trainable_params": trainable,

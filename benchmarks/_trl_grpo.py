@@ -144,7 +144,9 @@ def run(args: argparse.Namespace) -> dict:
         log(f"made a reward model from the policy with a seeded score head: {rm_dir}")
     reward_tokenizer = AutoTokenizer.from_pretrained(rm_dir)
 
-    dtype = torch.float32  # weights in fp32; on CUDA bf16 autocast through accelerate (bf16=True)
+    # Weights in fp32 (on CUDA under bf16 autocast through accelerate), or with --bf16 in bf16 under autocast
+    # (peft keeps the adapter in float32), as cai's precision bf16 holds its frozen weights.
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
     torch.manual_seed(args.seed)
     policy = AutoModelForCausalLM.from_pretrained(args.policy, dtype=dtype)
     reward_model = AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1, dtype=dtype)
@@ -167,7 +169,7 @@ def run(args: argparse.Namespace) -> dict:
         use_vllm=False,
         lr_scheduler_type="constant",
         gradient_checkpointing=args.gradient_checkpointing,
-        **hf_trainer_args(args),
+        **{**hf_trainer_args(args), **({"bf16": True} if args.bf16 else {})},
     )
 
     tokens: list[int] = []
@@ -209,6 +211,7 @@ def run(args: argparse.Namespace) -> dict:
         "warmup_seconds": round(seconds[0], 4),
         "phases_s": phase_means(phases[1:]),
         "gradient_checkpointing": args.gradient_checkpointing,
+        "bf16": args.bf16,
     }
     tmp.cleanup()
     return result

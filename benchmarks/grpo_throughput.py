@@ -25,6 +25,9 @@ compare template with the default constitution's principles and these prompts, c
 tokenizer (a stand-in for the judge's), plus the two answers at the cai runs' mean answer length.
 `grpo_judge.py` measures the same against a real judge server, prefix-cache share included.
 
+Weights are float32 on a CPU; `--bf16` runs both sides in bfloat16 (autocast, the frozen policy base and the reward
+model loaded in bf16, adapters and optimiser float32), as a GPU run would.
+
     .venv/bin/python benchmarks/grpo_throughput.py --models tiny
     .venv/bin/python benchmarks/grpo_throughput.py --models smollm2-135m-instruct --repeats 1 --save
 """
@@ -111,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(merged_rollouts: false), as TRL does: no merged copy of the adapted weights, slower decoding")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="both sides recompute each decoder layer's "
                     "activations in the backward (TRL's GRPO default; cai's gradient_checkpointing setting)")
+    ap.add_argument("--bf16", action="store_true", help="both sides in bfloat16: autocast, frozen weights (policy base, "
+                    "reward model) loaded in bf16, adapters and optimiser float32 (default: float32 on a CPU)")
     args = ap.parse_args(argv)
     if args.batch_size % args.num_generations or args.batch_size % args.mini_batches:
         ap.error(f"--batch-size ({args.batch_size}) must be divisible by --num-generations ({args.num_generations}) "
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                      "beta": KL_COEF, "loss": "sequence (TRL loss_type grpo)", "scale_rewards": "group",
                      "reward": "seeded one-output reward model made from the policy", "repeats": args.repeats,
                      "cai_merged_rollouts": not args.unmerged_rollouts,
-                     "gradient_checkpointing": args.gradient_checkpointing},
+                     "gradient_checkpointing": args.gradient_checkpointing, "bf16": args.bf16},
         "environment": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                         "torch": torch.__version__, "trl": trl.__version__, "cuda": torch.cuda.is_available()},
     }
@@ -143,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.gradient_checkpointing:
         k.append("--gradient-checkpointing")
+    if args.bf16:
+        k.append("--bf16")
     cai_flags = [*k, "--unmerged-rollouts"] if args.unmerged_rollouts else k
     report["models"] = run_models(args, "grpo_throughput", SCRIPTS, {"cai": cai_flags, "trl": k}, summary)
     print_report(report, "grpo_throughput", args)
