@@ -122,8 +122,6 @@ def run(args: argparse.Namespace) -> dict:
         "num_generations": args.num_generations,
         "cai_grpo_source": source,
         "forward_batch_size": args.forward_batch_size,
-        "gradient_checkpointing": args.gradient_checkpointing,
-        "bf16": args.bf16,
     }
     tmp.cleanup()
     return result

@@ -204,12 +204,13 @@ def time_updates(trainer, log) -> list[float]:
 
 
 def hf_trainer_args(args: argparse.Namespace) -> dict:
-    """The `transformers.TrainingArguments` both TRL baselines share: fp32 weights (bf16 autocast on CUDA), no eval,
+    """The `transformers.TrainingArguments` both TRL baselines share: bf16 autocast on CUDA or with `--bf16`, no eval,
     no saving, no reporting, a log line per step, `--lr` and `--seed`."""
     import torch
 
     cuda = torch.cuda.is_available()
-    return {"bf16": cuda, "fp16": False, "use_cpu": not cuda, "eval_strategy": "no", "save_strategy": "no", "report_to": [],
+    return {"bf16": cuda or getattr(args, "bf16", False), "fp16": False, "use_cpu": not cuda, "eval_strategy": "no",
+            "save_strategy": "no", "report_to": [],
             "logging_steps": 1, "disable_tqdm": True, "seed": args.seed, "dataloader_num_workers": 0,
             "learning_rate": args.lr}
 
@@ -272,7 +273,6 @@ def cai_run_result(args: argparse.Namespace, out_dir: str, *, peaks: list[float]
         "score_seconds_per_iteration": [r["time/score_s"] for r in timed],
         "phases_s": {phase: round(sum(r[f"time/{key}_s"] for r in timed) / len(timed), 3) for phase, key in CAI_PHASES.items()},
         "warmup_seconds": rows[0]["seconds"],
-        "gradient_checkpointing": False,
     }
 
 
@@ -316,6 +316,7 @@ def common_result(trainer: str, args: argparse.Namespace, *, seconds: list[float
         "device": "cuda" if cuda else "cpu",
         "precision": ("bf16 autocast, frozen weights in bf16" if getattr(args, "bf16", False)
                       else "fp32 weights, bf16 autocast" if cuda else "fp32"),
+        "gradient_checkpointing": getattr(args, "gradient_checkpointing", False),
         "torch_threads": torch.get_num_threads(),
         "reward_model": args.reward_model or "made from policy (seeded score head)",
         "trainable_params": trainable,

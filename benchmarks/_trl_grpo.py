@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> dict:
         use_vllm=False,
         lr_scheduler_type="constant",
         gradient_checkpointing=args.gradient_checkpointing,
-        **{**hf_trainer_args(args), **({"bf16": True} if args.bf16 else {})},
+        **hf_trainer_args(args),
     )
 
     tokens: list[int] = []
@@ -210,8 +210,6 @@ def run(args: argparse.Namespace) -> dict:
         "response_tokens_per_iteration": response_tokens[1:],
         "warmup_seconds": round(seconds[0], 4),
         "phases_s": phase_means(phases[1:]),
-        "gradient_checkpointing": args.gradient_checkpointing,
-        "bf16": args.bf16,
     }
     tmp.cleanup()
     return result

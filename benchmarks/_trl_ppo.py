@@ -217,7 +217,6 @@ def run(args: argparse.Namespace) -> dict:
         "lora": args.lora,
         "response_tokens_per_iteration": response_tokens[1:],
         "warmup_seconds": round(seconds[0], 4),
-        "gradient_checkpointing": args.gradient_checkpointing,
     }
     tmp.cleanup()
     return result
